@@ -1,0 +1,164 @@
+//! The `reel` command line (DESIGN.md, "Command-line contract").
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::error::{Error, Result};
+use crate::io::{write_f32, TensorFile};
+use crate::models::wan_dit::WanDit;
+
+#[derive(Debug, Parser)]
+#[command(name = "reel", version, about = "Text-to-video diffusion transformer inference (Wan2.1)")]
+pub struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Emu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ComponentKind {
+    /// The diffusion transformer (WanTransformer3DModel).
+    Dit,
+    /// VAE encoder (posterior mean).
+    VaeEncode,
+    /// VAE decoder.
+    VaeDecode,
+    /// umT5 text encoder.
+    TextEncoder,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one model component on tensors from a safetensors file.
+    Component {
+        kind: ComponentKind,
+        /// The component folder or the pipeline root.
+        #[arg(long)]
+        model: PathBuf,
+        /// Input safetensors (tensor names per component; extra tensors are ignored).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output safetensors.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+    },
+    /// Describe a model folder: components, config, parameters, dtypes, tensors.
+    Inspect {
+        dir: PathBuf,
+        /// Write the report as JSON to FILE (`-` for stdout).
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Static memory plan for a generation (arrives with the GPU runtime).
+    Plan {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long)]
+        frames: Option<usize>,
+    },
+}
+
+fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda | Device::Emu => Err(Error::invalid(format!(
+            "--device {}: not available yet (this build has the cpu device only)",
+            if device == Device::Cuda { "cuda" } else { "emu" }
+        ))),
+    }
+}
+
+/// `reel component dit`: reads `hidden_states`, `timestep`, `encoder_hidden_states` from
+/// `input`, writes `sample` to `output`.
+pub fn component_dit(model: &Path, input: &Path, output: &Path) -> Result<()> {
+    let dit = WanDit::load(model)?;
+    let file = TensorFile::open(input)?;
+    let x = file.tensor("hidden_states")?;
+    let t = file.tensor("timestep")?;
+    let ctx = file.tensor("encoder_hidden_states")?;
+    let started = std::time::Instant::now();
+    let out = dit.forward(&x, &t, &ctx)?;
+    tracing::info!(
+        "dit forward {:?} in {:.3} s",
+        out.shape(),
+        started.elapsed().as_secs_f64()
+    );
+    write_f32(output, &[("sample", &out)])
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            return Err(Error::invalid("--threads must be at least 1"));
+        }
+        // Fails only if the pool already exists, which it cannot at this point.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    match cli.command {
+        Command::Component {
+            kind,
+            model,
+            input,
+            output,
+            device,
+        } => {
+            check_device(device)?;
+            match kind {
+                ComponentKind::Dit => component_dit(&model, &input, &output),
+                other => Err(Error::invalid(format!(
+                    "component {}: not available yet (only `dit` is implemented in this build)",
+                    other.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+                ))),
+            }
+        }
+        Command::Inspect { dir, json } => {
+            let reports = crate::inspect::inspect(&dir)?;
+            match json.as_deref() {
+                Some(dest) => {
+                    let text = serde_json::to_string_pretty(&reports).map_err(|e| Error::invalid(e.to_string()))?;
+                    write_text(dest, &text)
+                }
+                None => {
+                    print!("{}", crate::inspect::render(&reports));
+                    Ok(())
+                }
+            }
+        }
+        Command::Plan { .. } => Err(Error::invalid(
+            "reel plan arrives with the GPU runtime; this build has the cpu device only",
+        )),
+    }
+}
+
+/// Writes `text` to a file, or to stdout for `-`.
+pub fn write_text(dest: &str, text: &str) -> Result<()> {
+    if dest == "-" {
+        println!("{text}");
+        return Ok(());
+    }
+    std::fs::write(dest, text).map_err(|source| Error::Io {
+        path: PathBuf::from(dest),
+        source,
+    })
+}

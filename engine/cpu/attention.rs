@@ -1,0 +1,230 @@
+//! Scaled dot-product attention with memory linear in sequence length.
+//!
+//! Flash-attention's schedule on the CPU: each task owns a block of QB query rows of one
+//! sample, and for each head streams over the keys in blocks of KB, keeping a running row
+//! max `m`, a running denominator `l` and an unnormalised output accumulator. No L×L
+//! matrix ever exists: the working set is QB×KB scores plus QB×head_dim outputs per task.
+//! Both products (Q·Kᵀ and P·V) are strided GEMM tiles, so heads are read in place from
+//! [tokens, heads·head_dim] projections without a transpose.
+
+use rayon::prelude::*;
+
+use super::linear::gemm_tile;
+use super::simd;
+use crate::multiversion;
+
+/// Query rows per task. Larger blocks reread K/V less; 64 keeps the score tile in L2.
+const QB: usize = 64;
+/// Keys per step of the online softmax.
+const KB: usize = 512;
+
+/// Shapes and strides of one attention call. Head h of a row occupies columns
+/// h·head_dim .. (h+1)·head_dim of that row.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Query tokens per sample.
+    pub lq: usize,
+    /// Key/value tokens per sample.
+    pub lk: usize,
+    /// Row stride (elements) of q.
+    pub q_stride: usize,
+    /// Row stride of k and v.
+    pub kv_stride: usize,
+    /// Row stride of out.
+    pub out_stride: usize,
+}
+
+multiversion! {
+    /// One step of the online softmax over a score tile s: [qb, kb] (row stride KB),
+    /// updating the running max m and denominator l: [qb] and rescaling o: [qb, head_dim].
+    /// Leaves exp((s − m_new)·scale) in s.
+    fn softmax_step(
+        s: &mut [f32],
+        qb: usize,
+        kb: usize,
+        scale: f32,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+        head_dim: usize,
+    ) {
+        for r in 0..qb {
+            let row = &mut s[r * KB..r * KB + kb];
+            let mut mx = [f32::NEG_INFINITY; 8];
+            let mut chunks = row.chunks_exact(8);
+            for c in &mut chunks {
+                for i in 0..8 {
+                    mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+                }
+            }
+            let mut m_blk = f32::NEG_INFINITY;
+            for &v in chunks.remainder().iter().chain(mx.iter()) {
+                m_blk = if v > m_blk { v } else { m_blk };
+            }
+            let m_old = m[r];
+            let m_new = if m_blk > m_old { m_blk } else { m_old };
+            let corr = if m_old == f32::NEG_INFINITY { 0.0 } else { simd::exp((m_old - m_new) * scale) };
+            let mut acc = [0.0f32; 8];
+            let mut chunks = row.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for i in 0..8 {
+                    let p = simd::exp((c[i] - m_new) * scale);
+                    c[i] = p;
+                    acc[i] += p;
+                }
+            }
+            let mut sum = 0.0f32;
+            for v in chunks.into_remainder() {
+                let p = simd::exp((*v - m_new) * scale);
+                *v = p;
+                sum += p;
+            }
+            sum += acc.iter().sum::<f32>();
+            l[r] = l[r] * corr + sum;
+            m[r] = m_new;
+            if corr != 1.0 {
+                for v in &mut o[r * head_dim..(r + 1) * head_dim] {
+                    *v *= corr;
+                }
+            }
+        }
+    }
+}
+
+/// out[b, i, head h] = Σ_j softmax_j(q_i·k_j / √head_dim) v_j for every sample b and head h,
+/// no mask. q: [B, lq, q_stride]; k, v: [B, lk, kv_stride]; out: [B, lq, out_stride].
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape) {
+    let AttnShape {
+        batch,
+        heads,
+        head_dim: hd,
+        lq,
+        lk,
+        q_stride,
+        kv_stride,
+        out_stride,
+    } = s;
+    let width = heads * hd;
+    assert!(q_stride >= width && kv_stride >= width && out_stride >= width, "attention strides");
+    assert!(q.len() >= batch * lq * q_stride, "attention: q too short");
+    assert!(k.len() >= batch * lk * kv_stride && v.len() >= batch * lk * kv_stride, "attention: k/v too short");
+    assert!(out.len() >= batch * lq * out_stride, "attention: out too short");
+    if batch == 0 || lq == 0 || width == 0 {
+        return;
+    }
+    assert!(lk > 0, "attention over zero keys");
+    let scale = 1.0 / (hd as f32).sqrt();
+    out[..batch * lq * out_stride]
+        .par_chunks_mut(lq * out_stride)
+        .enumerate()
+        .for_each(|(b, out_b)| {
+            let qb_all = &q[b * lq * q_stride..(b + 1) * lq * q_stride];
+            let kb_all = &k[b * lk * kv_stride..(b + 1) * lk * kv_stride];
+            let vb_all = &v[b * lk * kv_stride..(b + 1) * lk * kv_stride];
+            out_b.par_chunks_mut(QB * out_stride).enumerate().for_each(|(blk, out_blk)| {
+                let r0 = blk * QB;
+                let qb = out_blk.len().div_ceil(out_stride).min(lq - r0);
+                let mut sbuf = vec![0.0f32; QB * KB];
+                let mut o = vec![0.0f32; QB * hd];
+                let mut m = [f32::NEG_INFINITY; QB];
+                let mut l = [0.0f32; QB];
+                for h in 0..heads {
+                    o.fill(0.0);
+                    m.fill(f32::NEG_INFINITY);
+                    l.fill(0.0);
+                    let qh = &qb_all[r0 * q_stride + h * hd..];
+                    for k0 in (0..lk).step_by(KB) {
+                        let kb = KB.min(lk - k0);
+                        let kh = &kb_all[k0 * kv_stride + h * hd..];
+                        let vh = &vb_all[k0 * kv_stride + h * hd..];
+                        // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
+                        gemm_tile(qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, 1, kv_stride);
+                        softmax_step(&mut sbuf, qb, kb, scale, &mut m, &mut l, &mut o, hd);
+                        // O[qb, hd] += P[qb, kb] · V[kb, hd]
+                        gemm_tile(qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1);
+                    }
+                    for r in 0..qb {
+                        let inv = 1.0 / l[r];
+                        let dst = &mut out_blk[r * out_stride + h * hd..r * out_stride + (h + 1) * hd];
+                        for (d, &x) in dst.iter_mut().zip(&o[r * hd..(r + 1) * hd]) {
+                            *d = x * inv;
+                        }
+                    }
+                }
+            });
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Naive f64 attention materialising the score matrix.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f64> {
+        let mut out = vec![0.0f64; s.batch * s.lq * s.heads * s.head_dim];
+        let scale = 1.0 / (s.head_dim as f64).sqrt();
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for i in 0..s.lq {
+                    let qi = &q[(b * s.lq + i) * s.q_stride + h * s.head_dim..][..s.head_dim];
+                    let scores: Vec<f64> = (0..s.lk)
+                        .map(|j| {
+                            let kj = &k[(b * s.lk + j) * s.kv_stride + h * s.head_dim..][..s.head_dim];
+                            qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                        })
+                        .collect();
+                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..s.head_dim {
+                        let acc: f64 = (0..s.lk)
+                            .map(|j| e[j] * v[(b * s.lk + j) * s.kv_stride + h * s.head_dim + d] as f64)
+                            .sum();
+                        out[((b * s.lq + i) * s.heads + h) * s.head_dim + d] = acc / z;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attention_matches_naive_on_odd_shapes() {
+        for &(batch, heads, hd, lq, lk) in &[(1, 1, 8, 1, 1), (2, 3, 16, 70, 33), (1, 2, 24, 130, 600), (2, 1, 48, 5, 1030)] {
+            let width = heads * hd;
+            let s = AttnShape {
+                batch,
+                heads,
+                head_dim: hd,
+                lq,
+                lk,
+                q_stride: width + 3,
+                kv_stride: width + 1,
+                out_stride: width,
+            };
+            let q = rand(batch * lq * s.q_stride, 1);
+            let k = rand(batch * lk * s.kv_stride, 2);
+            let v = rand(batch * lk * s.kv_stride, 3);
+            let mut out = vec![f32::NAN; batch * lq * width];
+            attention(&q, &k, &v, &mut out, s);
+            let want = naive(&q, &k, &v, s);
+            let err = crate::tensor::rel_l2(&out, &want);
+            assert!(err < 1e-5, "{batch} {heads} {hd} {lq} {lk}: rel l2 {err}");
+        }
+    }
+}

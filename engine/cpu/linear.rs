@@ -1,0 +1,149 @@
+//! GEMMs through the `gemm` crate (run-time dispatch to AVX2/AVX-512 micro-kernels).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Multi-threaded only when there is enough work to split (~1 MFLOP per thread).
+fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= (1 << 20) * threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// out[m, n] = x[m, k] · w[n, k]ᵀ, with `w` in nn.Linear's [out, in] layout (no copy:
+/// the transpose is expressed with strides). Overwrites `out`.
+pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_wt shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the asserts above keep every index the strides can reach inside the slices:
+    // dst (i, j) at i·n + j, lhs (i, l) at i·k + l, rhs (l, j) at j·k + l.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        )
+    }
+}
+
+/// nn.Linear: out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n].
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, out: &mut [f32]) {
+    matmul_wt(x, w, m, k, n, out);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "linear bias length");
+        out[..m * n].par_chunks_mut(n * 64).for_each(|rows| {
+            for row in rows.chunks_exact_mut(n) {
+                for (v, &bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        });
+    }
+}
+
+/// Single-threaded strided GEMM for tiles inside an already parallel loop:
+/// dst[i, j] (= dst·alpha_keep) + Σ_l lhs[i, l] · rhs[l, j], with (row, col) strides.
+/// `accumulate` false overwrites dst.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_tile(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(dst_rs, 1, m, n) < dst.len(), "gemm_tile dst");
+    assert!(last(lhs_rs, lhs_cs, m, k) < lhs.len(), "gemm_tile lhs");
+    assert!(last(rhs_rs, rhs_cs, k, n) < rhs.len(), "gemm_tile rhs");
+    // SAFETY: the asserts bound the largest index each operand's strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut o = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k).map(|l| x[i * k + l] as f64 * w[j * k + l] as f64).sum::<f64>() as f32;
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn linear_matches_naive() {
+        for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (130, 67, 33), (257, 256, 96)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
+            let mut out = vec![f32::NAN; m * n];
+            linear(&x, &w, Some(&b), m, k, n, &mut out);
+            let want = naive(&x, &w, m, k, n);
+            for i in 0..m * n {
+                let e = want[i] + b[i % n];
+                assert!((out[i] - e).abs() <= 1e-4 * (1.0 + e.abs()), "({m},{k},{n}) at {i}: {} vs {e}", out[i]);
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Reading and writing tensor files (safetensors) for `reel component` and tests.
+//! Inputs may hold extra tensors, which are ignored; any float or integer dtype is read
+//! as f32. Outputs are written as F32 to a temporary name and renamed into place, so a
+//! failed or interrupted run never leaves a half-written file under the final name.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result, WeightError};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+/// A safetensors file opened for reading tensors by name.
+pub struct TensorFile {
+    store: WeightStore,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(TensorFile {
+            store: WeightStore::open_file(path)?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.store.origin()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.get(name).is_some()
+    }
+
+    /// The tensor `name` converted to f32.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e = self.store.require(name)?;
+        let data = self.store.f32(e)?.into_owned();
+        Tensor::new(e.shape.clone(), data)
+    }
+
+    /// The tensor `name` as f64 (F64 stored data is read exactly; golden references).
+    pub fn tensor_f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+        let e = self.store.require(name)?;
+        let data = if e.dtype == safetensors::Dtype::F64 {
+            self.store
+                .bytes(e)
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        } else {
+            self.store.f32(e)?.iter().map(|&v| v as f64).collect()
+        };
+        Ok((e.shape.clone(), data))
+    }
+}
+
+/// Writes `tensors` as F32 safetensors at `path` (atomically: temp file, then rename).
+pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| Error::Io { path: p, source }
+    };
+    let bytes: Vec<(String, Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.shape().to_vec(), bytemuck::cast_slice(t.data())))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::invalid(format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, None).map_err(|e| Error::Weights(WeightError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }))?;
+    let tmp = temp_name(path);
+    std::fs::write(&tmp, data).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".partial-{}", std::process::id()));
+    path.with_file_name(name)
+}

@@ -1,0 +1,17 @@
+//! reel: an inference engine for Sora-style text-to-video diffusion transformers.
+//!
+//! Layers, bottom up: [`weights`] (memory-mapped safetensors), [`tensor`] and [`io`]
+//! (host tensors and tensor files), [`cpu`] (the float32 reference device), [`models`]
+//! (the Wan2.1 family), and the command-line front end in [`cli`].
+
+pub mod cli;
+pub mod cpu;
+pub mod error;
+pub mod inspect;
+pub mod io;
+pub mod models;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{Error, Result, WeightError};
+pub use tensor::Tensor;

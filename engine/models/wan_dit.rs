@@ -1,0 +1,561 @@
+//! The Wan2.1 diffusion transformer (diffusers' WanTransformer3DModel, text-to-video).
+//!
+//! Reads top to bottom like the checkpoint: patch embedding, condition embedder (timestep
+//! and text), `num_layers` blocks of adaLN self-attention with QK RMSNorm and 3D RoPE,
+//! cross-attention to the text, GELU-tanh FFN, then the modulated output head and
+//! unpatchify. Shapes use B = batch, L = video tokens, Lt = text tokens, D = inner dim
+//! (heads × head_dim), F = ffn_dim.
+//!
+//! Precision, as diffusers: everything in f32 here; the modulation vectors
+//! (scale_shift_table + time projection) and the norms are f32 in diffusers too, and the
+//! RoPE tables are computed in f64 and rounded to f32 (see [`cpu::wan_rope_tables`]).
+//! Weights stay in the memory map: F32 ones are used in place, BF16/F16 ones are converted
+//! for one layer at a time while that layer runs.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpu::{self, AttnShape, RopeTables};
+use crate::error::{Error, Result};
+use crate::models::{read_json, resolve_component};
+use crate::tensor::Tensor;
+use crate::weights::{TensorEntry, WeightStore};
+
+pub const CLASS_NAME: &str = "WanTransformer3DModel";
+
+/// config.json of a WanTransformer3DModel. Defaults are diffusers' constructor defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WanDitConfig {
+    pub patch_size: [usize; 3],
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    /// null means in_channels.
+    pub out_channels: Option<usize>,
+    pub text_dim: usize,
+    pub freq_dim: usize,
+    pub ffn_dim: usize,
+    pub num_layers: usize,
+    pub cross_attn_norm: bool,
+    pub qk_norm: Option<String>,
+    pub eps: f64,
+    pub image_dim: Option<usize>,
+    pub added_kv_proj_dim: Option<usize>,
+    pub rope_max_seq_len: usize,
+    pub pos_embed_seq_len: Option<usize>,
+}
+
+impl Default for WanDitConfig {
+    fn default() -> Self {
+        WanDitConfig {
+            patch_size: [1, 2, 2],
+            num_attention_heads: 40,
+            attention_head_dim: 128,
+            in_channels: 16,
+            out_channels: Some(16),
+            text_dim: 4096,
+            freq_dim: 256,
+            ffn_dim: 13824,
+            num_layers: 40,
+            cross_attn_norm: true,
+            qk_norm: Some("rms_norm_across_heads".into()),
+            eps: 1e-6,
+            image_dim: None,
+            added_kv_proj_dim: None,
+            rope_max_seq_len: 1024,
+            pos_embed_seq_len: None,
+        }
+    }
+}
+
+impl WanDitConfig {
+    /// Wan2.1-T2V-1.3B.
+    pub fn wan21_t2v_1_3b() -> Self {
+        WanDitConfig {
+            num_attention_heads: 12,
+            ffn_dim: 8960,
+            num_layers: 30,
+            ..Default::default()
+        }
+    }
+
+    /// Wan2.1-T2V-14B.
+    pub fn wan21_t2v_14b() -> Self {
+        WanDitConfig {
+            num_attention_heads: 40,
+            ffn_dim: 13824,
+            num_layers: 40,
+            ..Default::default()
+        }
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    pub fn patch_volume(&self) -> usize {
+        self.patch_size.iter().product()
+    }
+
+    /// Checks what this implementation supports; `origin` is named in errors.
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let bad = |reason: String| Error::Config {
+            path: origin.to_path_buf(),
+            reason,
+        };
+        const MAX: usize = 1 << 20;
+        for (name, v) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("attention_head_dim", self.attention_head_dim),
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels()),
+            ("text_dim", self.text_dim),
+            ("freq_dim", self.freq_dim),
+            ("ffn_dim", self.ffn_dim),
+            ("rope_max_seq_len", self.rope_max_seq_len),
+            ("patch_size[0]", self.patch_size[0]),
+            ("patch_size[1]", self.patch_size[1]),
+            ("patch_size[2]", self.patch_size[2]),
+        ] {
+            if v == 0 || v > MAX {
+                return Err(bad(format!("{name} = {v} is out of range (1..={MAX})")));
+            }
+        }
+        if self.num_layers > 10_000 {
+            return Err(bad(format!("num_layers = {} is out of range", self.num_layers)));
+        }
+        if self.inner_dim() > MAX {
+            return Err(bad(format!("inner dim {} is out of range", self.inner_dim())));
+        }
+        if self.attention_head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "attention_head_dim = {} must be even for the rotary embedding",
+                self.attention_head_dim
+            )));
+        }
+        if self.patch_size.iter().any(|&p| p > 16) {
+            return Err(bad(format!("patch_size {:?} is out of range", self.patch_size)));
+        }
+        if self.freq_dim % 2 != 0 {
+            return Err(bad(format!("freq_dim = {} must be even", self.freq_dim)));
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(bad(format!("eps = {} must be a finite non-negative number", self.eps)));
+        }
+        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
+            return Err(bad(
+                "image_dim / added_kv_proj_dim are set: this is an image-to-video model, and reel serves text-to-video Wan2.1 only"
+                    .into(),
+            ));
+        }
+        if let Some(q) = &self.qk_norm {
+            if q != "rms_norm_across_heads" {
+                // diffusers builds RMSNorm over all heads whatever this says; so do we.
+                tracing::warn!("{}: qk_norm = {q:?}; diffusers ignores it and normalises across heads, as reel does", origin.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer's weight [out, in] and bias [out].
+#[derive(Debug, Clone)]
+struct Linear {
+    w: TensorEntry,
+    b: TensorEntry,
+    n_in: usize,
+    n_out: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    norm_q: TensorEntry,
+    norm_k: TensorEntry,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    /// [1, 6, D]: shift, scale, gate (self-attention), shift, scale, gate (FFN).
+    scale_shift_table: TensorEntry,
+    attn1: Attention,
+    attn2: Attention,
+    /// (weight, bias) of the affine LayerNorm before cross-attention (cross_attn_norm).
+    norm2: Option<(TensorEntry, TensorEntry)>,
+    ffn_up: Linear,
+    ffn_down: Linear,
+}
+
+/// Validates names, shapes and dtypes against the config while building the layer list,
+/// and remembers every name so that unexpected tensors can be rejected.
+struct Loader<'a> {
+    store: &'a WeightStore,
+    seen: Vec<String>,
+}
+
+impl Loader<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<TensorEntry> {
+        let e = self.store.weight(name, shape)?.clone();
+        self.seen.push(name.to_string());
+        Ok(e)
+    }
+
+    fn linear(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.tensor(&format!("{prefix}.weight"), &[n_out, n_in])?,
+            b: self.tensor(&format!("{prefix}.bias"), &[n_out])?,
+            n_in,
+            n_out,
+        })
+    }
+
+    fn attention(&mut self, prefix: &str, d: usize) -> Result<Attention> {
+        Ok(Attention {
+            q: self.linear(&format!("{prefix}.to_q"), d, d)?,
+            k: self.linear(&format!("{prefix}.to_k"), d, d)?,
+            v: self.linear(&format!("{prefix}.to_v"), d, d)?,
+            o: self.linear(&format!("{prefix}.to_out.0"), d, d)?,
+            norm_q: self.tensor(&format!("{prefix}.norm_q.weight"), &[d])?,
+            norm_k: self.tensor(&format!("{prefix}.norm_k.weight"), &[d])?,
+        })
+    }
+}
+
+/// A loaded WanTransformer3DModel: config, mapped weights and the validated layer list.
+pub struct WanDit {
+    pub config: WanDitConfig,
+    dir: PathBuf,
+    store: WeightStore,
+    patch: Linear,
+    time_1: Linear,
+    time_2: Linear,
+    time_proj: Linear,
+    text_1: Linear,
+    text_2: Linear,
+    blocks: Vec<Block>,
+    /// [1, 2, D]: shift, scale of the output head.
+    scale_shift_table: TensorEntry,
+    proj_out: Linear,
+}
+
+impl WanDit {
+    /// Loads a transformer folder, or the `transformer/` folder of a pipeline root.
+    pub fn load(path: &Path) -> Result<Self> {
+        let dir = resolve_component(path, "transformer", &[CLASS_NAME])?;
+        let config_path = dir.join("config.json");
+        let config: WanDitConfig = read_json(&config_path)?;
+        config.validate(&config_path)?;
+        let store = WeightStore::open_component(&dir)?;
+        Self::from_store(config, store, dir)
+    }
+
+    /// Builds the model over already mapped weights, checking every tensor.
+    pub fn from_store(config: WanDitConfig, store: WeightStore, dir: PathBuf) -> Result<Self> {
+        config.validate(&dir.join("config.json"))?;
+        let c = &config;
+        let d = c.inner_dim();
+        let mut ld = Loader {
+            store: &store,
+            seen: Vec::new(),
+        };
+        let [pt, ph, pw] = c.patch_size;
+        let patch_w = ld.tensor("patch_embedding.weight", &[d, c.in_channels, pt, ph, pw])?;
+        let patch = Linear {
+            w: patch_w,
+            b: ld.tensor("patch_embedding.bias", &[d])?,
+            n_in: c.in_channels * pt * ph * pw,
+            n_out: d,
+        };
+        let time_1 = ld.linear("condition_embedder.time_embedder.linear_1", c.freq_dim, d)?;
+        let time_2 = ld.linear("condition_embedder.time_embedder.linear_2", d, d)?;
+        let time_proj = ld.linear("condition_embedder.time_proj", d, 6 * d)?;
+        let text_1 = ld.linear("condition_embedder.text_embedder.linear_1", c.text_dim, d)?;
+        let text_2 = ld.linear("condition_embedder.text_embedder.linear_2", d, d)?;
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("blocks.{i}");
+            let norm2 = if c.cross_attn_norm {
+                Some((
+                    ld.tensor(&format!("{p}.norm2.weight"), &[d])?,
+                    ld.tensor(&format!("{p}.norm2.bias"), &[d])?,
+                ))
+            } else {
+                None
+            };
+            blocks.push(Block {
+                scale_shift_table: ld.tensor(&format!("{p}.scale_shift_table"), &[1, 6, d])?,
+                attn1: ld.attention(&format!("{p}.attn1"), d)?,
+                attn2: ld.attention(&format!("{p}.attn2"), d)?,
+                norm2,
+                ffn_up: ld.linear(&format!("{p}.ffn.net.0.proj"), d, c.ffn_dim)?,
+                ffn_down: ld.linear(&format!("{p}.ffn.net.2"), c.ffn_dim, d)?,
+            });
+        }
+        let scale_shift_table = ld.tensor("scale_shift_table", &[1, 2, d])?;
+        let proj_out = ld.linear("proj_out", d, c.out_channels() * c.patch_volume())?;
+        // diffusers ignores `norm_added_q` on load (_keys_to_ignore_on_load_unexpected).
+        let ignored: Vec<String> = store
+            .entries()
+            .filter(|e| e.name.contains("norm_added_q"))
+            .map(|e| e.name.clone())
+            .collect();
+        store.reject_unexpected(ld.seen.iter().chain(&ignored).map(String::as_str), CLASS_NAME)?;
+        drop(ld);
+        Ok(WanDit {
+            config,
+            dir,
+            store,
+            patch,
+            time_1,
+            time_2,
+            time_proj,
+            text_1,
+            text_2,
+            blocks,
+            scale_shift_table,
+            proj_out,
+        })
+    }
+
+    /// The component folder this model was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn w(&self, e: &TensorEntry) -> Result<Cow<'_, [f32]>> {
+        Ok(self.store.f32(e)?)
+    }
+
+    /// out[m, n_out] = x[m, n_in] · Wᵀ (+ bias when `with_bias`).
+    fn linear(&self, l: &Linear, x: &[f32], m: usize, out: &mut [f32], with_bias: bool) -> Result<()> {
+        let w = self.w(&l.w)?;
+        let b = if with_bias { Some(self.w(&l.b)?) } else { None };
+        cpu::linear(x, &w, b.as_deref(), m, l.n_in, l.n_out, &mut out[..m * l.n_out]);
+        Ok(())
+    }
+
+    /// Checks the inputs of [`forward`](Self::forward) and returns (B, post-patch grid).
+    pub fn check_inputs(&self, x: &[usize], timestep: &[usize], text: &[usize]) -> Result<(usize, [usize; 3])> {
+        let c = &self.config;
+        let bad = |m: String| Err(Error::invalid(m));
+        if x.len() != 5 {
+            return bad(format!("hidden_states must be [B, C, T, H, W], got shape {x:?}"));
+        }
+        let (b, ch) = (x[0], x[1]);
+        if b == 0 {
+            return bad("hidden_states has batch size 0".into());
+        }
+        if ch != c.in_channels {
+            return bad(format!("hidden_states has {ch} channels, the model takes {}", c.in_channels));
+        }
+        let mut grid = [0; 3];
+        for (i, axis) in ["frames (T)", "height (H)", "width (W)"].iter().enumerate() {
+            let (n, p) = (x[2 + i], c.patch_size[i]);
+            if n == 0 || n % p != 0 {
+                return bad(format!("hidden_states {axis} = {n} is not a positive multiple of the patch size {p}"));
+            }
+            grid[i] = n / p;
+            if grid[i] > c.rope_max_seq_len {
+                return bad(format!(
+                    "hidden_states {axis} = {n} gives {} positions, more than rope_max_seq_len = {}",
+                    grid[i], c.rope_max_seq_len
+                ));
+            }
+        }
+        if timestep != [b] {
+            return bad(format!("timestep must have shape [{b}] (one per sample), got {timestep:?}"));
+        }
+        if text.len() != 3 || text[0] != b || text[2] != c.text_dim || text[1] == 0 {
+            return bad(format!(
+                "encoder_hidden_states must be [{b}, L, {}] with L > 0, got {text:?}",
+                c.text_dim
+            ));
+        }
+        Ok((b, grid))
+    }
+
+    /// One forward pass. x: [B, C_in, T, H, W] latents; timestep: [B]; text: [B, Lt, text_dim]
+    /// prompt embeddings (zero-padded rows included: they are attended, as in diffusers).
+    /// Returns the flow prediction [B, C_out, T, H, W].
+    pub fn forward(&self, x: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
+        let (batch, grid) = self.check_inputs(x.shape(), timestep.shape(), text.shape())?;
+        let c = &self.config;
+        let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
+        let eps = c.eps as f32;
+        let l = grid.iter().product::<usize>();
+        let lt = text.shape()[1];
+        let (bl, blt) = (batch * l, batch * lt);
+        let s = x.shape();
+        let rope = cpu::wan_rope_tables(hd, grid[0], grid[1], grid[2], 10000.0);
+
+        // Patch embedding: a Conv3d with stride = kernel is im2col + linear.
+        let cols = cpu::patchify(x.data(), batch, s[1], s[2], s[3], s[4], c.patch_size); // [B·L, C·pt·ph·pw]
+        let mut h = vec![0.0f32; bl * d]; // [B·L, D] the residual stream
+        self.linear(&self.patch, &cols, bl, &mut h, true)?;
+        drop(cols);
+
+        // Condition embedder. temb: [B, D]; tproj: [B, 6D]; ctx: [B·Lt, D].
+        let t_freq = cpu::timestep_embedding(timestep.data(), c.freq_dim, true, 0.0, 10000.0);
+        let mut t1 = vec![0.0f32; batch * d];
+        self.linear(&self.time_1, &t_freq, batch, &mut t1, true)?;
+        cpu::silu(&mut t1);
+        let mut temb = vec![0.0f32; batch * d];
+        self.linear(&self.time_2, &t1, batch, &mut temb, true)?;
+        let mut temb_act = temb.clone();
+        cpu::silu(&mut temb_act);
+        let mut tproj = vec![0.0f32; batch * 6 * d];
+        self.linear(&self.time_proj, &temb_act, batch, &mut tproj, true)?;
+        let mut ctx1 = vec![0.0f32; blt * d];
+        self.linear(&self.text_1, text.data(), blt, &mut ctx1, false)?;
+        cpu::bias_gelu(&mut ctx1, &self.w(&self.text_1.b)?);
+        let mut ctx = vec![0.0f32; blt * d];
+        self.linear(&self.text_2, &ctx1, blt, &mut ctx, true)?;
+        drop(ctx1);
+
+        let mut bufs = Buffers::new(bl, blt, d, f);
+        for block in &self.blocks {
+            self.block(block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps)?;
+        }
+
+        // Output head: LN(h)·(1 + scale) + shift with (shift, scale) = table + temb (not the
+        // projection), then proj_out and unpatchify.
+        let table = self.w(&self.scale_shift_table)?; // [2, D]
+        let mut mul = vec![0.0f32; batch * d];
+        let mut add = vec![0.0f32; batch * d];
+        for b in 0..batch {
+            for i in 0..d {
+                add[b * d + i] = table[i] + temb[b * d + i];
+                mul[b * d + i] = 1.0 + (table[d + i] + temb[b * d + i]);
+            }
+        }
+        cpu::layer_norm(&h, &mut bufs.n, d, eps, Some(&mul), Some(&add), l);
+        let out_f = self.proj_out.n_out;
+        let mut y = vec![0.0f32; bl * out_f];
+        self.linear(&self.proj_out, &bufs.n, bl, &mut y, true)?;
+        let out = cpu::unpatchify(&y, batch, c.out_channels(), grid, c.patch_size);
+        Tensor::new(vec![batch, c.out_channels(), s[2], s[3], s[4]], out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        blk: &Block,
+        h: &mut [f32],
+        ctx: &[f32],
+        tproj: &[f32],
+        rope: &RopeTables,
+        bufs: &mut Buffers,
+        batch: usize,
+        l: usize,
+        lt: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, heads, hd) = (c.inner_dim(), c.num_attention_heads, c.attention_head_dim);
+        let (bl, blt) = (batch * l, batch * lt);
+        let Buffers { n, q, k, v, o, y, ff, kc, vc } = bufs;
+
+        // Modulation, f32: (table + tproj[b]) split in 6 rows of D per sample.
+        let table = self.w(&blk.scale_shift_table)?; // [6, D]
+        let mut m = vec![[const { Vec::new() }; 6]; batch].into_iter().collect::<Vec<[Vec<f32>; 6]>>();
+        for (b, mb) in m.iter_mut().enumerate() {
+            for (j, row) in mb.iter_mut().enumerate() {
+                *row = (0..d).map(|i| table[j * d + i] + tproj[b * 6 * d + j * d + i]).collect();
+            }
+            for j in [1, 4] {
+                for v in mb[j].iter_mut() {
+                    *v += 1.0; // scale → 1 + scale
+                }
+            }
+        }
+        let gather = |j: usize| -> Vec<f32> { m.iter().flat_map(|mb| mb[j].iter().copied()).collect() };
+        let (shift1, mul1, gate1, shift2, mul2, gate2) = (gather(0), gather(1), gather(2), gather(3), gather(4), gather(5));
+
+        // 1. Self-attention: LN(h)·(1+scale)+shift → q, k, v; RMSNorm(q), RMSNorm(k) across
+        //    heads then RoPE; attention; h += (o·Woᵀ + b)·gate.
+        cpu::layer_norm(h, n, d, eps, Some(&mul1), Some(&shift1), l);
+        let a = &blk.attn1;
+        self.linear(&a.q, n, bl, q, false)?;
+        self.linear(&a.k, n, bl, k, false)?;
+        self.linear(&a.v, n, bl, v, true)?;
+        cpu::rms_norm_rope(q, d, Some(&self.w(&a.q.b)?), &self.w(&a.norm_q)?, eps, Some(rope));
+        cpu::rms_norm_rope(k, d, Some(&self.w(&a.k.b)?), &self.w(&a.norm_k)?, eps, Some(rope));
+        let shape = AttnShape {
+            batch,
+            heads,
+            head_dim: hd,
+            lq: l,
+            lk: l,
+            q_stride: d,
+            kv_stride: d,
+            out_stride: d,
+        };
+        cpu::attention(q, k, v, o, shape);
+        self.linear(&a.o, o, bl, y, false)?;
+        cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), Some(&gate1), l);
+
+        // 2. Cross-attention to the text: norm2 (affine LayerNorm, no modulation) or identity;
+        //    RMSNorm on q and k, no RoPE; h += o·Woᵀ + b (no gate).
+        let a = &blk.attn2;
+        match &blk.norm2 {
+            Some((w, b)) => cpu::layer_norm(h, n, d, eps, Some(&self.w(w)?), Some(&self.w(b)?), usize::MAX),
+            None => n.copy_from_slice(h),
+        }
+        self.linear(&a.q, n, bl, q, false)?;
+        self.linear(&a.k, ctx, blt, kc, false)?;
+        self.linear(&a.v, ctx, blt, vc, true)?;
+        cpu::rms_norm_rope(q, d, Some(&self.w(&a.q.b)?), &self.w(&a.norm_q)?, eps, None);
+        cpu::rms_norm_rope(kc, d, Some(&self.w(&a.k.b)?), &self.w(&a.norm_k)?, eps, None);
+        cpu::attention(q, kc, vc, o, AttnShape { lk: lt, ..shape });
+        self.linear(&a.o, o, bl, y, false)?;
+        cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), None, l);
+
+        // 3. FFN: LN(h)·(1+c_scale)+c_shift → GELU-tanh(·W1ᵀ + b1) → ·W2ᵀ; h += (· + b2)·c_gate.
+        cpu::layer_norm(h, n, d, eps, Some(&mul2), Some(&shift2), l);
+        self.linear(&blk.ffn_up, n, bl, ff, false)?;
+        cpu::bias_gelu(ff, &self.w(&blk.ffn_up.b)?);
+        self.linear(&blk.ffn_down, ff, bl, y, false)?;
+        cpu::residual_add(h, y, d, Some(&self.w(&blk.ffn_down.b)?), Some(&gate2), l);
+        Ok(())
+    }
+}
+
+/// Activations reused by every block (llm.c style: allocated once per forward).
+struct Buffers {
+    n: Vec<f32>,  // [B·L, D] normalised input of the current sub-layer
+    q: Vec<f32>,  // [B·L, D]
+    k: Vec<f32>,  // [B·L, D]
+    v: Vec<f32>,  // [B·L, D]
+    o: Vec<f32>,  // [B·L, D] attention output
+    y: Vec<f32>,  // [B·L, D] projection output before the residual
+    ff: Vec<f32>, // [B·L, F] FFN hidden
+    kc: Vec<f32>, // [B·Lt, D] cross-attention keys
+    vc: Vec<f32>, // [B·Lt, D] cross-attention values
+}
+
+impl Buffers {
+    fn new(bl: usize, blt: usize, d: usize, f: usize) -> Self {
+        let z = |n: usize| vec![0.0f32; n];
+        Buffers {
+            n: z(bl * d),
+            q: z(bl * d),
+            k: z(bl * d),
+            v: z(bl * d),
+            o: z(bl * d),
+            y: z(bl * d),
+            ff: z(bl * f),
+            kc: z(blt * d),
+            vc: z(blt * d),
+        }
+    }
+}
