@@ -59,6 +59,11 @@ pub enum Command {
         output: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         device: Device,
+        /// Run the forward N times in-process (the model loaded once) and print the wall
+        /// time of each run as JSON on stdout: {"forward_seconds": [...]}. For benchmarks
+        /// and profilers; the output file holds the last run.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
@@ -90,20 +95,33 @@ fn check_device(device: Device) -> Result<()> {
 
 /// `reel component dit`: reads `hidden_states`, `timestep`, `encoder_hidden_states` from
 /// `input`, writes `sample` to `output`.
+/// With `repeat` > 1 the forward runs that many times and the per-run seconds are
+/// returned (the output file holds the last run).
 pub fn component_dit(model: &Path, input: &Path, output: &Path) -> Result<()> {
+    component_dit_repeat(model, input, output, 1).map(|_| ())
+}
+
+/// [`component_dit`] running the forward `repeat` times; returns each run's seconds.
+pub fn component_dit_repeat(model: &Path, input: &Path, output: &Path, repeat: usize) -> Result<Vec<f64>> {
+    if repeat == 0 {
+        return Err(Error::invalid("--repeat must be at least 1"));
+    }
     let dit = WanDit::load(model)?;
     let file = TensorFile::open(input)?;
     let x = file.tensor("hidden_states")?;
     let t = file.tensor("timestep")?;
     let ctx = file.tensor("encoder_hidden_states")?;
-    let started = std::time::Instant::now();
-    let out = dit.forward(&x, &t, &ctx)?;
-    tracing::info!(
-        "dit forward {:?} in {:.3} s",
-        out.shape(),
-        started.elapsed().as_secs_f64()
-    );
-    write_f32(output, &[("sample", &out)])
+    let mut seconds = Vec::with_capacity(repeat);
+    let mut out = None;
+    for _ in 0..repeat {
+        let started = std::time::Instant::now();
+        out = Some(dit.forward(&x, &t, &ctx)?);
+        seconds.push(started.elapsed().as_secs_f64());
+        tracing::info!("dit forward in {:.4} s", seconds.last().copied().unwrap_or(0.0));
+    }
+    let out = out.ok_or_else(|| Error::invalid("no forward ran"))?;
+    write_f32(output, &[("sample", &out)])?;
+    Ok(seconds)
 }
 
 /// Runs a parsed command line.
@@ -122,10 +140,17 @@ pub fn run(cli: Cli) -> Result<()> {
             input,
             output,
             device,
+            repeat,
         } => {
             check_device(device)?;
             match kind {
-                ComponentKind::Dit => component_dit(&model, &input, &output),
+                ComponentKind::Dit => {
+                    let seconds = component_dit_repeat(&model, &input, &output, repeat)?;
+                    if repeat > 1 {
+                        println!("{}", serde_json::json!({ "forward_seconds": seconds }));
+                    }
+                    Ok(())
+                }
                 other => Err(Error::invalid(format!(
                     "component {}: not available yet (only `dit` is implemented in this build)",
                     other.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()

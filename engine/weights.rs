@@ -36,6 +36,17 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
+    /// An entry with a name and shape but no data, for listing a model's weights.
+    pub(crate) fn placeholder(name: &str, shape: &[usize]) -> Self {
+        TensorEntry {
+            name: name.to_string(),
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            file: usize::MAX,
+            range: 0..0,
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

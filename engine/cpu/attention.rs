@@ -14,7 +14,7 @@ use super::simd;
 use crate::multiversion;
 
 /// Query rows per task. Larger blocks reread K/V less; 64 keeps the score tile in L2.
-const QB: usize = 64;
+const QB: usize = 128;
 /// Keys per step of the online softmax.
 const KB: usize = 512;
 
@@ -51,38 +51,19 @@ multiversion! {
         o: &mut [f32],
         head_dim: usize,
     ) {
+        // exp((s − m)·scale) = 2^(s·c − m·c) with c = scale·log2(e): one FMA per score.
+        let c = scale * std::f32::consts::LOG2_E;
         for r in 0..qb {
             let row = &mut s[r * KB..r * KB + kb];
-            let mut mx = [f32::NEG_INFINITY; 8];
-            let mut chunks = row.chunks_exact(8);
-            for c in &mut chunks {
-                for i in 0..8 {
-                    mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
-                }
-            }
-            let mut m_blk = f32::NEG_INFINITY;
-            for &v in chunks.remainder().iter().chain(mx.iter()) {
-                m_blk = if v > m_blk { v } else { m_blk };
-            }
+            let m_blk = simd::max(row);
             let m_old = m[r];
             let m_new = if m_blk > m_old { m_blk } else { m_old };
-            let corr = if m_old == f32::NEG_INFINITY { 0.0 } else { simd::exp((m_old - m_new) * scale) };
-            let mut acc = [0.0f32; 8];
-            let mut chunks = row.chunks_exact_mut(8);
-            for c in &mut chunks {
-                for i in 0..8 {
-                    let p = simd::exp((c[i] - m_new) * scale);
-                    c[i] = p;
-                    acc[i] += p;
-                }
+            let corr = if m_old == f32::NEG_INFINITY { 0.0 } else { simd::exp2((m_old - m_new) * c) };
+            let mc = m_new * c;
+            for v in row.iter_mut() {
+                *v = simd::exp2(v.mul_add(c, -mc));
             }
-            let mut sum = 0.0f32;
-            for v in chunks.into_remainder() {
-                let p = simd::exp((*v - m_new) * scale);
-                *v = p;
-                sum += p;
-            }
-            sum += acc.iter().sum::<f32>();
+            let sum = simd::sum_by(row, |p| p);
             l[r] = l[r] * corr + sum;
             m[r] = m_new;
             if corr != 1.0 {

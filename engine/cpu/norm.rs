@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::embed::RopeTables;
-use super::rows_per_task;
+use super::{rows_per_task, simd};
 use crate::multiversion;
 
 multiversion! {
@@ -16,17 +16,9 @@ multiversion! {
         add: Option<&[f32]>,
     ) {
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            // Two passes in f32, as PyTorch's CPU layer_norm for f32 inputs.
-            let mut s = 0.0f32;
-            for &v in xr {
-                s += v;
-            }
-            let mean = s / d as f32;
-            let mut q = 0.0f32;
-            for &v in xr {
-                let c = v - mean;
-                q += c * c;
-            }
+            // Two passes in f32 (mean, then centred squares), as PyTorch's CPU layer_norm.
+            let mean = simd::sum_by(xr, |v| v) / d as f32;
+            let q = simd::sum_by(xr, |v| (v - mean) * (v - mean));
             let rstd = 1.0 / (q / d as f32 + eps).sqrt();
             match (mul, add) {
                 (Some(m), Some(a)) => {
@@ -121,10 +113,7 @@ multiversion! {
                     xr[j] += b[j];
                 }
             }
-            let mut q = 0.0f32;
-            for &v in xr.iter() {
-                q += v * v;
-            }
+            let q = simd::sum_by(xr, |v| v * v);
             let r = 1.0 / (q / d as f32 + eps).sqrt();
             for j in 0..d {
                 xr[j] = xr[j] * r * weight[j];

@@ -7,6 +7,21 @@
 
 use std::sync::OnceLock;
 
+/// Whether this CPU has AVX-512F besides AVX2 and FMA (cached after the first call).
+pub fn avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx2_fma() && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether this CPU has AVX2 and FMA (cached after the first call).
 pub fn avx2_fma() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -22,8 +37,8 @@ pub fn avx2_fma() -> bool {
     })
 }
 
-/// Defines `fn name(args) -> ret { body }` twice (baseline and AVX2+FMA) and a public
-/// entry point that picks one at run time. Arguments must be plain values or references.
+/// Defines `fn name(args) -> ret { body }` three times (baseline, AVX2+FMA, AVX-512) and a
+/// public entry point that picks one at run time. Arguments must be plain values or references.
 #[macro_export]
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -35,9 +50,16 @@ macro_rules! multiversion {
             fn inner($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
+                if $crate::cpu::simd::avx512() {
+                    // SAFETY: avx512() needs AVX-512F, AVX2 and FMA, which the CPU has.
+                    return unsafe { avx512($($arg),*) };
+                }
                 if $crate::cpu::simd::avx2_fma() {
                     // SAFETY: avx2() only needs AVX2 and FMA, which the CPU has (checked above).
                     return unsafe { avx2($($arg),*) };
@@ -77,6 +99,63 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((k + 127) << 23) as u32)
 }
 
+/// Σ f(x_i) with eight independent accumulators, so the loop vectorises (a single f32
+/// accumulator is a serial dependency chain the compiler may not reorder).
+#[inline(always)]
+pub fn sum_by(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for &v in chunks.remainder() {
+        tail += f(v);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// max_i x_i (NaN-ignoring like f32::max), vectorised with eight lanes.
+#[inline(always)]
+pub fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in chunks.remainder().iter().chain(acc.iter()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// 2^x for f32 within ~3 ulp, branch-free. Inputs clamped to [−126, 127] (so the result
+/// is never subnormal or inf); NaN stays NaN. The softmax uses it with the scale and
+/// log2(e) folded into one FMA per score.
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-126.0, 127.0);
+    let t = x + MAGIC;
+    let n = t - MAGIC;
+    let k = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let f = x - n; // exact, in [-0.5, 0.5]
+    // Taylor series of e^(f·ln2) to degree 6: truncation error < 1.3e-7 relative.
+    let p = 1.540_353e-4_f32;
+    let p = p.mul_add(f, 1.333_355_8e-3);
+    let p = p.mul_add(f, 9.618_129e-3);
+    let p = p.mul_add(f, 5.550_411e-2);
+    let p = p.mul_add(f, 2.402_265e-1);
+    let p = p.mul_add(f, 6.931_472e-1);
+    let p = p.mul_add(f, 1.0);
+    p * f32::from_bits(((k + 127) << 23) as u32)
+}
+
 /// GELU with the tanh approximation (PyTorch's approximate="tanh"), written as
 /// x·σ(2u) = x / (1 + e^(−2u)) with u = √(2/π)(x + 0.044715x³), which equals
 /// 0.5x(1 + tanh u) exactly in real arithmetic.
@@ -111,6 +190,29 @@ mod tests {
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(-1000.0) < 1e-37);
         assert!(exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn exp2_matches_libm() {
+        let mut worst = 0.0f64;
+        let mut x = -125.0f32;
+        while x < 126.0 {
+            let want = (x as f64).exp2();
+            worst = worst.max(((exp2(x) as f64 - want) / want).abs());
+            x += 0.000_731;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert!(exp2(f32::NAN).is_nan());
+        assert!(exp2(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn reductions_match_serial() {
+        let xs: Vec<f32> = (0..1037).map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+        let s: f64 = xs.iter().map(|&v| v as f64).sum();
+        assert!((sum_by(&xs, |v| v) as f64 - s).abs() < 1e-3);
+        assert_eq!(max(&xs), xs.iter().cloned().fold(f32::MIN, f32::max));
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
 
     #[test]

@@ -197,17 +197,21 @@ struct Block {
 }
 
 /// Validates names, shapes and dtypes against the config while building the layer list,
-/// and remembers every name so that unexpected tensors can be rejected.
+/// and records every (name, shape) so that unexpected tensors can be rejected. Without a
+/// store it only records: that is how [`WanDit::weight_specs`] lists a config's weights
+/// from the same code that loads them.
 struct Loader<'a> {
-    store: &'a WeightStore,
-    seen: Vec<String>,
+    store: Option<&'a WeightStore>,
+    seen: Vec<(String, Vec<usize>)>,
 }
 
 impl Loader<'_> {
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<TensorEntry> {
-        let e = self.store.weight(name, shape)?.clone();
-        self.seen.push(name.to_string());
-        Ok(e)
+        self.seen.push((name.to_string(), shape.to_vec()));
+        match self.store {
+            Some(store) => Ok(store.weight(name, shape)?.clone()),
+            None => Ok(TensorEntry::placeholder(name, shape)),
+        }
     }
 
     fn linear(&mut self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
@@ -229,6 +233,19 @@ impl Loader<'_> {
             norm_k: self.tensor(&format!("{prefix}.norm_k.weight"), &[d])?,
         })
     }
+}
+
+/// The layer list of a model, before it is attached to its store.
+struct Layers {
+    patch: Linear,
+    time_1: Linear,
+    time_2: Linear,
+    time_proj: Linear,
+    text_1: Linear,
+    text_2: Linear,
+    blocks: Vec<Block>,
+    scale_shift_table: TensorEntry,
+    proj_out: Linear,
 }
 
 /// A loaded WanTransformer3DModel: config, mapped weights and the validated layer list.
@@ -259,15 +276,58 @@ impl WanDit {
         Self::from_store(config, store, dir)
     }
 
+    /// Every weight a config needs, (name, shape) in checkpoint order.
+    pub fn weight_specs(config: &WanDitConfig) -> Vec<(String, Vec<usize>)> {
+        let mut ld = Loader {
+            store: None,
+            seen: Vec::new(),
+        };
+        // Cannot fail without a store: every lookup returns a placeholder.
+        let _ = Self::layers(config, &mut ld);
+        ld.seen
+    }
+
     /// Builds the model over already mapped weights, checking every tensor.
     pub fn from_store(config: WanDitConfig, store: WeightStore, dir: PathBuf) -> Result<Self> {
         config.validate(&dir.join("config.json"))?;
-        let c = &config;
-        let d = c.inner_dim();
         let mut ld = Loader {
-            store: &store,
+            store: Some(&store),
             seen: Vec::new(),
         };
+        let layers = Self::layers(&config, &mut ld)?;
+        // diffusers ignores `norm_added_q` on load (_keys_to_ignore_on_load_unexpected).
+        let expected = ld.seen.iter().map(|(n, _)| n.as_str());
+        let ignored = store.entries().filter(|e| e.name.contains("norm_added_q")).map(|e| e.name.as_str());
+        store.reject_unexpected(expected.chain(ignored), CLASS_NAME)?;
+        let Layers {
+            patch,
+            time_1,
+            time_2,
+            time_proj,
+            text_1,
+            text_2,
+            blocks,
+            scale_shift_table,
+            proj_out,
+        } = layers;
+        Ok(WanDit {
+            config,
+            dir,
+            store,
+            patch,
+            time_1,
+            time_2,
+            time_proj,
+            text_1,
+            text_2,
+            blocks,
+            scale_shift_table,
+            proj_out,
+        })
+    }
+
+    fn layers(c: &WanDitConfig, ld: &mut Loader) -> Result<Layers> {
+        let d = c.inner_dim();
         let [pt, ph, pw] = c.patch_size;
         let patch_w = ld.tensor("patch_embedding.weight", &[d, c.in_channels, pt, ph, pw])?;
         let patch = Linear {
@@ -303,18 +363,7 @@ impl WanDit {
         }
         let scale_shift_table = ld.tensor("scale_shift_table", &[1, 2, d])?;
         let proj_out = ld.linear("proj_out", d, c.out_channels() * c.patch_volume())?;
-        // diffusers ignores `norm_added_q` on load (_keys_to_ignore_on_load_unexpected).
-        let ignored: Vec<String> = store
-            .entries()
-            .filter(|e| e.name.contains("norm_added_q"))
-            .map(|e| e.name.clone())
-            .collect();
-        store.reject_unexpected(ld.seen.iter().chain(&ignored).map(String::as_str), CLASS_NAME)?;
-        drop(ld);
-        Ok(WanDit {
-            config,
-            dir,
-            store,
+        Ok(Layers {
             patch,
             time_1,
             time_2,
@@ -558,4 +607,15 @@ impl Buffers {
             vc: z(blt * d),
         }
     }
+}
+
+/// Writes a WanTransformer3DModel folder with deterministic random weights for `config`
+/// (benchmarks at real shapes; not a trained model).
+pub fn write_random(dir: &Path, config: &WanDitConfig, seed: u64) -> Result<()> {
+    let mut json = serde_json::to_value(config).map_err(|e| Error::invalid(e.to_string()))?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("_class_name".into(), CLASS_NAME.into());
+    }
+    let tensors = crate::models::random::random_weights(&WanDit::weight_specs(config), seed);
+    crate::models::random::write_component(dir, &json, &tensors)
 }
