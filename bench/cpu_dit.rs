@@ -32,7 +32,9 @@ fn dit_forward(c: &mut Criterion) {
     let t = Tensor::new(vec![1], vec![500.0]).unwrap();
     let mut g = c.benchmark_group("cpu");
     g.sample_size(10);
-    g.bench_function("dit_forward_1280_tokens", |b| b.iter(|| dit.forward(&x, &t, &ctx).unwrap()));
+    g.bench_function("dit_forward_1280_tokens", |b| {
+        b.iter(|| dit.forward(&x, &t, &ctx).unwrap())
+    });
     g.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }

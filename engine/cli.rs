@@ -9,7 +9,7 @@ use crate::io::{write_f32, TensorFile};
 use crate::models::wan_dit::WanDit;
 
 #[derive(Debug, Parser)]
-#[command(name = "reel", version, about = "Text-to-video diffusion transformer inference (Wan2.1)")]
+#[command(name = "reel", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("REEL_GIT_COMMIT"), ")"), about = "Text-to-video diffusion transformer inference (Wan2.1)")]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -88,7 +88,11 @@ fn check_device(device: Device) -> Result<()> {
         Device::Cpu => Ok(()),
         Device::Cuda | Device::Emu => Err(Error::invalid(format!(
             "--device {}: not available yet (this build has the cpu device only)",
-            if device == Device::Cuda { "cuda" } else { "emu" }
+            if device == Device::Cuda {
+                "cuda"
+            } else {
+                "emu"
+            }
         ))),
     }
 }
@@ -102,7 +106,12 @@ pub fn component_dit(model: &Path, input: &Path, output: &Path) -> Result<()> {
 }
 
 /// [`component_dit`] running the forward `repeat` times; returns each run's seconds.
-pub fn component_dit_repeat(model: &Path, input: &Path, output: &Path, repeat: usize) -> Result<Vec<f64>> {
+pub fn component_dit_repeat(
+    model: &Path,
+    input: &Path,
+    output: &Path,
+    repeat: usize,
+) -> Result<Vec<f64>> {
     if repeat == 0 {
         return Err(Error::invalid("--repeat must be at least 1"));
     }
@@ -117,7 +126,10 @@ pub fn component_dit_repeat(model: &Path, input: &Path, output: &Path, repeat: u
         let started = std::time::Instant::now();
         out = Some(dit.forward(&x, &t, &ctx)?);
         seconds.push(started.elapsed().as_secs_f64());
-        tracing::info!("dit forward in {:.4} s", seconds.last().copied().unwrap_or(0.0));
+        tracing::info!(
+            "dit forward in {:.4} s",
+            seconds.last().copied().unwrap_or(0.0)
+        );
     }
     let out = out.ok_or_else(|| Error::invalid("no forward ran"))?;
     write_f32(output, &[("sample", &out)])?;
@@ -131,7 +143,9 @@ pub fn run(cli: Cli) -> Result<()> {
             return Err(Error::invalid("--threads must be at least 1"));
         }
         // Fails only if the pool already exists, which it cannot at this point.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     match cli.command {
         Command::Component {
@@ -153,7 +167,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 other => Err(Error::invalid(format!(
                     "component {}: not available yet (only `dit` is implemented in this build)",
-                    other.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+                    other
+                        .to_possible_value()
+                        .map(|v| v.get_name().to_string())
+                        .unwrap_or_default()
                 ))),
             }
         }
@@ -161,7 +178,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let reports = crate::inspect::inspect(&dir)?;
             match json.as_deref() {
                 Some(dest) => {
-                    let text = serde_json::to_string_pretty(&reports).map_err(|e| Error::invalid(e.to_string()))?;
+                    let text = serde_json::to_string_pretty(&reports)
+                        .map_err(|e| Error::invalid(e.to_string()))?;
                     write_text(dest, &text)
                 }
                 None => {

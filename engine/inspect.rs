@@ -50,20 +50,30 @@ pub fn inspect(path: &Path) -> Result<Vec<ComponentReport>> {
     }
     Err(Error::Config {
         path: path.to_path_buf(),
-        reason: "neither a pipeline root (model_index.json) nor a component folder (config.json)".into(),
+        reason: "neither a pipeline root (model_index.json) nor a component folder (config.json)"
+            .into(),
     })
 }
 
 fn fold_indices(name: &str) -> String {
     name.split('.')
-        .map(|p| if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) { "{i}" } else { p })
+        .map(|p| {
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+                "{i}"
+            } else {
+                p
+            }
+        })
         .collect::<Vec<_>>()
         .join(".")
 }
 
 fn component(dir: &Path) -> Result<ComponentReport> {
     let config: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let class_name = config.get("_class_name").and_then(|c| c.as_str()).map(str::to_string);
+    let class_name = config
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .map(str::to_string);
     let store = WeightStore::open_component(dir)?;
     let mut dtypes = BTreeMap::new();
     let mut groups: BTreeMap<(String, Vec<usize>, String), usize> = BTreeMap::new();
@@ -86,7 +96,10 @@ fn component(dir: &Path) -> Result<ComponentReport> {
         parameters,
         bytes,
         dtypes,
-        summary: groups.into_iter().map(|((n, s, d), c)| (n, s, d, c)).collect(),
+        summary: groups
+            .into_iter()
+            .map(|((n, s, d), c)| (n, s, d, c))
+            .collect(),
     })
 }
 
@@ -103,7 +116,12 @@ fn human(n: u64) -> String {
 pub fn render(reports: &[ComponentReport]) -> String {
     let mut s = String::new();
     for r in reports {
-        let _ = writeln!(s, "== {} ({})", r.folder, r.class_name.as_deref().unwrap_or("unknown class"));
+        let _ = writeln!(
+            s,
+            "== {} ({})",
+            r.folder,
+            r.class_name.as_deref().unwrap_or("unknown class")
+        );
         let _ = writeln!(
             s,
             "   {} tensors, {} parameters, {:.2} GiB in {} file(s)",
@@ -112,7 +130,11 @@ pub fn render(reports: &[ComponentReport]) -> String {
             r.bytes as f64 / (1u64 << 30) as f64,
             r.files.len()
         );
-        let dts: Vec<String> = r.dtypes.iter().map(|(d, n)| format!("{d}: {}", human(*n))).collect();
+        let dts: Vec<String> = r
+            .dtypes
+            .iter()
+            .map(|(d, n)| format!("{d}: {}", human(*n)))
+            .collect();
         let _ = writeln!(s, "   dtypes: {}", dts.join(", "));
         if let Some(obj) = r.config.as_object() {
             let _ = writeln!(s, "   config:");
@@ -124,7 +146,11 @@ pub fn render(reports: &[ComponentReport]) -> String {
         }
         let _ = writeln!(s, "   tensors:");
         for (name, shape, dtype, count) in &r.summary {
-            let times = if *count > 1 { format!(" ×{count}") } else { String::new() };
+            let times = if *count > 1 {
+                format!(" ×{count}")
+            } else {
+                String::new()
+            };
             let _ = writeln!(s, "     {name:<56} {shape:?} {dtype}{times}");
         }
     }

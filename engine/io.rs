@@ -60,7 +60,13 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     };
     let bytes: Vec<(String, Vec<usize>, &[u8])> = tensors
         .iter()
-        .map(|(n, t)| (n.to_string(), t.shape().to_vec(), bytemuck::cast_slice(t.data())))
+        .map(|(n, t)| {
+            (
+                n.to_string(),
+                t.shape().to_vec(),
+                bytemuck::cast_slice(t.data()),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
@@ -70,10 +76,12 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
                 .map_err(|e| Error::invalid(format!("tensor `{n}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, None).map_err(|e| Error::Weights(WeightError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }))?;
+    let data = safetensors::serialize(views, None).map_err(|e| {
+        Error::Weights(WeightError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    })?;
     let tmp = temp_name(path);
     std::fs::write(&tmp, data).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
@@ -81,7 +89,10 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
 }
 
 fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".partial-{}", std::process::id()));
     path.with_file_name(name)
 }

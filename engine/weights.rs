@@ -75,7 +75,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightError + '_ {
     }
 }
 
-fn map_file(path: &Path) -> Result<(Mmap, Vec<(String, safetensors::tensor::TensorInfo)>, usize), WeightError> {
+/// A mapped file, its tensors as the header lists them, and where its data starts.
+type MappedHeader = (Mmap, Vec<(String, safetensors::tensor::TensorInfo)>, usize);
+
+fn map_file(path: &Path) -> Result<MappedHeader, WeightError> {
     let file = File::open(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     if len < 8 {
@@ -149,7 +152,10 @@ impl WeightStore {
         if !indexes.is_empty() {
             return Err(WeightError::NoWeights {
                 path: dir.to_path_buf(),
-                detail: format!("several shard indexes and none is the default: {}", indexes.join(", ")),
+                detail: format!(
+                    "several shard indexes and none is the default: {}",
+                    indexes.join(", ")
+                ),
             });
         }
         match pick(&singles, ".safetensors") {
@@ -176,7 +182,8 @@ impl WeightStore {
             reason,
         };
         let text = std::fs::read_to_string(index).map_err(io_err(index))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -188,7 +195,10 @@ impl WeightStore {
                 .ok_or_else(|| bad(format!("weight_map[`{name}`] is not a file name")))?;
             // Shards live beside the index: refuse anything that would leave the folder.
             if file.contains('/') || file.contains('\\') || file == ".." || file.is_empty() {
-                return Err(bad(format!("weight_map[`{name}`] names `{file}`, not a file in {}", dir.display())));
+                return Err(bad(format!(
+                    "weight_map[`{name}`] names `{file}`, not a file in {}",
+                    dir.display()
+                )));
             }
             wanted.insert(name.clone(), file.to_string());
         }

@@ -89,10 +89,19 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
         out_stride,
     } = s;
     let width = heads * hd;
-    assert!(q_stride >= width && kv_stride >= width && out_stride >= width, "attention strides");
+    assert!(
+        q_stride >= width && kv_stride >= width && out_stride >= width,
+        "attention strides"
+    );
     assert!(q.len() >= batch * lq * q_stride, "attention: q too short");
-    assert!(k.len() >= batch * lk * kv_stride && v.len() >= batch * lk * kv_stride, "attention: k/v too short");
-    assert!(out.len() >= batch * lq * out_stride, "attention: out too short");
+    assert!(
+        k.len() >= batch * lk * kv_stride && v.len() >= batch * lk * kv_stride,
+        "attention: k/v too short"
+    );
+    assert!(
+        out.len() >= batch * lq * out_stride,
+        "attention: out too short"
+    );
     if batch == 0 || lq == 0 || width == 0 {
         return;
     }
@@ -105,37 +114,43 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
             let qb_all = &q[b * lq * q_stride..(b + 1) * lq * q_stride];
             let kb_all = &k[b * lk * kv_stride..(b + 1) * lk * kv_stride];
             let vb_all = &v[b * lk * kv_stride..(b + 1) * lk * kv_stride];
-            out_b.par_chunks_mut(QB * out_stride).enumerate().for_each(|(blk, out_blk)| {
-                let r0 = blk * QB;
-                let qb = out_blk.len().div_ceil(out_stride).min(lq - r0);
-                let mut sbuf = vec![0.0f32; QB * KB];
-                let mut o = vec![0.0f32; QB * hd];
-                let mut m = [f32::NEG_INFINITY; QB];
-                let mut l = [0.0f32; QB];
-                for h in 0..heads {
-                    o.fill(0.0);
-                    m.fill(f32::NEG_INFINITY);
-                    l.fill(0.0);
-                    let qh = &qb_all[r0 * q_stride + h * hd..];
-                    for k0 in (0..lk).step_by(KB) {
-                        let kb = KB.min(lk - k0);
-                        let kh = &kb_all[k0 * kv_stride + h * hd..];
-                        let vh = &vb_all[k0 * kv_stride + h * hd..];
-                        // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
-                        gemm_tile(qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, 1, kv_stride);
-                        softmax_step(&mut sbuf, qb, kb, scale, &mut m, &mut l, &mut o, hd);
-                        // O[qb, hd] += P[qb, kb] · V[kb, hd]
-                        gemm_tile(qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1);
-                    }
-                    for r in 0..qb {
-                        let inv = 1.0 / l[r];
-                        let dst = &mut out_blk[r * out_stride + h * hd..r * out_stride + (h + 1) * hd];
-                        for (d, &x) in dst.iter_mut().zip(&o[r * hd..(r + 1) * hd]) {
-                            *d = x * inv;
+            out_b
+                .par_chunks_mut(QB * out_stride)
+                .enumerate()
+                .for_each(|(blk, out_blk)| {
+                    let r0 = blk * QB;
+                    let qb = out_blk.len().div_ceil(out_stride).min(lq - r0);
+                    let mut sbuf = vec![0.0f32; QB * KB];
+                    let mut o = vec![0.0f32; QB * hd];
+                    let mut m = [f32::NEG_INFINITY; QB];
+                    let mut l = [0.0f32; QB];
+                    for h in 0..heads {
+                        o.fill(0.0);
+                        m.fill(f32::NEG_INFINITY);
+                        l.fill(0.0);
+                        let qh = &qb_all[r0 * q_stride + h * hd..];
+                        for k0 in (0..lk).step_by(KB) {
+                            let kb = KB.min(lk - k0);
+                            let kh = &kb_all[k0 * kv_stride + h * hd..];
+                            let vh = &vb_all[k0 * kv_stride + h * hd..];
+                            // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
+                            gemm_tile(
+                                qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, 1, kv_stride,
+                            );
+                            softmax_step(&mut sbuf, qb, kb, scale, &mut m, &mut l, &mut o, hd);
+                            // O[qb, hd] += P[qb, kb] · V[kb, hd]
+                            gemm_tile(qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1);
+                        }
+                        for r in 0..qb {
+                            let inv = 1.0 / l[r];
+                            let dst = &mut out_blk
+                                [r * out_stride + h * hd..r * out_stride + (h + 1) * hd];
+                            for (d, &x) in dst.iter_mut().zip(&o[r * hd..(r + 1) * hd]) {
+                                *d = x * inv;
+                            }
                         }
                     }
-                }
-            });
+                });
         });
 }
 
@@ -153,8 +168,13 @@ mod tests {
                     let qi = &q[(b * s.lq + i) * s.q_stride + h * s.head_dim..][..s.head_dim];
                     let scores: Vec<f64> = (0..s.lk)
                         .map(|j| {
-                            let kj = &k[(b * s.lk + j) * s.kv_stride + h * s.head_dim..][..s.head_dim];
-                            qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                            let kj =
+                                &k[(b * s.lk + j) * s.kv_stride + h * s.head_dim..][..s.head_dim];
+                            qi.iter()
+                                .zip(kj)
+                                .map(|(&a, &c)| a as f64 * c as f64)
+                                .sum::<f64>()
+                                * scale
                         })
                         .collect();
                     let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -162,7 +182,9 @@ mod tests {
                     let z: f64 = e.iter().sum();
                     for d in 0..s.head_dim {
                         let acc: f64 = (0..s.lk)
-                            .map(|j| e[j] * v[(b * s.lk + j) * s.kv_stride + h * s.head_dim + d] as f64)
+                            .map(|j| {
+                                e[j] * v[(b * s.lk + j) * s.kv_stride + h * s.head_dim + d] as f64
+                            })
                             .sum();
                         out[((b * s.lq + i) * s.heads + h) * s.head_dim + d] = acc / z;
                     }
@@ -186,7 +208,12 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_on_odd_shapes() {
-        for &(batch, heads, hd, lq, lk) in &[(1, 1, 8, 1, 1), (2, 3, 16, 70, 33), (1, 2, 24, 130, 600), (2, 1, 48, 5, 1030)] {
+        for &(batch, heads, hd, lq, lk) in &[
+            (1, 1, 8, 1, 1),
+            (2, 3, 16, 70, 33),
+            (1, 2, 24, 130, 600),
+            (2, 1, 48, 5, 1030),
+        ] {
             let width = heads * hd;
             let s = AttnShape {
                 batch,

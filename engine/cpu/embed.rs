@@ -30,9 +30,19 @@ fn axis_freqs(dim: usize, theta: f64) -> Vec<f64> {
 /// RoPE tables for a post-patch grid of `frames × height × width` tokens. Angles and their
 /// cos/sin are computed in f64 and rounded to f32 once, exactly as diffusers builds its
 /// buffers (cos/sin in float64, then `.float()`).
-pub fn wan_rope_tables(head_dim: usize, frames: usize, height: usize, width: usize, theta: f64) -> RopeTables {
+pub fn wan_rope_tables(
+    head_dim: usize,
+    frames: usize,
+    height: usize,
+    width: usize,
+    theta: f64,
+) -> RopeTables {
     let (t_dim, h_dim, w_dim) = wan_rope_split(head_dim);
-    let (ft, fh, fw) = (axis_freqs(t_dim, theta), axis_freqs(h_dim, theta), axis_freqs(w_dim, theta));
+    let (ft, fh, fw) = (
+        axis_freqs(t_dim, theta),
+        axis_freqs(h_dim, theta),
+        axis_freqs(w_dim, theta),
+    );
     let half = head_dim / 2;
     let tokens = frames * height * width;
     let mut cos = Vec::with_capacity(tokens * half);
@@ -68,7 +78,13 @@ pub fn wan_rope_tables(head_dim: usize, frames: usize, height: usize, width: usi
 /// step by step: the exponent and the product t·ω are rounded to f32 as torch rounds them,
 /// and exp/sin/cos are evaluated in f64 and rounded once (correctly rounded, as torch's
 /// f32 kernels are to within an ulp).
-pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f32, max_period: f32) -> Vec<f32> {
+pub fn timestep_embedding(
+    t: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f32,
+    max_period: f32,
+) -> Vec<f32> {
     let half = dim / 2;
     let neg_log = -(max_period as f64).ln() as f32;
     let freqs: Vec<f32> = (0..half)
@@ -100,7 +116,15 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f
 /// x: [B, C, T, H, W] → out: [B, L, C·p_t·p_h·p_w], L = (T/p_t)(H/p_h)(W/p_w), tokens in
 /// (t, h, w) order, patch features in the weight's (c, kt, kh, kw) order. Shapes must be
 /// multiples of the patch (callers check).
-pub fn patchify(x: &[f32], b: usize, c: usize, t: usize, h: usize, w: usize, p: [usize; 3]) -> Vec<f32> {
+pub fn patchify(
+    x: &[f32],
+    b: usize,
+    c: usize,
+    t: usize,
+    h: usize,
+    w: usize,
+    p: [usize; 3],
+) -> Vec<f32> {
     let [pt, ph, pw] = p;
     let (tt, hh, ww) = (t / pt, h / ph, w / pw);
     let k = c * pt * ph * pw;
@@ -113,7 +137,9 @@ pub fn patchify(x: &[f32], b: usize, c: usize, t: usize, h: usize, w: usize, p: 
                     for ci in 0..c {
                         for kt in 0..pt {
                             for kh in 0..ph {
-                                let base = (((bi * c + ci) * t + ti * pt + kt) * h + hi * ph + kh) * w + wi * pw;
+                                let base = (((bi * c + ci) * t + ti * pt + kt) * h + hi * ph + kh)
+                                    * w
+                                    + wi * pw;
                                 out[o..o + pw].copy_from_slice(&x[base..base + pw]);
                                 o += pw;
                             }
@@ -142,7 +168,10 @@ pub fn unpatchify(y: &[f32], b: usize, c: usize, grid: [usize; 3], p: [usize; 3]
                         for kh in 0..ph {
                             for kw in 0..pw {
                                 for ci in 0..c {
-                                    let dst = (((bi * c + ci) * t + ti * pt + kt) * h + hi * ph + kh) * w + wi * pw + kw;
+                                    let dst =
+                                        (((bi * c + ci) * t + ti * pt + kt) * h + hi * ph + kh) * w
+                                            + wi * pw
+                                            + kw;
                                     out[dst] = y[i];
                                     i += 1;
                                 }

@@ -16,7 +16,10 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// out[m, n] = x[m, k] · w[n, k]ᵀ, with `w` in nn.Linear's [out, in] layout (no copy:
 /// the transpose is expressed with strides). Overwrites `out`.
 pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_wt shapes");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul_wt shapes"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -52,7 +55,15 @@ pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [
 }
 
 /// nn.Linear: out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n].
-pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, out: &mut [f32]) {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     matmul_wt(x, w, m, k, n, out);
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear bias length");
@@ -125,7 +136,9 @@ mod tests {
         let mut o = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                o[i * n + j] = (0..k).map(|l| x[i * k + l] as f64 * w[j * k + l] as f64).sum::<f64>() as f32;
+                o[i * n + j] = (0..k)
+                    .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         o
@@ -134,15 +147,23 @@ mod tests {
     #[test]
     fn linear_matches_naive() {
         for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (130, 67, 33), (257, 256, 96)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                .collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
             let mut out = vec![f32::NAN; m * n];
             linear(&x, &w, Some(&b), m, k, n, &mut out);
             let want = naive(&x, &w, m, k, n);
             for i in 0..m * n {
                 let e = want[i] + b[i % n];
-                assert!((out[i] - e).abs() <= 1e-4 * (1.0 + e.abs()), "({m},{k},{n}) at {i}: {} vs {e}", out[i]);
+                assert!(
+                    (out[i] - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "({m},{k},{n}) at {i}: {} vs {e}",
+                    out[i]
+                );
             }
         }
     }

@@ -12,7 +12,9 @@ pub mod norm;
 pub mod simd;
 
 pub use attention::{attention, AttnShape};
-pub use embed::{patchify, timestep_embedding, unpatchify, wan_rope_split, wan_rope_tables, RopeTables};
+pub use embed::{
+    patchify, timestep_embedding, unpatchify, wan_rope_split, wan_rope_tables, RopeTables,
+};
 pub use linear::{linear, matmul_wt};
 pub use norm::{layer_norm, rms_norm_rope};
 
@@ -41,7 +43,8 @@ multiversion! {
 pub fn bias_gelu(y: &mut [f32], bias: &[f32]) {
     let n = bias.len();
     let per = rows_per_task(y.len() / n.max(1), n) * n;
-    y.par_chunks_mut(per.max(1)).for_each(|c| bias_gelu_rows(c, bias));
+    y.par_chunks_mut(per.max(1))
+        .for_each(|c| bias_gelu_rows(c, bias));
 }
 
 multiversion! {
@@ -121,7 +124,9 @@ pub fn residual_add(
     let mut rest = x;
     let mut row = 0;
     while !rest.is_empty() {
-        let group_end = (groups_of(row) + 1).saturating_mul(rows_per_group).min(rows);
+        let group_end = (groups_of(row) + 1)
+            .saturating_mul(rows_per_group)
+            .min(rows);
         let take = per.min(group_end - row);
         let (head, tail) = rest.split_at_mut(take * d);
         tasks.push((row, head));

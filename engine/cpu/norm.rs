@@ -66,19 +66,29 @@ pub fn layer_norm(
     rows_per_group: usize,
 ) {
     assert_eq!(x.len(), out.len(), "layer_norm shapes");
-    assert!(d > 0 && x.len() % d == 0, "layer_norm: length {} not a multiple of {d}", x.len());
+    assert!(
+        d > 0 && x.len() % d == 0,
+        "layer_norm: length {} not a multiple of {d}",
+        x.len()
+    );
     let rows = x.len() / d;
     let group = |r: usize| r / rows_per_group.max(1);
     let groups = if rows == 0 { 0 } else { group(rows - 1) + 1 };
     for p in [mul, add].into_iter().flatten() {
-        assert!(p.len() >= groups * d, "layer_norm: {} parameters for {groups} groups of {d}", p.len());
+        assert!(
+            p.len() >= groups * d,
+            "layer_norm: {} parameters for {groups} groups of {d}",
+            p.len()
+        );
     }
     let per = rows_per_task(rows, d).min(rows_per_group.max(1));
     // Split into tasks that stay within one group.
     let mut starts = Vec::new();
     let mut r = 0;
     while r < rows {
-        let end = ((group(r) + 1).saturating_mul(rows_per_group.max(1))).min(rows).min(r + per);
+        let end = ((group(r) + 1).saturating_mul(rows_per_group.max(1)))
+            .min(rows)
+            .min(r + per);
         starts.push((r, end));
         r = end;
     }
@@ -148,7 +158,10 @@ pub fn rms_norm_rope(
     eps: f32,
     rope: Option<&RopeTables>,
 ) {
-    assert!(d > 0 && x.len() % d == 0 && weight.len() == d, "rms_norm_rope shapes");
+    assert!(
+        d > 0 && x.len() % d == 0 && weight.len() == d,
+        "rms_norm_rope shapes"
+    );
     if let Some(t) = rope {
         assert!(t.head_dim > 0 && d % t.head_dim == 0 && t.cos.len() == t.tokens * t.head_dim / 2);
     }

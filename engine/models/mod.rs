@@ -29,7 +29,11 @@ pub fn resolve_component(path: &Path, subfolder: &str, classes: &[&str]) -> Resu
     let own = path.join("config.json");
     if own.is_file() {
         let class = class_name(&own)?;
-        if class.as_deref().map(|c| classes.contains(&c)).unwrap_or(true) {
+        if class
+            .as_deref()
+            .map(|c| classes.contains(&c))
+            .unwrap_or(true)
+        {
             return Ok(path.to_path_buf());
         }
         if !path.join(subfolder).is_dir() {
@@ -58,7 +62,9 @@ pub fn resolve_component(path: &Path, subfolder: &str, classes: &[&str]) -> Resu
 
 fn class_name(config: &Path) -> Result<Option<String>> {
     let v: serde_json::Value = read_json(config)?;
-    Ok(v.get("_class_name").and_then(|c| c.as_str()).map(str::to_string))
+    Ok(v.get("_class_name")
+        .and_then(|c| c.as_str())
+        .map(str::to_string))
 }
 
 /// Reads and parses a JSON file, naming the file and the problem on failure.

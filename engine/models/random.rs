@@ -15,7 +15,10 @@ pub struct Normal {
 
 impl Normal {
     pub fn new(seed: u64) -> Self {
-        Normal { state: seed, spare: None }
+        Normal {
+            state: seed,
+            spare: None,
+        }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -59,13 +62,20 @@ pub fn random_weights(specs: &[(String, Vec<usize>)], seed: u64) -> Vec<(String,
                 (0.0, 1.0 / (fan_in.max(1) as f32).sqrt())
             };
             let data = (0..n).map(|_| base + scale * rng.sample()).collect();
-            (name.clone(), Tensor::new(shape.clone(), data).expect("shape product"))
+            (
+                name.clone(),
+                Tensor::new(shape.clone(), data).expect("shape product"),
+            )
         })
         .collect()
 }
 
 /// Writes a component folder: config.json and one F32 diffusion_pytorch_model.safetensors.
-pub fn write_component(dir: &Path, config: &serde_json::Value, tensors: &[(String, Tensor)]) -> Result<()> {
+pub fn write_component(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
     let io = |source| Error::Io {
         path: dir.to_path_buf(),
         source,

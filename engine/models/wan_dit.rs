@@ -129,10 +129,16 @@ impl WanDitConfig {
             }
         }
         if self.num_layers > 10_000 {
-            return Err(bad(format!("num_layers = {} is out of range", self.num_layers)));
+            return Err(bad(format!(
+                "num_layers = {} is out of range",
+                self.num_layers
+            )));
         }
         if self.inner_dim() > MAX {
-            return Err(bad(format!("inner dim {} is out of range", self.inner_dim())));
+            return Err(bad(format!(
+                "inner dim {} is out of range",
+                self.inner_dim()
+            )));
         }
         if self.attention_head_dim % 2 != 0 {
             return Err(bad(format!(
@@ -141,13 +147,19 @@ impl WanDitConfig {
             )));
         }
         if self.patch_size.iter().any(|&p| p > 16) {
-            return Err(bad(format!("patch_size {:?} is out of range", self.patch_size)));
+            return Err(bad(format!(
+                "patch_size {:?} is out of range",
+                self.patch_size
+            )));
         }
         if self.freq_dim % 2 != 0 {
             return Err(bad(format!("freq_dim = {} must be even", self.freq_dim)));
         }
         if !(self.eps.is_finite() && self.eps >= 0.0) {
-            return Err(bad(format!("eps = {} must be a finite non-negative number", self.eps)));
+            return Err(bad(format!(
+                "eps = {} must be a finite non-negative number",
+                self.eps
+            )));
         }
         if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
             return Err(bad(
@@ -297,7 +309,10 @@ impl WanDit {
         let layers = Self::layers(&config, &mut ld)?;
         // diffusers ignores `norm_added_q` on load (_keys_to_ignore_on_load_unexpected).
         let expected = ld.seen.iter().map(|(n, _)| n.as_str());
-        let ignored = store.entries().filter(|e| e.name.contains("norm_added_q")).map(|e| e.name.as_str());
+        let ignored = store
+            .entries()
+            .filter(|e| e.name.contains("norm_added_q"))
+            .map(|e| e.name.as_str());
         store.reject_unexpected(expected.chain(ignored), CLASS_NAME)?;
         let Layers {
             patch,
@@ -386,32 +401,59 @@ impl WanDit {
     }
 
     /// out[m, n_out] = x[m, n_in] · Wᵀ (+ bias when `with_bias`).
-    fn linear(&self, l: &Linear, x: &[f32], m: usize, out: &mut [f32], with_bias: bool) -> Result<()> {
+    fn linear(
+        &self,
+        l: &Linear,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        with_bias: bool,
+    ) -> Result<()> {
         let w = self.w(&l.w)?;
         let b = if with_bias { Some(self.w(&l.b)?) } else { None };
-        cpu::linear(x, &w, b.as_deref(), m, l.n_in, l.n_out, &mut out[..m * l.n_out]);
+        cpu::linear(
+            x,
+            &w,
+            b.as_deref(),
+            m,
+            l.n_in,
+            l.n_out,
+            &mut out[..m * l.n_out],
+        );
         Ok(())
     }
 
     /// Checks the inputs of [`forward`](Self::forward) and returns (B, post-patch grid).
-    pub fn check_inputs(&self, x: &[usize], timestep: &[usize], text: &[usize]) -> Result<(usize, [usize; 3])> {
+    pub fn check_inputs(
+        &self,
+        x: &[usize],
+        timestep: &[usize],
+        text: &[usize],
+    ) -> Result<(usize, [usize; 3])> {
         let c = &self.config;
         let bad = |m: String| Err(Error::invalid(m));
         if x.len() != 5 {
-            return bad(format!("hidden_states must be [B, C, T, H, W], got shape {x:?}"));
+            return bad(format!(
+                "hidden_states must be [B, C, T, H, W], got shape {x:?}"
+            ));
         }
         let (b, ch) = (x[0], x[1]);
         if b == 0 {
             return bad("hidden_states has batch size 0".into());
         }
         if ch != c.in_channels {
-            return bad(format!("hidden_states has {ch} channels, the model takes {}", c.in_channels));
+            return bad(format!(
+                "hidden_states has {ch} channels, the model takes {}",
+                c.in_channels
+            ));
         }
         let mut grid = [0; 3];
         for (i, axis) in ["frames (T)", "height (H)", "width (W)"].iter().enumerate() {
             let (n, p) = (x[2 + i], c.patch_size[i]);
             if n == 0 || n % p != 0 {
-                return bad(format!("hidden_states {axis} = {n} is not a positive multiple of the patch size {p}"));
+                return bad(format!(
+                    "hidden_states {axis} = {n} is not a positive multiple of the patch size {p}"
+                ));
             }
             grid[i] = n / p;
             if grid[i] > c.rope_max_seq_len {
@@ -422,7 +464,9 @@ impl WanDit {
             }
         }
         if timestep != [b] {
-            return bad(format!("timestep must have shape [{b}] (one per sample), got {timestep:?}"));
+            return bad(format!(
+                "timestep must have shape [{b}] (one per sample), got {timestep:?}"
+            ));
         }
         if text.len() != 3 || text[0] != b || text[2] != c.text_dim || text[1] == 0 {
             return bad(format!(
@@ -473,7 +517,9 @@ impl WanDit {
 
         let mut bufs = Buffers::new(bl, blt, d, f);
         for block in &self.blocks {
-            self.block(block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps)?;
+            self.block(
+                block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps,
+            )?;
         }
 
         // Output head: LN(h)·(1 + scale) + shift with (shift, scale) = table + temb (not the
@@ -512,14 +558,28 @@ impl WanDit {
         let c = &self.config;
         let (d, heads, hd) = (c.inner_dim(), c.num_attention_heads, c.attention_head_dim);
         let (bl, blt) = (batch * l, batch * lt);
-        let Buffers { n, q, k, v, o, y, ff, kc, vc } = bufs;
+        let Buffers {
+            n,
+            q,
+            k,
+            v,
+            o,
+            y,
+            ff,
+            kc,
+            vc,
+        } = bufs;
 
         // Modulation, f32: (table + tproj[b]) split in 6 rows of D per sample.
         let table = self.w(&blk.scale_shift_table)?; // [6, D]
-        let mut m = vec![[const { Vec::new() }; 6]; batch].into_iter().collect::<Vec<[Vec<f32>; 6]>>();
+        let mut m = vec![[const { Vec::new() }; 6]; batch]
+            .into_iter()
+            .collect::<Vec<[Vec<f32>; 6]>>();
         for (b, mb) in m.iter_mut().enumerate() {
             for (j, row) in mb.iter_mut().enumerate() {
-                *row = (0..d).map(|i| table[j * d + i] + tproj[b * 6 * d + j * d + i]).collect();
+                *row = (0..d)
+                    .map(|i| table[j * d + i] + tproj[b * 6 * d + j * d + i])
+                    .collect();
             }
             for j in [1, 4] {
                 for v in mb[j].iter_mut() {
@@ -527,8 +587,16 @@ impl WanDit {
                 }
             }
         }
-        let gather = |j: usize| -> Vec<f32> { m.iter().flat_map(|mb| mb[j].iter().copied()).collect() };
-        let (shift1, mul1, gate1, shift2, mul2, gate2) = (gather(0), gather(1), gather(2), gather(3), gather(4), gather(5));
+        let gather =
+            |j: usize| -> Vec<f32> { m.iter().flat_map(|mb| mb[j].iter().copied()).collect() };
+        let (shift1, mul1, gate1, shift2, mul2, gate2) = (
+            gather(0),
+            gather(1),
+            gather(2),
+            gather(3),
+            gather(4),
+            gather(5),
+        );
 
         // 1. Self-attention: LN(h)·(1+scale)+shift → q, k, v; RMSNorm(q), RMSNorm(k) across
         //    heads then RoPE; attention; h += (o·Woᵀ + b)·gate.
@@ -537,8 +605,22 @@ impl WanDit {
         self.linear(&a.q, n, bl, q, false)?;
         self.linear(&a.k, n, bl, k, false)?;
         self.linear(&a.v, n, bl, v, true)?;
-        cpu::rms_norm_rope(q, d, Some(&self.w(&a.q.b)?), &self.w(&a.norm_q)?, eps, Some(rope));
-        cpu::rms_norm_rope(k, d, Some(&self.w(&a.k.b)?), &self.w(&a.norm_k)?, eps, Some(rope));
+        cpu::rms_norm_rope(
+            q,
+            d,
+            Some(&self.w(&a.q.b)?),
+            &self.w(&a.norm_q)?,
+            eps,
+            Some(rope),
+        );
+        cpu::rms_norm_rope(
+            k,
+            d,
+            Some(&self.w(&a.k.b)?),
+            &self.w(&a.norm_k)?,
+            eps,
+            Some(rope),
+        );
         let shape = AttnShape {
             batch,
             heads,
@@ -557,14 +639,29 @@ impl WanDit {
         //    RMSNorm on q and k, no RoPE; h += o·Woᵀ + b (no gate).
         let a = &blk.attn2;
         match &blk.norm2 {
-            Some((w, b)) => cpu::layer_norm(h, n, d, eps, Some(&self.w(w)?), Some(&self.w(b)?), usize::MAX),
+            Some((w, b)) => cpu::layer_norm(
+                h,
+                n,
+                d,
+                eps,
+                Some(&self.w(w)?),
+                Some(&self.w(b)?),
+                usize::MAX,
+            ),
             None => n.copy_from_slice(h),
         }
         self.linear(&a.q, n, bl, q, false)?;
         self.linear(&a.k, ctx, blt, kc, false)?;
         self.linear(&a.v, ctx, blt, vc, true)?;
         cpu::rms_norm_rope(q, d, Some(&self.w(&a.q.b)?), &self.w(&a.norm_q)?, eps, None);
-        cpu::rms_norm_rope(kc, d, Some(&self.w(&a.k.b)?), &self.w(&a.norm_k)?, eps, None);
+        cpu::rms_norm_rope(
+            kc,
+            d,
+            Some(&self.w(&a.k.b)?),
+            &self.w(&a.norm_k)?,
+            eps,
+            None,
+        );
         cpu::attention(q, kc, vc, o, AttnShape { lk: lt, ..shape });
         self.linear(&a.o, o, bl, y, false)?;
         cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), None, l);

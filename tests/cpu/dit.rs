@@ -12,15 +12,25 @@ fn check_case(case: &str, model_arg: &str) {
     let dir = data(case);
     let out_path = scratch(&format!("dit-{case}")).join("out.safetensors");
     // The same function the CLI calls for `reel component dit`.
-    reel::cli::component_dit(&dir.join(model_arg), &dir.join("input.safetensors"), &out_path)
-        .unwrap_or_else(|e| panic!("{case}: {e}"));
-    let got = TensorFile::open(&out_path).unwrap().tensor("sample").unwrap();
+    reel::cli::component_dit(
+        &dir.join(model_arg),
+        &dir.join("input.safetensors"),
+        &out_path,
+    )
+    .unwrap_or_else(|e| panic!("{case}: {e}"));
+    let got = TensorFile::open(&out_path)
+        .unwrap()
+        .tensor("sample")
+        .unwrap();
     let (shape, want) = TensorFile::open(&dir.join("output.safetensors"))
         .unwrap()
         .tensor_f64("sample")
         .unwrap();
     assert_eq!(got.shape(), &shape[..], "{case}: output shape");
-    assert!(got.data().iter().all(|v| v.is_finite()), "{case}: non-finite output");
+    assert!(
+        got.data().iter().all(|v| v.is_finite()),
+        "{case}: non-finite output"
+    );
     let err = rel_l2(got.data(), &want);
     eprintln!("{case}: rel L2 = {err:.3e}");
     assert!(err <= TOL, "{case}: relative L2 {err:.3e} > {TOL:e}");
@@ -95,11 +105,23 @@ fn dit_cli_binary_runs_component() {
         .unwrap();
     assert!(status.success());
     let got = TensorFile::open(&out).unwrap().tensor("sample").unwrap();
-    let (_, want) = TensorFile::open(&dir.join("output.safetensors")).unwrap().tensor_f64("sample").unwrap();
+    let (_, want) = TensorFile::open(&dir.join("output.safetensors"))
+        .unwrap()
+        .tensor_f64("sample")
+        .unwrap();
     assert!(rel_l2(got.data(), &want) <= TOL);
     // A bad flag value is refused with an error that names the flag.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
-        .args(["component", "dit", "--model", "/nonexistent", "--input", "x", "--output", "y"])
+        .args([
+            "component",
+            "dit",
+            "--model",
+            "/nonexistent",
+            "--input",
+            "x",
+            "--output",
+            "y",
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());

@@ -51,7 +51,10 @@ fn timestep_embedding_matches_diffusers() {
             let bound = 1e-6 + 2.4e-7 * tv.abs();
             for i in 0..dim {
                 let (a, b) = (ours[row * dim + i], theirs.data()[row * dim + i]);
-                assert!((a - b).abs() <= bound, "dim {dim}, t = {tv}, element {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= bound,
+                    "dim {dim}, t = {tv}, element {i}: {a} vs {b}"
+                );
             }
         }
     }

@@ -8,7 +8,10 @@ mod weights;
 use std::path::PathBuf;
 
 pub fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("data").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
+        .join(case)
 }
 
 /// A fresh scratch directory under the target dir, removed at the start of each use.

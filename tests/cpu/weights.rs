@@ -48,16 +48,26 @@ fn edited(name: &str, edit: impl FnOnce(&mut Vec<(String, reel::Tensor)>)) -> st
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = edited("w-missing", |t| t.retain(|(n, _)| n != "blocks.0.attn1.norm_k.weight"));
+    let dir = edited("w-missing", |t| {
+        t.retain(|(n, _)| n != "blocks.0.attn1.norm_k.weight")
+    });
     let e = load_err(&dir);
-    assert!(e.contains("blocks.0.attn1.norm_k.weight") && e.contains("transformer"), "{e}");
+    assert!(
+        e.contains("blocks.0.attn1.norm_k.weight") && e.contains("transformer"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
-    let dir = edited("w-unexpected", |t| t.push(("blocks.0.extra.weight".into(), reel::Tensor::zeros(&[3]))));
+    let dir = edited("w-unexpected", |t| {
+        t.push(("blocks.0.extra.weight".into(), reel::Tensor::zeros(&[3])))
+    });
     let e = load_err(&dir);
-    assert!(e.contains("unexpected") && e.contains("blocks.0.extra.weight"), "{e}");
+    assert!(
+        e.contains("unexpected") && e.contains("blocks.0.extra.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -70,7 +80,10 @@ fn wrong_shape_is_named() {
         }
     });
     let e = load_err(&dir);
-    assert!(e.contains("proj_out.bias") && e.contains("[63]") && e.contains("[64]"), "{e}");
+    assert!(
+        e.contains("proj_out.bias") && e.contains("[63]") && e.contains("[64]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -92,7 +105,12 @@ fn unsupported_dtype_is_named() {
     drop(store);
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &wfile).unwrap();
     let e = load_err(&dir);
@@ -109,7 +127,11 @@ fn missing_files_and_bad_configs_are_named() {
 
     let dir = scratch("w-badconfig");
     copy_dir(&data("dit_hd48"), &dir);
-    std::fs::write(dir.join("transformer/config.json"), "{\"num_layers\": \"two\"").unwrap();
+    std::fs::write(
+        dir.join("transformer/config.json"),
+        "{\"num_layers\": \"two\"",
+    )
+    .unwrap();
     let e = load_err(&dir);
     assert!(e.contains("config.json"), "{e}");
 
@@ -124,9 +146,15 @@ fn missing_files_and_bad_configs_are_named() {
     // A shard named by the index is missing.
     let dir = scratch("w-shard");
     copy_dir(&data("dit_odd"), &dir);
-    std::fs::remove_file(dir.join("transformer/diffusion_pytorch_model-00002-of-00004.safetensors")).unwrap();
+    std::fs::remove_file(
+        dir.join("transformer/diffusion_pytorch_model-00002-of-00004.safetensors"),
+    )
+    .unwrap();
     let e = load_err(&dir);
-    assert!(e.contains("diffusion_pytorch_model-00002-of-00004.safetensors"), "{e}");
+    assert!(
+        e.contains("diffusion_pytorch_model-00002-of-00004.safetensors"),
+        "{e}"
+    );
 
     let e = load_err(Path::new("/definitely/not/here"));
     assert!(e.contains("/definitely/not/here"), "{e}");
@@ -134,15 +162,22 @@ fn missing_files_and_bad_configs_are_named() {
 
 #[test]
 fn truncated_files_are_errors() {
-    let src = std::fs::read(data("dit_patch222").join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let src =
+        std::fs::read(data("dit_patch222").join("transformer/diffusion_pytorch_model.safetensors"))
+            .unwrap();
     let dir = scratch("w-trunc");
     let path = dir.join("t.safetensors");
     // Every cut in the header, then a spread of cuts through the data.
     let header = 8 + u64::from_le_bytes(src[..8].try_into().unwrap()) as usize;
-    let cuts: Vec<usize> = (0..header + 8).chain((header..src.len()).step_by(997)).collect();
+    let cuts: Vec<usize> = (0..header + 8)
+        .chain((header..src.len()).step_by(997))
+        .collect();
     for cut in cuts {
         std::fs::write(&path, &src[..cut]).unwrap();
-        let e = WeightStore::open_file(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = WeightStore::open_file(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("t.safetensors"), "cut at {cut}: {e:?}");
     }
 }
@@ -156,7 +191,8 @@ fn mutated_files_never_panic() {
     let wfile = dir.join("transformer/diffusion_pytorch_model.safetensors");
     let src = std::fs::read(&wfile).unwrap();
     let header = 8 + u64::from_le_bytes(src[..8].try_into().unwrap()) as usize;
-    let input = reel::io::TensorFile::open(&data("dit_patch222").join("input.safetensors")).unwrap();
+    let input =
+        reel::io::TensorFile::open(&data("dit_patch222").join("input.safetensors")).unwrap();
     let (x, t, ctx) = (
         input.tensor("hidden_states").unwrap(),
         input.tensor("timestep").unwrap(),
@@ -193,4 +229,29 @@ fn mutated_files_never_panic() {
     }
     eprintln!("mutations: {ok} loaded, {err} refused");
     assert!(err > 0);
+}
+
+#[test]
+fn inspect_reports_pipeline_and_component() {
+    let reports = reel::inspect::inspect(&data("dit_odd")).unwrap();
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    assert_eq!(r.class_name.as_deref(), Some("WanTransformer3DModel"));
+    assert_eq!(r.files.len(), 4, "four shards");
+    // The parameter count equals the sum over the weight list the model itself expects.
+    let cfg: reel::models::wan_dit::WanDitConfig =
+        reel::models::read_json(&data("dit_odd").join("transformer/config.json")).unwrap();
+    let expected: u64 = WanDit::weight_specs(&cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    assert_eq!(r.parameters, expected);
+    assert_eq!(r.dtypes.get("F32"), Some(&expected));
+    let text = reel::inspect::render(&reports);
+    assert!(
+        text.contains("blocks.{i}.attn1.to_q.weight") && text.contains("×2"),
+        "{text}"
+    );
+    let bf16 = reel::inspect::inspect(&data("dit_batch2").join("transformer")).unwrap();
+    assert!(bf16[0].dtypes.contains_key("BF16"));
 }
