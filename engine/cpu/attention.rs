@@ -107,12 +107,26 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
     }
     assert!(lk > 0, "attention over zero keys");
     let scale = 1.0 / (hd as f32).sqrt();
+    // Kᵀ per (sample, head): [B, heads, hd, lk], so that Q·Kᵀ reads a row-major right-hand
+    // side (the gemm crate packs that faster than a strided transpose; costs lk·width once).
+    let mut kt = vec![0.0f32; batch * width * lk];
+    kt.par_chunks_mut(hd * lk)
+        .enumerate()
+        .for_each(|(bh, dst)| {
+            let (b, h) = (bh / heads, bh % heads);
+            for j in 0..lk {
+                let src = &k[(b * lk + j) * kv_stride + h * hd..][..hd];
+                for (i, &x) in src.iter().enumerate() {
+                    dst[i * lk + j] = x;
+                }
+            }
+        });
     out[..batch * lq * out_stride]
         .par_chunks_mut(lq * out_stride)
         .enumerate()
         .for_each(|(b, out_b)| {
             let qb_all = &q[b * lq * q_stride..(b + 1) * lq * q_stride];
-            let kb_all = &k[b * lk * kv_stride..(b + 1) * lk * kv_stride];
+            let kt_b = &kt[b * width * lk..(b + 1) * width * lk];
             let vb_all = &v[b * lk * kv_stride..(b + 1) * lk * kv_stride];
             out_b
                 .par_chunks_mut(QB * out_stride)
@@ -131,12 +145,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
                         let qh = &qb_all[r0 * q_stride + h * hd..];
                         for k0 in (0..lk).step_by(KB) {
                             let kb = KB.min(lk - k0);
-                            let kh = &kb_all[k0 * kv_stride + h * hd..];
+                            let kh = &kt_b[h * hd * lk + k0..];
                             let vh = &vb_all[k0 * kv_stride + h * hd..];
                             // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
-                            gemm_tile(
-                                qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, 1, kv_stride,
-                            );
+                            gemm_tile(qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, lk, 1);
                             softmax_step(&mut sbuf, qb, kb, scale, &mut m, &mut l, &mut o, hd);
                             // O[qb, hd] += P[qb, kb] · V[kb, hd]
                             gemm_tile(qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1);
