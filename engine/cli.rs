@@ -136,8 +136,9 @@ pub fn component_dit_repeat(
     Ok(seconds)
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs a parsed command line. Returns what the command prints on stdout (the binary
+/// prints it; the library never writes to stdout itself).
+pub fn run(cli: Cli) -> Result<String> {
     if let Some(n) = cli.threads {
         if n == 0 {
             return Err(Error::invalid("--threads must be at least 1"));
@@ -160,10 +161,11 @@ pub fn run(cli: Cli) -> Result<()> {
             match kind {
                 ComponentKind::Dit => {
                     let seconds = component_dit_repeat(&model, &input, &output, repeat)?;
-                    if repeat > 1 {
-                        println!("{}", serde_json::json!({ "forward_seconds": seconds }));
-                    }
-                    Ok(())
+                    Ok(if repeat > 1 {
+                        format!("{}\n", serde_json::json!({ "forward_seconds": seconds }))
+                    } else {
+                        String::new()
+                    })
                 }
                 other => Err(Error::invalid(format!(
                     "component {}: not available yet (only `dit` is implemented in this build)",
@@ -182,10 +184,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .map_err(|e| Error::invalid(e.to_string()))?;
                     write_text(dest, &text)
                 }
-                None => {
-                    print!("{}", crate::inspect::render(&reports));
-                    Ok(())
-                }
+                None => Ok(crate::inspect::render(&reports)),
             }
         }
         Command::Plan { .. } => Err(Error::invalid(
@@ -194,14 +193,14 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Writes `text` to a file, or to stdout for `-`.
-pub fn write_text(dest: &str, text: &str) -> Result<()> {
+/// Writes `text` to a file and returns nothing to print, or returns it for stdout (`-`).
+pub fn write_text(dest: &str, text: &str) -> Result<String> {
     if dest == "-" {
-        println!("{text}");
-        return Ok(());
+        return Ok(format!("{text}\n"));
     }
     std::fs::write(dest, text).map_err(|source| Error::Io {
         path: PathBuf::from(dest),
         source,
-    })
+    })?;
+    Ok(String::new())
 }

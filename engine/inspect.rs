@@ -55,10 +55,14 @@ pub fn inspect(path: &Path) -> Result<Vec<ComponentReport>> {
     })
 }
 
+/// `blocks.17.attn1.to_out.0.weight` → `blocks.{i}.attn1.to_out.0.weight`: the first
+/// numeric segment is the layer index and is folded; later ones are module positions.
 fn fold_indices(name: &str) -> String {
+    let mut folded = false;
     name.split('.')
         .map(|p| {
-            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+            if !folded && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+                folded = true;
                 "{i}"
             } else {
                 p
@@ -103,6 +107,14 @@ fn component(dir: &Path) -> Result<ComponentReport> {
     })
 }
 
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64),
+        n => format!("{:.1} KiB", n as f64 / 1024.0),
+    }
+}
+
 fn human(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
@@ -124,10 +136,10 @@ pub fn render(reports: &[ComponentReport]) -> String {
         );
         let _ = writeln!(
             s,
-            "   {} tensors, {} parameters, {:.2} GiB in {} file(s)",
+            "   {} tensors, {} parameters, {} in {} file(s)",
             r.tensors,
             human(r.parameters),
-            r.bytes as f64 / (1u64 << 30) as f64,
+            human_bytes(r.bytes),
             r.files.len()
         );
         let dts: Vec<String> = r

@@ -18,7 +18,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match reel::cli::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(stdout) => {
+            print!("{stdout}");
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
