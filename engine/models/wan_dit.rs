@@ -247,24 +247,8 @@ impl Loader<'_> {
     }
 }
 
-/// The layer list of a model, before it is attached to its store.
+/// The layer list of a model: handles into its store, checked against the config.
 struct Layers {
-    patch: Linear,
-    time_1: Linear,
-    time_2: Linear,
-    time_proj: Linear,
-    text_1: Linear,
-    text_2: Linear,
-    blocks: Vec<Block>,
-    scale_shift_table: TensorEntry,
-    proj_out: Linear,
-}
-
-/// A loaded WanTransformer3DModel: config, mapped weights and the validated layer list.
-pub struct WanDit {
-    pub config: WanDitConfig,
-    dir: PathBuf,
-    store: WeightStore,
     patch: Linear,
     time_1: Linear,
     time_2: Linear,
@@ -277,13 +261,20 @@ pub struct WanDit {
     proj_out: Linear,
 }
 
+/// A loaded WanTransformer3DModel: config, mapped weights and the validated layer list.
+pub struct WanDit {
+    pub config: WanDitConfig,
+    dir: PathBuf,
+    store: WeightStore,
+    layers: Layers,
+}
+
 impl WanDit {
     /// Loads a transformer folder, or the `transformer/` folder of a pipeline root.
     pub fn load(path: &Path) -> Result<Self> {
         let dir = resolve_component(path, "transformer", &[CLASS_NAME])?;
         let config_path = dir.join("config.json");
         let config: WanDitConfig = read_json(&config_path)?;
-        config.validate(&config_path)?;
         let store = WeightStore::open_component(&dir)?;
         Self::from_store(config, store, dir)
     }
@@ -314,30 +305,11 @@ impl WanDit {
             .filter(|e| e.name.contains("norm_added_q"))
             .map(|e| e.name.as_str());
         store.reject_unexpected(expected.chain(ignored), CLASS_NAME)?;
-        let Layers {
-            patch,
-            time_1,
-            time_2,
-            time_proj,
-            text_1,
-            text_2,
-            blocks,
-            scale_shift_table,
-            proj_out,
-        } = layers;
         Ok(WanDit {
             config,
             dir,
             store,
-            patch,
-            time_1,
-            time_2,
-            time_proj,
-            text_1,
-            text_2,
-            blocks,
-            scale_shift_table,
-            proj_out,
+            layers,
         })
     }
 
@@ -494,29 +466,29 @@ impl WanDit {
         // Patch embedding: a Conv3d with stride = kernel is im2col + linear.
         let cols = cpu::patchify(x.data(), batch, s[1], s[2], s[3], s[4], c.patch_size); // [B·L, C·pt·ph·pw]
         let mut h = vec![0.0f32; bl * d]; // [B·L, D] the residual stream
-        self.linear(&self.patch, &cols, bl, &mut h, true)?;
+        self.linear(&self.layers.patch, &cols, bl, &mut h, true)?;
         drop(cols);
 
         // Condition embedder. temb: [B, D]; tproj: [B, 6D]; ctx: [B·Lt, D].
         let t_freq = cpu::timestep_embedding(timestep.data(), c.freq_dim, true, 0.0, 10000.0);
         let mut t1 = vec![0.0f32; batch * d];
-        self.linear(&self.time_1, &t_freq, batch, &mut t1, true)?;
+        self.linear(&self.layers.time_1, &t_freq, batch, &mut t1, true)?;
         cpu::silu(&mut t1);
         let mut temb = vec![0.0f32; batch * d];
-        self.linear(&self.time_2, &t1, batch, &mut temb, true)?;
+        self.linear(&self.layers.time_2, &t1, batch, &mut temb, true)?;
         let mut temb_act = temb.clone();
         cpu::silu(&mut temb_act);
         let mut tproj = vec![0.0f32; batch * 6 * d];
-        self.linear(&self.time_proj, &temb_act, batch, &mut tproj, true)?;
+        self.linear(&self.layers.time_proj, &temb_act, batch, &mut tproj, true)?;
         let mut ctx1 = vec![0.0f32; blt * d];
-        self.linear(&self.text_1, text.data(), blt, &mut ctx1, false)?;
-        cpu::bias_gelu(&mut ctx1, &self.w(&self.text_1.b)?);
+        self.linear(&self.layers.text_1, text.data(), blt, &mut ctx1, false)?;
+        cpu::bias_gelu(&mut ctx1, &self.w(&self.layers.text_1.b)?);
         let mut ctx = vec![0.0f32; blt * d];
-        self.linear(&self.text_2, &ctx1, blt, &mut ctx, true)?;
+        self.linear(&self.layers.text_2, &ctx1, blt, &mut ctx, true)?;
         drop(ctx1);
 
         let mut bufs = Buffers::new(bl, blt, d, f);
-        for block in &self.blocks {
+        for block in &self.layers.blocks {
             self.block(
                 block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps,
             )?;
@@ -524,7 +496,7 @@ impl WanDit {
 
         // Output head: LN(h)·(1 + scale) + shift with (shift, scale) = table + temb (not the
         // projection), then proj_out and unpatchify.
-        let table = self.w(&self.scale_shift_table)?; // [2, D]
+        let table = self.w(&self.layers.scale_shift_table)?; // [2, D]
         let mut mul = vec![0.0f32; batch * d];
         let mut add = vec![0.0f32; batch * d];
         for b in 0..batch {
@@ -534,9 +506,9 @@ impl WanDit {
             }
         }
         cpu::layer_norm(&h, &mut bufs.n, d, eps, Some(&mul), Some(&add), l);
-        let out_f = self.proj_out.n_out;
+        let out_f = self.layers.proj_out.n_out;
         let mut y = vec![0.0f32; bl * out_f];
-        self.linear(&self.proj_out, &bufs.n, bl, &mut y, true)?;
+        self.linear(&self.layers.proj_out, &bufs.n, bl, &mut y, true)?;
         let out = cpu::unpatchify(&y, batch, c.out_channels(), grid, c.patch_size);
         Tensor::new(vec![batch, c.out_channels(), s[2], s[3], s[4]], out)
     }
