@@ -542,33 +542,27 @@ impl WanDit {
             vc,
         } = bufs;
 
-        // Modulation, f32: (table + tproj[b]) split in 6 rows of D per sample.
+        // Modulation in f32, as diffusers: row j of (table + tproj[b]) for every sample b,
+        // each [B, D]; the scale rows (1 and 4) become 1 + scale, rounded after the sum as
+        // torch rounds `1 + scale_msa`.
         let table = self.w(&blk.scale_shift_table)?; // [6, D]
-        let mut m = vec![[const { Vec::new() }; 6]; batch]
-            .into_iter()
-            .collect::<Vec<[Vec<f32>; 6]>>();
-        for (b, mb) in m.iter_mut().enumerate() {
-            for (j, row) in mb.iter_mut().enumerate() {
-                *row = (0..d)
-                    .map(|i| table[j * d + i] + tproj[b * 6 * d + j * d + i])
-                    .collect();
+        let modulation = |j: usize| -> Vec<f32> {
+            let mut out = Vec::with_capacity(batch * d);
+            for b in 0..batch {
+                let t = &tproj[b * 6 * d + j * d..b * 6 * d + (j + 1) * d];
+                out.extend(table[j * d..(j + 1) * d].iter().zip(t).map(|(&s, &p)| {
+                    let v = s + p;
+                    if j == 1 || j == 4 {
+                        1.0 + v
+                    } else {
+                        v
+                    }
+                }));
             }
-            for j in [1, 4] {
-                for v in mb[j].iter_mut() {
-                    *v += 1.0; // scale → 1 + scale
-                }
-            }
-        }
-        let gather =
-            |j: usize| -> Vec<f32> { m.iter().flat_map(|mb| mb[j].iter().copied()).collect() };
-        let (shift1, mul1, gate1, shift2, mul2, gate2) = (
-            gather(0),
-            gather(1),
-            gather(2),
-            gather(3),
-            gather(4),
-            gather(5),
-        );
+            out
+        };
+        let (shift1, mul1, gate1) = (modulation(0), modulation(1), modulation(2));
+        let (shift2, mul2, gate2) = (modulation(3), modulation(4), modulation(5));
 
         // 1. Self-attention: LN(h)·(1+scale)+shift → q, k, v; RMSNorm(q), RMSNorm(k) across
         //    heads then RoPE; attention; h += (o·Woᵀ + b)·gate.
