@@ -22,6 +22,31 @@ use rayon::prelude::*;
 
 use crate::multiversion;
 
+/// Splits x: [rows, d] into rayon tasks of whole rows that never straddle a group of
+/// `rows_per_group` rows (one sample's tokens), so each task uses one row of per-group
+/// parameters. Returns (first row, group, rows) per task.
+pub(crate) fn group_chunks(
+    x: &mut [f32],
+    d: usize,
+    rows_per_group: usize,
+) -> Vec<(usize, usize, &mut [f32])> {
+    let rows = x.len() / d.max(1);
+    let rpg = rows_per_group.max(1);
+    let per = rows_per_task(rows, d).min(rpg);
+    let mut tasks = Vec::new();
+    let mut rest = x;
+    let mut row = 0;
+    while row < rows {
+        let group = row / rpg;
+        let end = (group + 1).saturating_mul(rpg).min(rows).min(row + per);
+        let (head, tail) = rest.split_at_mut((end - row) * d);
+        tasks.push((row, group, head));
+        rest = tail;
+        row = end;
+    }
+    tasks
+}
+
 /// Rows per rayon task for row-wise ops: enough work per task to amortise scheduling.
 pub(crate) fn rows_per_task(rows: usize, d: usize) -> usize {
     let target = 1 << 15; // ~32k elements per task
@@ -116,25 +141,10 @@ pub fn residual_add(
     rows_per_group: usize,
 ) {
     assert_eq!(x.len(), y.len());
-    let rows = x.len() / d;
-    let per = rows_per_task(rows, d).min(rows_per_group.max(1));
-    // Tasks never straddle a group boundary, so each task sees one gate row.
-    let groups_of = |start_row: usize| start_row / rows_per_group.max(1);
-    let mut tasks: Vec<(usize, &mut [f32])> = Vec::new();
-    let mut rest = x;
-    let mut row = 0;
-    while !rest.is_empty() {
-        let group_end = (groups_of(row) + 1)
-            .saturating_mul(rows_per_group)
-            .min(rows);
-        let take = per.min(group_end - row);
-        let (head, tail) = rest.split_at_mut(take * d);
-        tasks.push((row, head));
-        rest = tail;
-        row += take;
-    }
-    tasks.into_par_iter().for_each(|(row, xs)| {
-        let g = gate.map(|g| &g[groups_of(row) * d..(groups_of(row) + 1) * d]);
-        residual_rows(xs, &y[row * d..row * d + xs.len()], bias, g);
-    });
+    group_chunks(x, d, rows_per_group)
+        .into_par_iter()
+        .for_each(|(row, g, xs)| {
+            let g = gate.map(|gate| &gate[g * d..(g + 1) * d]);
+            residual_rows(xs, &y[row * d..row * d + xs.len()], bias, g);
+        });
 }

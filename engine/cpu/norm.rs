@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::embed::RopeTables;
-use super::{rows_per_task, simd};
+use super::{group_chunks, rows_per_task, simd};
 use crate::multiversion;
 
 multiversion! {
@@ -81,30 +81,13 @@ pub fn layer_norm(
             p.len()
         );
     }
-    let per = rows_per_task(rows, d).min(rows_per_group.max(1));
-    // Split into tasks that stay within one group.
-    let mut starts = Vec::new();
-    let mut r = 0;
-    while r < rows {
-        let end = ((group(r) + 1).saturating_mul(rows_per_group.max(1)))
-            .min(rows)
-            .min(r + per);
-        starts.push((r, end));
-        r = end;
-    }
-    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(starts.len());
-    let mut rest = out;
-    for &(a, b) in &starts {
-        let (h, t) = rest.split_at_mut((b - a) * d);
-        outs.push(h);
-        rest = t;
-    }
-    starts.into_par_iter().zip(outs).for_each(|((a, b), o)| {
-        let g = group(a);
-        let m = mul.map(|m| &m[g * d..(g + 1) * d]);
-        let ad = add.map(|p| &p[g * d..(g + 1) * d]);
-        ln_rows(&x[a * d..b * d], o, d, eps, m, ad);
-    });
+    group_chunks(out, d, rows_per_group)
+        .into_par_iter()
+        .for_each(|(a, g, o)| {
+            let m = mul.map(|m| &m[g * d..(g + 1) * d]);
+            let ad = add.map(|p| &p[g * d..(g + 1) * d]);
+            ln_rows(&x[a * d..a * d + o.len()], o, d, eps, m, ad);
+        });
 }
 
 multiversion! {
@@ -170,4 +153,99 @@ pub fn rms_norm_rope(
     x.par_chunks_mut(per * d)
         .enumerate()
         .for_each(|(c, xs)| rms_rope_rows(xs, c * per, d, bias, weight, eps, rope));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{residual_add, wan_rope_tables};
+
+    fn vals(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn layer_norm_groups_match_naive() {
+        // 3 samples of 37 tokens, d = 24: adaLN per sample, odd sizes.
+        let (groups, per, d) = (3usize, 37usize, 24usize);
+        let x = vals(groups * per * d, 1);
+        let mul = vals(groups * d, 2);
+        let add = vals(groups * d, 3);
+        let mut out = vec![f32::NAN; x.len()];
+        layer_norm(&x, &mut out, d, 1e-6, Some(&mul), Some(&add), per);
+        for r in 0..groups * per {
+            let row = &x[r * d..(r + 1) * d];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let g = r / per;
+            for i in 0..d {
+                let want = (row[i] as f64 - mean) / (var + 1e-6).sqrt() * mul[g * d + i] as f64
+                    + add[g * d + i] as f64;
+                assert!(
+                    (out[r * d + i] as f64 - want).abs() < 1e-5,
+                    "row {r} col {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn residual_add_gates_per_group() {
+        let (groups, per, d) = (2usize, 5usize, 8usize);
+        let x0 = vals(groups * per * d, 4);
+        let y = vals(groups * per * d, 5);
+        let bias = vals(d, 6);
+        let gate = vals(groups * d, 7);
+        let mut x = x0.clone();
+        residual_add(&mut x, &y, d, Some(&bias), Some(&gate), per);
+        for r in 0..groups * per {
+            for i in 0..d {
+                let want = x0[r * d + i] + (y[r * d + i] + bias[i]) * gate[(r / per) * d + i];
+                assert!((x[r * d + i] - want).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_rope_matches_naive() {
+        // 2 heads of 16, grid 2x3x2 = 12 tokens, batch 2 (rows wrap around the table).
+        let (heads, hd) = (2usize, 16usize);
+        let d = heads * hd;
+        let rope = wan_rope_tables(hd, 2, 3, 2, 10000.0);
+        let rows = 2 * rope.tokens;
+        let x0 = vals(rows * d, 8);
+        let bias = vals(d, 9);
+        let w = vals(d, 10);
+        let mut x = x0.clone();
+        rms_norm_rope(&mut x, d, Some(&bias), &w, 1e-6, Some(&rope));
+        for r in 0..rows {
+            let row: Vec<f64> = (0..d)
+                .map(|i| x0[r * d + i] as f64 + bias[i] as f64)
+                .collect();
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / d as f64;
+            let n: Vec<f64> = (0..d)
+                .map(|i| row[i] / (ms + 1e-6).sqrt() * w[i] as f64)
+                .collect();
+            let tok = r % rope.tokens;
+            for h in 0..heads {
+                for p in 0..hd / 2 {
+                    let (c, s) = (
+                        rope.cos[tok * hd / 2 + p] as f64,
+                        rope.sin[tok * hd / 2 + p] as f64,
+                    );
+                    let (a, b) = (n[h * hd + 2 * p], n[h * hd + 2 * p + 1]);
+                    let got = (
+                        x[r * d + h * hd + 2 * p] as f64,
+                        x[r * d + h * hd + 2 * p + 1] as f64,
+                    );
+                    assert!(
+                        (got.0 - (a * c - b * s)).abs() < 1e-5
+                            && (got.1 - (a * s + b * c)).abs() < 1e-5
+                    );
+                }
+            }
+        }
+    }
 }
