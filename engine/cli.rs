@@ -136,6 +136,29 @@ pub fn component_dit_repeat(
     Ok(seconds)
 }
 
+/// `reel component text-encoder`: reads `input_ids` and `attention_mask` [B, L] (int64)
+/// from `input`, writes `last_hidden_state` [B, L, d_model] to `output`. Needs no
+/// tokenizer.
+pub fn component_text_encoder(model: &Path, input: &Path, output: &Path) -> Result<()> {
+    let encoder = crate::models::umt5::Umt5Encoder::load(model)?;
+    let file = TensorFile::open(input)?;
+    let (shape, ids) = file.tensor_i64("input_ids")?;
+    let (mshape, mask) = file.tensor_i64("attention_mask")?;
+    if shape.len() != 2 || mshape != shape {
+        return Err(Error::invalid(format!(
+            "{}: input_ids {shape:?} and attention_mask {mshape:?} must both be [B, L]",
+            input.display()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let out = encoder.forward(&ids, &mask, shape[0], shape[1])?;
+    tracing::info!(
+        "text encoder forward in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+    write_f32(output, &[("last_hidden_state", &out)])
+}
+
 /// Runs a parsed command line. Returns what the command prints on stdout (the binary
 /// prints it; the library never writes to stdout itself).
 pub fn run(cli: Cli) -> Result<String> {
@@ -167,8 +190,11 @@ pub fn run(cli: Cli) -> Result<String> {
                         String::new()
                     })
                 }
+                ComponentKind::TextEncoder => {
+                    component_text_encoder(&model, &input, &output).map(|_| String::new())
+                }
                 other => Err(Error::invalid(format!(
-                    "component {}: not available yet (only `dit` is implemented in this build)",
+                    "component {}: not available yet (`dit` and `text-encoder` are implemented in this build)",
                     other
                         .to_possible_value()
                         .map(|v| v.get_name().to_string())

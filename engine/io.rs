@@ -36,6 +36,31 @@ impl TensorFile {
         Tensor::new(e.shape.clone(), data)
     }
 
+    /// An integer tensor (I64 or I32; token ids, masks) as i64 with its shape.
+    pub fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let e = self.store.require(name)?;
+        let bytes = self.store.bytes(e);
+        let data = match e.dtype {
+            safetensors::Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            safetensors::Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+            other => {
+                return Err(Error::Weights(WeightError::Dtype {
+                    path: self.path().to_path_buf(),
+                    name: name.to_string(),
+                    got: other.to_string(),
+                    expected: "I64 or I32".into(),
+                }))
+            }
+        };
+        Ok((e.shape.clone(), data))
+    }
+
     /// The tensor `name` as f64 (F64 stored data is read exactly; golden references).
     pub fn tensor_f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
         let e = self.store.require(name)?;

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod io;
 pub mod models;
 pub mod tensor;
+pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result, WeightError};

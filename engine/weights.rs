@@ -382,6 +382,61 @@ impl WeightStore {
         Ok(Cow::Owned(out))
     }
 
+    /// Rows `rows` of a 2-D float tensor (an embedding table), converted to f32. Only the
+    /// rows asked for are read, so a BF16 vocabulary of 256k rows is never converted whole.
+    /// Out: [rows.len(), cols]. Fails naming the tensor when a row is out of range.
+    pub fn f32_rows(&self, entry: &TensorEntry, rows: &[usize]) -> Result<Vec<f32>, WeightError> {
+        let (n_rows, cols) = match entry.shape[..] {
+            [r, c] => (r, c),
+            _ => {
+                return Err(WeightError::Shape {
+                    path: self.path_of(entry).to_path_buf(),
+                    name: entry.name.clone(),
+                    got: entry.shape.clone(),
+                    expected: vec![0, 0],
+                })
+            }
+        };
+        let width = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => {
+                return Err(WeightError::Dtype {
+                    path: self.path_of(entry).to_path_buf(),
+                    name: entry.name.clone(),
+                    got: other.to_string(),
+                    expected: "F32, F16 or BF16".into(),
+                })
+            }
+        };
+        let bytes = self.bytes(entry);
+        let mut out = Vec::with_capacity(rows.len() * cols);
+        for &r in rows {
+            if r >= n_rows {
+                return Err(WeightError::Corrupt {
+                    path: self.path_of(entry).to_path_buf(),
+                    reason: format!("row {r} of `{}` requested, it has {n_rows}", entry.name),
+                });
+            }
+            let row = &bytes[r * cols * width..(r + 1) * cols * width];
+            match entry.dtype {
+                Dtype::F32 => out.extend(
+                    row.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                ),
+                Dtype::BF16 => out.extend(
+                    row.chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                _ => out.extend(
+                    row.chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+            }
+        }
+        Ok(out)
+    }
+
     /// Fails with [`WeightError::Unexpected`] naming the first tensor not in `expected`.
     pub fn reject_unexpected<'a>(
         &self,

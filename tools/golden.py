@@ -144,11 +144,143 @@ def embedding_cases(only):
     print("embeddings: rope tables for head_dim 128/24/16, timestep embeddings 256/32")
 
 
+# Text the tiny tokenizer is trained on: captions in the demo's small world plus other
+# scripts, so that non-ASCII prompts have pieces of their own.
+CORPUS = [
+    "a red circle moving right", "a green square moving left", "a blue triangle moving up",
+    "a yellow circle moving down", "red circle sliding to the right", "a cat on a sofa, cinematic lighting",
+    "Ein roter Kreis bewegt sich nach rechts", "un cercle rouge qui glisse, très élégant",
+    "un gato en un sofá", "一个红色的圆圈向右移动", "赤い円が右に動く", "빨간 원이 오른쪽으로 움직인다",
+    "Tom & Jerry <3 \"cartoon\" 'classic' - numbers 0123456789 (parentheses) [brackets]",
+    "café naïve façade déjà vu", "drone shot over a misty forest at dawn, 4k, slow motion",
+]
+
+# Prompts whose token ids must match transformers after prompt_clean: non-ASCII, curly
+# quotes, repeated and Unicode spaces, HTML entities (single and double escaped),
+# ligatures and full-width letters, combining accents, emoji, a very long and an empty one.
+TOKENIZER_PROMPTS = [
+    "a red circle moving right",
+    "  A   red\tcircle\n\nmoving   right  ",
+    "\u201cCurly quotes\u201d and \u2018single\u2019 ones \u2014 with an ellipsis\u2026",
+    "Tom &amp; Jerry &lt;3 &quot;cartoon&quot; &#39;classic&#39; &amp;amp; double-escaped &eacute;",
+    "Ein roter Kreis bewegt sich nach rechts, tr\u00e8s \u00e9l\u00e9gant",
+    "\u4e00\u4e2a\u7ea2\u8272\u7684\u5706\u5708\u5411\u53f3\u79fb\u52a8",
+    "\u8d64\u3044\u5186\u304c\u53f3\u306b\u52d5\u304f",
+    "\ufb01ne ligatures and \uff26\uff35\uff2c\uff2c\uff37\uff29\uff24\uff34\uff28 letters\uff01",
+    "cafe\u0301 with a combining accent",
+    "a\u00a0red\u2003circle\u3000moving\u2028right\r\nnow",
+    "a \U0001F431 cat \u2192 on a sofa",
+    " ".join(["a red circle moving right"] * 150),
+    "",
+]
+
+
+def text_cases(only):
+    if not ("tokenizer".startswith(only) or "umt5".startswith(only) or only == ""):
+        return
+    import sentencepiece as spm
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    work = os.path.join(ROOT, "_spm_work")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    with open(os.path.join(work, "corpus.txt"), "w") as f:
+        f.write("\n".join(CORPUS * 20))
+    spm.SentencePieceTrainer.train(
+        input=os.path.join(work, "corpus.txt"), model_prefix=os.path.join(work, "spiece"), vocab_size=300,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        hard_vocab_limit=False, seed_sentencepiece_size=10000, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(work, "spiece.model"))
+    tok = T5Tokenizer.from_pretrained(work, extra_ids=0)
+    # T5TokenizerFast(vocab_file=...) silently builds a 4-entry vocabulary; from_pretrained
+    # on a folder with spiece.model converts the real one. Check that it did.
+    assert len(tok) == sp.get_piece_size(), (len(tok), sp.get_piece_size())
+    for text in CORPUS:
+        assert tok(text).input_ids == sp.encode(text) + [1], text
+    vocab = len(tok)
+
+    tdir = os.path.join(ROOT, "tokenizer")
+    shutil.rmtree(tdir, ignore_errors=True)
+    tok.save_pretrained(tdir)
+    for f in os.listdir(tdir):
+        if f != "tokenizer.json":
+            os.remove(os.path.join(tdir, f))
+    cases = []
+    for p in TOKENIZER_PROMPTS:
+        clean = prompt_clean(p)
+        enc = tok(clean, padding="max_length", max_length=512, truncation=True, add_special_tokens=True,
+                  return_attention_mask=True)
+        n = sum(enc.attention_mask)
+        assert enc.input_ids[n:] == [0] * (512 - n)
+        cases.append({"prompt": p, "clean": clean, "ids": enc.input_ids[:n]})
+    with open(os.path.join(tdir, "cases.json"), "w") as f:
+        json.dump({"vocab_size": vocab, "max_length": 512, "cases": cases}, f, indent=1, ensure_ascii=False)
+    shutil.rmtree(work)
+    print(f"tokenizer: vocab {vocab}, {len(cases)} prompts")
+
+    # name, config, sequence length, valid lengths per sample, ids from the tokenizer?
+    te_cases = [
+        ("umt5_a", dict(vocab_size=vocab, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                        relative_attention_num_buckets=32, relative_attention_max_distance=128), 40, [40, 17], True),
+        ("umt5_b", dict(vocab_size=vocab + 37, d_model=48, d_kv=16, num_heads=3, d_ff=80, num_layers=3,
+                        relative_attention_num_buckets=16, relative_attention_max_distance=20), 50, [23, 50], False),
+    ]
+    for i, (name, cfg, length, valid, with_tokenizer) in enumerate(te_cases):
+        gen = torch.Generator().manual_seed(2000 + i)
+        torch.manual_seed(2000 + i)
+        config = UMT5Config(feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, **cfg)
+        model = UMT5EncoderModel(config).eval()
+        perturb(model, gen, scale=0.2)
+        case = os.path.join(ROOT, name)
+        shutil.rmtree(case, ignore_errors=True)
+        edir = os.path.join(case, "text_encoder")
+        model.save_pretrained(edir, safe_serialization=True)
+        components = {"text_encoder": ["transformers", "UMT5EncoderModel"]}
+        if with_tokenizer:
+            shutil.copytree(tdir, os.path.join(case, "tokenizer"), ignore=shutil.ignore_patterns("cases.json"))
+            components["tokenizer"] = ["transformers", "T5TokenizerFast"]
+        write_pipeline_root(case, components)
+        ref = UMT5EncoderModel(config).to(torch.float64).eval()
+        ref.load_state_dict(load_component_weights(edir, torch.float64), strict=False)
+        ref.encoder.embed_tokens.weight = ref.shared.weight
+        ids = torch.randint(3, cfg["vocab_size"], (2, length), generator=gen)
+        mask = torch.zeros(2, length, dtype=torch.int64)
+        for b, n in enumerate(valid):
+            mask[b, :n] = 1
+            ids[b, n - 1] = 1  # EOS
+            ids[b, n:] = 0  # padding
+        with torch.no_grad():
+            out = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        rel = torch.arange(-600, 601)[None, :]
+        buckets = ref.encoder.block[0].layer[0].SelfAttention._relative_position_bucket(rel)[0]
+        save_file({"input_ids": ids, "attention_mask": mask}, os.path.join(case, "input.safetensors"))
+        save_file({"last_hidden_state": out.contiguous(), "relative_position": rel[0].contiguous(),
+                   "bucket": buckets.contiguous()}, os.path.join(case, "output.safetensors"))
+        print(f"{name}: {list(out.shape)} |out| = {out.norm().item():.4f}")
+
+        if with_tokenizer:
+            # WanPipeline's prompt-embedding step, run by diffusers itself.
+            from diffusers import WanPipeline
+            pipe = WanPipeline(tokenizer=T5Tokenizer.from_pretrained(tdir), text_encoder=ref,
+                               transformer=None, vae=None, scheduler=None)
+            prompts = ["a red circle moving right", "\u201cCurly\u201d &amp; spaced   out"]
+            with torch.no_grad():
+                pe, ne = pipe.encode_prompt(prompts, negative_prompt=None, do_classifier_free_guidance=True,
+                                            max_sequence_length=64, device="cpu", dtype=torch.float64)
+            save_file({"prompt_embeds": pe.contiguous(), "negative_prompt_embeds": ne.contiguous()},
+                      os.path.join(case, "prompt_embeds.safetensors"))
+            with open(os.path.join(case, "prompts.json"), "w") as f:
+                json.dump({"prompts": prompts, "negative_prompt": "", "max_sequence_length": 64}, f,
+                          ensure_ascii=False)
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.set_num_threads(2)
     dit_cases(only)
     embedding_cases(only)
+    text_cases(only)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,19 @@ pub struct AttnShape {
     pub kv_stride: usize,
     /// Row stride of out.
     pub out_stride: usize,
+    /// Multiplies q·k: 1/√head_dim for the DiT, 1 for T5.
+    pub scale: f32,
+}
+
+/// Additive terms of T5-style attention: scores become scale·q·k + bias + mask.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnBias<'a> {
+    /// Relative position bucket of (query i, key j): [lq, lk].
+    pub buckets: &'a [u16],
+    /// The learned bias per (bucket, head): [num_buckets, heads] (nn.Embedding layout).
+    pub table: &'a [f32],
+    /// Additive key mask per sample: [B, lk] (0 for tokens, a large negative for padding).
+    pub key_mask: Option<&'a [f32]>,
 }
 
 multiversion! {
@@ -77,9 +90,73 @@ multiversion! {
     }
 }
 
-/// out[b, i, head h] = Σ_j softmax_j(q_i·k_j / √head_dim) v_j for every sample b and head h,
+/// out[b, i, head h] = Σ_j softmax_j(scale·q_i·k_j) v_j for every sample b and head h,
 /// no mask. q: [B, lq, q_stride]; k, v: [B, lk, kv_stride]; out: [B, lq, out_stride].
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape) {
+    attention_impl(q, k, v, out, s, None)
+}
+
+/// [`attention`] with T5's additive relative-position bias and key mask:
+/// softmax_j(scale·q_i·k_j + table[bucket(i, j), h] + key_mask[b, j]).
+pub fn attention_biased(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    s: AttnShape,
+    bias: &AttnBias,
+) {
+    assert!(
+        bias.buckets.len() >= s.lq * s.lk,
+        "attention bias: buckets shape"
+    );
+    if let Some(m) = bias.key_mask {
+        assert!(m.len() >= s.batch * s.lk, "attention bias: key mask shape");
+    }
+    let n_buckets = bias.table.len() / s.heads.max(1);
+    assert!(
+        bias.buckets[..s.lq * s.lk]
+            .iter()
+            .all(|&b| (b as usize) < n_buckets),
+        "attention bias: bucket out of range"
+    );
+    attention_impl(q, k, v, out, s, Some(bias))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_bias_tile(
+    sbuf: &mut [f32],
+    qb: usize,
+    kb: usize,
+    r0: usize,
+    k0: usize,
+    b: usize,
+    h: usize,
+    s: &AttnShape,
+    bias: &AttnBias,
+) {
+    for r in 0..qb {
+        let row = &mut sbuf[r * KB..r * KB + kb];
+        let buckets = &bias.buckets[(r0 + r) * s.lk + k0..][..kb];
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = *x * s.scale + bias.table[buckets[c] as usize * s.heads + h];
+        }
+        if let Some(m) = bias.key_mask {
+            for (x, &mv) in row.iter_mut().zip(&m[b * s.lk + k0..][..kb]) {
+                *x += mv;
+            }
+        }
+    }
+}
+
+fn attention_impl(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    s: AttnShape,
+    bias: Option<&AttnBias>,
+) {
     let AttnShape {
         batch,
         heads,
@@ -89,6 +166,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
         q_stride,
         kv_stride,
         out_stride,
+        scale,
     } = s;
     let width = heads * hd;
     assert!(
@@ -108,7 +186,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
         return;
     }
     assert!(lk > 0, "attention over zero keys");
-    let scale = 1.0 / (hd as f32).sqrt();
+    // With a bias the tile is scaled while the bias is added; the softmax then runs at 1.
+    let softmax_scale = if bias.is_some() { 1.0 } else { scale };
     // Kᵀ per (sample, head): [B, heads, hd, lk], so that Q·Kᵀ reads a row-major right-hand
     // side (the gemm crate packs that faster than a strided transpose; costs lk·width once).
     let mut kt = vec![0.0f32; batch * width * lk];
@@ -151,7 +230,19 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
                             let vh = &vb_all[k0 * kv_stride + h * hd..];
                             // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
                             gemm_tile(qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, lk, 1);
-                            softmax_step(&mut sbuf, qb, kb, scale, &mut m, &mut l, &mut o, hd);
+                            if let Some(bias) = bias {
+                                add_bias_tile(&mut sbuf, qb, kb, r0, k0, b, h, &s, bias);
+                            }
+                            softmax_step(
+                                &mut sbuf,
+                                qb,
+                                kb,
+                                softmax_scale,
+                                &mut m,
+                                &mut l,
+                                &mut o,
+                                hd,
+                            );
                             // O[qb, hd] += P[qb, kb] · V[kb, hd]
                             gemm_tile(qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1);
                         }
@@ -238,6 +329,7 @@ mod tests {
                 q_stride: width + 3,
                 kv_stride: width + 1,
                 out_stride: width,
+                scale: 1.0 / (hd as f32).sqrt(),
             };
             let q = rand(batch * lq * s.q_stride, 1);
             let k = rand(batch * lk * s.kv_stride, 2);

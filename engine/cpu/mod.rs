@@ -11,7 +11,7 @@ pub mod linear;
 pub mod norm;
 pub mod simd;
 
-pub use attention::{attention, AttnShape};
+pub use attention::{attention, attention_biased, AttnBias, AttnShape};
 pub use embed::{
     patchify, timestep_embedding, unpatchify, wan_rope_split, wan_rope_tables, RopeTables,
 };
@@ -70,6 +70,22 @@ pub fn bias_gelu(y: &mut [f32], bias: &[f32]) {
     let per = rows_per_task(y.len() / n.max(1), n) * n;
     y.par_chunks_mut(per.max(1))
         .for_each(|c| bias_gelu_rows(c, bias));
+}
+
+multiversion! {
+    fn gelu_mul_rows(a: &mut [f32], b: &[f32]) {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = simd::gelu_tanh(*x) * y;
+        }
+    }
+}
+
+/// a ← gelu_tanh(a) ⊙ b in place (T5's gated-GELU: gelu_new(x·W0ᵀ) ⊙ x·W1ᵀ).
+pub fn gelu_mul(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "gelu_mul shapes");
+    a.par_chunks_mut(1 << 15)
+        .zip(b.par_chunks(1 << 15))
+        .for_each(|(x, y)| gelu_mul_rows(x, y));
 }
 
 multiversion! {

@@ -2,6 +2,7 @@
 //! helpers that find a component folder and read its config.json.
 
 pub mod random;
+pub mod umt5;
 pub mod wan_dit;
 
 use std::path::{Path, PathBuf};

@@ -596,6 +596,7 @@ impl WanDit {
             q_stride: d,
             kv_stride: d,
             out_stride: d,
+            scale: 1.0 / (hd as f32).sqrt(),
         };
         cpu::attention(q, k, v, o, shape);
         self.linear(&a.o, o, bl, y, false)?;

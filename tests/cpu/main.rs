@@ -3,6 +3,7 @@
 
 mod dit;
 mod embeddings;
+mod text;
 mod weights;
 
 use std::path::PathBuf;
