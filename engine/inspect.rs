@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::models::read_json;
+
 use crate::weights::WeightStore;
 
 /// One component folder's summary.
@@ -74,10 +75,7 @@ fn fold_indices(name: &str) -> String {
 
 fn component(dir: &Path) -> Result<ComponentReport> {
     let config: serde_json::Value = read_json(&dir.join("config.json"))?;
-    let class_name = config
-        .get("_class_name")
-        .and_then(|c| c.as_str())
-        .map(str::to_string);
+    let class_name = crate::models::class_name(&dir.join("config.json"))?;
     let store = WeightStore::open_component(dir)?;
     let mut dtypes = BTreeMap::new();
     let mut groups: BTreeMap<(String, Vec<usize>, String), usize> = BTreeMap::new();
