@@ -61,9 +61,12 @@ pub fn resolve_component(path: &Path, subfolder: &str, classes: &[&str]) -> Resu
     })
 }
 
-fn class_name(config: &Path) -> Result<Option<String>> {
+/// The class a config.json names: diffusers' `_class_name`, or the first of
+/// transformers' `architectures`.
+pub fn class_name(config: &Path) -> Result<Option<String>> {
     let v: serde_json::Value = read_json(config)?;
     Ok(v.get("_class_name")
+        .or_else(|| v.get("architectures").and_then(|a| a.get(0)))
         .and_then(|c| c.as_str())
         .map(str::to_string))
 }
