@@ -159,6 +159,28 @@ pub fn component_text_encoder(model: &Path, input: &Path, output: &Path) -> Resu
     write_f32(output, &[("last_hidden_state", &out)])
 }
 
+/// `reel component vae-encode`: `sample` [B, 3, F, H, W] in [-1, 1] → `latent_mean` (the
+/// posterior mean, not normalized).
+pub fn component_vae_encode(model: &Path, input: &Path, output: &Path) -> Result<()> {
+    let vae = crate::models::wan_vae::WanVae::load(model)?;
+    let x = TensorFile::open(input)?.tensor("sample")?;
+    let started = std::time::Instant::now();
+    let out = vae.encode(&x)?;
+    tracing::info!("vae encode in {:.3} s", started.elapsed().as_secs_f64());
+    write_f32(output, &[("latent_mean", &out)])
+}
+
+/// `reel component vae-decode`: `latents` [B, 16, T, h, w] (not normalized) → `decoded`
+/// [B, 3, F, H, W] in [-1, 1].
+pub fn component_vae_decode(model: &Path, input: &Path, output: &Path) -> Result<()> {
+    let vae = crate::models::wan_vae::WanVae::load(model)?;
+    let z = TensorFile::open(input)?.tensor("latents")?;
+    let started = std::time::Instant::now();
+    let out = vae.decode(&z)?;
+    tracing::info!("vae decode in {:.3} s", started.elapsed().as_secs_f64());
+    write_f32(output, &[("decoded", &out)])
+}
+
 /// Runs a parsed command line. Returns what the command prints on stdout (the binary
 /// prints it; the library never writes to stdout itself).
 pub fn run(cli: Cli) -> Result<String> {
@@ -193,13 +215,12 @@ pub fn run(cli: Cli) -> Result<String> {
                 ComponentKind::TextEncoder => {
                     component_text_encoder(&model, &input, &output).map(|_| String::new())
                 }
-                other => Err(Error::invalid(format!(
-                    "component {}: not available yet (`dit` and `text-encoder` are implemented in this build)",
-                    other
-                        .to_possible_value()
-                        .map(|v| v.get_name().to_string())
-                        .unwrap_or_default()
-                ))),
+                ComponentKind::VaeEncode => {
+                    component_vae_encode(&model, &input, &output).map(|_| String::new())
+                }
+                ComponentKind::VaeDecode => {
+                    component_vae_decode(&model, &input, &output).map(|_| String::new())
+                }
             }
         }
         Command::Inspect { dir, json } => {

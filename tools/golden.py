@@ -275,12 +275,68 @@ def text_cases(only):
                           ensure_ascii=False)
 
 
+# name, config, batch, latent (h, w), frame counts 1 + 4k
+VAE_CASES = [
+    ("vae_a", dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                   temperal_downsample=[False, True, True]), 1, (3, 5), [1, 5, 13]),
+    ("vae_b", dict(base_dim=6, decoder_base_dim=10, z_dim=5, dim_mult=[1, 1, 2, 2], num_res_blocks=2,
+                   attn_scales=[0.5], temperal_downsample=[True, True, False]), 2, (5, 3), [1, 5]),
+]
+
+
+def vae_cases(only):
+    if not "vae".startswith(only) and only != "":
+        return
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders import autoencoder_kl_wan as akw
+
+    # diffusers 0.42.1 passes feat_cache/feat_idx to every encoder down block, and
+    # WanAttentionBlock.forward does not take them: encoding with a non-empty attn_scales
+    # raises TypeError. The block has no causal state, so the evident meaning (the one
+    # reel implements) is to call it without the cache; patch that in for the reference.
+    if not getattr(akw.WanAttentionBlock, "_reel_patched", False):
+        plain = akw.WanAttentionBlock.forward
+        akw.WanAttentionBlock.forward = lambda self, x, feat_cache=None, feat_idx=None: plain(self, x)
+        akw.WanAttentionBlock._reel_patched = True
+
+    for i, (name, cfg, batch, (lh, lw), frame_counts) in enumerate(VAE_CASES):
+        gen = torch.Generator().manual_seed(3000 + i)
+        torch.manual_seed(3000 + i)
+        z = cfg["z_dim"]
+        mean = (torch.randn(z, generator=gen) * 0.5).tolist()
+        std = (torch.rand(z, generator=gen) + 0.5).tolist()
+        model = AutoencoderKLWan(latents_mean=mean, latents_std=std, **cfg).eval()
+        perturb(model, gen, scale=0.05)
+        case = os.path.join(ROOT, name)
+        shutil.rmtree(case, ignore_errors=True)
+        vdir = os.path.join(case, "vae")
+        model.save_pretrained(vdir, safe_serialization=True)
+        write_pipeline_root(case, {"vae": ["diffusers", "AutoencoderKLWan"]})
+        ref = AutoencoderKLWan(latents_mean=mean, latents_std=std, **cfg).to(torch.float64).eval()
+        ref.load_state_dict(load_component_weights(vdir, torch.float64), strict=True)
+        for frames in frame_counts:
+            t = 1 + (frames - 1) // 4
+            x = torch.rand(batch, 3, frames, lh * 8, lw * 8, generator=gen) * 2 - 1
+            lat = torch.randn(batch, z, t, lh, lw, generator=gen)
+            with torch.no_grad():
+                mean_out = ref.encode(x.double()).latent_dist.mean
+                dec = ref.decode(lat.double()).sample
+            clamped = (dec.abs() >= 1.0).double().mean().item()
+            save_file({"sample": x.contiguous(), "latents": lat.contiguous()},
+                      os.path.join(case, f"input_f{frames}.safetensors"))
+            save_file({"latent_mean": mean_out.contiguous(), "decoded": dec.contiguous()},
+                      os.path.join(case, f"output_f{frames}.safetensors"))
+            print(f"{name} F={frames}: latent_mean {list(mean_out.shape)}, decoded {list(dec.shape)}, "
+                  f"clamped {clamped:.1%}")
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.set_num_threads(2)
     dit_cases(only)
     embedding_cases(only)
     text_cases(only)
+    vae_cases(only)
 
 
 if __name__ == "__main__":

@@ -173,11 +173,6 @@ fn attention_impl(
         q_stride >= width && kv_stride >= width && out_stride >= width,
         "attention strides"
     );
-    assert!(q.len() >= batch * lq * q_stride, "attention: q too short");
-    assert!(
-        k.len() >= batch * lk * kv_stride && v.len() >= batch * lk * kv_stride,
-        "attention: k/v too short"
-    );
     assert!(
         out.len() >= batch * lq * out_stride,
         "attention: out too short"
@@ -186,6 +181,17 @@ fn attention_impl(
         return;
     }
     assert!(lk > 0, "attention over zero keys");
+    // The last row needs only `width` elements, so q, k and v may be views at an offset
+    // into one fused [rows, 3·width] projection.
+    let need = |rows: usize, stride: usize| (rows - 1) * stride + width;
+    assert!(
+        q.len() >= need(batch * lq, q_stride),
+        "attention: q too short"
+    );
+    assert!(
+        k.len() >= need(batch * lk, kv_stride) && v.len() >= need(batch * lk, kv_stride),
+        "attention: k/v too short"
+    );
     // With a bias the tile is scaled while the bias is added; the softmax then runs at 1.
     let softmax_scale = if bias.is_some() { 1.0 } else { scale };
     // Kᵀ per (sample, head): [B, heads, hd, lk], so that Q·Kᵀ reads a row-major right-hand
@@ -206,9 +212,9 @@ fn attention_impl(
         .par_chunks_mut(lq * out_stride)
         .enumerate()
         .for_each(|(b, out_b)| {
-            let qb_all = &q[b * lq * q_stride..(b + 1) * lq * q_stride];
+            let qb_all = &q[b * lq * q_stride..];
             let kt_b = &kt[b * width * lk..(b + 1) * width * lk];
-            let vb_all = &v[b * lk * kv_stride..(b + 1) * lk * kv_stride];
+            let vb_all = &v[b * lk * kv_stride..];
             out_b
                 .par_chunks_mut(QB * out_stride)
                 .enumerate()

@@ -77,9 +77,8 @@ pub fn linear(
     }
 }
 
-/// Single-threaded strided GEMM for tiles inside an already parallel loop:
-/// dst[i, j] (= dst·alpha_keep) + Σ_l lhs[i, l] · rhs[l, j], with (row, col) strides.
-/// `accumulate` false overwrites dst.
+/// Single-threaded strided GEMM for tiles inside an already parallel loop; see
+/// [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_tile(
     m: usize,
@@ -95,7 +94,39 @@ pub(crate) fn gemm_tile(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
-    if m == 0 || n == 0 || k == 0 {
+    gemm_strided(
+        m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, false,
+    )
+}
+
+/// dst[i, j] (+)= Σ_l lhs[i, l] · rhs[l, j] with (row, col) strides for lhs and rhs and a
+/// row stride for dst. `accumulate` false overwrites dst; `parallel` splits large products
+/// over the rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
         return;
     }
     let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
@@ -123,7 +154,11 @@ pub(crate) fn gemm_tile(
             false,
             false,
             false,
-            Parallelism::None,
+            if parallel {
+                parallelism(m, n, k)
+            } else {
+                Parallelism::None
+            },
         )
     }
 }

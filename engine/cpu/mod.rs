@@ -6,6 +6,7 @@
 //! Tensors are plain row-major slices; each function states its shapes.
 
 pub mod attention;
+pub mod conv;
 pub mod embed;
 pub mod linear;
 pub mod norm;
@@ -16,7 +17,7 @@ pub use embed::{
     patchify, timestep_embedding, unpatchify, wan_rope_split, wan_rope_tables, RopeTables,
 };
 pub use linear::{linear, matmul_wt};
-pub use norm::{layer_norm, rms_norm_rope};
+pub use norm::{channel_rms_norm, layer_norm, rms_norm_rope};
 
 use rayon::prelude::*;
 

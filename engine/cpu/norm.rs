@@ -155,6 +155,32 @@ pub fn rms_norm_rope(
         .for_each(|(c, xs)| rms_rope_rows(xs, c * per, d, bias, weight, eps, rope));
 }
 
+multiversion! {
+    fn channel_rms_rows(x: &mut [f32], c: usize, scale: f32, gamma: &[f32], silu: bool) {
+        for row in x.chunks_exact_mut(c) {
+            let n = simd::sum_by(row, |v| v * v).sqrt().max(1e-12);
+            for (v, &g) in row.iter_mut().zip(gamma) {
+                let y = *v / n * scale * g;
+                *v = if silu { simd::silu(y) } else { y };
+            }
+        }
+    }
+}
+
+/// The Wan VAE's RMS norm over channels, in place on channel-last x: [rows, c]:
+/// x / max(‖x‖₂, 1e-12) · √c · γ (F.normalize, then diffusers' scale and gamma, in that
+/// order), fused with the SiLU that follows it in every residual block when `silu`.
+pub fn channel_rms_norm(x: &mut [f32], c: usize, gamma: &[f32], silu: bool) {
+    assert!(
+        c > 0 && x.len() % c == 0 && gamma.len() == c,
+        "channel_rms_norm shapes"
+    );
+    let scale = (c as f64).sqrt() as f32;
+    let per = rows_per_task(x.len() / c, c) * c;
+    x.par_chunks_mut(per)
+        .for_each(|xs| channel_rms_rows(xs, c, scale, gamma, silu));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 pub mod random;
 pub mod umt5;
 pub mod wan_dit;
+pub mod wan_vae;
 
 use std::path::{Path, PathBuf};
 

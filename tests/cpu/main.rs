@@ -4,6 +4,7 @@
 mod dit;
 mod embeddings;
 mod text;
+mod vae;
 mod weights;
 
 use std::path::PathBuf;

@@ -1,0 +1,56 @@
+//! Wan VAE parity against diffusers (float64 references), through the CLI's code path.
+
+use reel::io::TensorFile;
+use reel::tensor::rel_l2;
+
+use crate::{data, scratch};
+
+const TOL: f64 = 1e-4;
+
+fn check(case: &str, frames: usize) {
+    let dir = data(case);
+    let input = dir.join(format!("input_f{frames}.safetensors"));
+    let refs = TensorFile::open(&dir.join(format!("output_f{frames}.safetensors"))).unwrap();
+    let tmp = scratch(&format!("vae-{case}-{frames}"));
+    for (which, out_name, run) in [
+        (
+            "encode",
+            "latent_mean",
+            reel::cli::component_vae_encode as fn(&_, &_, &_) -> _,
+        ),
+        ("decode", "decoded", reel::cli::component_vae_decode),
+    ] {
+        let out = tmp.join(format!("{which}.safetensors"));
+        run(&dir, &input, &out).unwrap_or_else(|e| panic!("{case} F={frames} {which}: {e}"));
+        let got = TensorFile::open(&out).unwrap().tensor(out_name).unwrap();
+        let (shape, want) = refs.tensor_f64(out_name).unwrap();
+        assert_eq!(got.shape(), &shape[..], "{case} F={frames} {which} shape");
+        let err = rel_l2(got.data(), &want);
+        eprintln!("{case} F={frames} {which}: rel L2 = {err:.3e}");
+        assert!(
+            err <= TOL,
+            "{case} F={frames} {which}: relative L2 {err:.3e}"
+        );
+    }
+}
+
+#[test]
+fn vae_a_one_frame() {
+    check("vae_a", 1);
+}
+
+#[test]
+fn vae_a_five_frames() {
+    check("vae_a", 5);
+}
+
+#[test]
+fn vae_a_thirteen_frames() {
+    check("vae_a", 13);
+}
+
+#[test]
+fn vae_b_batch2_attention_decoder_base_dim() {
+    check("vae_b", 1);
+    check("vae_b", 5);
+}
