@@ -256,6 +256,7 @@ mod tests {
     use super::*;
 
     /// Direct convolution in f64 on channel-last frames.
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         frames: &[Option<&[f32]>],
         h: usize,

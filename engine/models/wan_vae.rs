@@ -94,7 +94,7 @@ impl WanVaeConfig {
             ));
         }
         let n = self.dim_mult.len();
-        if n < 1 || n > 8 || self.temperal_downsample.len() + 1 != n {
+        if !(1..=8).contains(&n) || self.temperal_downsample.len() + 1 != n {
             return Err(bad(format!(
                 "dim_mult has {n} entries and temperal_downsample {}: expected 1..=8 and one fewer",
                 self.temperal_downsample.len()
@@ -214,6 +214,8 @@ enum Resample {
     Down3d { conv: Conv, time_conv: Conv },
 }
 
+// Built once per model: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Layer {
     Res(ResBlock),
@@ -822,7 +824,7 @@ impl WanVae {
                 shape[1]
             )));
         }
-        if shape[2..].iter().any(|&d| d == 0) {
+        if shape[2..].contains(&0) {
             return Err(Error::invalid(format!(
                 "{name} has an empty dimension: {shape:?}"
             )));
