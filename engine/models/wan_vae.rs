@@ -147,6 +147,16 @@ pub enum Slot {
     Frames(Frames),
 }
 
+/// Moves frames into a slot's buffer, which always has room for CACHE_T frames: a cache
+/// then holds the same memory from the first chunk on (one frame fewer in the first chunk
+/// would make the second chunk's peak lower than the steady state's, and the peak of a
+/// decode would depend on its length).
+fn slot_frames(f: Frames) -> Frames {
+    let mut data = Vec::with_capacity(f.t.max(CACHE_T) * f.frame_len());
+    data.extend_from_slice(&f.data);
+    Frames { data, ..f }
+}
+
 /// One slot per causal convolution of an encoder or decoder, named after the module.
 #[derive(Debug, Clone, Default)]
 pub struct ConvCache {
@@ -663,7 +673,7 @@ impl WanVae {
             _ => x.last(CACHE_T),
         };
         let out = self.conv(conv, x, prev)?;
-        cache.slots[idx] = Slot::Frames(keep);
+        cache.slots[idx] = Slot::Frames(slot_frames(keep));
         Ok(out)
     }
 
@@ -750,7 +760,7 @@ impl WanVae {
                             x.last(CACHE_T)
                         };
                         let y = self.conv(time_conv, &x, prev)?; // [T, H, W, 2C]
-                        cache.slots[idx] = Slot::Frames(keep);
+                        cache.slots[idx] = Slot::Frames(slot_frames(keep));
                         // Channels (2, C) become time: frame 2t from the first half, 2t+1
                         // from the second.
                         let c = x.c;
@@ -778,14 +788,14 @@ impl WanVae {
                 match std::mem::take(&mut cache.slots[idx]) {
                     // The first chunk passes through and is remembered whole.
                     Slot::Empty | Slot::FirstChunkSeen => {
-                        cache.slots[idx] = Slot::Frames(x.clone());
+                        cache.slots[idx] = Slot::Frames(slot_frames(x.clone()));
                         Ok(x)
                     }
                     Slot::Frames(prev) => {
                         let keep = x.last(1);
                         let input = prev.last(1).concat(&x);
                         let y = self.conv(time_conv, &input, None)?;
-                        cache.slots[idx] = Slot::Frames(keep);
+                        cache.slots[idx] = Slot::Frames(slot_frames(keep));
                         Ok(y)
                     }
                 }
@@ -851,16 +861,11 @@ impl WanVae {
         let z = c.z_dim;
         let mut outs = Vec::with_capacity(b);
         for bi in 0..b {
-            let video = to_frames(sample, bi);
             let mut cache = ConvCache::new(&self.encoder.slots);
             let mut latent: Option<Frames> = None;
             let chunks = std::iter::once((0, 1)).chain((1..f).step_by(4).map(|s| (s, s + 4)));
             for (start, end) in chunks {
-                let chunk = Frames {
-                    t: end - start,
-                    data: video.data[start * video.frame_len()..end * video.frame_len()].to_vec(),
-                    ..video
-                };
+                let chunk = to_frames_range(sample, bi, start, end);
                 let out = self.run_coder(&self.encoder, &chunk, &mut cache)?;
                 latent = Some(match latent {
                     Some(l) => l.concat(&out),
@@ -889,15 +894,12 @@ impl WanVae {
         let c = &self.config;
         let [b, t, _, _] = self.check_video(latents.shape(), c.z_dim, "decoder", "latents")?;
         for bi in 0..b {
-            let z = to_frames(latents, bi);
-            let z = self.conv(&self.post_quant_conv, &z, None)?;
             let mut cache = ConvCache::new(&self.decoder.slots);
             for i in 0..t {
-                let frame = Frames {
-                    t: 1,
-                    data: z.frame(i).to_vec(),
-                    ..z
-                };
+                // post_quant_conv is 1×1×1: applying it frame by frame is exact, and nothing
+                // of the latent sequence is copied whole.
+                let frame = to_frames_range(latents, bi, i, i + 1);
+                let frame = self.conv(&self.post_quant_conv, &frame, None)?;
                 let mut out = self.run_coder(&self.decoder, &frame, &mut cache)?;
                 for v in out.data.iter_mut() {
                     *v = v.clamp(-1.0, 1.0);
@@ -917,16 +919,16 @@ impl WanVae {
     }
 }
 
-/// Sample `b` of a [B, C, T, H, W] tensor as channel-last frames.
-fn to_frames(x: &Tensor, b: usize) -> Frames {
+/// Frames t0..t1 of sample `b` of a [B, C, T, H, W] tensor, channel-last.
+fn to_frames_range(x: &Tensor, b: usize, t0: usize, t1: usize) -> Frames {
     let s = x.shape();
     let (c, t, h, w) = (s[1], s[2], s[3], s[4]);
-    let mut out = Frames::zeros(t, h, w, c);
+    let mut out = Frames::zeros(t1 - t0, h, w, c);
     let src = &x.data()[b * c * t * h * w..(b + 1) * c * t * h * w];
     for ch in 0..c {
-        for ti in 0..t {
+        for ti in t0..t1 {
             for p in 0..h * w {
-                out.data[(ti * h * w + p) * c + ch] = src[(ch * t + ti) * h * w + p];
+                out.data[((ti - t0) * h * w + p) * c + ch] = src[(ch * t + ti) * h * w + p];
             }
         }
     }

@@ -54,3 +54,23 @@ fn vae_b_batch2_attention_decoder_base_dim() {
     check("vae_b", 1);
     check("vae_b", 5);
 }
+
+#[test]
+fn vae_bad_inputs_are_errors_naming_the_problem() {
+    use reel::models::wan_vae::WanVae;
+    use reel::Tensor;
+    let vae = WanVae::load(&data("vae_a")).unwrap();
+    let err = |r: reel::Result<Tensor>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    let e = err(vae.encode(&Tensor::zeros(&[1, 3, 4, 24, 40])));
+    assert!(e.contains("4 frames") && e.contains("1 + 4k"), "{e}");
+    let e = err(vae.encode(&Tensor::zeros(&[1, 3, 5, 20, 40])));
+    assert!(e.contains("multiples of 8"), "{e}");
+    let e = err(vae.encode(&Tensor::zeros(&[1, 4, 5, 24, 40])));
+    assert!(e.contains("4 channels") && e.contains("takes 3"), "{e}");
+    let e = err(vae.decode(&Tensor::zeros(&[1, 16, 2, 3, 5])));
+    assert!(e.contains("16 channels") && e.contains("takes 4"), "{e}");
+    let e = err(vae.decode(&Tensor::zeros(&[1, 4, 2, 3])));
+    assert!(e.contains("[B, C, T, H, W]"), "{e}");
+    let e = err(vae.decode(&Tensor::zeros(&[0, 4, 2, 3, 5])));
+    assert!(e.contains("[B, C, T, H, W]"), "{e}");
+}
