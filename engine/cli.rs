@@ -97,88 +97,112 @@ fn check_device(device: Device) -> Result<()> {
     }
 }
 
-/// `reel component dit`: reads `hidden_states`, `timestep`, `encoder_hidden_states` from
-/// `input`, writes `sample` to `output`.
-/// With `repeat` > 1 the forward runs that many times and the per-run seconds are
-/// returned (the output file holds the last run).
-pub fn component_dit(model: &Path, input: &Path, output: &Path) -> Result<()> {
-    component_dit_repeat(model, input, output, 1).map(|_| ())
+/// Runs `forward` `repeat` times, timing each run; returns the last output and the seconds.
+fn timed<T>(
+    what: &str,
+    repeat: usize,
+    mut forward: impl FnMut() -> Result<T>,
+) -> Result<(T, Vec<f64>)> {
+    if repeat == 0 {
+        return Err(Error::invalid("--repeat must be at least 1"));
+    }
+    let mut seconds = Vec::with_capacity(repeat);
+    let mut out = None;
+    for _ in 0..repeat {
+        let started = std::time::Instant::now();
+        out = Some(forward()?);
+        seconds.push(started.elapsed().as_secs_f64());
+        tracing::info!("{what} in {:.4} s", seconds.last().copied().unwrap_or(0.0));
+    }
+    let out = out.ok_or_else(|| Error::invalid("no forward ran"))?;
+    Ok((out, seconds))
 }
 
-/// [`component_dit`] running the forward `repeat` times; returns each run's seconds.
-pub fn component_dit_repeat(
+/// `reel component KIND`: loads the component once, runs it `repeat` times on the tensors
+/// of `input` (DESIGN.md's names; extra tensors are ignored), writes the last output to
+/// `output`, and returns the seconds of each run.
+///
+/// - dit: `hidden_states` [B,16,T,h,w], `timestep` [B], `encoder_hidden_states` [B,L,text_dim]
+///   → `sample`
+/// - text-encoder: `input_ids`, `attention_mask` [B,L] (int64) → `last_hidden_state`
+///   [B,L,d_model]; needs no tokenizer
+/// - vae-encode: `sample` [B,3,F,H,W] in [-1,1] → `latent_mean` (posterior mean, not
+///   normalized)
+/// - vae-decode: `latents` [B,16,T,h,w] (not normalized) → `decoded` [B,3,F,H,W]
+pub fn component(
+    kind: ComponentKind,
     model: &Path,
     input: &Path,
     output: &Path,
     repeat: usize,
 ) -> Result<Vec<f64>> {
-    if repeat == 0 {
-        return Err(Error::invalid("--repeat must be at least 1"));
-    }
-    let dit = WanDit::load(model)?;
-    let file = TensorFile::open(input)?;
-    let x = file.tensor("hidden_states")?;
-    let t = file.tensor("timestep")?;
-    let ctx = file.tensor("encoder_hidden_states")?;
-    let mut seconds = Vec::with_capacity(repeat);
-    let mut out = None;
-    for _ in 0..repeat {
-        let started = std::time::Instant::now();
-        out = Some(dit.forward(&x, &t, &ctx)?);
-        seconds.push(started.elapsed().as_secs_f64());
-        tracing::info!(
-            "dit forward in {:.4} s",
-            seconds.last().copied().unwrap_or(0.0)
-        );
-    }
-    let out = out.ok_or_else(|| Error::invalid("no forward ran"))?;
-    write_f32(output, &[("sample", &out)])?;
+    // The model is loaded before the input is opened, so a bad --model is reported first.
+    let open = || TensorFile::open(input);
+    let (name, (out, seconds)) = match kind {
+        ComponentKind::Dit => {
+            let dit = WanDit::load(model)?;
+            let file = open()?;
+            let x = file.tensor("hidden_states")?;
+            let t = file.tensor("timestep")?;
+            let ctx = file.tensor("encoder_hidden_states")?;
+            (
+                "sample",
+                timed("dit forward", repeat, || dit.forward(&x, &t, &ctx))?,
+            )
+        }
+        ComponentKind::TextEncoder => {
+            let encoder = crate::models::umt5::Umt5Encoder::load(model)?;
+            let file = open()?;
+            let (shape, ids) = file.tensor_i64("input_ids")?;
+            let (mshape, mask) = file.tensor_i64("attention_mask")?;
+            if shape.len() != 2 || mshape != shape {
+                return Err(Error::invalid(format!(
+                    "{}: input_ids {shape:?} and attention_mask {mshape:?} must both be [B, L]",
+                    input.display()
+                )));
+            }
+            let run = || encoder.forward(&ids, &mask, shape[0], shape[1]);
+            (
+                "last_hidden_state",
+                timed("text encoder forward", repeat, run)?,
+            )
+        }
+        ComponentKind::VaeEncode => {
+            let vae = crate::models::wan_vae::WanVae::load(model)?;
+            let x = open()?.tensor("sample")?;
+            (
+                "latent_mean",
+                timed("vae encode", repeat, || vae.encode(&x))?,
+            )
+        }
+        ComponentKind::VaeDecode => {
+            let vae = crate::models::wan_vae::WanVae::load(model)?;
+            let z = open()?.tensor("latents")?;
+            ("decoded", timed("vae decode", repeat, || vae.decode(&z))?)
+        }
+    };
+    write_f32(output, &[(name, &out)])?;
     Ok(seconds)
 }
 
-/// `reel component text-encoder`: reads `input_ids` and `attention_mask` [B, L] (int64)
-/// from `input`, writes `last_hidden_state` [B, L, d_model] to `output`. Needs no
-/// tokenizer.
+/// `reel component dit` once (see [`component`]).
+pub fn component_dit(model: &Path, input: &Path, output: &Path) -> Result<()> {
+    component(ComponentKind::Dit, model, input, output, 1).map(|_| ())
+}
+
+/// `reel component text-encoder` once (see [`component`]).
 pub fn component_text_encoder(model: &Path, input: &Path, output: &Path) -> Result<()> {
-    let encoder = crate::models::umt5::Umt5Encoder::load(model)?;
-    let file = TensorFile::open(input)?;
-    let (shape, ids) = file.tensor_i64("input_ids")?;
-    let (mshape, mask) = file.tensor_i64("attention_mask")?;
-    if shape.len() != 2 || mshape != shape {
-        return Err(Error::invalid(format!(
-            "{}: input_ids {shape:?} and attention_mask {mshape:?} must both be [B, L]",
-            input.display()
-        )));
-    }
-    let started = std::time::Instant::now();
-    let out = encoder.forward(&ids, &mask, shape[0], shape[1])?;
-    tracing::info!(
-        "text encoder forward in {:.3} s",
-        started.elapsed().as_secs_f64()
-    );
-    write_f32(output, &[("last_hidden_state", &out)])
+    component(ComponentKind::TextEncoder, model, input, output, 1).map(|_| ())
 }
 
-/// `reel component vae-encode`: `sample` [B, 3, F, H, W] in [-1, 1] → `latent_mean` (the
-/// posterior mean, not normalized).
+/// `reel component vae-encode` once (see [`component`]).
 pub fn component_vae_encode(model: &Path, input: &Path, output: &Path) -> Result<()> {
-    let vae = crate::models::wan_vae::WanVae::load(model)?;
-    let x = TensorFile::open(input)?.tensor("sample")?;
-    let started = std::time::Instant::now();
-    let out = vae.encode(&x)?;
-    tracing::info!("vae encode in {:.3} s", started.elapsed().as_secs_f64());
-    write_f32(output, &[("latent_mean", &out)])
+    component(ComponentKind::VaeEncode, model, input, output, 1).map(|_| ())
 }
 
-/// `reel component vae-decode`: `latents` [B, 16, T, h, w] (not normalized) → `decoded`
-/// [B, 3, F, H, W] in [-1, 1].
+/// `reel component vae-decode` once (see [`component`]).
 pub fn component_vae_decode(model: &Path, input: &Path, output: &Path) -> Result<()> {
-    let vae = crate::models::wan_vae::WanVae::load(model)?;
-    let z = TensorFile::open(input)?.tensor("latents")?;
-    let started = std::time::Instant::now();
-    let out = vae.decode(&z)?;
-    tracing::info!("vae decode in {:.3} s", started.elapsed().as_secs_f64());
-    write_f32(output, &[("decoded", &out)])
+    component(ComponentKind::VaeDecode, model, input, output, 1).map(|_| ())
 }
 
 /// Runs a parsed command line. Returns what the command prints on stdout (the binary
@@ -203,25 +227,12 @@ pub fn run(cli: Cli) -> Result<String> {
             repeat,
         } => {
             check_device(device)?;
-            match kind {
-                ComponentKind::Dit => {
-                    let seconds = component_dit_repeat(&model, &input, &output, repeat)?;
-                    Ok(if repeat > 1 {
-                        format!("{}\n", serde_json::json!({ "forward_seconds": seconds }))
-                    } else {
-                        String::new()
-                    })
-                }
-                ComponentKind::TextEncoder => {
-                    component_text_encoder(&model, &input, &output).map(|_| String::new())
-                }
-                ComponentKind::VaeEncode => {
-                    component_vae_encode(&model, &input, &output).map(|_| String::new())
-                }
-                ComponentKind::VaeDecode => {
-                    component_vae_decode(&model, &input, &output).map(|_| String::new())
-                }
-            }
+            let seconds = component(kind, &model, &input, &output, repeat)?;
+            Ok(if repeat > 1 {
+                format!("{}\n", serde_json::json!({ "forward_seconds": seconds }))
+            } else {
+                String::new()
+            })
         }
         Command::Inspect { dir, json } => {
             let reports = crate::inspect::inspect(&dir)?;
