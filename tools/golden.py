@@ -330,6 +330,56 @@ def vae_cases(only):
                   f"clamped {clamped:.1%}")
 
 
+def pipeline_cases(only):
+    """A tiny WanPipeline (no text encoder) run by diffusers in float32 from given latents
+    and prompt embeddings: 6 steps, guidance 5, shift 3, UniPC and flow-matching Euler,
+    recording output_type "latent" and "pt"."""
+    if not "pipeline".startswith(only) and only != "":
+        return
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+                           WanPipeline, WanTransformer3DModel)
+
+    gen = torch.Generator().manual_seed(4000)
+    torch.manual_seed(4000)
+    transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                                        out_channels=16, text_dim=24, freq_dim=32, ffn_dim=64,
+                                        num_layers=2).eval()
+    perturb(transformer, gen, scale=0.05)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    perturb(vae, gen, scale=0.05)
+    case = os.path.join(ROOT, "pipeline_tiny")
+    shutil.rmtree(case, ignore_errors=True)
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=unipc)
+    pipe.save_pretrained(case, safe_serialization=True)
+    # 2 latent frames of 4x6 -> 5 frames of 32x48; batch 2 with two prompts.
+    latents = torch.randn(2, 16, 2, 4, 6, generator=gen)
+    embeds = torch.randn(2, 11, 24, generator=gen)
+    embeds[0, 6:] = 0.0
+    negative = torch.randn(2, 11, 24, generator=gen) * 0.5
+    negative[:, 3:] = 0.0
+    save_file({"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative},
+              os.path.join(case, "inputs.safetensors"))
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0, num_train_timesteps=1000)
+    for name, sched in [("unipc", unipc), ("euler", euler)]:
+        pipe.scheduler = sched
+        out = {}
+        for output_type in ["latent", "pt"]:
+            with torch.no_grad():
+                res = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=latents.clone(),
+                           height=32, width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0,
+                           output_type=output_type, return_dict=False)[0]
+            out["latents" if output_type == "latent" else "video"] = res.contiguous().float()
+        sched.set_timesteps(6)
+        out["timesteps"] = sched.timesteps.to(torch.float64)
+        out["sigmas"] = sched.sigmas.to(torch.float64)
+        save_file(out, os.path.join(case, f"output_{name}.safetensors"))
+        print(f"pipeline {name}: latents {list(out['latents'].shape)}, video {list(out['video'].shape)}, "
+              f"timesteps {[round(float(t), 3) for t in out['timesteps']]}")
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.set_num_threads(2)
@@ -337,6 +387,7 @@ def main():
     embedding_cases(only)
     text_cases(only)
     vae_cases(only)
+    pipeline_cases(only)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 mod dit;
 mod embeddings;
+mod pipeline;
 mod text;
 mod vae;
 mod weights;

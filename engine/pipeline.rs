@@ -1,0 +1,216 @@
+//! The text-to-video pipeline (diffusers' WanPipeline): prompt embeddings, seeded noise,
+//! the denoising loop with classifier-free guidance, de-normalization, and the streaming VAE
+//! decode into a frame sink.
+
+use std::path::{Path, PathBuf};
+
+use crate::cpu::conv::Frames;
+use crate::error::{Error, Result};
+use crate::models::wan_dit::WanDit;
+use crate::models::wan_vae::{FrameSink, WanVae};
+use crate::sampler::{Sampler, SchedulerConfig};
+use crate::tensor::Tensor;
+use crate::text::TextEncoder;
+
+/// A loaded pipeline folder: transformer/, vae/, scheduler/ and, when present,
+/// text_encoder/ + tokenizer/ (without them, prompt embeddings must be given).
+pub struct Pipeline {
+    pub root: PathBuf,
+    pub dit: WanDit,
+    pub vae: WanVae,
+    pub text: Option<TextEncoder>,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Conditioning for one batch: [B, L, text_dim] each.
+pub struct Conditioning {
+    pub prompt_embeds: Tensor,
+    /// None when guidance is off (≤ 1): the unconditional pass is skipped.
+    pub negative_prompt_embeds: Option<Tensor>,
+}
+
+impl Pipeline {
+    pub fn load(root: &Path) -> Result<Self> {
+        let dit = WanDit::load(root)?;
+        let vae = WanVae::load(root)?;
+        if dit.config.in_channels != vae.config.z_dim
+            || dit.config.out_channels() != vae.config.z_dim
+        {
+            return Err(Error::Config {
+                path: root.to_path_buf(),
+                reason: format!(
+                    "the transformer takes {} latent channels but the VAE has z_dim {}",
+                    dit.config.in_channels, vae.config.z_dim
+                ),
+            });
+        }
+        let text = if root.join("text_encoder").join("config.json").is_file() {
+            Some(TextEncoder::load(root)?)
+        } else {
+            None
+        };
+        let sched_file = root.join("scheduler").join("scheduler_config.json");
+        let scheduler = if sched_file.is_file() {
+            SchedulerConfig::load(&sched_file)?
+        } else {
+            tracing::warn!(
+                "{}: no scheduler/scheduler_config.json; using Wan2.1's UniPC defaults",
+                root.display()
+            );
+            SchedulerConfig::default()
+        };
+        Ok(Pipeline {
+            root: root.to_path_buf(),
+            dit,
+            vae,
+            text,
+            scheduler,
+        })
+    }
+
+    /// Prompt embeddings for `prompts` and, with guidance, `negative` (one per prompt; ""
+    /// is encoded like any prompt), zero-padded to `max_len` as WanPipeline does.
+    pub fn encode_prompts(
+        &self,
+        prompts: &[&str],
+        negative: &[&str],
+        guidance: f32,
+        max_len: usize,
+    ) -> Result<Conditioning> {
+        let text = self.text.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "{} has no text_encoder/: pass --prompt-embeds with `prompt_embeds` and `negative_prompt_embeds`",
+                self.root.display()
+            ))
+        })?;
+        let prompt_embeds = text.encode_prompts(prompts, max_len)?;
+        let negative_prompt_embeds = if guidance > 1.0 {
+            Some(text.encode_prompts(negative, max_len)?)
+        } else {
+            None
+        };
+        Ok(Conditioning {
+            prompt_embeds,
+            negative_prompt_embeds,
+        })
+    }
+
+    /// Latent shape [B, z, T, h, w] for a video of `frames` frames of `height`×`width`.
+    pub fn latent_shape(
+        &self,
+        batch: usize,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> [usize; 5] {
+        let c = &self.vae.config;
+        let (s, t) = (c.spatial_factor(), c.temporal_factor());
+        [batch, c.z_dim, (frames - 1) / t + 1, height / s, width / s]
+    }
+
+    /// The denoising loop: for each step, the DiT's flow prediction on the conditional
+    /// embeddings and (with guidance) the unconditional ones, combined as
+    /// uncond + g·(cond − uncond), then one sampler step. `on_step(i, n)` runs after every
+    /// step; returning an error stops the loop (cancellation). Returns the final latents,
+    /// not de-normalized.
+    pub fn denoise(
+        &self,
+        mut latents: Tensor,
+        cond: &Conditioning,
+        guidance: f32,
+        sampler: &mut dyn Sampler,
+        on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let b = latents.shape()[0];
+        if cond.prompt_embeds.shape().first() != Some(&b) {
+            return Err(Error::invalid(format!(
+                "prompt_embeds has batch {:?}, the latents {b}",
+                cond.prompt_embeds.shape().first()
+            )));
+        }
+        let uncond = if guidance > 1.0 {
+            let n = cond.negative_prompt_embeds.as_ref().ok_or_else(|| {
+                Error::invalid(
+                    "guidance > 1 needs negative prompt embeddings (the empty prompt by default)",
+                )
+            })?;
+            if n.shape() != cond.prompt_embeds.shape() {
+                return Err(Error::invalid(format!(
+                    "negative_prompt_embeds {:?} must have the shape of prompt_embeds {:?}",
+                    n.shape(),
+                    cond.prompt_embeds.shape()
+                )));
+            }
+            Some(n)
+        } else {
+            None
+        };
+        // Both passes in one batch of 2B: per-sample math is unchanged and the GEMMs grow.
+        let ctx = match uncond {
+            Some(n) => concat_batch(&cond.prompt_embeds, n)?,
+            None => cond.prompt_embeds.clone(),
+        };
+        let passes = if uncond.is_some() { 2 } else { 1 };
+        let steps = sampler.timesteps().to_vec();
+        for (i, &t) in steps.iter().enumerate() {
+            let x = if passes == 2 {
+                concat_batch(&latents, &latents)?
+            } else {
+                latents.clone()
+            };
+            let ts = Tensor::new(vec![passes * b], vec![t; passes * b])?;
+            let out = self.dit.forward(&x, &ts, &ctx)?;
+            let n = latents.numel();
+            let pred: Vec<f32> = if passes == 2 {
+                let (c, u) = out.data().split_at(n);
+                u.iter()
+                    .zip(c)
+                    .map(|(&u, &c)| u + guidance * (c - u))
+                    .collect()
+            } else {
+                out.into_data()
+            };
+            sampler.step(&pred, latents.data_mut())?;
+            on_step(i + 1, steps.len())?;
+        }
+        Ok(latents)
+    }
+
+    /// De-normalizes latents with the VAE's latents_mean/std (latents / (1/std) + mean, as
+    /// diffusers computes it) and decodes them, streaming frames in [-1, 1] to `sink`.
+    pub fn decode_to(&self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
+        let c = &self.vae.config;
+        let s = latents.shape();
+        let per_channel = s[2] * s[3] * s[4];
+        let mut z = latents.clone();
+        for (i, v) in z.data_mut().iter_mut().enumerate() {
+            let ch = (i / per_channel) % s[1];
+            let inv_std = 1.0 / c.latents_std[ch];
+            *v = *v / inv_std + c.latents_mean[ch];
+        }
+        self.vae.decode_to(&z, sink)
+    }
+}
+
+/// [a; b] along the batch dimension.
+fn concat_batch(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape()[1..] != b.shape()[1..] {
+        return Err(Error::invalid(format!(
+            "cannot batch {:?} with {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let mut shape = a.shape().to_vec();
+    shape[0] += b.shape()[0];
+    let mut data = a.data().to_vec();
+    data.extend_from_slice(b.data());
+    Tensor::new(shape, data)
+}
+
+/// diffusers' video postprocessing for output_type "pt": x·0.5 + 0.5 clamped to [0, 1].
+pub fn to_unit_range(frames: &mut Frames) {
+    for v in frames.data.iter_mut() {
+        *v = (*v * 0.5 + 0.5).clamp(0.0, 1.0);
+    }
+}
