@@ -18,7 +18,7 @@ impl FlowEuler {
         // __init__: sigmas = linspace(1, T, T)[::-1] / T in float32, shifted in float32.
         let shift32 = shift as f32;
         let shifted = |s: f32| shift32 * s / (1.0 + (shift32 - 1.0) * s);
-        let sigma_max = shifted(t / t) as f64;
+        let sigma_max = shifted(1.0) as f64; // T/T
         let sigma_min = shifted(1.0 / t) as f64;
         // set_timesteps: np.linspace(sigma_max·T, sigma_min·T, steps) / T, shifted, in f64.
         let (a, b) = (sigma_max * num_train as f64, sigma_min * num_train as f64);
