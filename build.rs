@@ -6,8 +6,14 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
-    println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-env-changed=REEL_GIT_COMMIT");
+    // Rebuild when HEAD moves: HEAD itself names a branch whose ref file changes on commit.
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            println!("cargo:rerun-if-changed=.git/{r}");
+        }
+    }
     let commit = std::env::var("REEL_GIT_COMMIT").ok().or_else(|| {
         Command::new("git")
             .args(["rev-parse", "--short=12", "HEAD"])

@@ -32,6 +32,12 @@ pub enum Device {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SamplerArg {
+    Unipc,
+    Euler,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ComponentKind {
     /// The diffusion transformer (WanTransformer3DModel).
     Dit,
@@ -45,6 +51,59 @@ pub enum ComponentKind {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate videos from text (or prompt embeddings).
+    Generate {
+        /// A pipeline folder (diffusers layout) or a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b);
+        /// default: the embedded tiny model with random weights (a smoke test).
+        #[arg(long)]
+        model: Option<String>,
+        /// Run a preset with deterministic random weights (no download).
+        #[arg(long)]
+        random_weights: bool,
+        #[arg(long)]
+        prompt: Option<String>,
+        /// A file with one prompt per line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        negative_prompt: String,
+        /// WxH, even sides, long side ≤ 1920, short side ≤ 1080 (default 832x480; the
+        /// embedded model: 64x64).
+        #[arg(long)]
+        size: Option<String>,
+        /// 1 + 4k frames (default 81; the embedded model: 17).
+        #[arg(long)]
+        frames: Option<usize>,
+        /// Denoising steps (default 50; the embedded model: 8).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Classifier-free guidance scale (default 5; ≤ 1 skips the unconditional pass).
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Flow shift (default: the scheduler config's).
+        #[arg(long)]
+        shift: Option<f64>,
+        #[arg(long, value_enum)]
+        sampler: Option<SamplerArg>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Videos per prompt, with seeds seed, seed+1, ...
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+        /// Start from `latents` in this safetensors file instead of seeded noise.
+        #[arg(long)]
+        init_latents: Option<PathBuf>,
+        /// Use `prompt_embeds` / `negative_prompt_embeds` from this file (no text encoder).
+        #[arg(long)]
+        prompt_embeds: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        fps: u32,
+        /// Output: .mp4, .gif, .y4m, .safetensors, or a folder ending in / for PNG frames.
+        #[arg(short, long)]
+        output: String,
+    },
     /// Run one model component on tensors from a safetensors file.
     Component {
         kind: ComponentKind,
@@ -218,6 +277,53 @@ pub fn run(cli: Cli) -> Result<String> {
             .build_global();
     }
     match cli.command {
+        Command::Generate {
+            model,
+            random_weights,
+            prompt,
+            prompts,
+            negative_prompt,
+            size,
+            frames,
+            steps,
+            guidance,
+            shift,
+            sampler,
+            seed,
+            count,
+            device,
+            init_latents,
+            prompt_embeds,
+            fps,
+            output,
+        } => {
+            check_device(device)?;
+            let args = crate::generate::GenerateArgs {
+                model,
+                random_weights,
+                prompt,
+                prompts_file: prompts,
+                negative_prompt,
+                size,
+                frames,
+                steps,
+                guidance,
+                shift,
+                sampler: sampler.map(|s| match s {
+                    SamplerArg::Unipc => crate::sampler::SamplerKind::Unipc,
+                    SamplerArg::Euler => crate::sampler::SamplerKind::Euler,
+                }),
+                seed,
+                count,
+                init_latents,
+                prompt_embeds,
+                output,
+                fps,
+                quiet: cli.quiet,
+            };
+            let written = crate::generate::generate(&args)?;
+            Ok(written.iter().map(|s| format!("{}\n", s.output)).collect())
+        }
         Command::Component {
             kind,
             model,

@@ -59,6 +59,9 @@ pub enum Error {
     /// Bad input from the user (a tensor of the wrong shape, a bad argument).
     #[error("{0}")]
     Invalid(String),
+    /// Stopped by the user (Ctrl-C) or a cancellation.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod cpu;
 pub mod error;
+pub mod generate;
 pub mod inspect;
 pub mod io;
 pub mod models;
@@ -15,6 +16,7 @@ pub mod rng;
 pub mod sampler;
 pub mod tensor;
 pub mod text;
+pub mod video;
 pub mod weights;
 
 pub use error::{Error, Result, WeightError};

@@ -1,6 +1,7 @@
 //! Models of the Wan2.1 family, each in its own file mirroring its checkpoint, plus the
 //! helpers that find a component folder and read its config.json.
 
+pub mod embedded;
 pub mod random;
 pub mod umt5;
 pub mod wan_dit;

@@ -51,7 +51,9 @@ pub fn random_weights(specs: &[(String, Vec<usize>)], seed: u64) -> Vec<(String,
         .iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let (base, scale) = if name.ends_with("scale_shift_table") {
+            let (base, scale) = if name.ends_with("gamma") {
+                (1.0, 0.1) // the VAE's norm scales, [C, 1, 1(, 1)]
+            } else if name.ends_with("scale_shift_table") {
                 (0.0, 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt())
             } else if name.ends_with(".bias") {
                 (0.0, 0.02)

@@ -179,18 +179,49 @@ impl Umt5Encoder {
         let config: Umt5Config = read_json(&config_path)?;
         config.validate(&config_path)?;
         let store = WeightStore::open_component(&dir)?;
+        let mut seen = Vec::new();
+        let (embed, layers, final_ln) = Self::build(&config, Some(&store), &mut seen)?;
+        let tied = ["shared.weight", "encoder.embed_tokens.weight"];
+        store.reject_unexpected(seen.iter().map(|(n, _)| n.as_str()).chain(tied), CLASS_NAME)?;
+        Ok(Umt5Encoder {
+            config,
+            dir,
+            store,
+            embed,
+            layers,
+            final_ln,
+        })
+    }
+
+    /// Every weight a config needs, (name, shape); the embedding as `shared.weight`.
+    pub fn weight_specs(config: &Umt5Config) -> Vec<(String, Vec<usize>)> {
+        let mut seen = Vec::new();
+        // Cannot fail without a store: every lookup returns a placeholder.
+        let _ = Self::build(config, None, &mut seen);
+        seen
+    }
+
+    /// The layer list; checks each tensor against `store` when there is one, and records
+    /// every (name, shape) in `seen`.
+    fn build(
+        config: &Umt5Config,
+        store: Option<&WeightStore>,
+        seen: &mut Vec<(String, Vec<usize>)>,
+    ) -> Result<(TensorEntry, Vec<Layer>, TensorEntry)> {
         let (d, i, f) = (config.d_model, config.inner_dim(), config.d_ff);
-        let mut seen: Vec<String> = Vec::new();
         let mut get = |name: String, shape: &[usize]| -> Result<TensorEntry> {
-            let e = store.weight(&name, shape)?.clone();
-            seen.push(name);
+            let e = match store {
+                Some(s) => s.weight(&name, shape)?.clone(),
+                None => TensorEntry::placeholder(&name, shape),
+            };
+            seen.push((name, shape.to_vec()));
             Ok(e)
         };
         // The embedding is tied: checkpoints hold `shared.weight`, `encoder.embed_tokens.weight`
         // or both (identical); reel reads the first one present.
         let embed_name = ["shared.weight", "encoder.embed_tokens.weight"]
             .into_iter()
-            .find(|n| store.get(n).is_some())
+            .find(|n| store.is_some_and(|s| s.get(n).is_some()))
             .unwrap_or("shared.weight");
         let embed = get(embed_name.to_string(), &[config.vocab_size, d])?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -213,16 +244,7 @@ impl Umt5Encoder {
             });
         }
         let final_ln = get("encoder.final_layer_norm.weight".into(), &[d])?;
-        let tied = ["shared.weight", "encoder.embed_tokens.weight"];
-        store.reject_unexpected(seen.iter().map(String::as_str).chain(tied), CLASS_NAME)?;
-        Ok(Umt5Encoder {
-            config,
-            dir,
-            store,
-            embed,
-            layers,
-            final_ln,
-        })
+        Ok((embed, layers, final_ln))
     }
 
     pub fn dir(&self) -> &Path {

@@ -297,16 +297,24 @@ impl FrameSink for CollectSink {
     }
 }
 
+/// Builds the layer list, checking every tensor against the store; without a store it only
+/// records (name, shape), which is how [`WanVae::weight_specs`] lists a config's weights.
 struct Builder<'a> {
-    store: &'a WeightStore,
-    seen: Vec<String>,
+    store: Option<&'a WeightStore>,
+    seen: Vec<(String, Vec<usize>)>,
     slots: Vec<String>,
 }
 
+/// The encoder, decoder, quant_conv and post_quant_conv of a config.
+type Parts = (Coder, Coder, Conv, Conv);
+
 impl Builder<'_> {
     fn tensor(&mut self, name: String, shape: &[usize]) -> Result<TensorEntry> {
-        let e = self.store.weight(&name, shape)?.clone();
-        self.seen.push(name);
+        let e = match self.store {
+            Some(s) => s.weight(&name, shape)?.clone(),
+            None => TensorEntry::placeholder(&name, shape),
+        };
+        self.seen.push((name, shape.to_vec()));
         Ok(e)
     }
 
@@ -455,13 +463,39 @@ impl WanVae {
         let config: WanVaeConfig = read_json(&config_path)?;
         config.validate(&config_path)?;
         let store = WeightStore::open_component(&dir)?;
-        let c = &config;
-        let z = c.z_dim;
         let mut b = Builder {
-            store: &store,
+            store: Some(&store),
             seen: Vec::new(),
             slots: Vec::new(),
         };
+        let (encoder, decoder, quant_conv, post_quant_conv) = Self::build(&config, &mut b)?;
+        store.reject_unexpected(b.seen.iter().map(|(n, _)| n.as_str()), CLASS_NAME)?;
+        drop(b);
+        Ok(WanVae {
+            config,
+            dir,
+            store,
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+        })
+    }
+
+    /// Every weight a config needs, (name, shape).
+    pub fn weight_specs(config: &WanVaeConfig) -> Vec<(String, Vec<usize>)> {
+        let mut b = Builder {
+            store: None,
+            seen: Vec::new(),
+            slots: Vec::new(),
+        };
+        // Cannot fail without a store: every lookup returns a placeholder.
+        let _ = Self::build(config, &mut b);
+        b.seen
+    }
+
+    fn build(c: &WanVaeConfig, b: &mut Builder) -> Result<Parts> {
+        let z = c.z_dim;
 
         // Encoder: dims = base·[1] + dim_mult.
         let dims: Vec<usize> = std::iter::once(1)
@@ -605,17 +639,7 @@ impl WanVae {
             conv_out,
             slots: std::mem::take(&mut b.slots),
         };
-        store.reject_unexpected(b.seen.iter().map(String::as_str), CLASS_NAME)?;
-        drop(b);
-        Ok(WanVae {
-            config,
-            dir,
-            store,
-            encoder,
-            decoder,
-            quant_conv,
-            post_quant_conv,
-        })
+        Ok((encoder, decoder, quant_conv, post_quant_conv))
     }
 
     pub fn dir(&self) -> &Path {

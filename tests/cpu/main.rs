@@ -3,6 +3,7 @@
 
 mod dit;
 mod embeddings;
+mod generate;
 mod pipeline;
 mod text;
 mod vae;

@@ -1,0 +1,555 @@
+//! `reel generate`: text (or prompt embeddings) to video files, end to end.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::cpu::conv::Frames;
+use crate::error::{Error, Result};
+use crate::io::TensorFile;
+use crate::models::embedded;
+use crate::models::wan_vae::FrameSink;
+use crate::pipeline::{Conditioning, Pipeline};
+use crate::sampler::{self, SamplerKind};
+use crate::tensor::Tensor;
+use crate::text::MAX_SEQUENCE_LENGTH;
+use crate::video::{self, RgbFrame, VideoWriter};
+
+/// Everything `reel generate` takes (the CLI fills it; library users may too).
+#[derive(Debug, Clone, Default)]
+pub struct GenerateArgs {
+    /// A pipeline folder or a preset name; None = the embedded default.
+    pub model: Option<String>,
+    pub random_weights: bool,
+    pub prompt: Option<String>,
+    /// One prompt per line.
+    pub prompts_file: Option<PathBuf>,
+    pub negative_prompt: String,
+    /// "WxH".
+    pub size: Option<String>,
+    pub frames: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f32>,
+    pub shift: Option<f64>,
+    pub sampler: Option<SamplerKind>,
+    pub seed: u64,
+    pub count: usize,
+    pub init_latents: Option<PathBuf>,
+    pub prompt_embeds: Option<PathBuf>,
+    pub output: String,
+    pub fps: u32,
+    pub quiet: bool,
+}
+
+pub const PRESETS: [&str; 2] = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"];
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler once: the denoising loop stops at the next step boundary
+/// and partial outputs are removed.
+fn install_ctrlc() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if let Err(e) = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)) {
+            tracing::debug!("no Ctrl-C handler: {e}");
+        }
+    });
+}
+
+/// Parses "WxH": even sides from 16, long side ≤ 1920, short side ≤ 1080.
+pub fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let bad = |why: &str| Error::invalid(format!("--size {s}: {why}"));
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| bad("expected WIDTHxHEIGHT, e.g. 832x480"))?;
+    let w: usize = w.trim().parse().map_err(|_| bad("width is not a number"))?;
+    let h: usize = h
+        .trim()
+        .parse()
+        .map_err(|_| bad("height is not a number"))?;
+    if w < 16 || h < 16 {
+        return Err(bad("sides must be at least 16"));
+    }
+    if w % 2 != 0 || h % 2 != 0 {
+        return Err(bad("sides must be even"));
+    }
+    if w.max(h) > 1920 || w.min(h) > 1080 {
+        return Err(bad(
+            "at most 1920 on the long side and 1080 on the short side",
+        ));
+    }
+    Ok((w, h))
+}
+
+/// The next multiple of `m` at or above `v`.
+fn round_up(v: usize, m: usize) -> usize {
+    v.div_ceil(m) * m
+}
+
+/// Memory the machine has for this run (Linux: MemAvailable), if it can be read.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Bytes of the weight files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        dir_bytes(&p)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A rough upper estimate of a run's peak memory: the weights (mapped and used in place,
+/// so resident while they run) plus the DiT's activations for both guidance passes and
+/// the VAE decoder's working frames.
+pub fn estimate_bytes(
+    weights: u64,
+    pipe_dims: (usize, usize, usize),
+    tokens: usize,
+    passes: usize,
+    frame_px: usize,
+) -> u64 {
+    let (d, ffn, vae_ch) = pipe_dims;
+    let dit = (tokens * passes) as u64 * (8 * d + ffn) as u64 * 4;
+    let vae = frame_px as u64 * vae_ch as u64 * 4 * 12;
+    weights + dit + vae
+}
+
+/// Sink: crops each decoded frame to the requested size, maps [-1, 1] to [0, 1] and
+/// writes it.
+struct CropSink<'a> {
+    writer: &'a mut dyn VideoWriter,
+    crop: (usize, usize, usize, usize), // x0, y0, w, h
+    frames: usize,
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl FrameSink for CropSink<'_> {
+    fn push(&mut self, _b: usize, f: &Frames) -> Result<()> {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(Error::Interrupted);
+        }
+        let (x0, y0, w, h) = self.crop;
+        let mut buf = vec![0.0f32; w * h * 3];
+        for t in 0..f.t {
+            let src = f.frame(t);
+            for y in 0..h {
+                for x in 0..w {
+                    for c in 0..3 {
+                        let v = src[((y0 + y) * f.w + x0 + x) * f.c + c];
+                        buf[(y * w + x) * 3 + c] = (v * 0.5 + 0.5).clamp(0.0, 1.0);
+                    }
+                }
+            }
+            self.writer.write(&RgbFrame { w, h, data: &buf })?;
+            self.frames += 1;
+        }
+        self.progress.inc(1);
+        Ok(())
+    }
+}
+
+/// One video's settings and results, written as the JSON sidecar.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sidecar {
+    pub output: String,
+    pub prompt: Option<String>,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub model: String,
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance: f32,
+    pub shift: f64,
+    pub size: String,
+    pub generated_size: String,
+    pub frames: usize,
+    pub fps: u32,
+    pub reel_version: String,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub load_seconds: f64,
+    pub text_seconds: f64,
+    pub denoise_seconds: f64,
+    pub seconds_per_step: f64,
+    pub decode_seconds: f64,
+}
+
+fn output_name(out: &str, index: usize, total: usize) -> String {
+    if total == 1 {
+        return out.to_string();
+    }
+    let suffix = format!("-{index:04}");
+    if let Some(stripped) = out.strip_suffix('/') {
+        return format!("{stripped}{suffix}/");
+    }
+    let p = Path::new(out);
+    match (p.file_stem(), p.extension()) {
+        (Some(stem), Some(ext)) => p
+            .with_file_name(format!(
+                "{}{suffix}.{}",
+                stem.to_string_lossy(),
+                ext.to_string_lossy()
+            ))
+            .to_string_lossy()
+            .into_owned(),
+        _ => format!("{out}{suffix}"),
+    }
+}
+
+fn sidecar_path(out: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "{}.json",
+        out.trim_end_matches(['/', std::path::MAIN_SEPARATOR])
+    ))
+}
+
+/// Loads the model `args.model` names (a folder, a preset, or the embedded default).
+fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)> {
+    match args.model.as_deref() {
+        None => {
+            tracing::warn!(
+                "no --model: using reel's embedded default, a tiny model with RANDOM weights. Its videos are noise: \
+                 it is a smoke test of the pipeline, not a real model. Pass --model DIR for Wan2.1 weights."
+            );
+            let dir = embedded::ensure()?;
+            Ok((Pipeline::load(&dir)?, embedded::NAME.to_string(), true))
+        }
+        Some(name) if PRESETS.contains(&name) && !Path::new(name).exists() => {
+            if !args.random_weights {
+                return Err(Error::invalid(format!(
+                    "--model {name} names an architecture preset: pass --random-weights to run it with random weights, \
+                     or --model DIR with downloaded weights (see the README)"
+                )));
+            }
+            let (dit, text) = if name.ends_with("14b") {
+                (
+                    crate::models::wan_dit::WanDitConfig::wan21_t2v_14b(),
+                    crate::models::umt5::Umt5Config::umt5_xxl(),
+                )
+            } else {
+                (
+                    crate::models::wan_dit::WanDitConfig::wan21_t2v_1_3b(),
+                    crate::models::umt5::Umt5Config::umt5_xxl(),
+                )
+            };
+            let params = |specs: Vec<(String, Vec<usize>)>| -> u64 {
+                specs
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>() as u64)
+                    .sum()
+            };
+            let weights = 4
+                * (params(crate::models::wan_dit::WanDit::weight_specs(&dit))
+                    + params(crate::models::umt5::Umt5Encoder::weight_specs(&text)));
+            // Random weights are made in memory and serialised before they are mapped: twice
+            // the f32 weights at the peak.
+            let need = 2 * weights;
+            let have = available_memory().unwrap_or(0);
+            if need > have {
+                return Err(Error::invalid(format!(
+                    "--model {name} --random-weights needs about {:.1} GB ({:.1} GB of f32 weights for the DiT and \
+                     umT5-XXL, made in memory and written once); this machine has {:.1} GB available. The cpu \
+                     device keeps weights in f32; the GPU runtime (bf16) is not available yet.",
+                    need as f64 / 1e9,
+                    weights as f64 / 1e9,
+                    have as f64 / 1e9
+                )));
+            }
+            let dir = embedded::write_random_pipeline(name, &dit, &text)?;
+            Ok((
+                Pipeline::load(&dir)?,
+                format!("{name} (random weights)"),
+                false,
+            ))
+        }
+        Some(dir) => {
+            let path = PathBuf::from(dir);
+            Ok((Pipeline::load(&path)?, dir.to_string(), false))
+        }
+    }
+}
+
+/// Runs `reel generate`. Returns the sidecars of the videos written.
+pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
+    install_ctrlc();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    // Cheap checks before any loading.
+    video::Format::from_path(&args.output)?;
+    if args.count == 0 {
+        return Err(Error::invalid("--count must be at least 1"));
+    }
+    if !(1..=240).contains(&args.fps) {
+        return Err(Error::invalid(format!(
+            "--fps {}: must be between 1 and 240",
+            args.fps
+        )));
+    }
+    if let Some(g) = args.guidance {
+        if !g.is_finite() {
+            return Err(Error::invalid(format!(
+                "--guidance {g}: must be a finite number"
+            )));
+        }
+    }
+    if args.steps == Some(0) {
+        return Err(Error::invalid("--steps must be at least 1"));
+    }
+    let requested = args.size.as_deref().map(parse_size).transpose()?;
+    let mut prompts: Vec<Option<String>> = Vec::new();
+    if let Some(file) = &args.prompts_file {
+        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
+            path: file.clone(),
+            source,
+        })?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| Some(l.to_string())),
+        );
+        if prompts.is_empty() {
+            return Err(Error::invalid(format!(
+                "--prompts {}: no prompts in the file",
+                file.display()
+            )));
+        }
+    }
+    if let Some(p) = &args.prompt {
+        prompts.insert(0, Some(p.clone()));
+    }
+    if prompts.is_empty() {
+        if args.prompt_embeds.is_none() {
+            return Err(Error::invalid(
+                "--prompt (or --prompts FILE, or --prompt-embeds F) is required",
+            ));
+        }
+        prompts.push(None);
+    }
+
+    let started = Instant::now();
+    let (pipe, model_name, embedded_model) = load_model(args)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let (dw, dh) = if embedded_model {
+        embedded::DEFAULT_SIZE
+    } else {
+        (832, 480)
+    };
+    let (w, h) = requested.unwrap_or((dw, dh));
+    let frames = args.frames.unwrap_or(if embedded_model {
+        embedded::DEFAULT_FRAMES
+    } else {
+        81
+    });
+    let tf = pipe.vae.config.temporal_factor();
+    if frames == 0 || (frames - 1) % tf != 0 {
+        return Err(Error::invalid(format!(
+            "--frames {frames}: must be 1 + {tf}k (e.g. 1, {}, {}, 81)",
+            1 + tf,
+            1 + 4 * tf
+        )));
+    }
+    let steps = args.steps.unwrap_or(if embedded_model {
+        embedded::DEFAULT_STEPS
+    } else {
+        50
+    });
+    let guidance = args.guidance.unwrap_or(5.0);
+    let kind = args.sampler.unwrap_or(pipe.scheduler.kind());
+    let shift = args.shift.unwrap_or(pipe.scheduler.default_shift());
+    let multiple = pipe.vae.config.spatial_factor()
+        * pipe.dit.config.patch_size[1].max(pipe.dit.config.patch_size[2]);
+    let (gw, gh) = (round_up(w, multiple), round_up(h, multiple));
+    if (gw, gh) != (w, h) {
+        tracing::info!(
+            "{w}x{h} is not a multiple of {multiple}: generating {gw}x{gh} and center-cropping"
+        );
+    }
+    let shape = pipe.latent_shape(1, frames, gh, gw);
+    let passes = if guidance > 1.0 { 2 } else { 1 };
+    let tokens = shape[2..].iter().product::<usize>() / pipe.dit.config.patch_volume();
+    let need = estimate_bytes(
+        dir_bytes(&pipe.root),
+        (
+            pipe.dit.config.inner_dim(),
+            pipe.dit.config.ffn_dim,
+            pipe.vae
+                .config
+                .decoder_base_dim
+                .unwrap_or(pipe.vae.config.base_dim),
+        ),
+        tokens,
+        passes,
+        gw * gh,
+    );
+    if let Some(have) = available_memory() {
+        if need > have {
+            return Err(Error::invalid(format!(
+                "this run needs about {:.1} GB ({}x{}, {frames} frames) and the machine has {:.1} GB available; \
+                 use a smaller --size or --frames",
+                need as f64 / 1e9,
+                gw,
+                gh,
+                have as f64 / 1e9
+            )));
+        }
+    }
+
+    let embeds_file = args
+        .prompt_embeds
+        .as_ref()
+        .map(|p| TensorFile::open(p))
+        .transpose()?;
+    let jobs: Vec<(Option<String>, u64)> = prompts
+        .iter()
+        .flat_map(|p| (0..args.count as u64).map(move |i| (p.clone(), args.seed.wrapping_add(i))))
+        .collect();
+    let mut written = Vec::new();
+    for (index, (prompt, seed)) in jobs.iter().enumerate() {
+        let out = output_name(&args.output, index, jobs.len());
+        let mut timings = Timings {
+            load_seconds,
+            ..Default::default()
+        };
+        // Conditioning.
+        let t0 = Instant::now();
+        let cond = match &embeds_file {
+            Some(f) => {
+                let pe = f.tensor("prompt_embeds")?;
+                let ne = if passes == 2 {
+                    Some(f.tensor("negative_prompt_embeds")?)
+                } else {
+                    None
+                };
+                if pe.shape().len() != 3 || pe.shape()[0] != 1 {
+                    return Err(Error::invalid(format!(
+                        "--prompt-embeds: prompt_embeds must be [1, L, D], got {:?}",
+                        pe.shape()
+                    )));
+                }
+                Conditioning {
+                    prompt_embeds: pe,
+                    negative_prompt_embeds: ne,
+                }
+            }
+            None => {
+                let p = prompt.as_deref().unwrap_or("");
+                pipe.encode_prompts(
+                    &[p],
+                    &[args.negative_prompt.as_str()],
+                    guidance,
+                    MAX_SEQUENCE_LENGTH,
+                )?
+            }
+        };
+        timings.text_seconds = t0.elapsed().as_secs_f64();
+        // Initial latents.
+        let latents = match &args.init_latents {
+            Some(p) => {
+                let l = TensorFile::open(p)?.tensor("latents")?;
+                if l.shape() != shape {
+                    return Err(Error::invalid(format!(
+                        "--init-latents {}: latents are {:?}, this run needs {:?}",
+                        p.display(),
+                        l.shape(),
+                        shape
+                    )));
+                }
+                l
+            }
+            None => Tensor::new(
+                shape.to_vec(),
+                crate::rng::gaussian(*seed, shape.iter().product()),
+            )?,
+        };
+        let mut sampler = sampler::build(&pipe.scheduler, kind, steps, Some(shift))?;
+        let progress = if args.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new((steps + shape[2]) as u64)
+        };
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        progress.set_message("denoising");
+        let t1 = Instant::now();
+        let final_latents =
+            pipe.denoise(latents, &cond, guidance, sampler.as_mut(), &mut |_, _| {
+                progress.inc(1);
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    Err(Error::Interrupted)
+                } else {
+                    Ok(())
+                }
+            })?;
+        timings.denoise_seconds = t1.elapsed().as_secs_f64();
+        timings.seconds_per_step = timings.denoise_seconds / steps as f64;
+        progress.set_message("decoding");
+        let t2 = Instant::now();
+        let mut writer = video::open(&out, w, h, args.fps)?;
+        let mut sink = CropSink {
+            writer: writer.as_mut(),
+            crop: ((gw - w) / 2, (gh - h) / 2, w, h),
+            frames: 0,
+            progress: &progress,
+        };
+        let decoded = pipe.decode_to(&final_latents, &mut sink);
+        let n_frames = sink.frames;
+        match decoded {
+            Ok(()) => writer.finish(&final_latents)?,
+            Err(e) => {
+                writer.abort();
+                return Err(e);
+            }
+        }
+        timings.decode_seconds = t2.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        let side = Sidecar {
+            output: out.clone(),
+            prompt: prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            seed: *seed,
+            model: model_name.clone(),
+            sampler: kind.name().into(),
+            steps,
+            guidance,
+            shift,
+            size: format!("{w}x{h}"),
+            generated_size: format!("{gw}x{gh}"),
+            frames: n_frames,
+            fps: args.fps,
+            reel_version: format!(
+                "{} ({})",
+                env!("CARGO_PKG_VERSION"),
+                env!("REEL_GIT_COMMIT")
+            ),
+            timings,
+        };
+        let text =
+            serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
+        let sp = sidecar_path(&out);
+        std::fs::write(&sp, text).map_err(|source| Error::Io { path: sp, source })?;
+        tracing::info!("wrote {out} ({n_frames} frames)");
+        written.push(side);
+    }
+    Ok(written)
+}

@@ -1,0 +1,289 @@
+//! `reel generate` end to end: the README's main job, every output format, the flags'
+//! errors, and the pipeline's parity through the CLI's code path.
+
+use std::path::Path;
+use std::process::Command;
+
+use reel::generate::{generate, GenerateArgs};
+use reel::io::TensorFile;
+use reel::tensor::rel_l2;
+
+use crate::{data, scratch};
+
+fn reel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_reel"))
+}
+
+/// The boxes of an MP4 that tell frame count, size and rate.
+#[derive(Debug, Default)]
+struct Mp4Info {
+    samples: u32,
+    width: u32,
+    height: u32,
+    timescale: u32,
+    delta: u32,
+    moov_before_mdat: bool,
+}
+
+fn parse_mp4(bytes: &[u8]) -> Mp4Info {
+    fn walk(b: &[u8], info: &mut Mp4Info, seen_mdat: &mut bool, top: bool) {
+        let mut i = 0;
+        while i + 8 <= b.len() {
+            let size = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
+            let kind = &b[i + 4..i + 8];
+            assert!(size >= 8 && i + size <= b.len(), "bad box at {i}");
+            let body = &b[i + 8..i + size];
+            let u32_at = |o: usize| u32::from_be_bytes(body[o..o + 4].try_into().unwrap());
+            match kind {
+                b"moov" => {
+                    if top {
+                        info.moov_before_mdat = !*seen_mdat;
+                    }
+                    walk(body, info, seen_mdat, false)
+                }
+                b"trak" | b"mdia" | b"minf" | b"stbl" => walk(body, info, seen_mdat, false),
+                b"mdat" => *seen_mdat = true,
+                b"tkhd" => {
+                    // version 0: width, height are the last 8 bytes (16.16 fixed point).
+                    let n = body.len();
+                    info.width = u32::from_be_bytes(body[n - 8..n - 4].try_into().unwrap()) >> 16;
+                    info.height = u32::from_be_bytes(body[n - 4..n].try_into().unwrap()) >> 16;
+                }
+                b"mdhd" => info.timescale = if body[0] == 1 { u32_at(20) } else { u32_at(12) },
+                b"stsz" => info.samples = u32_at(8),
+                b"stts" => info.delta = u32_at(12),
+                _ => {}
+            }
+            i += size;
+        }
+    }
+    let mut info = Mp4Info::default();
+    walk(bytes, &mut info, &mut false, true);
+    info
+}
+
+#[test]
+fn generate_readme_main_job_writes_a_playable_mp4() {
+    let dir = scratch("gen-readme");
+    let out = dir.join("out.mp4");
+    let o = reel()
+        .current_dir(&dir)
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle moving right",
+            "-o",
+            "out.mp4",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("RANDOM weights"));
+    let info = parse_mp4(&std::fs::read(&out).unwrap());
+    assert_eq!(
+        (info.samples, info.width, info.height),
+        (17, 64, 64),
+        "{info:?}"
+    );
+    assert_eq!(info.timescale / info.delta, 16, "{info:?}");
+    assert!(info.moov_before_mdat, "fast start: moov before mdat");
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out.mp4.json")).unwrap()).unwrap();
+    assert_eq!(side["frames"], 17);
+    assert_eq!(side["prompt"], "a red circle moving right");
+    assert_eq!(side["sampler"], "unipc");
+    // Nothing else is left behind (no partial files).
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+fn args(out: &Path) -> GenerateArgs {
+    GenerateArgs {
+        prompt: Some("a blue square".into()),
+        seed: 7,
+        count: 1,
+        fps: 8,
+        quiet: true,
+        frames: Some(5),
+        steps: Some(2),
+        output: out.to_string_lossy().into_owned(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn generate_every_format_and_center_crop() {
+    let dir = scratch("gen-formats");
+    // 100x60 is generated at 112x64 and center-cropped.
+    let mut a = args(&dir.join("v.y4m"));
+    a.size = Some("100x60".into());
+    let s = generate(&a).unwrap();
+    assert_eq!(
+        (s[0].size.as_str(), s[0].generated_size.as_str()),
+        ("100x60", "112x64")
+    );
+    let y4m = std::fs::read(dir.join("v.y4m")).unwrap();
+    let header =
+        String::from_utf8_lossy(&y4m[..y4m.iter().position(|&b| b == b'\n').unwrap()]).into_owned();
+    assert!(header.starts_with("YUV4MPEG2 W100 H60 F8:1"), "{header}");
+    assert_eq!(y4m.windows(6).filter(|w| w == b"FRAME\n").count(), 5);
+
+    let frames_dir = format!("{}/", dir.join("pngs").display());
+    let mut a = args(Path::new(&frames_dir));
+    a.output = frames_dir.clone();
+    generate(&a).unwrap();
+    assert_eq!(std::fs::read_dir(dir.join("pngs")).unwrap().count(), 5);
+    assert!(dir.join("pngs.json").is_file());
+
+    generate(&args(&dir.join("v.gif"))).unwrap();
+    assert!(std::fs::read(dir.join("v.gif"))
+        .unwrap()
+        .starts_with(b"GIF89a"));
+
+    generate(&args(&dir.join("v.safetensors"))).unwrap();
+    let f = TensorFile::open(&dir.join("v.safetensors")).unwrap();
+    let video = f.tensor("video").unwrap();
+    assert_eq!(video.shape(), &[1, 5, 3, 64, 64]);
+    assert!(video.data().iter().all(|&v| (0.0..=1.0).contains(&v)));
+    assert_eq!(f.tensor("latents").unwrap().shape(), &[1, 16, 2, 8, 8]);
+
+    // --count: seeds 7 and 8, two files that differ.
+    let mut a = args(&dir.join("c.safetensors"));
+    a.count = 2;
+    let s = generate(&a).unwrap();
+    assert_eq!((s[0].seed, s[1].seed), (7, 8));
+    let l0 = TensorFile::open(&dir.join("c-0000.safetensors"))
+        .unwrap()
+        .tensor("latents")
+        .unwrap();
+    let l1 = TensorFile::open(&dir.join("c-0001.safetensors"))
+        .unwrap()
+        .tensor("latents")
+        .unwrap();
+    assert_ne!(l0, l1);
+    // The same seed gives the same video.
+    let mut a = args(&dir.join("again.safetensors"));
+    a.output = dir.join("again.safetensors").to_string_lossy().into_owned();
+    generate(&a).unwrap();
+    let again = TensorFile::open(&dir.join("again.safetensors"))
+        .unwrap()
+        .tensor("latents")
+        .unwrap();
+    assert_eq!(again, l0);
+}
+
+#[test]
+fn generate_bad_arguments_name_the_flag() {
+    let dir = scratch("gen-bad");
+    let run = |extra: &[&str]| -> String {
+        let o = reel()
+            .current_dir(&dir)
+            .args(["generate", "--prompt", "x"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(run(&["--size", "17x20", "-o", "a.mp4"]).contains("--size"));
+    assert!(run(&["--size", "640", "-o", "a.mp4"]).contains("--size"));
+    assert!(run(&["--size", "1920x1920", "-o", "a.mp4"]).contains("--size"));
+    assert!(run(&["--frames", "6", "-o", "a.mp4"]).contains("--frames"));
+    assert!(run(&["--steps", "0", "-o", "a.mp4"]).contains("--steps"));
+    assert!(run(&["--guidance", "NaN", "-o", "a.mp4"]).contains("--guidance"));
+    assert!(run(&["--fps", "0", "-o", "a.mp4"]).contains("--fps"));
+    assert!(run(&["-o", "a.avi"]).contains("-o a.avi"));
+    assert!(run(&["--model", "wan2.1-t2v-14b", "-o", "a.mp4"]).contains("--random-weights"));
+    assert!(run(&[
+        "--model",
+        "wan2.1-t2v-14b",
+        "--random-weights",
+        "-o",
+        "a.mp4"
+    ])
+    .contains("GB"));
+    assert!(run(&["--device", "cuda", "-o", "a.mp4"]).contains("--device cuda"));
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "no output on errors"
+    );
+}
+
+#[test]
+fn generate_matches_diffusers_with_given_latents_and_embeddings() {
+    // Sample 0 of the pipeline_tiny golden run, through `reel generate`'s code path.
+    let case = data("pipeline_tiny");
+    let dir = scratch("gen-parity");
+    let inputs = TensorFile::open(&case.join("inputs.safetensors")).unwrap();
+    let first = |name: &str| {
+        let t = inputs.tensor(name).unwrap();
+        let n = t.numel() / t.shape()[0];
+        let mut shape = t.shape().to_vec();
+        shape[0] = 1;
+        reel::Tensor::new(shape, t.data()[..n].to_vec()).unwrap()
+    };
+    let (lat, pe, ne) = (
+        first("latents"),
+        first("prompt_embeds"),
+        first("negative_prompt_embeds"),
+    );
+    reel::io::write_f32(&dir.join("latents.safetensors"), &[("latents", &lat)]).unwrap();
+    reel::io::write_f32(
+        &dir.join("embeds.safetensors"),
+        &[("prompt_embeds", &pe), ("negative_prompt_embeds", &ne)],
+    )
+    .unwrap();
+    for sampler in ["unipc", "euler"] {
+        let out = dir.join(format!("{sampler}.safetensors"));
+        let o = reel()
+            .args(["generate", "--model"])
+            .arg(&case)
+            .args([
+                "--size",
+                "48x32",
+                "--frames",
+                "5",
+                "--steps",
+                "6",
+                "--guidance",
+                "5",
+                "--shift",
+                "3",
+            ])
+            .args(["--sampler", sampler, "--init-latents"])
+            .arg(dir.join("latents.safetensors"))
+            .arg("--prompt-embeds")
+            .arg(dir.join("embeds.safetensors"))
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = TensorFile::open(&out).unwrap();
+        let refs = TensorFile::open(&case.join(format!("output_{sampler}.safetensors"))).unwrap();
+        for name in ["latents", "video"] {
+            let g = got.tensor(name).unwrap();
+            let (shape, want) = refs.tensor_f64(name).unwrap();
+            let n = want.len() / shape[0];
+            assert_eq!(&g.shape()[1..], &shape[1..], "{sampler} {name} shape");
+            let err = rel_l2(g.data(), &want[..n]);
+            eprintln!("generate {sampler}: {name} rel L2 = {err:.3e}");
+            assert!(err <= 1e-3, "{sampler} {name}: {err:.3e}");
+        }
+    }
+}
+
+#[test]
+fn generate_embedded_model_is_consistent() {
+    let dir = reel::models::embedded::ensure().unwrap();
+    let tok = reel::text::PromptTokenizer::load(&dir).unwrap();
+    assert_eq!(tok.vocab_size(), reel::models::embedded::VOCAB);
+    let pipe = reel::pipeline::Pipeline::load(&dir).unwrap();
+    assert!(pipe.text.is_some());
+    assert_eq!(pipe.vae.config.temporal_factor(), 4);
+    assert_eq!(pipe.vae.config.spatial_factor(), 8);
+}
