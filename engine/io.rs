@@ -113,7 +113,8 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
-fn temp_name(path: &Path) -> PathBuf {
+/// `path` with `.partial-<pid>` appended: where outputs are written before the rename.
+pub(crate) fn temp_name(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()
         .map(|n| n.to_os_string())

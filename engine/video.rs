@@ -9,7 +9,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::io::write_f32;
+use crate::io::{temp_name, write_f32};
 use crate::tensor::Tensor;
 
 /// One RGB frame, [h, w, 3] in [0, 1].
@@ -76,15 +76,6 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-fn partial(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".partial-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
 /// Opens the writer for `out` (w×h frames at `fps`).
 pub fn open(out: &str, w: usize, h: usize, fps: u32) -> Result<Box<dyn VideoWriter>> {
     let format = Format::from_path(out)?;
@@ -120,7 +111,7 @@ struct Y4m {
 
 impl Y4m {
     fn new(path: PathBuf, w: usize, h: usize, fps: u32) -> Result<Self> {
-        let tmp = partial(&path);
+        let tmp = temp_name(&path);
         let mut out = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
         writeln!(
             out,
@@ -177,7 +168,7 @@ impl PngDir {
                 path.display()
             )));
         }
-        let tmp = partial(&path);
+        let tmp = temp_name(&path);
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         Ok(PngDir { path, tmp, n: 0 })
     }
@@ -226,7 +217,7 @@ struct Gif {
 
 impl Gif {
     fn new(path: PathBuf, w: usize, h: usize, fps: u32) -> Result<Self> {
-        let tmp = partial(&path);
+        let tmp = temp_name(&path);
         let file = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
         let gif_err =
             |e: gif::EncodingError| Error::invalid(format!("{}: gif: {e}", tmp.display()));
@@ -290,7 +281,7 @@ impl Mp4 {
         if w % 2 != 0 || h % 2 != 0 {
             return Err(Error::invalid(format!("mp4 needs even sizes, got {w}x{h}")));
         }
-        let tmp = partial(&path);
+        let tmp = temp_name(&path);
         let file = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
         // ~0.2 bits per pixel per frame: clean output for short clips.
         let bps = ((w * h) as f64 * fps as f64 * 0.2).clamp(200_000.0, 50_000_000.0) as u32;
