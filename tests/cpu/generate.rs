@@ -287,3 +287,29 @@ fn generate_embedded_model_is_consistent() {
     assert_eq!(pipe.vae.config.temporal_factor(), 4);
     assert_eq!(pipe.vae.config.spatial_factor(), 8);
 }
+
+#[cfg(unix)]
+#[test]
+fn generate_ctrl_c_stops_cleanly_without_partial_output() {
+    let dir = scratch("gen-ctrlc");
+    let mut child = reel()
+        .current_dir(&dir)
+        .args([
+            "-q", "generate", "--prompt", "x", "--steps", "100000", "-o", "out.mp4",
+        ])
+        .spawn()
+        .unwrap();
+    // Let it load and start denoising, then interrupt it as a terminal would.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let code = child.wait().unwrap();
+    assert!(started.elapsed().as_secs() < 20, "did not stop promptly");
+    assert!(!code.success(), "an interrupted run must fail");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
