@@ -124,6 +124,44 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         repeat: usize,
     },
+    /// Time denoising steps (and optionally the VAE decode and text encoding).
+    Bench {
+        /// A pipeline folder or a preset; default: the embedded model.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        random_weights: bool,
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(long)]
+        frames: Option<usize>,
+        /// Timed denoising steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+        /// One DiT pass per step (no classifier-free guidance).
+        #[arg(long)]
+        no_cfg: bool,
+        /// Also time the VAE decode.
+        #[arg(long)]
+        vae: bool,
+        /// Also time the text encoder.
+        #[arg(long)]
+        text: bool,
+        /// Per-op breakdown (GEMM, attention, norm/RoPE/elementwise, VAE conv).
+        #[arg(long)]
+        profile: bool,
+        /// Peak TFLOP/s for the MFU (default: the GPU's dense bf16 peak; none on the cpu).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Write the report as JSON to FILE (`-` for stdout).
+        #[arg(long)]
+        json: Option<String>,
+    },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
         dir: PathBuf,
@@ -339,6 +377,49 @@ pub fn run(cli: Cli) -> Result<String> {
             } else {
                 String::new()
             })
+        }
+        Command::Bench {
+            model,
+            random_weights,
+            size,
+            frames,
+            steps,
+            warmup,
+            device,
+            no_cfg,
+            vae,
+            text,
+            profile,
+            peak_tflops,
+            json,
+        } => {
+            check_device(device)?;
+            let report = crate::bench::bench(&crate::bench::BenchArgs {
+                model,
+                random_weights,
+                size,
+                frames,
+                steps,
+                warmup,
+                no_cfg,
+                vae,
+                text,
+                profile,
+                peak_tflops,
+            })?;
+            let mut out = String::new();
+            match json.as_deref() {
+                Some(dest) => {
+                    let text = serde_json::to_string_pretty(&report)
+                        .map_err(|e| Error::invalid(e.to_string()))?;
+                    out += &write_text(dest, &text)?;
+                    if dest != "-" {
+                        out += &crate::bench::render(&report);
+                    }
+                }
+                None => out += &crate::bench::render(&report),
+            }
+            Ok(out)
         }
         Command::Inspect { dir, json } => {
             let reports = crate::inspect::inspect(&dir)?;

@@ -88,7 +88,7 @@ fn round_up(v: usize, m: usize) -> usize {
 }
 
 /// Memory the machine has for this run (Linux: MemAvailable), if it can be read.
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -222,7 +222,7 @@ fn sidecar_path(out: &str) -> PathBuf {
 }
 
 /// Loads the model `args.model` names (a folder, a preset, or the embedded default).
-fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)> {
+pub(crate) fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)> {
     match args.model.as_deref() {
         None => {
             tracing::warn!(

@@ -4,6 +4,7 @@
 //! (host tensors and tensor files), [`cpu`] (the float32 reference device), [`models`]
 //! (the Wan2.1 family), and the command-line front end in [`cli`].
 
+pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod inspect;
 pub mod io;
 pub mod models;
 pub mod pipeline;
+pub mod profile;
 pub mod rng;
 pub mod sampler;
 pub mod tensor;

@@ -96,6 +96,20 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], s: AttnShape)
     attention_impl(q, k, v, out, s, None)
 }
 
+/// Times the call for `reel bench --profile`: 4·lq·lk·head_dim FLOPs per (sample, head).
+fn attention_impl(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    s: AttnShape,
+    bias: Option<&AttnBias>,
+) {
+    let flops = 4 * (s.batch * s.heads * s.lq * s.lk * s.head_dim) as u64;
+    let _t = crate::profile::time(crate::profile::Op::Attention, flops);
+    attention_impl_timed(q, k, v, out, s, bias)
+}
+
 /// [`attention`] with T5's additive relative-position bias and key mask:
 /// softmax_j(scale·q_i·k_j + table[bucket(i, j), h] + key_mask[b, j]).
 pub fn attention_biased(
@@ -149,7 +163,7 @@ fn add_bias_tile(
     }
 }
 
-fn attention_impl(
+fn attention_impl_timed(
     q: &[f32],
     k: &[f32],
     v: &[f32],

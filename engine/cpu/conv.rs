@@ -142,6 +142,8 @@ pub fn conv3d(
     );
     let t_out = (frames.len() - kt) / st + 1;
     let (h_out, w_out) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
+    let flops = 2 * (t_out * h_out * w_out * co * ci * kt * kh * kw) as u64;
+    let _t = crate::profile::time(crate::profile::Op::VaeConv, flops);
     for f in frames.iter().flatten() {
         assert_eq!(f.len(), h * w * ci, "conv3d: frame size");
     }

@@ -16,6 +16,7 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// out[m, n] = x[m, k] · w[n, k]ᵀ, with `w` in nn.Linear's [out, in] layout (no copy:
 /// the transpose is expressed with strides). Overwrites `out`.
 pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    let _t = crate::profile::time(crate::profile::Op::Gemm, 2 * (m * n * k) as u64);
     assert!(
         x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
         "matmul_wt shapes"

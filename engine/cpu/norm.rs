@@ -65,6 +65,7 @@ pub fn layer_norm(
     add: Option<&[f32]>,
     rows_per_group: usize,
 ) {
+    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
     assert_eq!(x.len(), out.len(), "layer_norm shapes");
     assert!(
         d > 0 && x.len() % d == 0,
@@ -141,6 +142,7 @@ pub fn rms_norm_rope(
     eps: f32,
     rope: Option<&RopeTables>,
 ) {
+    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
     assert!(
         d > 0 && x.len() % d == 0 && weight.len() == d,
         "rms_norm_rope shapes"
@@ -171,6 +173,7 @@ multiversion! {
 /// x / max(‖x‖₂, 1e-12) · √c · γ (F.normalize, then diffusers' scale and gamma, in that
 /// order), fused with the SiLU that follows it in every residual block when `silu`.
 pub fn channel_rms_norm(x: &mut [f32], c: usize, gamma: &[f32], silu: bool) {
+    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
     assert!(
         c > 0 && x.len() % c == 0 && gamma.len() == c,
         "channel_rms_norm shapes"

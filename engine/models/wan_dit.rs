@@ -363,6 +363,41 @@ impl WanDit {
         })
     }
 
+    /// FLOPs of one forward pass, counted from the architecture: 2·M·N·K per GEMM
+    /// (patch embedding, condition embedder, the q/k/v/o projections of both attentions,
+    /// the FFN, the output head) and 4·Lq·Lk·head_dim per attention head (Q·Kᵀ and P·V).
+    /// Norms, RoPE, activations and the softmax are not counted. `grid` is the post-patch
+    /// (frames, height, width), `text_len` the prompt length (512 in the pipeline).
+    pub fn flops(&self, batch: usize, grid: [usize; 3], text_len: usize) -> u64 {
+        Self::flops_of(&self.config, batch, grid, text_len)
+    }
+
+    /// [`flops`](Self::flops) for a config.
+    pub fn flops_of(c: &WanDitConfig, batch: usize, grid: [usize; 3], text_len: usize) -> u64 {
+        let (b, l, lt) = (
+            batch as u64,
+            grid.iter().product::<usize>() as u64,
+            text_len as u64,
+        );
+        let (d, f) = (c.inner_dim() as u64, c.ffn_dim as u64);
+        let gemm = |m: u64, n: u64, k: u64| 2 * m * n * k;
+        let patch = gemm(b * l, d, (c.in_channels * c.patch_volume()) as u64);
+        let cond = gemm(b, d, c.freq_dim as u64)
+            + gemm(b, d, d)
+            + gemm(b, 6 * d, d)
+            + gemm(b * lt, d, c.text_dim as u64)
+            + gemm(b * lt, d, d);
+        let block = 4 * gemm(b * l, d, d) // self-attention q, k, v, o
+            + 4 * b * l * l * d // self-attention: 4·L·L·head_dim per head, heads·head_dim = D
+            + 2 * gemm(b * l, d, d) // cross-attention q, o
+            + 2 * gemm(b * lt, d, d) // cross-attention k, v
+            + 4 * b * l * lt * d // cross-attention
+            + gemm(b * l, f, d)
+            + gemm(b * l, d, f); // FFN
+        let head = gemm(b * l, (c.out_channels() * c.patch_volume()) as u64, d);
+        patch + cond + c.num_layers as u64 * block + head
+    }
+
     /// The component folder this model was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir

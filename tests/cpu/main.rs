@@ -1,6 +1,7 @@
 //! Integration tests on the CPU device, in one binary (linking is slow on 2 cores).
 //! Golden data under tests/data comes from tools/golden.py (diffusers, float64).
 
+mod bench;
 mod dit;
 mod embeddings;
 mod generate;

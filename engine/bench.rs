@@ -1,0 +1,314 @@
+//! `reel bench`: denoising-step throughput reported the way GPU engineers report it:
+//! median/p10/p90 step time, tokens per second (every DiT pass of a step, both CFG passes),
+//! FLOPs counted from the architecture ([`WanDit::flops`]), achieved TFLOP/s, MFU against
+//! the device's dense bf16 peak, peak memory, and a per-op breakdown (`--profile`).
+//!
+//! The report's shape is device-independent: the cuda and emu devices plug in by filling
+//! `gpu`, `mfu` and the nvml fields; on the cpu those are null.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::generate::{load_model, parse_size, GenerateArgs};
+use crate::models::embedded;
+use crate::models::wan_dit::WanDit;
+use crate::models::wan_vae::FrameSink;
+use crate::pipeline::Conditioning;
+use crate::sampler;
+use crate::tensor::Tensor;
+use crate::text::MAX_SEQUENCE_LENGTH;
+
+/// Dense bf16 peak TFLOP/s of the GPUs reel targets (the MFU denominator).
+pub const PEAK_TFLOPS: [(&str, f64); 3] = [("H100", 989.0), ("H200", 989.0), ("A100", 312.0)];
+
+#[derive(Debug, Clone, Default)]
+pub struct BenchArgs {
+    pub model: Option<String>,
+    pub random_weights: bool,
+    pub size: Option<String>,
+    pub frames: Option<usize>,
+    pub steps: usize,
+    pub warmup: usize,
+    pub no_cfg: bool,
+    pub vae: bool,
+    pub text: bool,
+    pub profile: bool,
+    /// Overrides the peak TFLOP/s the MFU is measured against.
+    pub peak_tflops: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpReport {
+    pub name: String,
+    pub calls: u64,
+    pub seconds: f64,
+    /// Achieved TFLOP/s of the op's counted FLOPs (null for uncounted elementwise work).
+    pub tflops: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub gpu: Option<String>,
+    pub driver: Option<String>,
+    pub cpu_threads: usize,
+    pub size: String,
+    pub frames: usize,
+    /// Video tokens of one DiT pass (post-patch T·H·W).
+    pub tokens: usize,
+    pub text_tokens: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub passes_per_step: usize,
+    pub step_seconds: Percentiles,
+    pub tokens_per_second: f64,
+    pub flops_per_step: u64,
+    pub achieved_tflops: f64,
+    pub peak_tflops: Option<f64>,
+    pub mfu: Option<f64>,
+    /// cpu: the process's peak resident set (VmHWM).
+    pub peak_memory_bytes: Option<u64>,
+    pub ops: Vec<OpReport>,
+    pub text_seconds: Option<f64>,
+    pub vae_decode_seconds: Option<f64>,
+    pub commit: String,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// The process's peak resident set size (Linux VmHWM).
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+struct Discard;
+impl FrameSink for Discard {
+    fn push(&mut self, _: usize, _: &crate::cpu::conv::Frames) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the benchmark.
+pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
+    if args.steps == 0 {
+        return Err(Error::invalid("--steps must be at least 1"));
+    }
+    let gen_args = GenerateArgs {
+        model: args.model.clone(),
+        random_weights: args.random_weights,
+        ..Default::default()
+    };
+    let (pipe, model_name, embedded_model) = load_model(&gen_args)?;
+    let (w, h) = match &args.size {
+        Some(s) => parse_size(s)?,
+        None if embedded_model => embedded::DEFAULT_SIZE,
+        None => (832, 480),
+    };
+    let frames = args.frames.unwrap_or(if embedded_model {
+        embedded::DEFAULT_FRAMES
+    } else {
+        81
+    });
+    let tf = pipe.vae.config.temporal_factor();
+    if frames == 0 || (frames - 1) % tf != 0 {
+        return Err(Error::invalid(format!(
+            "--frames {frames}: must be 1 + {tf}k"
+        )));
+    }
+    let m = pipe.vae.config.spatial_factor()
+        * pipe.dit.config.patch_size[1].max(pipe.dit.config.patch_size[2]);
+    let (gw, gh) = (w.div_ceil(m) * m, h.div_ceil(m) * m);
+    let shape = pipe.latent_shape(1, frames, gh, gw);
+    let p = pipe.dit.config.patch_size;
+    let grid = [shape[2] / p[0], shape[3] / p[1], shape[4] / p[2]];
+    let tokens: usize = grid.iter().product();
+    let passes = if args.no_cfg { 1 } else { 2 };
+    let guidance = if args.no_cfg { 1.0 } else { 5.0 };
+
+    // Conditioning: the real text encoder when there is one (timed with --text), else
+    // random prompt embeddings of the pipeline's length.
+    let mut text_seconds = None;
+    let cond = if pipe.text.is_some() {
+        let t = Instant::now();
+        let c = pipe.encode_prompts(
+            &["a red circle moving right"],
+            &[""],
+            guidance,
+            MAX_SEQUENCE_LENGTH,
+        )?;
+        if args.text {
+            text_seconds = Some(t.elapsed().as_secs_f64());
+        }
+        c
+    } else {
+        if args.text {
+            return Err(Error::invalid("--text: this model has no text encoder"));
+        }
+        let shape = [1, MAX_SEQUENCE_LENGTH, pipe.dit.config.text_dim];
+        let e = || {
+            Tensor::new(
+                shape.to_vec(),
+                crate::rng::gaussian(1, shape.iter().product()),
+            )
+        };
+        Conditioning {
+            prompt_embeds: e()?,
+            negative_prompt_embeds: if passes == 2 { Some(e()?) } else { None },
+        }
+    };
+    let latents = Tensor::new(
+        shape.to_vec(),
+        crate::rng::gaussian(0, shape.iter().product()),
+    )?;
+    let total = args.warmup + args.steps;
+    let mut sampler = sampler::build(&pipe.scheduler, pipe.scheduler.kind(), total, None)?;
+    let mut marks = Vec::with_capacity(total + 1);
+    marks.push(Instant::now());
+    crate::profile::enable(args.profile && args.warmup == 0);
+    let final_latents = pipe.denoise(latents, &cond, guidance, sampler.as_mut(), &mut |i, _| {
+        marks.push(Instant::now());
+        if i == args.warmup && args.profile {
+            crate::profile::enable(true);
+        }
+        Ok(())
+    })?;
+    let mut secs: Vec<f64> = marks
+        .windows(2)
+        .skip(args.warmup)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    secs.sort_by(|a, b| a.total_cmp(b));
+    let median = percentile(&secs, 50.0);
+    let flops = WanDit::flops_of(&pipe.dit.config, passes, grid, MAX_SEQUENCE_LENGTH);
+    let achieved = flops as f64 / median / 1e12;
+    let vae_decode_seconds = if args.vae {
+        let t = Instant::now();
+        pipe.decode_to(&final_latents, &mut Discard)?;
+        Some(t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    let ops_snapshot = crate::profile::snapshot();
+    crate::profile::enable(false);
+    let ops = if args.profile {
+        ops_snapshot
+            .into_iter()
+            .map(|(name, calls, seconds, fl)| OpReport {
+                name: name.into(),
+                calls,
+                seconds,
+                tflops: (fl > 0 && seconds > 0.0).then(|| fl as f64 / seconds / 1e12),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // On the cpu there is no dense-bf16 peak to compare with unless one is given.
+    let peak = args.peak_tflops;
+    Ok(BenchReport {
+        model: model_name,
+        device: "cpu".into(),
+        gpu: None,
+        driver: None,
+        cpu_threads: rayon::current_num_threads(),
+        size: format!("{w}x{h}"),
+        frames,
+        tokens,
+        text_tokens: MAX_SEQUENCE_LENGTH,
+        steps: args.steps,
+        warmup: args.warmup,
+        passes_per_step: passes,
+        step_seconds: Percentiles {
+            median,
+            p10: percentile(&secs, 10.0),
+            p90: percentile(&secs, 90.0),
+        },
+        tokens_per_second: (passes * tokens) as f64 / median,
+        flops_per_step: flops,
+        achieved_tflops: achieved,
+        peak_tflops: peak,
+        mfu: peak.map(|p| achieved / p),
+        peak_memory_bytes: peak_rss(),
+        ops,
+        text_seconds,
+        vae_decode_seconds,
+        commit: env!("REEL_GIT_COMMIT").into(),
+    })
+}
+
+/// The human-readable table.
+pub fn render(r: &BenchReport) -> String {
+    let mut s = String::new();
+    let opt = |v: Option<f64>, unit: &str| {
+        v.map(|x| format!("{x:.4} {unit}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    s += &format!(
+        "reel bench  {}  on {} ({} threads)  commit {}\n",
+        r.model, r.device, r.cpu_threads, r.commit
+    );
+    s += &format!(
+        "  {} x {} frames: {} video tokens x {} passes, {} text tokens; {} steps after {} warm-up\n",
+        r.size, r.frames, r.tokens, r.passes_per_step, r.text_tokens, r.steps, r.warmup
+    );
+    s += &format!(
+        "  step      median {:.4} s   p10 {:.4} s   p90 {:.4} s\n",
+        r.step_seconds.median, r.step_seconds.p10, r.step_seconds.p90
+    );
+    s += &format!("  tokens/s  {:.1}\n", r.tokens_per_second);
+    s += &format!(
+        "  compute   {:.3} GFLOP/step, {:.4} TFLOP/s achieved, MFU {}\n",
+        r.flops_per_step as f64 / 1e9,
+        r.achieved_tflops,
+        r.mfu
+            .map(|m| format!("{:.2}%", m * 100.0))
+            .unwrap_or_else(|| "- (no peak for the cpu; --peak-tflops)".into())
+    );
+    s += &format!(
+        "  memory    peak {}\n",
+        r.peak_memory_bytes
+            .map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+            .unwrap_or_else(|| "-".into())
+    );
+    if r.text_seconds.is_some() || r.vae_decode_seconds.is_some() {
+        s += &format!(
+            "  text encode {}   vae decode {}\n",
+            opt(r.text_seconds, "s"),
+            opt(r.vae_decode_seconds, "s")
+        );
+    }
+    if !r.ops.is_empty() {
+        s += "  op                       calls    seconds   TFLOP/s\n";
+        for o in &r.ops {
+            s += &format!(
+                "  {:<24} {:>6} {:>10.4} {:>9}\n",
+                o.name,
+                o.calls,
+                o.seconds,
+                o.tflops
+                    .map(|t| format!("{t:.4}"))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,80 @@
+//! Per-op timers for `reel bench --profile`: wall time, calls and counted FLOPs per op
+//! class, accumulated process-wide. Off by default; when off, ops pay one relaxed atomic
+//! load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// The classes the bench reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Gemm = 0,
+    Attention = 1,
+    /// Norms, RoPE, activations, residuals, modulation.
+    Elementwise = 2,
+    VaeConv = 3,
+}
+
+pub const OPS: [(Op, &str); 4] = [
+    (Op::Gemm, "gemm"),
+    (Op::Attention, "attention"),
+    (Op::Elementwise, "norm/rope/elementwise"),
+    (Op::VaeConv, "vae_conv"),
+];
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static CALLS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static FLOPS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// Turns the timers on or off and clears them.
+pub fn enable(on: bool) {
+    for i in 0..4 {
+        NANOS[i].store(0, Relaxed);
+        CALLS[i].store(0, Relaxed);
+        FLOPS[i].store(0, Relaxed);
+    }
+    ENABLED.store(on, Relaxed);
+}
+
+/// A running timer; records when dropped.
+pub struct Timer {
+    op: Op,
+    flops: u64,
+    start: Option<Instant>,
+}
+
+/// Starts timing one call of `op` that does `flops` floating-point operations.
+pub fn time(op: Op, flops: u64) -> Timer {
+    Timer {
+        op,
+        flops,
+        start: ENABLED.load(Relaxed).then(Instant::now),
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if let Some(s) = self.start {
+            let i = self.op as usize;
+            NANOS[i].fetch_add(s.elapsed().as_nanos() as u64, Relaxed);
+            CALLS[i].fetch_add(1, Relaxed);
+            FLOPS[i].fetch_add(self.flops, Relaxed);
+        }
+    }
+}
+
+/// (name, calls, seconds, flops) per op class.
+pub fn snapshot() -> Vec<(&'static str, u64, f64, u64)> {
+    OPS.iter()
+        .map(|&(op, name)| {
+            let i = op as usize;
+            (
+                name,
+                CALLS[i].load(Relaxed),
+                NANOS[i].load(Relaxed) as f64 * 1e-9,
+                FLOPS[i].load(Relaxed),
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,107 @@
+//! `reel bench`: the JSON report and the counted FLOPs.
+
+use reel::models::wan_dit::{WanDit, WanDitConfig};
+
+use crate::scratch;
+
+#[test]
+fn bench_json_has_every_field() {
+    let out = scratch("bench").join("bench.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "-q",
+            "bench",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--profile",
+            "--vae",
+            "--text",
+            "--json",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("tokens/s"));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for field in [
+        "model",
+        "device",
+        "gpu",
+        "size",
+        "frames",
+        "tokens",
+        "steps",
+        "step_seconds",
+        "tokens_per_second",
+        "achieved_tflops",
+        "mfu",
+        "peak_memory_bytes",
+        "ops",
+        "commit",
+        "passes_per_step",
+    ] {
+        assert!(j.get(field).is_some(), "missing {field}: {j}");
+    }
+    assert_eq!(j["device"], "cpu");
+    assert!(j["gpu"].is_null() && j["mfu"].is_null());
+    assert_eq!(j["passes_per_step"], 2);
+    assert_eq!(j["tokens"], 80); // 64x64, 17 frames: 5 x 4 x 4 after the (1, 2, 2) patch
+    let s = &j["step_seconds"];
+    assert!(s["p10"].as_f64().unwrap() <= s["median"].as_f64().unwrap());
+    assert!(s["median"].as_f64().unwrap() <= s["p90"].as_f64().unwrap());
+    let tps = j["tokens_per_second"].as_f64().unwrap();
+    assert!((tps - 160.0 / s["median"].as_f64().unwrap()).abs() < 1e-6 * tps);
+    assert!(j["peak_memory_bytes"].as_u64().unwrap() > 0);
+    let ops = j["ops"].as_array().unwrap();
+    let names: Vec<&str> = ops.iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["gemm", "attention", "norm/rope/elementwise", "vae_conv"]
+    );
+    assert!(
+        ops.iter().all(|o| o["calls"].as_u64().unwrap() > 0),
+        "{ops:?}"
+    );
+    assert!(j["commit"].as_str().unwrap().len() >= 7);
+    // --device cuda is not there yet, and says so.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["bench", "--device", "cuda"])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not available yet")
+    );
+}
+
+#[test]
+fn bench_flops_equal_a_hand_count() {
+    // D = 2·8 = 16, F = 24, 1 layer, text_dim 12, freq 8, in/out 4, patch (1, 2, 2);
+    // batch 2, grid 1x2x3 (L = 6), 5 text tokens.
+    let c = WanDitConfig {
+        num_attention_heads: 2,
+        attention_head_dim: 8,
+        in_channels: 4,
+        out_channels: Some(4),
+        text_dim: 12,
+        freq_dim: 8,
+        ffn_dim: 24,
+        num_layers: 1,
+        ..Default::default()
+    };
+    let (b, l, lt, d, f) = (2u64, 6u64, 5u64, 16u64, 24u64);
+    let patch = 2 * b * l * d * 16; // K = 4 channels x 1 x 2 x 2
+    let time = 2 * b * (8 * d + d * d + d * 6 * d);
+    let text = 2 * b * lt * (12 * d + d * d);
+    let self_proj = 4 * 2 * b * l * d * d;
+    let self_attn = 2 * 4 * b * l * l * 8; // heads x 4·L·L·head_dim
+    let cross_proj = 2 * 2 * b * l * d * d + 2 * 2 * b * lt * d * d;
+    let cross_attn = 2 * 4 * b * l * lt * 8;
+    let ffn = 2 * 2 * b * l * d * f;
+    let head = 2 * b * l * d * 16; // out 4 x patch volume 4
+    let want = patch + time + text + self_proj + self_attn + cross_proj + cross_attn + ffn + head;
+    assert_eq!(WanDit::flops_of(&c, 2, [1, 2, 3], 5), want);
+}
