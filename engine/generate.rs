@@ -136,6 +136,8 @@ struct CropSink<'a> {
     crop: (usize, usize, usize, usize), // x0, y0, w, h
     frames: usize,
     progress: &'a indicatif::ProgressBar,
+    /// Where to write the first frame as a PNG, once.
+    thumbnail: Option<PathBuf>,
 }
 
 impl FrameSink for CropSink<'_> {
@@ -155,7 +157,15 @@ impl FrameSink for CropSink<'_> {
                     }
                 }
             }
-            self.writer.write(&RgbFrame { w, h, data: &buf })?;
+            let frame = RgbFrame { w, h, data: &buf };
+            if let Some(path) = self.thumbnail.take() {
+                let file = std::fs::File::create(&path).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                video::write_png(std::io::BufWriter::new(file), w, h, &frame.to_u8())?;
+            }
+            self.writer.write(&frame)?;
             self.frames += 1;
         }
         self.progress.inc(1);
@@ -346,17 +356,135 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     let started = Instant::now();
     let (pipe, model_name, embedded_model) = load_model(args)?;
     let load_seconds = started.elapsed().as_secs_f64();
-    let (dw, dh) = if embedded_model {
+    let size = requested.unwrap_or(if embedded_model {
         embedded::DEFAULT_SIZE
     } else {
         (832, 480)
-    };
-    let (w, h) = requested.unwrap_or((dw, dh));
+    });
     let frames = args.frames.unwrap_or(if embedded_model {
         embedded::DEFAULT_FRAMES
     } else {
         81
     });
+    let steps = args.steps.unwrap_or(if embedded_model {
+        embedded::DEFAULT_STEPS
+    } else {
+        50
+    });
+    let guidance = args.guidance.unwrap_or(5.0);
+    let embeds_file = args
+        .prompt_embeds
+        .as_ref()
+        .map(|p| TensorFile::open(p))
+        .transpose()?;
+    let init_latents = args
+        .init_latents
+        .as_ref()
+        .map(|p| TensorFile::open(p).and_then(|f| f.tensor("latents")))
+        .transpose()?;
+    let jobs: Vec<(Option<String>, u64)> = prompts
+        .iter()
+        .flat_map(|p| (0..args.count as u64).map(move |i| (p.clone(), args.seed.wrapping_add(i))))
+        .collect();
+    let mut written = Vec::new();
+    for (index, (prompt, seed)) in jobs.iter().enumerate() {
+        let cond = match &embeds_file {
+            Some(f) => {
+                let pe = f.tensor("prompt_embeds")?;
+                if pe.shape().len() != 3 || pe.shape()[0] != 1 {
+                    return Err(Error::invalid(format!(
+                        "--prompt-embeds: prompt_embeds must be [1, L, D], got {:?}",
+                        pe.shape()
+                    )));
+                }
+                let ne = if guidance > 1.0 {
+                    Some(f.tensor("negative_prompt_embeds")?)
+                } else {
+                    None
+                };
+                Some(Conditioning {
+                    prompt_embeds: pe,
+                    negative_prompt_embeds: ne,
+                })
+            }
+            None => None,
+        };
+        let job = Render {
+            prompt: prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            seed: *seed,
+            size,
+            frames,
+            steps,
+            guidance,
+            shift: args.shift,
+            sampler: args.sampler,
+            fps: args.fps,
+            output: output_name(&args.output, index, jobs.len()),
+            cond,
+            init_latents: init_latents.clone(),
+            thumbnail: None,
+        };
+        let progress = if args.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(0)
+        };
+        let side = render(
+            &pipe,
+            &model_name,
+            &job,
+            load_seconds,
+            &progress,
+            &mut |_, _| {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    Err(Error::Interrupted)
+                } else {
+                    Ok(())
+                }
+            },
+        )?;
+        written.push(side);
+    }
+    Ok(written)
+}
+
+/// One video to make with a loaded pipeline (what `reel generate` and `reel serve` share).
+pub struct Render {
+    pub prompt: Option<String>,
+    pub negative_prompt: String,
+    pub seed: u64,
+    /// Requested (width, height).
+    pub size: (usize, usize),
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    /// None: the scheduler config's.
+    pub shift: Option<f64>,
+    pub sampler: Option<SamplerKind>,
+    pub fps: u32,
+    pub output: String,
+    /// Given prompt embeddings; None: encode `prompt` and `negative_prompt`.
+    pub cond: Option<Conditioning>,
+    /// Given initial latents; None: Philox noise for `seed`.
+    pub init_latents: Option<Tensor>,
+    /// Also write the first frame as a PNG here.
+    pub thumbnail: Option<PathBuf>,
+}
+
+/// Makes one video: checks the request against the model, estimates memory, conditions,
+/// denoises (calling `on_step(step, steps)` after each step; an error there cancels),
+/// decodes into the writer, and writes the JSON sidecar.
+pub fn render(
+    pipe: &Pipeline,
+    model_name: &str,
+    job: &Render,
+    load_seconds: f64,
+    progress: &indicatif::ProgressBar,
+    on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<Sidecar> {
+    let (w, h) = job.size;
+    let (frames, steps, guidance) = (job.frames, job.steps, job.guidance);
     let tf = pipe.vae.config.temporal_factor();
     if frames == 0 || (frames - 1) % tf != 0 {
         return Err(Error::invalid(format!(
@@ -365,14 +493,11 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
             1 + 4 * tf
         )));
     }
-    let steps = args.steps.unwrap_or(if embedded_model {
-        embedded::DEFAULT_STEPS
-    } else {
-        50
-    });
-    let guidance = args.guidance.unwrap_or(5.0);
-    let kind = args.sampler.unwrap_or(pipe.scheduler.kind());
-    let shift = args.shift.unwrap_or(pipe.scheduler.default_shift());
+    if steps == 0 {
+        return Err(Error::invalid("--steps must be at least 1"));
+    }
+    let kind = job.sampler.unwrap_or(pipe.scheduler.kind());
+    let shift = job.shift.unwrap_or(pipe.scheduler.default_shift());
     let multiple = pipe.vae.config.spatial_factor()
         * pipe.dit.config.patch_size[1].max(pipe.dit.config.patch_size[2]);
     let (gw, gh) = (round_up(w, multiple), round_up(h, multiple));
@@ -384,16 +509,14 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     let shape = pipe.latent_shape(1, frames, gh, gw);
     let passes = if guidance > 1.0 { 2 } else { 1 };
     let tokens = shape[2..].iter().product::<usize>() / pipe.dit.config.patch_volume();
+    let vae_ch = pipe
+        .vae
+        .config
+        .decoder_base_dim
+        .unwrap_or(pipe.vae.config.base_dim);
     let need = estimate_bytes(
         dir_bytes(&pipe.root),
-        (
-            pipe.dit.config.inner_dim(),
-            pipe.dit.config.ffn_dim,
-            pipe.vae
-                .config
-                .decoder_base_dim
-                .unwrap_or(pipe.vae.config.base_dim),
-        ),
+        (pipe.dit.config.inner_dim(), pipe.dit.config.ffn_dim, vae_ch),
         tokens,
         passes,
         gw * gh,
@@ -401,155 +524,108 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     if let Some(have) = available_memory() {
         if need > have {
             return Err(Error::invalid(format!(
-                "this run needs about {:.1} GB ({}x{}, {frames} frames) and the machine has {:.1} GB available; \
+                "this run needs about {:.1} GB ({gw}x{gh}, {frames} frames) and the machine has {:.1} GB available; \
                  use a smaller --size or --frames",
                 need as f64 / 1e9,
-                gw,
-                gh,
                 have as f64 / 1e9
             )));
         }
     }
-
-    let embeds_file = args
-        .prompt_embeds
-        .as_ref()
-        .map(|p| TensorFile::open(p))
-        .transpose()?;
-    let jobs: Vec<(Option<String>, u64)> = prompts
-        .iter()
-        .flat_map(|p| (0..args.count as u64).map(move |i| (p.clone(), args.seed.wrapping_add(i))))
-        .collect();
-    let mut written = Vec::new();
-    for (index, (prompt, seed)) in jobs.iter().enumerate() {
-        let out = output_name(&args.output, index, jobs.len());
-        let mut timings = Timings {
-            load_seconds,
-            ..Default::default()
-        };
-        // Conditioning.
-        let t0 = Instant::now();
-        let cond = match &embeds_file {
-            Some(f) => {
-                let pe = f.tensor("prompt_embeds")?;
-                let ne = if passes == 2 {
-                    Some(f.tensor("negative_prompt_embeds")?)
-                } else {
-                    None
-                };
-                if pe.shape().len() != 3 || pe.shape()[0] != 1 {
-                    return Err(Error::invalid(format!(
-                        "--prompt-embeds: prompt_embeds must be [1, L, D], got {:?}",
-                        pe.shape()
-                    )));
-                }
-                Conditioning {
-                    prompt_embeds: pe,
-                    negative_prompt_embeds: ne,
-                }
-            }
-            None => {
-                let p = prompt.as_deref().unwrap_or("");
-                pipe.encode_prompts(
-                    &[p],
-                    &[args.negative_prompt.as_str()],
-                    guidance,
-                    MAX_SEQUENCE_LENGTH,
-                )?
-            }
-        };
-        timings.text_seconds = t0.elapsed().as_secs_f64();
-        // Initial latents.
-        let latents = match &args.init_latents {
-            Some(p) => {
-                let l = TensorFile::open(p)?.tensor("latents")?;
-                if l.shape() != shape {
-                    return Err(Error::invalid(format!(
-                        "--init-latents {}: latents are {:?}, this run needs {:?}",
-                        p.display(),
-                        l.shape(),
-                        shape
-                    )));
-                }
-                l
-            }
-            None => Tensor::new(
-                shape.to_vec(),
-                crate::rng::gaussian(*seed, shape.iter().product()),
-            )?,
-        };
-        let mut sampler = sampler::build(&pipe.scheduler, kind, steps, Some(shift))?;
-        let progress = if args.quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new((steps + shape[2]) as u64)
-        };
-        progress.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        progress.set_message("denoising");
-        let t1 = Instant::now();
-        let final_latents =
-            pipe.denoise(latents, &cond, guidance, sampler.as_mut(), &mut |_, _| {
-                progress.inc(1);
-                if INTERRUPTED.load(Ordering::SeqCst) {
-                    Err(Error::Interrupted)
-                } else {
-                    Ok(())
-                }
-            })?;
-        timings.denoise_seconds = t1.elapsed().as_secs_f64();
-        timings.seconds_per_step = timings.denoise_seconds / steps as f64;
-        progress.set_message("decoding");
-        let t2 = Instant::now();
-        let mut writer = video::open(&out, w, h, args.fps)?;
-        let mut sink = CropSink {
-            writer: writer.as_mut(),
-            crop: ((gw - w) / 2, (gh - h) / 2, w, h),
-            frames: 0,
-            progress: &progress,
-        };
-        let decoded = pipe.decode_to(&final_latents, &mut sink);
-        let n_frames = sink.frames;
-        match decoded {
-            Ok(()) => writer.finish(&final_latents)?,
-            Err(e) => {
-                writer.abort();
-                return Err(e);
-            }
+    let mut timings = Timings {
+        load_seconds,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let encoded;
+    let cond = match &job.cond {
+        Some(c) => c,
+        None => {
+            let p = job.prompt.as_deref().unwrap_or("");
+            encoded = pipe.encode_prompts(
+                &[p],
+                &[job.negative_prompt.as_str()],
+                guidance,
+                MAX_SEQUENCE_LENGTH,
+            )?;
+            &encoded
         }
-        timings.decode_seconds = t2.elapsed().as_secs_f64();
-        progress.finish_and_clear();
-        let side = Sidecar {
-            output: out.clone(),
-            prompt: prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            seed: *seed,
-            model: model_name.clone(),
-            sampler: kind.name().into(),
-            steps,
-            guidance,
-            shift,
-            size: format!("{w}x{h}"),
-            generated_size: format!("{gw}x{gh}"),
-            frames: n_frames,
-            fps: args.fps,
-            reel_version: format!(
-                "{} ({})",
-                env!("CARGO_PKG_VERSION"),
-                env!("REEL_GIT_COMMIT")
-            ),
-            timings,
-        };
-        let text =
-            serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
-        let sp = sidecar_path(&out);
-        std::fs::write(&sp, text).map_err(|source| Error::Io { path: sp, source })?;
-        tracing::info!("wrote {out} ({n_frames} frames)");
-        written.push(side);
+    };
+    timings.text_seconds = t0.elapsed().as_secs_f64();
+    let latents = match &job.init_latents {
+        Some(l) if l.shape() != shape => {
+            return Err(Error::invalid(format!(
+                "--init-latents: latents are {:?}, this run needs {:?}",
+                l.shape(),
+                shape
+            )))
+        }
+        Some(l) => l.clone(),
+        None => Tensor::new(
+            shape.to_vec(),
+            crate::rng::gaussian(job.seed, shape.iter().product()),
+        )?,
+    };
+    let mut sampler = sampler::build(&pipe.scheduler, kind, steps, Some(shift))?;
+    progress.set_length((steps + shape[2]) as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.set_message("denoising");
+    let t1 = Instant::now();
+    let final_latents = pipe.denoise(latents, cond, guidance, sampler.as_mut(), &mut |i, n| {
+        progress.inc(1);
+        on_step(i, n)
+    })?;
+    timings.denoise_seconds = t1.elapsed().as_secs_f64();
+    timings.seconds_per_step = timings.denoise_seconds / steps as f64;
+    progress.set_message("decoding");
+    let t2 = Instant::now();
+    let mut writer = video::open(&job.output, w, h, job.fps)?;
+    let mut sink = CropSink {
+        writer: writer.as_mut(),
+        crop: ((gw - w) / 2, (gh - h) / 2, w, h),
+        frames: 0,
+        progress,
+        thumbnail: job.thumbnail.clone(),
+    };
+    let decoded = pipe.decode_to(&final_latents, &mut sink);
+    let n_frames = sink.frames;
+    match decoded {
+        Ok(()) => writer.finish(&final_latents)?,
+        Err(e) => {
+            writer.abort();
+            return Err(e);
+        }
     }
-    Ok(written)
+    timings.decode_seconds = t2.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    let side = Sidecar {
+        output: job.output.clone(),
+        prompt: job.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        seed: job.seed,
+        model: model_name.to_string(),
+        sampler: kind.name().into(),
+        steps,
+        guidance,
+        shift,
+        size: format!("{w}x{h}"),
+        generated_size: format!("{gw}x{gh}"),
+        frames: n_frames,
+        fps: job.fps,
+        reel_version: format!(
+            "{} ({})",
+            env!("CARGO_PKG_VERSION"),
+            env!("REEL_GIT_COMMIT")
+        ),
+        timings,
+    };
+    let text = serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
+    let sp = sidecar_path(&job.output);
+    std::fs::write(&sp, text).map_err(|source| Error::Io { path: sp, source })?;
+    tracing::info!("wrote {} ({n_frames} frames)", job.output);
+    Ok(side)
 }
