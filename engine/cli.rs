@@ -162,6 +162,33 @@ pub enum Command {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Serve an OpenAI-style video API over HTTP.
+    Serve {
+        /// A pipeline folder or a preset; default: the embedded model.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        random_weights: bool,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: String,
+        /// Where jobs, videos and thumbnails are kept (survives restarts).
+        #[arg(long, default_value = "reel-data")]
+        data_dir: PathBuf,
+        /// Queued jobs before POST /v1/videos answers 429.
+        #[arg(long, default_value_t = 16)]
+        max_queue: usize,
+        /// Evict finished jobs older than this.
+        #[arg(long)]
+        keep_hours: Option<f64>,
+        /// Evict the oldest finished jobs while videos take more than this.
+        #[arg(long)]
+        max_disk_gb: Option<f64>,
+        /// Require `Authorization: Bearer KEY` on /v1 routes.
+        #[arg(long, env = "REEL_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+    },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
         dir: PathBuf,
@@ -420,6 +447,30 @@ pub fn run(cli: Cli) -> Result<String> {
                 None => out += &crate::bench::render(&report),
             }
             Ok(out)
+        }
+        Command::Serve {
+            model,
+            random_weights,
+            addr,
+            data_dir,
+            max_queue,
+            keep_hours,
+            max_disk_gb,
+            api_key,
+            device,
+        } => {
+            check_device(device)?;
+            crate::server::serve(&crate::server::ServeArgs {
+                model,
+                random_weights,
+                addr,
+                data_dir,
+                max_queue,
+                keep_hours,
+                max_disk_gb,
+                api_key,
+            })?;
+            Ok(String::new())
         }
         Command::Inspect { dir, json } => {
             let reports = crate::inspect::inspect(&dir)?;

@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod rng;
 pub mod sampler;
+pub mod server;
 pub mod tensor;
 pub mod text;
 pub mod video;

@@ -8,58 +8,10 @@ use reel::generate::{generate, GenerateArgs};
 use reel::io::TensorFile;
 use reel::tensor::rel_l2;
 
-use crate::{data, scratch};
+use crate::{data, parse_mp4, scratch};
 
 fn reel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_reel"))
-}
-
-/// The boxes of an MP4 that tell frame count, size and rate.
-#[derive(Debug, Default)]
-struct Mp4Info {
-    samples: u32,
-    width: u32,
-    height: u32,
-    timescale: u32,
-    delta: u32,
-    moov_before_mdat: bool,
-}
-
-fn parse_mp4(bytes: &[u8]) -> Mp4Info {
-    fn walk(b: &[u8], info: &mut Mp4Info, seen_mdat: &mut bool, top: bool) {
-        let mut i = 0;
-        while i + 8 <= b.len() {
-            let size = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
-            let kind = &b[i + 4..i + 8];
-            assert!(size >= 8 && i + size <= b.len(), "bad box at {i}");
-            let body = &b[i + 8..i + size];
-            let u32_at = |o: usize| u32::from_be_bytes(body[o..o + 4].try_into().unwrap());
-            match kind {
-                b"moov" => {
-                    if top {
-                        info.moov_before_mdat = !*seen_mdat;
-                    }
-                    walk(body, info, seen_mdat, false)
-                }
-                b"trak" | b"mdia" | b"minf" | b"stbl" => walk(body, info, seen_mdat, false),
-                b"mdat" => *seen_mdat = true,
-                b"tkhd" => {
-                    // version 0: width, height are the last 8 bytes (16.16 fixed point).
-                    let n = body.len();
-                    info.width = u32::from_be_bytes(body[n - 8..n - 4].try_into().unwrap()) >> 16;
-                    info.height = u32::from_be_bytes(body[n - 4..n].try_into().unwrap()) >> 16;
-                }
-                b"mdhd" => info.timescale = if body[0] == 1 { u32_at(20) } else { u32_at(12) },
-                b"stsz" => info.samples = u32_at(8),
-                b"stts" => info.delta = u32_at(12),
-                _ => {}
-            }
-            i += size;
-        }
-    }
-    let mut info = Mp4Info::default();
-    walk(bytes, &mut info, &mut false, true);
-    info
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod dit;
 mod embeddings;
 mod generate;
 mod pipeline;
+mod serve;
 mod text;
 mod vae;
 mod weights;
@@ -25,4 +26,52 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
+}
+
+/// The boxes of an MP4 that tell frame count, size and rate.
+#[derive(Debug, Default)]
+pub struct Mp4Info {
+    pub samples: u32,
+    pub width: u32,
+    pub height: u32,
+    pub timescale: u32,
+    pub delta: u32,
+    pub moov_before_mdat: bool,
+}
+
+pub fn parse_mp4(bytes: &[u8]) -> Mp4Info {
+    fn walk(b: &[u8], info: &mut Mp4Info, seen_mdat: &mut bool, top: bool) {
+        let mut i = 0;
+        while i + 8 <= b.len() {
+            let size = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
+            let kind = &b[i + 4..i + 8];
+            assert!(size >= 8 && i + size <= b.len(), "bad box at {i}");
+            let body = &b[i + 8..i + size];
+            let u32_at = |o: usize| u32::from_be_bytes(body[o..o + 4].try_into().unwrap());
+            match kind {
+                b"moov" => {
+                    if top {
+                        info.moov_before_mdat = !*seen_mdat;
+                    }
+                    walk(body, info, seen_mdat, false)
+                }
+                b"trak" | b"mdia" | b"minf" | b"stbl" => walk(body, info, seen_mdat, false),
+                b"mdat" => *seen_mdat = true,
+                b"tkhd" => {
+                    // version 0: width, height are the last 8 bytes (16.16 fixed point).
+                    let n = body.len();
+                    info.width = u32::from_be_bytes(body[n - 8..n - 4].try_into().unwrap()) >> 16;
+                    info.height = u32::from_be_bytes(body[n - 4..n].try_into().unwrap()) >> 16;
+                }
+                b"mdhd" => info.timescale = if body[0] == 1 { u32_at(20) } else { u32_at(12) },
+                b"stsz" => info.samples = u32_at(8),
+                b"stts" => info.delta = u32_at(12),
+                _ => {}
+            }
+            i += size;
+        }
+    }
+    let mut info = Mp4Info::default();
+    walk(bytes, &mut info, &mut false, true);
+    info
 }

@@ -1,0 +1,980 @@
+//! `reel serve`: an HTTP backend shaped like OpenAI's video API, so existing clients work.
+//!
+//! One worker thread owns the model (loaded once at start-up) and runs jobs one at a time
+//! from a bounded queue (429 when full). Jobs are durable: each is a JSON record under
+//! `<data-dir>/jobs/` and its video and thumbnail live under `<data-dir>/videos/`. After a
+//! restart, finished jobs are listed and downloadable again; jobs that were queued or
+//! running are marked failed (code `server_restarted`): the client resubmits them.
+//! Cancellation (DELETE) is checked between denoising steps.
+
+// Request validation returns the ready 400 response as its error: a cold path, where the
+// size of axum's Response does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Path as AxPath, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+use crate::generate::{load_model, parse_size, render, GenerateArgs, Render};
+use crate::models::embedded;
+use crate::pipeline::Pipeline;
+
+/// `reel serve`'s settings.
+#[derive(Debug, Clone)]
+pub struct ServeArgs {
+    pub model: Option<String>,
+    pub random_weights: bool,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub max_queue: usize,
+    pub keep_hours: Option<f64>,
+    pub max_disk_gb: Option<f64>,
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    InProgress,
+    Completed,
+    Failed,
+}
+
+impl Status {
+    fn finished(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed)
+    }
+}
+
+/// A job: the OpenAI video object's fields, plus what reel needs to run it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub model: String,
+    pub status: Status,
+    pub progress: u32,
+    pub created_at: u64,
+    pub completed_at: Option<u64>,
+    pub size: String,
+    pub seconds: String,
+    pub error: Option<Value>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub seed: u64,
+    pub fps: u32,
+}
+
+impl Job {
+    /// The video object as the API returns it.
+    fn object(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "video",
+            "model": self.model,
+            "status": self.status,
+            "progress": self.progress,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "size": self.size,
+            "seconds": self.seconds,
+            "error": self.error,
+            "prompt": self.prompt,
+            "frames": self.frames,
+            "fps": self.fps,
+            "seed": self.seed,
+        })
+    }
+}
+
+struct Entry {
+    job: Job,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Shared {
+    jobs: Mutex<BTreeMap<String, Entry>>,
+    tx: SyncSender<String>,
+    data: PathBuf,
+    model_name: String,
+    embedded: bool,
+    api_key: Option<String>,
+    queued: AtomicUsize,
+    step_nanos: AtomicU64,
+    steps: AtomicU64,
+    keep_hours: Option<f64>,
+    max_disk_gb: Option<f64>,
+    shutdown: AtomicBool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Opaque ids: `video_` and 32 hex digits of Philox output keyed by time and a counter.
+fn new_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let w = crate::rng::philox4x32_10(
+        [c as u32, (c >> 32) as u32, std::process::id(), 0],
+        [t as u32, (t >> 32) as u32],
+    );
+    format!("video_{:08x}{:08x}{:08x}{:08x}", w[0], w[1], w[2], w[3])
+}
+
+/// Only ids of our own shape ever reach the filesystem.
+fn valid_id(id: &str) -> bool {
+    id.len() == 38
+        && id.starts_with("video_")
+        && id[6..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn api_error(
+    status: StatusCode,
+    message: impl Into<String>,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    let kind = match status {
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    };
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn bad(param: &str, message: impl Into<String>) -> Response {
+    api_error(StatusCode::BAD_REQUEST, message, Some(param), None)
+}
+
+impl Shared {
+    fn job_path(&self, id: &str) -> PathBuf {
+        self.data.join("jobs").join(format!("{id}.json"))
+    }
+    fn video_path(&self, id: &str) -> PathBuf {
+        self.data.join("videos").join(format!("{id}.mp4"))
+    }
+    fn thumb_path(&self, id: &str) -> PathBuf {
+        self.data.join("videos").join(format!("{id}.png"))
+    }
+
+    /// Writes the job record (temporary name, then rename).
+    fn persist(&self, job: &Job) {
+        let path = self.job_path(&job.id);
+        let tmp = path.with_extension("json.tmp");
+        let ok = serde_json::to_vec_pretty(job)
+            .ok()
+            .and_then(|b| std::fs::write(&tmp, b).ok())
+            .and_then(|_| std::fs::rename(&tmp, &path).ok());
+        if ok.is_none() {
+            tracing::error!("could not write {}", path.display());
+        }
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Job)) -> Option<Job> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let e = jobs.get_mut(id)?;
+        f(&mut e.job);
+        let job = e.job.clone();
+        drop(jobs);
+        self.persist(&job);
+        Some(job)
+    }
+
+    fn remove_files(&self, id: &str) {
+        for p in [
+            self.job_path(id),
+            self.video_path(id),
+            self.thumb_path(id),
+            self.sidecar(id),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    fn sidecar(&self, id: &str) -> PathBuf {
+        self.data.join("videos").join(format!("{id}.mp4.json"))
+    }
+
+    /// Evicts finished jobs older than keep_hours, then the oldest finished ones while the
+    /// videos take more than max_disk_gb.
+    fn retention(&self) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut finished: Vec<(u64, String)> = jobs
+            .values()
+            .filter(|e| e.job.status.finished())
+            .map(|e| {
+                (
+                    e.job.completed_at.unwrap_or(e.job.created_at),
+                    e.job.id.clone(),
+                )
+            })
+            .collect();
+        finished.sort();
+        let mut evict = Vec::new();
+        if let Some(h) = self.keep_hours {
+            let cutoff = now().saturating_sub((h * 3600.0) as u64);
+            evict.extend(
+                finished
+                    .iter()
+                    .filter(|(t, _)| *t < cutoff)
+                    .map(|(_, id)| id.clone()),
+            );
+        }
+        if let Some(gb) = self.max_disk_gb {
+            let limit = (gb * 1e9) as u64;
+            let size = |id: &str| {
+                [self.video_path(id), self.thumb_path(id)]
+                    .iter()
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            };
+            let mut total: u64 = jobs.keys().map(|id| size(id)).sum();
+            for (_, id) in &finished {
+                if total <= limit {
+                    break;
+                }
+                if !evict.contains(id) {
+                    total = total.saturating_sub(size(id));
+                    evict.push(id.clone());
+                }
+            }
+        }
+        for id in evict {
+            jobs.remove(&id);
+            self.remove_files(&id);
+            tracing::info!("retention: evicted {id}");
+        }
+    }
+}
+
+/// Runs jobs one at a time on the thread that owns the model.
+fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
+    loop {
+        let id = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(id) => id,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
+        };
+        shared.queued.fetch_sub(1, Ordering::SeqCst);
+        let (job, cancel) = {
+            let jobs = shared.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match jobs.get(&id) {
+                Some(e) if e.job.status == Status::Queued => (e.job.clone(), e.cancel.clone()),
+                _ => continue, // cancelled or deleted while queued
+            }
+        };
+        shared.update(&id, |j| j.status = Status::InProgress);
+        let size = parse_size(&job.size).unwrap_or(embedded::DEFAULT_SIZE);
+        let render_job = Render {
+            prompt: Some(job.prompt.clone()),
+            negative_prompt: job.negative_prompt.clone(),
+            seed: job.seed,
+            size,
+            frames: job.frames,
+            steps: job.steps,
+            guidance: job.guidance,
+            shift: None,
+            sampler: None,
+            fps: job.fps,
+            output: shared.video_path(&id).to_string_lossy().into_owned(),
+            cond: None,
+            init_latents: None,
+            thumbnail: Some(shared.thumb_path(&id)),
+        };
+        let progress = indicatif::ProgressBar::hidden();
+        let mut last = std::time::Instant::now();
+        let result = render(
+            &pipe,
+            &shared.model_name,
+            &render_job,
+            0.0,
+            &progress,
+            &mut |step, steps| {
+                shared
+                    .step_nanos
+                    .fetch_add(last.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                shared.steps.fetch_add(1, Ordering::Relaxed);
+                last = std::time::Instant::now();
+                // Denoising is 90% of the progress bar; the decode the rest.
+                shared.update(&id, |j| j.progress = (90 * step / steps.max(1)) as u32);
+                if cancel.load(Ordering::SeqCst) || shared.shutdown.load(Ordering::SeqCst) {
+                    Err(Error::Interrupted)
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        match result {
+            Ok(_) => {
+                shared.update(&id, |j| {
+                    j.status = Status::Completed;
+                    j.progress = 100;
+                    j.completed_at = Some(now());
+                });
+            }
+            Err(e) => {
+                let (code, message) = match e {
+                    Error::Interrupted => ("cancelled", "the job was cancelled".to_string()),
+                    other => ("generation_failed", other.to_string()),
+                };
+                tracing::warn!("job {id} failed: {message}");
+                shared.update(&id, |j| {
+                    j.status = Status::Failed;
+                    j.completed_at = Some(now());
+                    j.error = Some(json!({"code": code, "message": message}));
+                });
+                let _ = std::fs::remove_file(shared.video_path(&id));
+                let _ = std::fs::remove_file(shared.thumb_path(&id));
+            }
+        }
+        shared.retention();
+    }
+}
+
+/// Integer fields that may arrive as JSON numbers or strings (multipart, OpenAI's "4").
+fn int_field(
+    map: &Map<String, Value>,
+    name: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> std::result::Result<Option<u64>, Response> {
+    let v = match map.get(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if range.contains(&n) => Ok(Some(n)),
+        _ => Err(bad(
+            name,
+            format!(
+                "`{name}` must be a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
+fn float_field(map: &Map<String, Value>, name: &str) -> std::result::Result<Option<f64>, Response> {
+    let v = match map.get(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    let n = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(x) if x.is_finite() => Ok(Some(x)),
+        _ => Err(bad(name, format!("`{name}` must be a finite number"))),
+    }
+}
+
+fn str_field<'a>(
+    map: &'a Map<String, Value>,
+    name: &str,
+) -> std::result::Result<Option<&'a str>, Response> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(bad(name, format!("`{name}` must be a string"))),
+    }
+}
+
+/// Validates a create request into a job (400 naming the field on bad input).
+fn job_from_request(
+    shared: &Shared,
+    map: &Map<String, Value>,
+) -> std::result::Result<Job, Response> {
+    let prompt = str_field(map, "prompt")?.ok_or_else(|| bad("prompt", "`prompt` is required"))?;
+    if prompt.trim().is_empty() {
+        return Err(bad("prompt", "`prompt` must not be empty"));
+    }
+    if prompt.chars().count() > 32_000 {
+        return Err(bad("prompt", "`prompt` is longer than 32,000 characters"));
+    }
+    let model = str_field(map, "model")?
+        .unwrap_or(&shared.model_name)
+        .to_string();
+    let default_size = if shared.embedded { "64x64" } else { "832x480" };
+    let size = str_field(map, "size")?.unwrap_or(default_size);
+    parse_size(size).map_err(|e| bad("size", e.to_string().replace("--size", "size")))?;
+    let seconds = int_field(map, "seconds", 1..=60)?.unwrap_or(4);
+    let frames = match int_field(map, "frames", 1..=16 * 60 + 1)? {
+        Some(f) if (f - 1) % 4 != 0 => {
+            return Err(bad("frames", "`frames` must be 1 + 4k (1, 5, 9, ..., 81)"))
+        }
+        Some(f) => f as usize,
+        None => 16 * seconds as usize + 1,
+    };
+    let default_steps = if shared.embedded {
+        embedded::DEFAULT_STEPS
+    } else {
+        50
+    };
+    let steps = int_field(map, "steps", 1..=1000)?
+        .map(|s| s as usize)
+        .unwrap_or(default_steps);
+    let guidance = float_field(map, "guidance")?.unwrap_or(5.0) as f32;
+    let seed = int_field(map, "seed", 0..=u64::MAX)?.unwrap_or(0);
+    let fps = int_field(map, "fps", 1..=240)?.unwrap_or(16) as u32;
+    let negative_prompt = str_field(map, "negative_prompt")?.unwrap_or("").to_string();
+    if negative_prompt.chars().count() > 32_000 {
+        return Err(bad(
+            "negative_prompt",
+            "`negative_prompt` is longer than 32,000 characters",
+        ));
+    }
+    Ok(Job {
+        id: new_id(),
+        model,
+        status: Status::Queued,
+        progress: 0,
+        created_at: now(),
+        completed_at: None,
+        size: size.to_string(),
+        seconds: seconds.to_string(),
+        error: None,
+        prompt: prompt.to_string(),
+        negative_prompt,
+        frames,
+        steps,
+        guidance,
+        seed,
+        fps,
+    })
+}
+
+async fn create(State(s): State<Arc<Shared>>, headers: HeaderMap, req: Request) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let map: Map<String, Value> = if content_type.starts_with("multipart/form-data") {
+        let mut mp = match Multipart::from_request(req, &()).await {
+            Ok(m) => m,
+            Err(e) => return bad("body", format!("malformed multipart body: {e}")),
+        };
+        let mut map = Map::new();
+        loop {
+            match mp.next_field().await {
+                Ok(Some(field)) => {
+                    let name = field.name().unwrap_or("").to_string();
+                    if field.file_name().is_some() {
+                        continue; // input_reference and other files: not used by text-to-video
+                    }
+                    match field.text().await {
+                        Ok(t) => {
+                            map.insert(name, Value::String(t));
+                        }
+                        Err(e) => return bad(&name, format!("unreadable field: {e}")),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return bad("body", format!("malformed multipart body: {e}")),
+            }
+        }
+        map
+    } else {
+        let bytes = match Bytes::from_request(req, &()).await {
+            Ok(b) => b,
+            Err(e) => return bad("body", format!("unreadable body: {e}")),
+        };
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return bad("body", "the body must be a JSON object"),
+            Err(e) => return bad("body", format!("malformed JSON: {e}")),
+        }
+    };
+    let job = match job_from_request(&s, &map) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let id = job.id.clone();
+    {
+        let mut jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        s.queued.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = s.tx.try_send(id.clone()) {
+            s.queued.fetch_sub(1, Ordering::SeqCst);
+            return match e {
+                TrySendError::Full(_) => api_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "the queue is full; retry later",
+                    None,
+                    Some("queue_full"),
+                ),
+                TrySendError::Disconnected(_) => api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the worker has stopped",
+                    None,
+                    None,
+                ),
+            };
+        }
+        jobs.insert(
+            id.clone(),
+            Entry {
+                job: job.clone(),
+                cancel: Arc::new(AtomicBool::new(false)),
+            },
+        );
+    }
+    s.persist(&job);
+    (StatusCode::OK, Json(job.object())).into_response()
+}
+
+fn find(s: &Shared, id: &str) -> std::result::Result<Job, Response> {
+    if !valid_id(id) {
+        return Err(api_error(
+            StatusCode::NOT_FOUND,
+            format!("no video `{id}`"),
+            Some("video_id"),
+            None,
+        ));
+    }
+    let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
+    jobs.get(id).map(|e| e.job.clone()).ok_or_else(|| {
+        api_error(
+            StatusCode::NOT_FOUND,
+            format!("no video `{id}`"),
+            Some("video_id"),
+            None,
+        )
+    })
+}
+
+async fn retrieve(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Response {
+    match find(&s, &id) {
+        Ok(j) => Json(j.object()).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<String>,
+    order: Option<String>,
+}
+
+async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => 20,
+        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        _ => return bad("limit", "`limit` must be a whole number from 1 to 100"),
+    };
+    let desc = match q.order.as_deref() {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        _ => return bad("order", "`order` must be `asc` or `desc`"),
+    };
+    let mut all: Vec<Job> = {
+        let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.values().map(|e| e.job.clone()).collect()
+    };
+    all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    if desc {
+        all.reverse();
+    }
+    let start = match &q.after {
+        Some(after) => match all.iter().position(|j| &j.id == after) {
+            Some(i) => i + 1,
+            None => return bad("after", format!("no video `{after}`")),
+        },
+        None => 0,
+    };
+    let page: Vec<&Job> = all.iter().skip(start).take(limit).collect();
+    let has_more = start + page.len() < all.len();
+    Json(json!({
+        "object": "list",
+        "data": page.iter().map(|j| j.object()).collect::<Vec<_>>(),
+        "first_id": page.first().map(|j| j.id.clone()),
+        "last_id": page.last().map(|j| j.id.clone()),
+        "has_more": has_more,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ContentQuery {
+    variant: Option<String>,
+}
+
+async fn content(
+    State(s): State<Arc<Shared>>,
+    AxPath(id): AxPath<String>,
+    Query(q): Query<ContentQuery>,
+) -> Response {
+    let job = match find(&s, &id) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    if job.status != Status::Completed {
+        return api_error(
+            StatusCode::CONFLICT,
+            format!("video `{id}` is {:?}, not completed", job.status),
+            Some("video_id"),
+            Some("video_not_ready"),
+        );
+    }
+    let (path, mime) = match q.variant.as_deref() {
+        None | Some("video") => (s.video_path(&id), "video/mp4"),
+        Some("thumbnail") => (s.thumb_path(&id), "image/png"),
+        Some(other) => {
+            return bad(
+                "variant",
+                format!("unknown variant `{other}`; use video or thumbnail"),
+            )
+        }
+    };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, mime)], bytes).into_response(),
+        Err(_) => api_error(
+            StatusCode::NOT_FOUND,
+            format!("the file of `{id}` is gone"),
+            None,
+            None,
+        ),
+    }
+}
+
+async fn delete(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Response {
+    let job = match find(&s, &id) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    if job.status.finished() {
+        s.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        s.remove_files(&id);
+        return Json(json!({"id": id, "object": "video", "deleted": true})).into_response();
+    }
+    // Queued or running: cancel. A queued job is failed at once; a running one stops at its
+    // next step and the worker marks it.
+    if let Some(e) = s.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        e.cancel.store(true, Ordering::SeqCst);
+    }
+    let updated = if job.status == Status::Queued {
+        s.update(&id, |j| {
+            j.status = Status::Failed;
+            j.completed_at = Some(now());
+            j.error = Some(json!({"code": "cancelled", "message": "the job was cancelled"}));
+        })
+    } else {
+        Some(job)
+    };
+    match updated {
+        Some(j) => Json(j.object()).into_response(),
+        None => api_error(
+            StatusCode::NOT_FOUND,
+            format!("no video `{id}`"),
+            None,
+            None,
+        ),
+    }
+}
+
+async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Response {
+    if let Err(r) = find(&s, &id) {
+        return r;
+    }
+    // Polls the job and emits an event whenever its progress or status changes, ending
+    // after the terminal status.
+    let stream = futures_util::stream::unfold(
+        (s, id, None::<(Status, u32)>, false),
+        |(s, id, last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let job = {
+                    let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                    jobs.get(&id).map(|e| e.job.clone())
+                };
+                let Some(job) = job else {
+                    let ev = Event::default()
+                        .event("deleted")
+                        .data(json!({"id": id}).to_string());
+                    return Some((
+                        Ok::<Event, std::convert::Infallible>(ev),
+                        (s, id, last, true),
+                    ));
+                };
+                let key = (job.status, job.progress);
+                if last != Some(key) {
+                    let name = if job.status.finished() {
+                        "done"
+                    } else {
+                        "progress"
+                    };
+                    let ev = Event::default().event(name).data(job.object().to_string());
+                    return Some((Ok(ev), (s, id, Some(key), job.status.finished())));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Response {
+    Json(json!({"status": "ok", "model": s.model_name})).into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let mut by_status: BTreeMap<&str, usize> = [
+        ("queued", 0),
+        ("in_progress", 0),
+        ("completed", 0),
+        ("failed", 0),
+    ]
+    .into();
+    for e in s.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        let k = match e.job.status {
+            Status::Queued => "queued",
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+        };
+        *by_status.entry(k).or_insert(0) += 1;
+    }
+    let mut t = String::new();
+    t += "# HELP reel_queue_depth Jobs waiting for the worker.\n# TYPE reel_queue_depth gauge\n";
+    t += &format!("reel_queue_depth {}\n", s.queued.load(Ordering::SeqCst));
+    t += "# HELP reel_jobs Jobs known to the server by status.\n# TYPE reel_jobs gauge\n";
+    for (k, v) in by_status {
+        t += &format!("reel_jobs{{status=\"{k}\"}} {v}\n");
+    }
+    t += "# HELP reel_step_seconds Wall time of denoising steps.\n# TYPE reel_step_seconds summary\n";
+    t += &format!(
+        "reel_step_seconds_sum {:.6}\n",
+        s.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    );
+    t += &format!(
+        "reel_step_seconds_count {}\n",
+        s.steps.load(Ordering::Relaxed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], t).into_response()
+}
+
+async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|v| v == key)
+            .unwrap_or(false);
+        if !ok {
+            return api_error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key (Authorization: Bearer KEY)",
+                None,
+                Some("invalid_api_key"),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// A running server (in this process).
+pub struct Server {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Loads the model, restores the jobs of `data_dir`, binds `addr` (port 0: any free
+    /// port) and serves on background threads.
+    pub fn start(args: &ServeArgs) -> Result<Server> {
+        if args.max_queue == 0 {
+            return Err(Error::invalid("--max-queue must be at least 1"));
+        }
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| Error::Io { path: p, source }
+        };
+        for sub in ["jobs", "videos"] {
+            let d = args.data_dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+        }
+        let (pipe, model_name, embedded_model) = load_model(&GenerateArgs {
+            model: args.model.clone(),
+            random_weights: args.random_weights,
+            ..Default::default()
+        })?;
+        let (tx, rx) = sync_channel(args.max_queue);
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new(BTreeMap::new()),
+            tx,
+            data: args.data_dir.clone(),
+            model_name,
+            embedded: embedded_model,
+            api_key: args.api_key.clone(),
+            queued: AtomicUsize::new(0),
+            step_nanos: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
+            keep_hours: args.keep_hours,
+            max_disk_gb: args.max_disk_gb,
+            shutdown: AtomicBool::new(false),
+        });
+        // Restore: finished jobs as they were; unfinished ones failed (resubmit them).
+        let jobs_dir = args.data_dir.join("jobs");
+        for entry in std::fs::read_dir(&jobs_dir)
+            .map_err(io(&jobs_dir))?
+            .flatten()
+        {
+            let path = entry.path();
+            let Some(job) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Job>(&b).ok())
+            else {
+                continue;
+            };
+            if !valid_id(&job.id)
+                || path
+                    .file_stem()
+                    .map(|s| s != job.id.as_str())
+                    .unwrap_or(true)
+            {
+                continue;
+            }
+            let mut job = job;
+            if !job.status.finished() {
+                job.status = Status::Failed;
+                job.completed_at = Some(now());
+                job.error = Some(json!({"code": "server_restarted",
+                    "message": "the server restarted before this job finished; submit it again"}));
+                shared.persist(&job);
+            }
+            shared
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    job.id.clone(),
+                    Entry {
+                        job,
+                        cancel: Arc::new(AtomicBool::new(false)),
+                    },
+                );
+        }
+        shared.retention();
+
+        let app = Router::new()
+            .route("/v1/videos", get(list).post(create))
+            .route("/v1/videos/{id}", get(retrieve).delete(delete))
+            .route("/v1/videos/{id}/content", get(content))
+            .route("/v1/videos/{id}/events", get(events))
+            .route_layer(middleware::from_fn_with_state(shared.clone(), auth))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .with_state(shared.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::invalid(format!("tokio: {e}")))?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(&args.addr))
+            .map_err(|e| Error::invalid(format!("--addr {}: {e}", args.addr)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let http = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = stop_rx.await;
+                });
+                if let Err(e) = server.await {
+                    tracing::error!("server: {e}");
+                }
+            });
+        });
+        let ws = shared.clone();
+        let work = std::thread::spawn(move || worker(ws, pipe, rx));
+        tracing::info!("reel serve listening on http://{addr}");
+        Ok(Server {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+            threads: vec![http, work],
+        })
+    }
+
+    /// Stops accepting requests, stops the worker at its next step, and waits.
+    pub fn stop(mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `reel serve`: runs until Ctrl-C.
+pub fn serve(args: &ServeArgs) -> Result<()> {
+    let server = Server::start(args)?;
+    eprintln!(
+        "reel serve: listening on http://{} (model {})",
+        server.addr, server.shared.model_name
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _ = ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    });
+    let _ = rx.recv();
+    server.stop();
+    Ok(())
+}

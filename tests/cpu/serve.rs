@@ -1,0 +1,377 @@
+//! `reel serve` on an ephemeral loopback port with the embedded tiny model, through a plain
+//! HTTP/1.1 client over TcpStream.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reel::server::{ServeArgs, Server};
+use serde_json::{json, Value};
+
+use crate::{parse_mp4, scratch};
+
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no header end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(p) = body[i..].windows(2).position(|w| w == b"\r\n") {
+            let n = usize::from_str_radix(String::from_utf8_lossy(&body[i..i + p]).trim(), 16)
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&body[i + p + 2..i + p + 2 + n]);
+            i += p + 2 + n + 2;
+        }
+        body = out;
+    }
+    Reply { status, body }
+}
+
+fn post_json(addr: SocketAddr, v: &Value) -> Reply {
+    http(
+        addr,
+        "POST",
+        "/v1/videos",
+        &[("Content-Type", "application/json")],
+        v.to_string().as_bytes(),
+    )
+}
+
+fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
+    Server::start(&ServeArgs {
+        model: None,
+        random_weights: false,
+        addr: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        max_queue,
+        keep_hours: None,
+        max_disk_gb: None,
+        api_key: api_key.map(str::to_string),
+    })
+    .unwrap()
+}
+
+fn wait_for(addr: SocketAddr, id: &str, status: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = http(addr, "GET", &format!("/v1/videos/{id}"), &[], b"").json();
+        if v["status"] == status {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{id} never became {status}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_create_poll_download_list_delete_and_restart() {
+    let dir = scratch("serve-main");
+    let server = start(&dir, 4, None);
+    let addr = server.addr;
+    assert_eq!(
+        http(addr, "GET", "/health", &[], b"").json()["status"],
+        "ok"
+    );
+
+    // Unknown fields are ignored; seconds as a string, as OpenAI clients send it.
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "seconds": "1", "size": "64x48",
+                                    "model": "anything", "unknown_field": [1, 2]}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (v["object"].as_str(), v["status"].as_str()),
+        (Some("video"), Some("queued"))
+    );
+    assert_eq!(v["frames"], 17); // 16 * 1 + 1
+
+    // Server-sent events until done.
+    let ev = http(addr, "GET", &format!("/v1/videos/{id}/events"), &[], b"");
+    let text = String::from_utf8_lossy(&ev.body);
+    assert!(
+        text.contains("event: done") && text.contains("\"completed\""),
+        "{text}"
+    );
+    let v = wait_for(addr, &id, "completed");
+    assert_eq!(v["progress"], 100);
+    assert!(v["completed_at"].as_u64().unwrap() >= v["created_at"].as_u64().unwrap());
+
+    let mp4 = http(addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+    assert_eq!(mp4.status, 200);
+    let info = parse_mp4(&mp4.body);
+    assert_eq!((info.samples, info.width, info.height), (17, 64, 48));
+    let png = http(
+        addr,
+        "GET",
+        &format!("/v1/videos/{id}/content?variant=thumbnail"),
+        &[],
+        b"",
+    );
+    assert!(png.body.starts_with(b"\x89PNG"));
+
+    // Multipart, as the OpenAI SDK sends it.
+    let boundary = "reelboundary";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na green square\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"seconds\"\r\n\r\n1\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"steps\"\r\n\r\n2\r\n--{boundary}--\r\n"
+    );
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let r = http(
+        addr,
+        "POST",
+        "/v1/videos",
+        &[("Content-Type", &ct)],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id2 = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(addr, &id2, "completed");
+
+    // List: newest first, pagination with after/limit.
+    let l = http(addr, "GET", "/v1/videos?limit=1", &[], b"").json();
+    assert_eq!(
+        (l["object"].as_str(), l["has_more"].as_bool()),
+        (Some("list"), Some(true))
+    );
+    assert_eq!(l["first_id"], id2.as_str());
+    let l = http(
+        addr,
+        "GET",
+        &format!("/v1/videos?limit=5&after={id2}"),
+        &[],
+        b"",
+    )
+    .json();
+    assert_eq!(l["data"][0]["id"], id.as_str());
+    assert_eq!(l["has_more"], false);
+    let l = http(addr, "GET", "/v1/videos?order=asc", &[], b"").json();
+    assert_eq!(l["first_id"], id.as_str());
+
+    server.stop();
+
+    // Restart: finished jobs come back and download; a job that was running when the
+    // process died is failed with server_restarted.
+    let mut crashed: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("jobs/{id}.json"))).unwrap())
+            .unwrap();
+    let ghost = "video_0123456789abcdef0123456789abcdef";
+    crashed["id"] = ghost.into();
+    crashed["status"] = "in_progress".into();
+    std::fs::write(dir.join(format!("jobs/{ghost}.json")), crashed.to_string()).unwrap();
+    let server = start(&dir, 4, None);
+    let addr = server.addr;
+    assert_eq!(
+        http(addr, "GET", &format!("/v1/videos/{id}"), &[], b"").json()["status"],
+        "completed"
+    );
+    assert_eq!(
+        http(addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"").body,
+        mp4.body
+    );
+    let g = http(addr, "GET", &format!("/v1/videos/{ghost}"), &[], b"").json();
+    assert_eq!(
+        (g["status"].as_str(), g["error"]["code"].as_str()),
+        (Some("failed"), Some("server_restarted"))
+    );
+
+    // Delete a finished job: its files go.
+    let d = http(addr, "DELETE", &format!("/v1/videos/{id}"), &[], b"").json();
+    assert_eq!(d["deleted"], true);
+    assert_eq!(
+        http(addr, "GET", &format!("/v1/videos/{id}"), &[], b"").status,
+        404
+    );
+    assert!(!dir.join(format!("videos/{id}.mp4")).exists());
+    server.stop();
+}
+
+#[test]
+fn serve_queue_full_429_and_cancel() {
+    let dir = scratch("serve-queue");
+    let server = start(&dir, 1, None);
+    let addr = server.addr;
+    let long = json!({"prompt": "x", "seconds": 1, "steps": 1000, "size": "64x64"});
+    let a = post_json(addr, &long).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for(addr, &a, "in_progress");
+    let b = post_json(addr, &long); // fills the queue of one
+    assert_eq!(b.status, 200);
+    let b = b.json()["id"].as_str().unwrap().to_string();
+    let c = post_json(addr, &long);
+    assert_eq!(c.status, 429, "{}", String::from_utf8_lossy(&c.body));
+    assert_eq!(c.json()["error"]["code"], "queue_full");
+    // Cancel the queued one (failed at once) and the running one (stops between steps).
+    let vb = http(addr, "DELETE", &format!("/v1/videos/{b}"), &[], b"").json();
+    assert_eq!(
+        (vb["status"].as_str(), vb["error"]["code"].as_str()),
+        (Some("failed"), Some("cancelled"))
+    );
+    http(addr, "DELETE", &format!("/v1/videos/{a}"), &[], b"");
+    let va = wait_for(addr, &a, "failed");
+    assert_eq!(va["error"]["code"], "cancelled");
+    assert!(va["progress"].as_u64().unwrap() < 90);
+    let m = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).unwrap();
+    assert!(
+        m.contains("reel_jobs{status=\"failed\"} 2") && m.contains("reel_queue_depth 0"),
+        "{m}"
+    );
+    server.stop();
+}
+
+#[test]
+fn serve_bad_inputs_are_400_naming_the_field_and_auth() {
+    let dir = scratch("serve-bad");
+    let server = start(&dir, 4, Some("sekrit"));
+    let addr = server.addr;
+    let auth = [
+        ("Content-Type", "application/json"),
+        ("Authorization", "Bearer sekrit"),
+    ];
+    let post = |v: &Value| http(addr, "POST", "/v1/videos", &auth, v.to_string().as_bytes());
+    let param = |r: Reply| {
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["error"]["param"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(param(post(&json!({"prompt": "x", "size": "big"}))), "size");
+    assert_eq!(
+        param(post(&json!({"prompt": "x", "size": "65x64"}))),
+        "size"
+    );
+    assert_eq!(
+        param(post(&json!({"prompt": "x", "size": "4000x2000"}))),
+        "size"
+    );
+    assert_eq!(
+        param(post(&json!({"prompt": "x", "seconds": "0"}))),
+        "seconds"
+    );
+    assert_eq!(
+        param(post(&json!({"prompt": "x", "seconds": 61}))),
+        "seconds"
+    );
+    assert_eq!(
+        param(post(&json!({"prompt": "x", "seconds": "four"}))),
+        "seconds"
+    );
+    assert_eq!(
+        param(post(&json!({"prompt": "x".repeat(32_001)}))),
+        "prompt"
+    );
+    assert_eq!(param(post(&json!({"seconds": 1}))), "prompt");
+    assert_eq!(param(post(&json!({"prompt": "x", "frames": 6}))), "frames");
+    assert_eq!(
+        param(http(addr, "POST", "/v1/videos", &auth, b"{not json")),
+        "body"
+    );
+    // Ids never reach the filesystem unchecked.
+    let r = http(
+        addr,
+        "GET",
+        "/v1/videos/..%2F..%2Fjobs/content",
+        &auth[1..],
+        b"",
+    );
+    assert_eq!(r.status, 404);
+    let r = http(addr, "GET", "/v1/videos/video_zz/content", &auth[1..], b"");
+    assert_eq!(r.status, 404);
+    // Every /v1 route needs the key; /health does not.
+    assert_eq!(http(addr, "GET", "/v1/videos", &[], b"").status, 401);
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            "/v1/videos",
+            &[("Authorization", "Bearer wrong")],
+            b""
+        )
+        .status,
+        401
+    );
+    assert_eq!(http(addr, "GET", "/v1/videos", &auth[1..], b"").status, 200);
+    assert_eq!(http(addr, "GET", "/health", &[], b"").status, 200);
+    server.stop();
+}
+
+#[test]
+fn serve_retention_evicts_finished_jobs_over_the_disk_budget() {
+    let dir = scratch("serve-retention");
+    let server = Server::start(&ServeArgs {
+        model: None,
+        random_weights: false,
+        addr: "127.0.0.1:0".into(),
+        data_dir: dir.clone(),
+        max_queue: 4,
+        keep_hours: Some(24.0),
+        max_disk_gb: Some(1e-12), // no room: every finished job is evicted
+        api_key: None,
+    })
+    .unwrap();
+    let addr = server.addr;
+    let id = post_json(addr, &json!({"prompt": "x", "seconds": 1, "steps": 1})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = Instant::now();
+    while http(addr, "GET", &format!("/v1/videos/{id}"), &[], b"").status != 404 {
+        assert!(t.elapsed() < Duration::from_secs(60), "never evicted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !dir.join(format!("videos/{id}.mp4")).exists()
+            && !dir.join(format!("jobs/{id}.json")).exists()
+    );
+    server.stop();
+}
