@@ -514,8 +514,12 @@ pub fn render(
         .config
         .decoder_base_dim
         .unwrap_or(pipe.vae.config.base_dim);
+    // Weights are mapped and used in place: the text encoder runs first and its clean pages
+    // can be dropped before denoising, so the resident peak is the larger of the two phases.
+    let weights = dir_bytes(&pipe.root.join("text_encoder"))
+        .max(dir_bytes(&pipe.root.join("transformer")) + dir_bytes(&pipe.root.join("vae")));
     let need = estimate_bytes(
-        dir_bytes(&pipe.root),
+        weights,
         (pipe.dit.config.inner_dim(), pipe.dit.config.ffn_dim, vae_ch),
         tokens,
         passes,
