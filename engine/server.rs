@@ -71,6 +71,9 @@ pub struct Job {
     pub status: Status,
     pub progress: u32,
     pub created_at: u64,
+    /// Creation time in nanoseconds: the list order (created_at has one-second resolution).
+    #[serde(default)]
+    pub created_ns: u128,
     pub completed_at: Option<u64>,
     pub size: String,
     pub seconds: String,
@@ -475,6 +478,10 @@ fn job_from_request(
         status: Status::Queued,
         progress: 0,
         created_at: now(),
+        created_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
         completed_at: None,
         size: size.to_string(),
         seconds: seconds.to_string(),
@@ -616,7 +623,7 @@ async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Respo
         let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
         jobs.values().map(|e| e.job.clone()).collect()
     };
-    all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    all.sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
     if desc {
         all.reverse();
     }

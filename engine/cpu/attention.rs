@@ -107,7 +107,7 @@ fn attention_impl(
 ) {
     let flops = 4 * (s.batch * s.heads * s.lq * s.lk * s.head_dim) as u64;
     let _t = crate::profile::time(crate::profile::Op::Attention, flops);
-    attention_impl_timed(q, k, v, out, s, bias)
+    attention_blocks(q, k, v, out, s, bias)
 }
 
 /// [`attention`] with T5's additive relative-position bias and key mask:
@@ -163,7 +163,8 @@ fn add_bias_tile(
     }
 }
 
-fn attention_impl_timed(
+/// The flash-style loop itself (see the module docs).
+fn attention_blocks(
     q: &[f32],
     k: &[f32],
     v: &[f32],

@@ -72,6 +72,8 @@ fn json<T: serde::Serialize>(v: &T, class: &str) -> Result<serde_json::Value> {
 /// Writes a pipeline of the given architecture with deterministic random weights (the Wan2.1
 /// VAE, the embedded tokenizer) under the temporary directory; for the presets.
 pub fn write_random_pipeline(name: &str, dit: &WanDitConfig, text: &Umt5Config) -> Result<PathBuf> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir =
         std::env::temp_dir().join(format!("reel-{name}-random-{}", env!("CARGO_PKG_VERSION")));
     if dir.join("model_index.json").is_file() {
@@ -148,6 +150,9 @@ fn write_pipeline(
 
 /// The folder of the embedded model, written on first use.
 pub fn ensure() -> Result<PathBuf> {
+    // One writer per process at a time; across processes the rename decides.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = std::env::temp_dir().join(format!("{NAME}-{}", env!("CARGO_PKG_VERSION")));
     if dir.join("model_index.json").is_file() {
         return Ok(dir);

@@ -11,6 +11,16 @@
 use super::Sampler;
 use crate::error::{Error, Result};
 
+struct Coeffs {
+    h: f32,
+    hh: f32,
+    h_phi_1: f32,
+    b_h: f32,
+    ratio: f32,
+    c0: f32,
+    alpha_t: f32,
+}
+
 pub struct UniPc {
     timesteps: Vec<f32>,
     /// [steps + 1], float32 as diffusers stores them.
@@ -67,26 +77,40 @@ impl UniPc {
         }
     }
 
-    fn b_h(&self, hh: f32) -> f32 {
-        if self.bh1 {
-            hh
-        } else {
-            hh.exp_m1()
+    /// The scalars one update from σ_s0 to σ_t needs, in float32 as torch's 0-dim tensors:
+    /// h = λ_t − λ_s0, hh = −h (predict_x0), h·φ₁(h) = expm1(hh), B(h), σ_t/σ_s0 and
+    /// α_t·h·φ₁(h).
+    fn coeffs(&self, sigma_t: f32, sigma_s0: f32) -> Coeffs {
+        let alpha_t = 1.0 - sigma_t;
+        let h = lambda(sigma_t) - lambda(sigma_s0);
+        let hh = -h;
+        let h_phi_1 = hh.exp_m1();
+        let b_h = if self.bh1 { hh } else { hh.exp_m1() };
+        Coeffs {
+            h,
+            hh,
+            h_phi_1,
+            b_h,
+            ratio: sigma_t / sigma_s0,
+            c0: alpha_t * h_phi_1,
+            alpha_t,
         }
     }
 
     /// The UniPC predictor (multistep_uni_p_bh_update).
     fn predictor(&self, x: &[f32], order: usize) -> Result<Vec<f32>> {
         let s = self.step_index;
-        let (sigma_t, sigma_s0) = (self.sigmas[s + 1], self.sigmas[s]);
-        let alpha_t = 1.0 - sigma_t;
-        let h = lambda(sigma_t) - lambda(sigma_s0);
+        let sigma_s0 = self.sigmas[s];
+        let Coeffs {
+            h,
+            hh: _,
+            h_phi_1: _,
+            b_h,
+            ratio,
+            c0,
+            alpha_t,
+        } = self.coeffs(self.sigmas[s + 1], sigma_s0);
         let m0 = self.output(1)?;
-        let hh = -h;
-        let h_phi_1 = hh.exp_m1();
-        let b_h = self.b_h(hh);
-        let ratio = sigma_t / sigma_s0;
-        let c0 = alpha_t * h_phi_1;
         let mut out: Vec<f32> = x
             .iter()
             .zip(m0)
@@ -114,13 +138,17 @@ impl UniPc {
         order: usize,
     ) -> Result<()> {
         let s = self.step_index;
-        let (sigma_t, sigma_s0) = (self.sigmas[s], self.sigmas[s - 1]);
-        let alpha_t = 1.0 - sigma_t;
-        let h = lambda(sigma_t) - lambda(sigma_s0);
+        let sigma_s0 = self.sigmas[s - 1];
+        let Coeffs {
+            h,
+            hh,
+            h_phi_1,
+            b_h,
+            ratio,
+            c0,
+            alpha_t,
+        } = self.coeffs(self.sigmas[s], sigma_s0);
         let m0 = self.output(1)?;
-        let hh = -h;
-        let h_phi_1 = hh.exp_m1();
-        let b_h = self.b_h(hh);
         // b_i = h·φ_k(h)·i! / B(h), k = 1..order
         let mut b = Vec::with_capacity(order);
         let mut h_phi_k = h_phi_1 / hh - 1.0;
@@ -130,8 +158,6 @@ impl UniPc {
             factorial *= (i + 1) as f32;
             h_phi_k = h_phi_k / hh - 1.0 / factorial;
         }
-        let ratio = sigma_t / sigma_s0;
-        let c0 = alpha_t * h_phi_1;
         let c = alpha_t * b_h;
         match order {
             1 => {
