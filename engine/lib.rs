@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod inspect;
 pub mod io;
+pub mod kernels;
 pub mod models;
 pub mod pipeline;
 pub mod profile;

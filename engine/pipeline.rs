@@ -47,7 +47,10 @@ impl Pipeline {
         if vae.config.out_channels != 3 {
             return Err(Error::Config {
                 path: root.join("vae").join("config.json"),
-                reason: format!("out_channels = {}: video needs 3 (RGB)", vae.config.out_channels),
+                reason: format!(
+                    "out_channels = {}: video needs 3 (RGB)",
+                    vae.config.out_channels
+                ),
             });
         }
         let text = if root.join("text_encoder").join("config.json").is_file() {

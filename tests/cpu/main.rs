@@ -5,6 +5,7 @@ mod bench;
 mod dit;
 mod embeddings;
 mod generate;
+mod kernels;
 mod pipeline;
 mod serve;
 mod text;

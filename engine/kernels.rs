@@ -1,0 +1,117 @@
+//! The GPU kernels of kernels/*.cu: their fatbins (embedded by build.rs when nvcc was
+//! found) and the emulator's entry points, one typed launcher per kernel. Launchers check
+//! shapes before any unsafe call. The emu device runs the same .cu sources on the host.
+
+use crate::error::{Error, Result};
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// A CUDA launch geometry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Dim3 {
+    pub x: u32,
+    pub y: u32,
+    pub z: u32,
+}
+
+impl Dim3 {
+    pub const fn x(x: u32) -> Self {
+        Dim3 { x, y: 1, z: 1 }
+    }
+}
+
+/// Arguments of gelu_tanh_f32 (mirrors `GeluArgs` in kernels/elementwise.cu).
+#[repr(C)]
+struct GeluArgs {
+    y: *mut f32,
+    x: *const f32,
+    n: i32,
+}
+
+/// Arguments of shift_shared (mirrors `ShiftArgs`).
+#[repr(C)]
+struct ShiftArgs {
+    y: *mut f32,
+    x: *const f32,
+    n: i32,
+}
+
+extern "C" {
+    fn reel_emu_set_shuffle(mode: i32, seed: u64);
+    fn reel_emu_gelu_tanh_f32(grid: Dim3, block: Dim3, shared: usize, a: *const GeluArgs);
+    fn reel_emu_shift_shared(grid: Dim3, block: Dim3, shared: usize, a: *const ShiftArgs);
+    fn reel_emu_shift_shared_nosync(grid: Dim3, block: Dim3, shared: usize, a: *const ShiftArgs);
+}
+
+/// Launchers on the emu device (host memory).
+pub mod emu {
+    use super::*;
+
+    fn len_i32(n: usize, what: &str) -> Result<i32> {
+        i32::try_from(n)
+            .map_err(|_| Error::invalid(format!("{what}: {n} elements do not fit a kernel's int")))
+    }
+
+    /// Overrides REEL_EMU_SHUFFLE for launches from this thread: None restores the
+    /// environment's setting, Some(None) turns shuffling off, Some(Some(seed)) on.
+    pub fn set_shuffle(mode: Option<Option<u64>>) {
+        let (m, seed) = match mode {
+            None => (-1, 0),
+            Some(None) => (0, 0),
+            Some(Some(s)) => (1, s),
+        };
+        // SAFETY: sets two thread-local variables of the emulator.
+        unsafe { reel_emu_set_shuffle(m, seed) }
+    }
+
+    /// y = gelu_tanh(x) elementwise.
+    pub fn gelu_tanh_f32(x: &[f32], y: &mut [f32]) -> Result<()> {
+        if x.len() != y.len() {
+            return Err(Error::invalid(format!(
+                "gelu_tanh_f32: x has {} elements, y {}",
+                x.len(),
+                y.len()
+            )));
+        }
+        let n = len_i32(x.len(), "gelu_tanh_f32")?;
+        let block = 256u32;
+        let grid = (x.len() as u32).div_ceil(block).clamp(1, 1024);
+        let a = GeluArgs {
+            y: y.as_mut_ptr(),
+            x: x.as_ptr(),
+            n,
+        };
+        // SAFETY: x and y are live for the call and hold n elements each (checked above);
+        // the kernel reads x[i] and writes y[i] for i < n only; the emulator runs it to
+        // completion before returning.
+        unsafe { reel_emu_gelu_tanh_f32(Dim3::x(grid), Dim3::x(block), 0, &a) };
+        Ok(())
+    }
+
+    /// y[t] = x[t − 1] (y[0] = x[0]) through shared memory, one block of x.len() ≤ 1024
+    /// threads; `sync` false runs the variant that omits its barrier (a test of the
+    /// emulator's shuffle mode).
+    pub fn shift_shared(x: &[f32], y: &mut [f32], sync: bool) -> Result<()> {
+        if x.len() != y.len() || x.is_empty() || x.len() > 1024 {
+            return Err(Error::invalid(
+                "shift_shared: 1..=1024 elements, x and y alike",
+            ));
+        }
+        let n = x.len() as u32;
+        let a = ShiftArgs {
+            y: y.as_mut_ptr(),
+            x: x.as_ptr(),
+            n: n as i32,
+        };
+        // SAFETY: as above; one block of n threads touches indices < n.
+        unsafe {
+            if sync {
+                reel_emu_shift_shared(Dim3::x(1), Dim3::x(n), 0, &a)
+            } else {
+                reel_emu_shift_shared_nosync(Dim3::x(1), Dim3::x(n), 0, &a)
+            }
+        };
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! Kernels on the SIMT emulator against the CPU reference, the emulator's barrier test, and
+//! static checks of the nvcc build (ptxas spills, sm_90a code in the fatbins).
+
+use reel::kernels::{emu, FATBINS, PTXAS_REPORTS};
+
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = reel::models::random::Normal::new(seed);
+    (0..n).map(|_| 3.0 * rng.sample()).collect()
+}
+
+#[test]
+fn emu_gelu_matches_cpu_reference() {
+    for n in [1usize, 255, 257, 100_003] {
+        let x = vals(n, n as u64);
+        let mut y = vec![f32::NAN; n]; // poisoned: every element must be written
+        emu::gelu_tanh_f32(&x, &mut y).unwrap();
+        let mut want = x.clone();
+        reel::cpu::gelu(&mut want);
+        for (i, (&a, &b)) in y.iter().zip(&want).enumerate() {
+            assert!(a.is_finite(), "n={n}: element {i} not written");
+            assert!(
+                (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                "n={n} [{i}]: emu {a} vs cpu {b}"
+            );
+        }
+    }
+    assert!(emu::gelu_tanh_f32(&[1.0], &mut [0.0, 0.0]).is_err());
+}
+
+#[test]
+fn emu_shuffle_catches_a_missing_syncthreads() {
+    let n = 200;
+    let expect =
+        |x: &[f32]| -> Vec<f32> { (0..n).map(|t| x[if t == 0 { 0 } else { t - 1 }]).collect() };
+    // In thread order the racy kernel happens to pass: that is why the shuffle mode exists.
+    emu::set_shuffle(Some(None));
+    let x = vals(n, 1);
+    let mut y = vec![f32::NAN; n];
+    emu::shift_shared(&x, &mut y, false).unwrap();
+    assert_eq!(y, expect(&x));
+    // With the barrier, every shuffled order is right.
+    for seed in 0..8 {
+        emu::set_shuffle(Some(Some(seed)));
+        let x = vals(n, 100 + seed);
+        let mut y = vec![f32::NAN; n];
+        emu::shift_shared(&x, &mut y, true).unwrap();
+        assert_eq!(y, expect(&x), "seed {seed}");
+    }
+    // Without it, shuffled orders read neighbours that have not written yet.
+    let mut caught = 0;
+    for seed in 0..8 {
+        emu::set_shuffle(Some(Some(seed)));
+        let x = vals(n, 200 + seed);
+        let mut y = vec![f32::NAN; n];
+        emu::shift_shared(&x, &mut y, false).unwrap();
+        if y != expect(&x) {
+            caught += 1;
+        }
+    }
+    emu::set_shuffle(None);
+    assert_eq!(
+        caught,
+        8,
+        "the shuffle mode missed the race in {} of 8 runs",
+        8 - caught
+    );
+}
+
+#[test]
+fn nvcc_build_has_sm90a_code_and_no_spills() {
+    if env!("REEL_NVCC").is_empty() {
+        // Only a build without nvcc gets here; CI sets REEL_REQUIRE_NVCC=1, so it never does.
+        eprintln!("no nvcc in this build: static checks skipped");
+        return;
+    }
+    assert!(
+        !FATBINS.is_empty(),
+        "nvcc was found but no fatbin was embedded"
+    );
+    for (name, report) in PTXAS_REPORTS {
+        let spills: Vec<&str> = report
+            .lines()
+            .filter(|l| {
+                l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            })
+            .collect();
+        assert!(
+            spills.is_empty(),
+            "{name}: ptxas reports spills: {spills:?}"
+        );
+        assert!(
+            report.contains("sm_90a") && report.contains("sm_80"),
+            "{name}: {report}"
+        );
+    }
+    let cuobjdump = env!("REEL_CUOBJDUMP");
+    let dir = crate::scratch("fatbins");
+    for (name, bytes) in FATBINS {
+        let path = dir.join(format!("{name}.fatbin"));
+        std::fs::write(&path, bytes).unwrap();
+        let o = std::process::Command::new(cuobjdump)
+            .arg("--list-elf")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && listing.contains("sm_90a"),
+            "{name}: {listing}"
+        );
+        let o = std::process::Command::new(cuobjdump)
+            .arg("--list-ptx")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("sm_80"),
+            "{name}: no compute_80 PTX"
+        );
+    }
+}
