@@ -37,7 +37,42 @@ struct ShiftArgs {
     n: i32,
 }
 
+/// Arguments of layernorm_modulate_bf16 (mirrors `LayerNormArgs` in kernels/norm.cu).
+#[repr(C)]
+struct LayerNormArgs {
+    x: *const half::bf16,
+    y: *mut half::bf16,
+    mul: *const f32,
+    add: *const f32,
+    rows: i32,
+    d: i32,
+    rows_per_group: i32,
+    eps: f32,
+}
+
+#[repr(C)]
+struct ToF32Args {
+    x: *const half::bf16,
+    y: *mut f32,
+    n: i32,
+}
+
+#[repr(C)]
+struct ToBf16Args {
+    x: *const f32,
+    y: *mut half::bf16,
+    n: i32,
+}
+
 extern "C" {
+    fn reel_emu_layernorm_modulate_bf16(
+        grid: Dim3,
+        block: Dim3,
+        shared: usize,
+        a: *const LayerNormArgs,
+    );
+    fn reel_emu_bf16_to_f32(grid: Dim3, block: Dim3, shared: usize, a: *const ToF32Args);
+    fn reel_emu_f32_to_bf16(grid: Dim3, block: Dim3, shared: usize, a: *const ToBf16Args);
     fn reel_emu_set_shuffle(mode: i32, seed: u64);
     fn reel_emu_gelu_tanh_f32(grid: Dim3, block: Dim3, shared: usize, a: *const GeluArgs);
     fn reel_emu_shift_shared(grid: Dim3, block: Dim3, shared: usize, a: *const ShiftArgs);
@@ -86,6 +121,81 @@ pub mod emu {
         // the kernel reads x[i] and writes y[i] for i < n only; the emulator runs it to
         // completion before returning.
         unsafe { reel_emu_gelu_tanh_f32(Dim3::x(grid), Dim3::x(block), 0, &a) };
+        Ok(())
+    }
+
+    /// LayerNorm of each row of x: [rows, d] (bf16) with the adaLN modulation
+    /// y = LN(x)·mul[g] + add[g], g = row / rows_per_group; mul, add: [groups, d] f32.
+    pub fn layernorm_modulate_bf16(
+        x: &[half::bf16],
+        y: &mut [half::bf16],
+        d: usize,
+        mul: &[f32],
+        add: &[f32],
+        rows_per_group: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if d == 0 || x.len() % d != 0 || y.len() != x.len() || rows_per_group == 0 {
+            return Err(Error::invalid(format!(
+                "layernorm_modulate_bf16: x {} and y {} must be [rows, {d}], rows_per_group > 0",
+                x.len(),
+                y.len()
+            )));
+        }
+        let rows = x.len() / d;
+        let groups = rows.div_ceil(rows_per_group);
+        if mul.len() < groups * d || add.len() < groups * d {
+            return Err(Error::invalid(format!(
+                "layernorm_modulate_bf16: mul/add need [{groups}, {d}] for {rows} rows"
+            )));
+        }
+        let a = LayerNormArgs {
+            x: x.as_ptr(),
+            y: y.as_mut_ptr(),
+            mul: mul.as_ptr(),
+            add: add.as_ptr(),
+            rows: len_i32(rows, "layernorm_modulate_bf16 rows")?,
+            d: len_i32(d, "layernorm_modulate_bf16 d")?,
+            rows_per_group: len_i32(rows_per_group.min(rows.max(1)), "rows_per_group")?,
+            eps,
+        };
+        let grid = u32::try_from(rows)
+            .map_err(|_| Error::invalid("layernorm_modulate_bf16: too many rows"))?;
+        // SAFETY: every pointer covers what the kernel reads or writes (checked above): row r
+        // of x and y, and group r / rows_per_group of mul and add; one block per row.
+        unsafe { reel_emu_layernorm_modulate_bf16(Dim3::x(grid.max(1)), Dim3::x(256), 0, &a) };
+        Ok(())
+    }
+
+    /// y = x as f32.
+    pub fn bf16_to_f32(x: &[half::bf16], y: &mut [f32]) -> Result<()> {
+        if x.len() != y.len() {
+            return Err(Error::invalid("bf16_to_f32: x and y differ in length"));
+        }
+        let a = ToF32Args {
+            x: x.as_ptr(),
+            y: y.as_mut_ptr(),
+            n: len_i32(x.len(), "bf16_to_f32")?,
+        };
+        let grid = (x.len() as u32).div_ceil(256).clamp(1, 1024);
+        // SAFETY: both slices hold n elements; the kernel touches indices < n.
+        unsafe { reel_emu_bf16_to_f32(Dim3::x(grid), Dim3::x(256), 0, &a) };
+        Ok(())
+    }
+
+    /// y = x rounded to bf16 (nearest even).
+    pub fn f32_to_bf16(x: &[f32], y: &mut [half::bf16]) -> Result<()> {
+        if x.len() != y.len() {
+            return Err(Error::invalid("f32_to_bf16: x and y differ in length"));
+        }
+        let a = ToBf16Args {
+            x: x.as_ptr(),
+            y: y.as_mut_ptr(),
+            n: len_i32(x.len(), "f32_to_bf16")?,
+        };
+        let grid = (x.len() as u32).div_ceil(256).clamp(1, 1024);
+        // SAFETY: both slices hold n elements; the kernel touches indices < n.
+        unsafe { reel_emu_f32_to_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())
     }
 

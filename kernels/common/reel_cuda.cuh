@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "../emu/emu.h"
 
@@ -24,6 +25,25 @@
 #define gridDim (reel_emu::grid_dim())
 #define __syncthreads() reel_emu::sync_threads()
 #define REEL_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(reel_emu::dynamic_shared())
+
+// bf16 storage on the host: the bits of the upper half of an f32, rounded to nearest even
+// (as __float2bfloat16 rounds), NaN kept quiet.
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = static_cast<uint32_t>(h.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
+}
 
 // Host versions of the math intrinsics the kernels use.
 inline float __expf(float x) { return std::exp(x); }
@@ -43,6 +63,7 @@ inline float __fdividef(float a, float b) { return a / b; }
     reel_emu::launch(grid, block, shared, &Call::run, const_cast<Args*>(a));                    \
   }
 #else
+#include <cuda_bf16.h>
 #define REEL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #define REEL_EMU_EXPORT(name, Args, ...)
 #endif

@@ -119,3 +119,78 @@ fn nvcc_build_has_sm90a_code_and_no_spills() {
         );
     }
 }
+
+#[test]
+fn emu_bf16_conversions_match_half() {
+    let mut x = vals(10_007, 9);
+    x.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        3.4e38,
+        f32::from_bits(0x3F80_8000), // 1 + 2^-8: a tie, rounds to even (down)
+        f32::from_bits(0x3F81_8000), // 1 + 3·2^-8: a tie, rounds to even (up)
+    ]);
+    let mut b = vec![half::bf16::from_bits(0x7fc1); x.len()];
+    emu::f32_to_bf16(&x, &mut b).unwrap();
+    for (i, (&got, &v)) in b.iter().zip(&x).enumerate() {
+        assert_eq!(
+            got.to_bits(),
+            half::bf16::from_f32(v).to_bits(),
+            "[{i}] {v}"
+        );
+    }
+    let mut back = vec![f32::NAN; x.len()];
+    emu::bf16_to_f32(&b, &mut back).unwrap();
+    assert!(back
+        .iter()
+        .zip(&b)
+        .all(|(&f, &h)| f.to_bits() == h.to_f32().to_bits()));
+    let mut nan = [half::bf16::ZERO];
+    emu::f32_to_bf16(&[f32::NAN], &mut nan).unwrap();
+    assert!(nan[0].is_nan());
+}
+
+#[test]
+fn emu_layernorm_modulate_bf16_matches_cpu_within_bf16_rounding() {
+    use half::bf16;
+    for (rows_per_group, groups, d) in [(5usize, 3usize, 333usize), (2, 2, 1536), (1, 1, 7)] {
+        let rows = rows_per_group * groups;
+        let x: Vec<bf16> = vals(rows * d, d as u64)
+            .iter()
+            .map(|&v| bf16::from_f32(v + 0.5))
+            .collect();
+        let mul: Vec<f32> = vals(groups * d, 7).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let add: Vec<f32> = vals(groups * d, 8).iter().map(|v| 0.1 * v).collect();
+        let mut y = vec![bf16::from_bits(0x7fc1); rows * d]; // poisoned with NaN
+        emu::layernorm_modulate_bf16(&x, &mut y, d, &mul, &add, rows_per_group, 1e-6).unwrap();
+        // The f32 oracle on the same (bf16) inputs, and the naive bf16 reference: the oracle
+        // rounded to bf16.
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let mut want = vec![0.0f32; rows * d];
+        reel::cpu::layer_norm(
+            &xf,
+            &mut want,
+            d,
+            1e-6,
+            Some(&mul),
+            Some(&add),
+            rows_per_group,
+        );
+        let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        let got: Vec<f32> = y.iter().map(|v| v.to_f32()).collect();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "d={d}: unwritten or non-finite outputs"
+        );
+        let naive: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let err = reel::tensor::rel_l2(&got, &want64);
+        let naive_err = reel::tensor::rel_l2(&naive, &want64);
+        assert!(
+            err <= 1e-2 && err <= 2.0 * naive_err,
+            "d={d}: rel L2 {err:.3e} (naive bf16 {naive_err:.3e})"
+        );
+    }
+}
