@@ -64,7 +64,57 @@ struct ToBf16Args {
     n: i32,
 }
 
+#[repr(C)]
+struct RmsRopeArgs {
+    x: *mut half::bf16,
+    bias: *const f32,
+    weight: *const f32,
+    cos_t: *const f32,
+    sin_t: *const f32,
+    rows: i32,
+    d: i32,
+    head_dim: i32,
+    tokens: i32,
+    eps: f32,
+}
+
+#[repr(C)]
+struct ChannelRmsArgs {
+    x: *mut half::bf16,
+    gamma: *const f32,
+    rows: i32,
+    c: i32,
+    silu: i32,
+}
+
+#[repr(C)]
+struct ResidualArgs {
+    x: *mut half::bf16,
+    y: *const half::bf16,
+    bias: *const f32,
+    gate: *const f32,
+    rows: i32,
+    d: i32,
+    rows_per_group: i32,
+}
+
+#[repr(C)]
+struct GeluBf16Args {
+    x: *const half::bf16,
+    y: *mut half::bf16,
+    n: i32,
+}
+
 extern "C" {
+    fn reel_emu_rms_norm_rope_bf16(grid: Dim3, block: Dim3, shared: usize, a: *const RmsRopeArgs);
+    fn reel_emu_channel_rms_silu_bf16(
+        grid: Dim3,
+        block: Dim3,
+        shared: usize,
+        a: *const ChannelRmsArgs,
+    );
+    fn reel_emu_residual_gate_bf16(grid: Dim3, block: Dim3, shared: usize, a: *const ResidualArgs);
+    fn reel_emu_gelu_tanh_bf16(grid: Dim3, block: Dim3, shared: usize, a: *const GeluBf16Args);
     fn reel_emu_layernorm_modulate_bf16(
         grid: Dim3,
         block: Dim3,
@@ -164,6 +214,148 @@ pub mod emu {
         // SAFETY: every pointer covers what the kernel reads or writes (checked above): row r
         // of x and y, and group r / rows_per_group of mul and add; one block per row.
         unsafe { reel_emu_layernorm_modulate_bf16(Dim3::x(grid.max(1)), Dim3::x(256), 0, &a) };
+        Ok(())
+    }
+
+    fn rows_of(len: usize, d: usize, what: &str) -> Result<(usize, u32)> {
+        if d == 0 || len % d != 0 {
+            return Err(Error::invalid(format!(
+                "{what}: {len} elements are not rows of {d}"
+            )));
+        }
+        let rows = len / d;
+        let grid = u32::try_from(rows.max(1))
+            .map_err(|_| Error::invalid(format!("{what}: too many rows")))?;
+        Ok((rows, grid))
+    }
+
+    fn ptr_or_null(p: Option<&[f32]>) -> *const f32 {
+        p.map(|s| s.as_ptr()).unwrap_or(std::ptr::null())
+    }
+
+    /// In place on x: [rows, d] bf16: (x + bias) RMS-normalised across the whole row, times
+    /// `weight`, then each head's pairs rotated by the row's token angles (token = row mod
+    /// rope.tokens). The bf16 twin of [`crate::cpu::rms_norm_rope`].
+    pub fn rms_norm_rope_bf16(
+        x: &mut [half::bf16],
+        d: usize,
+        bias: Option<&[f32]>,
+        weight: &[f32],
+        eps: f32,
+        rope: Option<&crate::cpu::RopeTables>,
+    ) -> Result<()> {
+        let (rows, grid) = rows_of(x.len(), d, "rms_norm_rope_bf16")?;
+        if weight.len() != d || bias.is_some_and(|b| b.len() != d) || d % 2 != 0 {
+            return Err(Error::invalid(format!(
+                "rms_norm_rope_bf16: weight/bias must have {d} (even) entries"
+            )));
+        }
+        let (cos_t, sin_t, hd, tokens) = match rope {
+            Some(t) => {
+                if t.head_dim == 0
+                    || d % t.head_dim != 0
+                    || t.cos.len() != t.tokens * t.head_dim / 2
+                {
+                    return Err(Error::invalid(
+                        "rms_norm_rope_bf16: rope tables do not fit the rows",
+                    ));
+                }
+                (t.cos.as_ptr(), t.sin.as_ptr(), t.head_dim, t.tokens)
+            }
+            None => (std::ptr::null(), std::ptr::null(), d, 1),
+        };
+        let a = RmsRopeArgs {
+            x: x.as_mut_ptr(),
+            bias: ptr_or_null(bias),
+            weight: weight.as_ptr(),
+            cos_t,
+            sin_t,
+            rows: len_i32(rows, "rows")?,
+            d: len_i32(d, "d")?,
+            head_dim: len_i32(hd, "head_dim")?,
+            tokens: len_i32(tokens, "tokens")?,
+            eps,
+        };
+        // SAFETY: x holds rows·d elements, weight/bias d, the tables tokens·head_dim/2 (all
+        // checked above); one block per row touches that row only.
+        unsafe { reel_emu_rms_norm_rope_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
+        Ok(())
+    }
+
+    /// In place on channel-last x: [rows, c] bf16: x / max(‖x‖, 1e-12)·√c·γ, then SiLU when
+    /// `silu`. The bf16 twin of [`crate::cpu::channel_rms_norm`].
+    pub fn channel_rms_silu_bf16(
+        x: &mut [half::bf16],
+        c: usize,
+        gamma: &[f32],
+        silu: bool,
+    ) -> Result<()> {
+        let (rows, grid) = rows_of(x.len(), c, "channel_rms_silu_bf16")?;
+        if gamma.len() != c {
+            return Err(Error::invalid(format!(
+                "channel_rms_silu_bf16: gamma must have {c} entries"
+            )));
+        }
+        let a = ChannelRmsArgs {
+            x: x.as_mut_ptr(),
+            gamma: gamma.as_ptr(),
+            rows: len_i32(rows, "rows")?,
+            c: len_i32(c, "c")?,
+            silu: silu as i32,
+        };
+        // SAFETY: x holds rows·c elements and gamma c (checked); one block per row.
+        unsafe { reel_emu_channel_rms_silu_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
+        Ok(())
+    }
+
+    /// x += (y + bias)·gate[row / rows_per_group] on [rows, d] bf16. The bf16 twin of
+    /// [`crate::cpu::residual_add`].
+    pub fn residual_gate_bf16(
+        x: &mut [half::bf16],
+        y: &[half::bf16],
+        d: usize,
+        bias: Option<&[f32]>,
+        gate: Option<&[f32]>,
+        rows_per_group: usize,
+    ) -> Result<()> {
+        let (rows, _) = rows_of(x.len(), d, "residual_gate_bf16")?;
+        let groups = rows.div_ceil(rows_per_group.max(1));
+        if y.len() != x.len()
+            || bias.is_some_and(|b| b.len() != d)
+            || gate.is_some_and(|g| g.len() < groups * d)
+        {
+            return Err(Error::invalid(
+                "residual_gate_bf16: y like x, bias [d], gate [groups, d]",
+            ));
+        }
+        let a = ResidualArgs {
+            x: x.as_mut_ptr(),
+            y: y.as_ptr(),
+            bias: ptr_or_null(bias),
+            gate: ptr_or_null(gate),
+            rows: len_i32(rows, "rows")?,
+            d: len_i32(d, "d")?,
+            rows_per_group: len_i32(rows_per_group.clamp(1, rows.max(1)), "rows_per_group")?,
+        };
+        let grid = (x.len() as u64).div_ceil(256).clamp(1, 1024) as u32;
+        // SAFETY: x, y hold rows·d elements, bias d, gate groups·d (checked).
+        unsafe { reel_emu_residual_gate_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
+        Ok(())
+    }
+
+    /// y = gelu_tanh(x) on bf16.
+    pub fn gelu_tanh_bf16(x: &[half::bf16], y: &mut [half::bf16]) -> Result<()> {
+        if x.len() != y.len() {
+            return Err(Error::invalid("gelu_tanh_bf16: x and y differ in length"));
+        }
+        let a = GeluBf16Args {
+            x: x.as_ptr(),
+            y: y.as_mut_ptr(),
+            n: len_i32(x.len(), "gelu_tanh_bf16")?,
+        };
+        let grid = (x.len() as u32).div_ceil(256).clamp(1, 1024);
+        // SAFETY: both slices hold n elements.
+        unsafe { reel_emu_gelu_tanh_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())
     }
 

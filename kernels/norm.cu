@@ -80,3 +80,124 @@ struct ToBf16Args {
 };
 REEL_EMU_EXPORT(bf16_to_f32, ToF32Args, a.x, a.y, a.n)
 REEL_EMU_EXPORT(f32_to_bf16, ToBf16Args, a.x, a.y, a.n)
+
+// Wan's QK norm: RMSNorm over the whole row (all heads, "rms_norm_across_heads") of
+// x + bias, times weight, then the 3D RoPE rotation of each head's pairs (2p, 2p+1) by the
+// angle table of the row's token (token = row mod tokens). In place on x: [rows, d] bf16;
+// bias may be null; cos, sin: [tokens, head_dim/2] f32. One block per row.
+extern "C" __global__ void rms_norm_rope_bf16(bf16* __restrict__ x, const float* __restrict__ bias,
+                                              const float* __restrict__ weight, const float* __restrict__ cos_t,
+                                              const float* __restrict__ sin_t, int rows, int d, int head_dim,
+                                              int tokens, float eps) {
+  __shared__ float red[1024];
+  int row = blockIdx.x;
+  if (row >= rows) return;
+  bf16* xr = x + (size_t)row * d;
+  float q = 0.0f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float v = __bfloat162float(xr[i]) + (bias ? bias[i] : 0.0f);
+    q += v * v;
+  }
+  float r = rsqrtf(block_sum(q, red) / d + eps);
+  int half = head_dim / 2;
+  int tok = row % tokens;
+  // Each thread owns whole pairs, so the rotation reads only what it normalised.
+  for (int p = threadIdx.x; p < d / 2; p += blockDim.x) {
+    int i = 2 * p;
+    float a = (__bfloat162float(xr[i]) + (bias ? bias[i] : 0.0f)) * r * weight[i];
+    float b = (__bfloat162float(xr[i + 1]) + (bias ? bias[i + 1] : 0.0f)) * r * weight[i + 1];
+    if (cos_t) {
+      int k = p % half;
+      float c = cos_t[(size_t)tok * half + k], s = sin_t[(size_t)tok * half + k];
+      float ra = a * c - b * s, rb = a * s + b * c;
+      a = ra;
+      b = rb;
+    }
+    xr[i] = __float2bfloat16(a);
+    xr[i + 1] = __float2bfloat16(b);
+  }
+}
+struct RmsRopeArgs {
+  bf16* x;
+  const float* bias;
+  const float* weight;
+  const float* cos_t;
+  const float* sin_t;
+  int rows;
+  int d;
+  int head_dim;
+  int tokens;
+  float eps;
+};
+REEL_EMU_EXPORT(rms_norm_rope_bf16, RmsRopeArgs, a.x, a.bias, a.weight, a.cos_t, a.sin_t, a.rows, a.d, a.head_dim,
+                a.tokens, a.eps)
+
+// The VAE's channel RMS norm, x / max(‖x‖₂, 1e-12)·√c·γ, fused with SiLU when `silu`.
+// In place on channel-last x: [rows, c] bf16. One block per row.
+extern "C" __global__ void channel_rms_silu_bf16(bf16* __restrict__ x, const float* __restrict__ gamma, int rows,
+                                                 int c, int silu) {
+  __shared__ float red[1024];
+  int row = blockIdx.x;
+  if (row >= rows) return;
+  bf16* xr = x + (size_t)row * c;
+  float q = 0.0f;
+  for (int i = threadIdx.x; i < c; i += blockDim.x) {
+    float v = __bfloat162float(xr[i]);
+    q += v * v;
+  }
+  float n = fmaxf(sqrtf(block_sum(q, red)), 1e-12f);
+  float scale = sqrtf((float)c);
+  for (int i = threadIdx.x; i < c; i += blockDim.x) {
+    float y = __bfloat162float(xr[i]) / n * scale * gamma[i];
+    if (silu) y = y / (1.0f + __expf(-y));
+    xr[i] = __float2bfloat16(y);
+  }
+}
+struct ChannelRmsArgs {
+  bf16* x;
+  const float* gamma;
+  int rows;
+  int c;
+  int silu;
+};
+REEL_EMU_EXPORT(channel_rms_silu_bf16, ChannelRmsArgs, a.x, a.gamma, a.rows, a.c, a.silu)
+
+// The gated residual of a Wan block: x += (y + bias)·gate[g], g = row / rows_per_group;
+// bias and gate may be null. x, y: [rows, d] bf16; bias: [d], gate: [groups, d] f32.
+extern "C" __global__ void residual_gate_bf16(bf16* __restrict__ x, const bf16* __restrict__ y,
+                                              const float* __restrict__ bias, const float* __restrict__ gate,
+                                              int rows, int d, int rows_per_group) {
+  size_t n = (size_t)rows * d;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    int col = (int)(i % d);
+    int g = (int)(i / d) / rows_per_group;
+    float v = __bfloat162float(y[i]) + (bias ? bias[col] : 0.0f);
+    if (gate) v *= gate[(size_t)g * d + col];
+    x[i] = __float2bfloat16(__bfloat162float(x[i]) + v);
+  }
+}
+struct ResidualArgs {
+  bf16* x;
+  const bf16* y;
+  const float* bias;
+  const float* gate;
+  int rows;
+  int d;
+  int rows_per_group;
+};
+REEL_EMU_EXPORT(residual_gate_bf16, ResidualArgs, a.x, a.y, a.bias, a.gate, a.rows, a.d, a.rows_per_group)
+
+// GELU-tanh on bf16, f32 math.
+extern "C" __global__ void gelu_tanh_bf16(const bf16* __restrict__ x, bf16* __restrict__ y, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    float v = __bfloat162float(x[i]);
+    float u = 0.7978845608f * (v + 0.044715f * v * v * v);
+    y[i] = __float2bfloat16(0.5f * v * (1.0f + tanhf(u)));
+  }
+}
+struct GeluBf16Args {
+  const bf16* x;
+  bf16* y;
+  int n;
+};
+REEL_EMU_EXPORT(gelu_tanh_bf16, GeluBf16Args, a.x, a.y, a.n)

@@ -194,3 +194,109 @@ fn emu_layernorm_modulate_bf16_matches_cpu_within_bf16_rounding() {
         );
     }
 }
+
+/// bf16 kernel vs the f32 CPU oracle on the same (bf16) inputs: relative L2 ≤ 1e-2 and no
+/// worse than 2× the naive bf16 reference (the oracle rounded to bf16).
+fn check_bf16(name: &str, got: &[half::bf16], want: &[f32]) {
+    let g: Vec<f32> = got.iter().map(|v| v.to_f32()).collect();
+    assert!(
+        g.iter().all(|v| v.is_finite()),
+        "{name}: unwritten or non-finite outputs"
+    );
+    let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    let naive: Vec<f32> = want
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    let (err, naive_err) = (
+        reel::tensor::rel_l2(&g, &w64),
+        reel::tensor::rel_l2(&naive, &w64),
+    );
+    assert!(
+        err <= 1e-2 && err <= 2.0 * naive_err.max(1e-7),
+        "{name}: rel L2 {err:.3e} (naive bf16 {naive_err:.3e})"
+    );
+}
+
+fn bf16s(v: &[f32]) -> Vec<half::bf16> {
+    v.iter().map(|&x| half::bf16::from_f32(x)).collect()
+}
+
+fn f32s(v: &[half::bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+#[test]
+fn emu_rms_norm_rope_bf16_matches_cpu() {
+    for (heads, hd, grid) in [
+        (2usize, 16usize, [2usize, 3, 2]),
+        (3, 24, [1, 2, 5]),
+        (1, 128, [3, 2, 2]),
+    ] {
+        let d = heads * hd;
+        let rope = reel::cpu::wan_rope_tables(hd, grid[0], grid[1], grid[2], 10000.0);
+        let rows = 2 * rope.tokens; // batch 2: rows wrap around the tables
+        let x = bf16s(&vals(rows * d, d as u64));
+        let bias: Vec<f32> = vals(d, 3).iter().map(|v| 0.1 * v).collect();
+        let w: Vec<f32> = vals(d, 4).iter().map(|v| 1.0 + 0.1 * v).collect();
+        for with_rope in [true, false] {
+            let r = with_rope.then_some(&rope);
+            let mut got = x.clone();
+            emu::rms_norm_rope_bf16(&mut got, d, Some(&bias), &w, 1e-6, r).unwrap();
+            let mut want = f32s(&x);
+            reel::cpu::rms_norm_rope(&mut want, d, Some(&bias), &w, 1e-6, r);
+            check_bf16(
+                &format!("rms_norm_rope hd={hd} rope={with_rope}"),
+                &got,
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+fn emu_channel_rms_silu_bf16_matches_cpu() {
+    for (rows, c) in [(37usize, 8usize), (5, 96), (3, 384)] {
+        let x = bf16s(&vals(rows * c, c as u64));
+        let gamma: Vec<f32> = vals(c, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
+        for silu in [true, false] {
+            let mut got = x.clone();
+            emu::channel_rms_silu_bf16(&mut got, c, &gamma, silu).unwrap();
+            let mut want = f32s(&x);
+            reel::cpu::channel_rms_norm(&mut want, c, &gamma, silu);
+            check_bf16(&format!("channel_rms c={c} silu={silu}"), &got, &want);
+        }
+    }
+}
+
+#[test]
+fn emu_residual_gate_and_gelu_bf16_match_cpu() {
+    let (per, groups, d) = (7usize, 3usize, 40usize);
+    let rows = per * groups;
+    let x = bf16s(&vals(rows * d, 1));
+    let y = bf16s(&vals(rows * d, 2));
+    let bias = vals(d, 3);
+    let gate = vals(groups * d, 4);
+    for (b, g) in [
+        (Some(&bias[..]), Some(&gate[..])),
+        (None, Some(&gate[..])),
+        (Some(&bias[..]), None),
+        (None, None),
+    ] {
+        let mut got = x.clone();
+        emu::residual_gate_bf16(&mut got, &y, d, b, g, per).unwrap();
+        let mut want = f32s(&x);
+        reel::cpu::residual_add(&mut want, &f32s(&y), d, b, g, per);
+        check_bf16(
+            &format!("residual bias={} gate={}", b.is_some(), g.is_some()),
+            &got,
+            &want,
+        );
+    }
+    let x = bf16s(&vals(10_001, 6));
+    let mut got = vec![half::bf16::from_bits(0x7fc1); x.len()];
+    emu::gelu_tanh_bf16(&x, &mut got).unwrap();
+    let mut want = f32s(&x);
+    reel::cpu::gelu(&mut want);
+    check_bf16("gelu_tanh_bf16", &got, &want);
+}
