@@ -133,6 +133,11 @@ extern "C" {
 pub mod emu {
     use super::*;
 
+    /// Blocks of 256 threads for a grid-stride loop over n elements (at most 1024).
+    fn grid_for(n: usize) -> u32 {
+        (n as u64).div_ceil(256).clamp(1, 1024) as u32
+    }
+
     fn len_i32(n: usize, what: &str) -> Result<i32> {
         i32::try_from(n)
             .map_err(|_| Error::invalid(format!("{what}: {n} elements do not fit a kernel's int")))
@@ -160,8 +165,7 @@ pub mod emu {
             )));
         }
         let n = len_i32(x.len(), "gelu_tanh_f32")?;
-        let block = 256u32;
-        let grid = (x.len() as u32).div_ceil(block).clamp(1, 1024);
+        let grid = grid_for(x.len());
         let a = GeluArgs {
             y: y.as_mut_ptr(),
             x: x.as_ptr(),
@@ -170,7 +174,7 @@ pub mod emu {
         // SAFETY: x and y are live for the call and hold n elements each (checked above);
         // the kernel reads x[i] and writes y[i] for i < n only; the emulator runs it to
         // completion before returning.
-        unsafe { reel_emu_gelu_tanh_f32(Dim3::x(grid), Dim3::x(block), 0, &a) };
+        unsafe { reel_emu_gelu_tanh_f32(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())
     }
 
@@ -337,7 +341,7 @@ pub mod emu {
             d: len_i32(d, "d")?,
             rows_per_group: len_i32(rows_per_group.clamp(1, rows.max(1)), "rows_per_group")?,
         };
-        let grid = (x.len() as u64).div_ceil(256).clamp(1, 1024) as u32;
+        let grid = grid_for(x.len());
         // SAFETY: x, y hold rows·d elements, bias d, gate groups·d (checked).
         unsafe { reel_emu_residual_gate_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())
@@ -353,7 +357,7 @@ pub mod emu {
             y: y.as_mut_ptr(),
             n: len_i32(x.len(), "gelu_tanh_bf16")?,
         };
-        let grid = (x.len() as u32).div_ceil(256).clamp(1, 1024);
+        let grid = grid_for(x.len());
         // SAFETY: both slices hold n elements.
         unsafe { reel_emu_gelu_tanh_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())
@@ -369,7 +373,7 @@ pub mod emu {
             y: y.as_mut_ptr(),
             n: len_i32(x.len(), "bf16_to_f32")?,
         };
-        let grid = (x.len() as u32).div_ceil(256).clamp(1, 1024);
+        let grid = grid_for(x.len());
         // SAFETY: both slices hold n elements; the kernel touches indices < n.
         unsafe { reel_emu_bf16_to_f32(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())
@@ -385,7 +389,7 @@ pub mod emu {
             y: y.as_mut_ptr(),
             n: len_i32(x.len(), "f32_to_bf16")?,
         };
-        let grid = (x.len() as u32).div_ceil(256).clamp(1, 1024);
+        let grid = grid_for(x.len());
         // SAFETY: both slices hold n elements; the kernel touches indices < n.
         unsafe { reel_emu_f32_to_bf16(Dim3::x(grid), Dim3::x(256), 0, &a) };
         Ok(())

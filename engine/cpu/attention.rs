@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::linear::gemm_tile;
+use super::linear::gemm_strided;
 use super::simd;
 use crate::multiversion;
 
@@ -250,7 +250,9 @@ fn attention_blocks(
                             let kh = &kt_b[h * hd * lk + k0..];
                             let vh = &vb_all[k0 * kv_stride + h * hd..];
                             // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
-                            gemm_tile(qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, lk, 1);
+                            gemm_strided(
+                                qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, lk, 1, false,
+                            );
                             if let Some(bias) = bias {
                                 add_bias_tile(&mut sbuf, qb, kb, r0, k0, b, h, &s, bias);
                             }
@@ -265,7 +267,9 @@ fn attention_blocks(
                                 hd,
                             );
                             // O[qb, hd] += P[qb, kb] · V[kb, hd]
-                            gemm_tile(qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1);
+                            gemm_strided(
+                                qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1, false,
+                            );
                         }
                         for r in 0..qb {
                             let inv = 1.0 / l[r];

@@ -52,28 +52,6 @@ pub fn linear(
     }
 }
 
-/// Single-threaded strided GEMM for tiles inside an already parallel loop; see
-/// [`gemm_strided`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_tile(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    gemm_strided(
-        m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, false,
-    )
-}
-
 /// dst[i, j] (+)= Σ_l lhs[i, l] · rhs[l, j] with (row, col) strides for lhs and rhs and a
 /// row stride for dst. `accumulate` false overwrites dst; `parallel` splits large products
 /// over the rayon pool.
