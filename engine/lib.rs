@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cli;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod inspect;

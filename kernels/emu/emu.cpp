@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -16,16 +17,40 @@ namespace {
 // Kernels keep their locals small; 64 KiB per fiber leaves room for the emulated math.
 constexpr size_t kStack = 64 * 1024;
 
+enum class State { Ready, AtBarrier, AtWarp, Done };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   uint3 idx;
-  bool done = false;
+  unsigned linear = 0;
+  State state = State::Ready;
+  // cp.async: committed groups (oldest first) and the group being built.
+  std::vector<std::vector<Copy>> groups;
+  std::vector<Copy> open;
+};
+
+// One warp's exchange: two generations of slots, so a lane that leaves an exchange and
+// reaches the next one cannot overwrite slots a slower lane has yet to read (the next
+// exchange cannot complete, and so a third cannot start, before every lane arrives).
+struct Warp {
+  unsigned char slots[2][32][kSlotBytes];
+  unsigned generation = 0;
+  unsigned arrived = 0;
+  unsigned need = 0;
 };
 
 struct Block {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  unsigned threads = 0;
   Fiber* current = nullptr;
   void (*body)(void*) = nullptr;
   void* args = nullptr;
@@ -37,10 +62,16 @@ thread_local dim3 g_block_dim;
 thread_local dim3 g_grid_dim;
 thread_local std::vector<unsigned char> g_dynamic_shared;
 
+[[noreturn]] void die(const char* what) {
+  std::fprintf(stderr, "reel emulator: %s (block %u,%u,%u)\n", what, g_block_idx.x, g_block_idx.y,
+               g_block_idx.z);
+  std::abort();
+}
+
 void fiber_entry() {
   Block* b = g_block;
   b->body(b->args);
-  b->current->done = true;
+  b->current->state = State::Done;
   // Returning switches to uc_link (the scheduler).
 }
 
@@ -59,6 +90,17 @@ uint64_t shuffle_seed(bool* on) {
   return *on ? std::strtoull(s, nullptr, 10) : 0;
 }
 
+void yield_to_scheduler(State s) {
+  Block* b = g_block;
+  b->current->state = s;
+  swapcontext(&b->current->ctx, &b->scheduler);
+}
+
+unsigned lanes_of_warp(const Block& b, unsigned w) {
+  unsigned n = std::min(32u, b.threads - 32 * w);
+  return n == 32 ? 0xffffffffu : ((1u << n) - 1);
+}
+
 }  // namespace
 
 extern "C" void reel_emu_set_shuffle(int mode, uint64_t seed) {
@@ -71,10 +113,54 @@ uint3 block_idx() { return g_block_idx; }
 dim3 block_dim() { return g_block_dim; }
 dim3 grid_dim() { return g_grid_dim; }
 void* dynamic_shared() { return g_dynamic_shared.data(); }
+unsigned lane_id() { return g_block->current->linear % 32; }
+unsigned warp_lanes() { return lanes_of_warp(*g_block, g_block->current->linear / 32); }
 
-void sync_threads() {
+void sync_threads() { yield_to_scheduler(State::AtBarrier); }
+
+const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask) {
   Block* b = g_block;
-  swapcontext(&b->current->ctx, &b->scheduler);
+  Fiber* f = b->current;
+  const unsigned w = f->linear / 32, lane = f->linear % 32;
+  Warp& warp = b->warps[w];
+  const unsigned need = mask & lanes_of_warp(*b, w);
+  if (!(need & (1u << lane))) die("a warp operation's mask leaves out the calling lane");
+  if (bytes > kSlotBytes) die("warp exchange larger than a slot");
+  if (warp.arrived != 0 && warp.need != need)
+    die("concurrent warp operations with different masks in one warp are not emulated");
+  const unsigned gen = warp.generation & 1;
+  std::memcpy(warp.slots[gen][lane], mine, bytes);
+  warp.need = need;
+  warp.arrived |= 1u << lane;
+  if (warp.arrived == need) {
+    warp.arrived = 0;
+    ++warp.generation;
+    for (unsigned l = 0; l < 32; ++l)
+      if ((need >> l) & 1u) {
+        Fiber& o = b->fibers[32 * w + l];
+        if (o.state == State::AtWarp) o.state = State::Ready;
+      }
+  } else {
+    yield_to_scheduler(State::AtWarp);
+  }
+  return &warp.slots[gen][0][0];
+}
+
+void cp_async(void* dst, const void* src, size_t bytes) { g_block->current->open.push_back({dst, src, bytes}); }
+
+void cp_async_commit() {
+  Fiber* f = g_block->current;
+  f->groups.push_back(std::move(f->open));
+  f->open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber* f = g_block->current;
+  if (pending < 0) pending = 0;
+  while (f->groups.size() > static_cast<size_t>(pending)) {
+    for (const Copy& c : f->groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    f->groups.erase(f->groups.begin());
+  }
 }
 
 void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* args) {
@@ -84,19 +170,23 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), voi
   g_block_dim = block;
   const unsigned n = block.x * block.y * block.z;
   std::vector<unsigned> order(n);
+  for (unsigned t = 0; t < n; ++t) order[t] = t;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block b;
         b.body = body;
         b.args = args;
+        b.threads = n;
         b.fibers.resize(n);
+        b.warps.resize((n + 31) / 32);
         g_block = &b;
         g_block_idx = uint3(bx, by, bz);
         g_dynamic_shared.assign(shared_bytes, 0);
         for (unsigned t = 0; t < n; ++t) {
           Fiber& f = b.fibers[t];
           f.idx = uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+          f.linear = t;
           f.stack.resize(kStack);
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -104,19 +194,39 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), voi
           f.ctx.uc_link = &b.scheduler;
           makecontext(&f.ctx, fiber_entry, 0);
         }
-        // Rounds: every live fiber runs to its next barrier or to its end.
+        // Rounds: every ready fiber runs until it blocks or ends. When none is ready, either
+        // all live fibers are at the barrier (release them) or the block is finished.
         for (;;) {
-          unsigned live = 0;
-          for (unsigned t = 0; t < n; ++t) order[t] = t;
           if (shuffle) std::shuffle(order.begin(), order.end(), rng);
+          bool ran = false;
           for (unsigned t : order) {
             Fiber& f = b.fibers[t];
-            if (f.done) continue;
+            if (f.state != State::Ready) continue;
             b.current = &f;
+            ran = true;
             swapcontext(&b.scheduler, &f.ctx);
-            if (!f.done) ++live;
           }
-          if (live == 0) break;
+          if (ran) continue;
+          unsigned at_barrier = 0, at_warp = 0;
+          for (const Fiber& f : b.fibers) {
+            at_barrier += f.state == State::AtBarrier;
+            at_warp += f.state == State::AtWarp;
+          }
+          if (at_warp != 0) {
+            char msg[160];
+            unsigned w = 0;
+            for (; w < b.warps.size() && b.warps[w].arrived == 0; ++w) {
+            }
+            std::snprintf(msg, sizeof msg,
+                          "deadlock: %u lane(s) of warp %u wait on a warp operation (mask %08x, arrived %08x) "
+                          "that the other lanes never reach",
+                          at_warp, w, w < b.warps.size() ? b.warps[w].need : 0u,
+                          w < b.warps.size() ? b.warps[w].arrived : 0u);
+            die(msg);
+          }
+          if (at_barrier == 0) break;
+          for (Fiber& f : b.fibers)
+            if (f.state == State::AtBarrier) f.state = State::Ready;
         }
         g_block = nullptr;
       }

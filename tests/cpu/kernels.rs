@@ -1,7 +1,22 @@
-//! Kernels on the SIMT emulator against the CPU reference, the emulator's barrier test, and
-//! static checks of the nvcc build (ptxas spills, sm_90a code in the fatbins).
+//! Kernels against the CPU reference on the kernel device REEL_TEST_DEVICE names (the SIMT
+//! emulator by default; `cuda` on a GPU machine, see tools/gpu-check.sh), the emulator's
+//! own tests (barriers, warp operations, the mma/ldmatrix/cp.async wrappers), the hardware
+//! self-test (GPU only) and static checks of the nvcc build (ptxas spills, sm_90a code).
 
-use reel::kernels::{emu, FATBINS, PTXAS_REPORTS};
+use reel::kernels::{self as k, Buf, Elem, KernelDevice, FATBINS, PTXAS_REPORTS};
+
+/// The device under test.
+fn dev() -> KernelDevice {
+    KernelDevice::from_test_env().expect("REEL_TEST_DEVICE")
+}
+
+fn up<T: Elem>(d: &KernelDevice, v: &[T]) -> Buf<T> {
+    Buf::upload(d, v).unwrap()
+}
+
+fn down<T: Elem>(b: &Buf<T>) -> Vec<T> {
+    b.download().unwrap()
+}
 
 fn vals(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = reel::models::random::Normal::new(seed);
@@ -12,8 +27,10 @@ fn vals(n: usize, seed: u64) -> Vec<f32> {
 fn emu_gelu_matches_cpu_reference() {
     for n in [1usize, 255, 257, 100_003] {
         let x = vals(n, n as u64);
-        let mut y = vec![f32::NAN; n]; // poisoned: every element must be written
-        emu::gelu_tanh_f32(&x, &mut y).unwrap();
+        let d = dev();
+        let mut yb = Buf::filled(&d, n, f32::NAN).unwrap(); // poisoned: every element must be written
+        k::gelu_tanh_f32(&d, &up(&d, &x), &mut yb).unwrap();
+        let y = down(&yb);
         let mut want = x.clone();
         reel::cpu::gelu(&mut want);
         for (i, (&a, &b)) in y.iter().zip(&want).enumerate() {
@@ -24,40 +41,42 @@ fn emu_gelu_matches_cpu_reference() {
             );
         }
     }
-    assert!(emu::gelu_tanh_f32(&[1.0], &mut [0.0, 0.0]).is_err());
+    let d = dev();
+    let mut two = Buf::filled(&d, 2, 0.0f32).unwrap();
+    assert!(k::gelu_tanh_f32(&d, &up(&d, &[1.0]), &mut two).is_err());
 }
 
 #[test]
 fn emu_shuffle_catches_a_missing_syncthreads() {
+    let d = KernelDevice::Emu; // the shuffle mode is the emulator's
+    let shift = |x: &[f32], sync: bool| {
+        let mut y = Buf::filled(&d, x.len(), f32::NAN).unwrap();
+        k::shift_shared(&d, &up(&d, x), &mut y, sync).unwrap();
+        down(&y)
+    };
     let n = 200;
     let expect =
         |x: &[f32]| -> Vec<f32> { (0..n).map(|t| x[if t == 0 { 0 } else { t - 1 }]).collect() };
     // In thread order the racy kernel happens to pass: that is why the shuffle mode exists.
-    emu::set_shuffle(Some(None));
+    k::set_emu_shuffle(Some(None));
     let x = vals(n, 1);
-    let mut y = vec![f32::NAN; n];
-    emu::shift_shared(&x, &mut y, false).unwrap();
-    assert_eq!(y, expect(&x));
+    assert_eq!(shift(&x, false), expect(&x));
     // With the barrier, every shuffled order is right.
     for seed in 0..8 {
-        emu::set_shuffle(Some(Some(seed)));
+        k::set_emu_shuffle(Some(Some(seed)));
         let x = vals(n, 100 + seed);
-        let mut y = vec![f32::NAN; n];
-        emu::shift_shared(&x, &mut y, true).unwrap();
-        assert_eq!(y, expect(&x), "seed {seed}");
+        assert_eq!(shift(&x, true), expect(&x), "seed {seed}");
     }
     // Without it, shuffled orders read neighbours that have not written yet.
     let mut caught = 0;
     for seed in 0..8 {
-        emu::set_shuffle(Some(Some(seed)));
+        k::set_emu_shuffle(Some(Some(seed)));
         let x = vals(n, 200 + seed);
-        let mut y = vec![f32::NAN; n];
-        emu::shift_shared(&x, &mut y, false).unwrap();
-        if y != expect(&x) {
+        if shift(&x, false) != expect(&x) {
             caught += 1;
         }
     }
-    emu::set_shuffle(None);
+    k::set_emu_shuffle(None);
     assert_eq!(
         caught,
         8,
@@ -133,8 +152,10 @@ fn emu_bf16_conversions_match_half() {
         f32::from_bits(0x3F80_8000), // 1 + 2^-8: a tie, rounds to even (down)
         f32::from_bits(0x3F81_8000), // 1 + 3·2^-8: a tie, rounds to even (up)
     ]);
-    let mut b = vec![half::bf16::from_bits(0x7fc1); x.len()];
-    emu::f32_to_bf16(&x, &mut b).unwrap();
+    let d = dev();
+    let mut bb = Buf::filled(&d, x.len(), half::bf16::from_bits(0x7fc1)).unwrap();
+    k::f32_to_bf16(&d, &up(&d, &x), &mut bb).unwrap();
+    let b = down(&bb);
     for (i, (&got, &v)) in b.iter().zip(&x).enumerate() {
         assert_eq!(
             got.to_bits(),
@@ -142,15 +163,16 @@ fn emu_bf16_conversions_match_half() {
             "[{i}] {v}"
         );
     }
-    let mut back = vec![f32::NAN; x.len()];
-    emu::bf16_to_f32(&b, &mut back).unwrap();
+    let mut backb = Buf::filled(&d, x.len(), f32::NAN).unwrap();
+    k::bf16_to_f32(&d, &bb, &mut backb).unwrap();
+    let back = down(&backb);
     assert!(back
         .iter()
         .zip(&b)
         .all(|(&f, &h)| f.to_bits() == h.to_f32().to_bits()));
-    let mut nan = [half::bf16::ZERO];
-    emu::f32_to_bf16(&[f32::NAN], &mut nan).unwrap();
-    assert!(nan[0].is_nan());
+    let mut nan = Buf::filled(&d, 1, half::bf16::ZERO).unwrap();
+    k::f32_to_bf16(&d, &up(&d, &[f32::NAN]), &mut nan).unwrap();
+    assert!(down(&nan)[0].is_nan());
 }
 
 #[test]
@@ -164,8 +186,20 @@ fn emu_layernorm_modulate_bf16_matches_cpu_within_bf16_rounding() {
             .collect();
         let mul: Vec<f32> = vals(groups * d, 7).iter().map(|v| 1.0 + 0.1 * v).collect();
         let add: Vec<f32> = vals(groups * d, 8).iter().map(|v| 0.1 * v).collect();
-        let mut y = vec![bf16::from_bits(0x7fc1); rows * d]; // poisoned with NaN
-        emu::layernorm_modulate_bf16(&x, &mut y, d, &mul, &add, rows_per_group, 1e-6).unwrap();
+        let dv = dev();
+        let mut yb = Buf::filled(&dv, rows * d, bf16::from_bits(0x7fc1)).unwrap(); // poisoned with NaN
+        k::layernorm_modulate_bf16(
+            &dv,
+            &up(&dv, &x),
+            &mut yb,
+            d,
+            &up(&dv, &mul),
+            &up(&dv, &add),
+            rows_per_group,
+            1e-6,
+        )
+        .unwrap();
+        let y = down(&yb);
         // The f32 oracle on the same (bf16) inputs, and the naive bf16 reference: the oracle
         // rounded to bf16.
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
@@ -241,8 +275,26 @@ fn emu_rms_norm_rope_bf16_matches_cpu() {
         let w: Vec<f32> = vals(d, 4).iter().map(|v| 1.0 + 0.1 * v).collect();
         for with_rope in [true, false] {
             let r = with_rope.then_some(&rope);
-            let mut got = x.clone();
-            emu::rms_norm_rope_bf16(&mut got, d, Some(&bias), &w, 1e-6, r).unwrap();
+            let dv = dev();
+            let (cos, sin) = (up(&dv, &rope.cos), up(&dv, &rope.sin));
+            let rb = with_rope.then(|| k::Rope {
+                cos: &cos,
+                sin: &sin,
+                head_dim: rope.head_dim,
+                tokens: rope.tokens,
+            });
+            let mut gb = up(&dv, &x);
+            k::rms_norm_rope_bf16(
+                &dv,
+                &mut gb,
+                d,
+                Some(&up(&dv, &bias)),
+                &up(&dv, &w),
+                1e-6,
+                rb,
+            )
+            .unwrap();
+            let got = down(&gb);
             let mut want = f32s(&x);
             reel::cpu::rms_norm_rope(&mut want, d, Some(&bias), &w, 1e-6, r);
             check_bf16(
@@ -260,8 +312,10 @@ fn emu_channel_rms_silu_bf16_matches_cpu() {
         let x = bf16s(&vals(rows * c, c as u64));
         let gamma: Vec<f32> = vals(c, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
         for silu in [true, false] {
-            let mut got = x.clone();
-            emu::channel_rms_silu_bf16(&mut got, c, &gamma, silu).unwrap();
+            let dv = dev();
+            let mut gb = up(&dv, &x);
+            k::channel_rms_silu_bf16(&dv, &mut gb, c, &up(&dv, &gamma), silu).unwrap();
+            let got = down(&gb);
             let mut want = f32s(&x);
             reel::cpu::channel_rms_norm(&mut want, c, &gamma, silu);
             check_bf16(&format!("channel_rms c={c} silu={silu}"), &got, &want);
@@ -283,8 +337,12 @@ fn emu_residual_gate_and_gelu_bf16_match_cpu() {
         (Some(&bias[..]), None),
         (None, None),
     ] {
-        let mut got = x.clone();
-        emu::residual_gate_bf16(&mut got, &y, d, b, g, per).unwrap();
+        let dv = dev();
+        let (bb, gg) = (b.map(|v| up(&dv, v)), g.map(|v| up(&dv, v)));
+        let mut gb = up(&dv, &x);
+        k::residual_gate_bf16(&dv, &mut gb, &up(&dv, &y), d, bb.as_ref(), gg.as_ref(), per)
+            .unwrap();
+        let got = down(&gb);
         let mut want = f32s(&x);
         reel::cpu::residual_add(&mut want, &f32s(&y), d, b, g, per);
         check_bf16(
@@ -294,8 +352,10 @@ fn emu_residual_gate_and_gelu_bf16_match_cpu() {
         );
     }
     let x = bf16s(&vals(10_001, 6));
-    let mut got = vec![half::bf16::from_bits(0x7fc1); x.len()];
-    emu::gelu_tanh_bf16(&x, &mut got).unwrap();
+    let dv = dev();
+    let mut gb = Buf::filled(&dv, x.len(), half::bf16::from_bits(0x7fc1)).unwrap();
+    k::gelu_tanh_bf16(&dv, &up(&dv, &x), &mut gb).unwrap();
+    let got = down(&gb);
     let mut want = f32s(&x);
     reel::cpu::gelu(&mut want);
     check_bf16("gelu_tanh_bf16", &got, &want);

@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Trains reel's embedded demo model: a tiny Wan2.1-architecture text-to-video pipeline in
+the diffusers layout, on the procedural clips of tools/demo_data.py.
+
+    /tmp/reel-golden/bin/pip install -r tools/requirements-golden.txt
+    /tmp/reel-golden/bin/python tools/train_demo.py            # ~40-60 min on 2 cores
+
+Stages (each cached under --work, so an interrupted run resumes at the stage it was in):
+ 1. tokenizer  a sentencepiece unigram model trained on every caption wording, converted
+               to tokenizer.json by transformers' T5Tokenizer (as tools/golden.py does).
+ 2. vae        AutoencoderKLWan (base_dim 12, z_dim 8, 8x spatial and 4x temporal
+               compression: 17x64x64 -> 5x8x8) trained on random 5- and 9-frame windows
+               of clips with MSE + 1e-6 KL.
+ 3. latents    posterior means of N clips (17 frames), their per-channel mean and std
+               (written to the VAE config as latents_mean / latents_std, as Wan does).
+ 4. text       UMT5EncoderModel, kept at its seeded random initialisation (see below);
+               the embeddings of every caption and of "" are computed once.
+ 5. dit        WanTransformer3DModel (4 heads x 32, 4 layers, patch 1x2x2 -> 80 tokens)
+               trained with flow matching (x_t = (1-s) x0 + s e, target e - x0, t = 1000 s,
+               s uniform) on normalised latents, captions padded to 512 rows exactly as
+               WanPipeline pads them, 10% empty captions for classifier-free guidance, EMA.
+ 6. export     the pipeline (bf16 weights, UniPC flow scheduler) to --out, a check with
+               diffusers' WanPipeline on every combination's first wording including the
+               held-out one (dominant colour and centroid motion), training curves as a PNG.
+
+Why the text encoder stays random: the captions use ~20 words, and a seeded random umT5
+already maps each word (in context) to a distinct vector; the DiT's cross-attention
+learns to read them. Freezing it lets stage 4 compute each caption's embedding once, which
+is what keeps the DiT's steps cheap enough for 2 cores, and leaves nothing in the encoder
+to overfit the held-out combination's absence.
+
+Seeded: a rerun on the same library versions and thread count gives the same model.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_data as dd  # noqa: E402
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MAX_LEN = 512  # WanPipeline's max_sequence_length
+
+VAE_CONFIG = dict(base_dim=12, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                  temperal_downsample=[False, True, True])
+DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=8,
+                  out_channels=8, text_dim=32, freq_dim=64, ffn_dim=384, num_layers=4)
+TEXT_CONFIG = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128)
+
+
+def log(work, stage, **kw):
+    kw = {"stage": stage, **kw}
+    print(json.dumps(kw), flush=True)
+    with open(os.path.join(work, "train_log.jsonl"), "a") as f:
+        f.write(json.dumps(kw) + "\n")
+
+
+def all_captions():
+    caps = []
+    for combo in dd.combos(include_held_out=True):
+        caps += dd.captions(*combo)
+    return caps
+
+
+def stage_tokenizer(work):
+    tdir = os.path.join(work, "tokenizer")
+    if os.path.isfile(os.path.join(tdir, "tokenizer.json")):
+        return tdir
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+    spw = os.path.join(work, "_spm")
+    shutil.rmtree(spw, ignore_errors=True)
+    os.makedirs(spw)
+    with open(os.path.join(spw, "corpus.txt"), "w") as f:
+        f.write("\n".join(all_captions() * 10))
+    spm.SentencePieceTrainer.train(
+        input=os.path.join(spw, "corpus.txt"), model_prefix=os.path.join(spw, "spiece"), vocab_size=96,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    tok = T5Tokenizer.from_pretrained(spw, extra_ids=0)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(spw, "spiece.model"))
+    assert len(tok) == sp.get_piece_size()
+    for c in all_captions():
+        assert tok(c).input_ids == sp.encode(c) + [1], c
+    tok.save_pretrained(tdir)
+    for f in os.listdir(tdir):
+        if f != "tokenizer.json":
+            os.remove(os.path.join(tdir, f))
+    shutil.rmtree(spw)
+    log(work, "tokenizer", vocab=len(tok))
+    return tdir
+
+
+def to_tensor(clips):
+    """[B, F, H, W, 3] in [0, 1] -> [B, 3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+def stage_vae(work, steps):
+    from diffusers import AutoencoderKLWan
+    path = os.path.join(work, "vae")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_f32(AutoencoderKLWan, path)
+    torch.manual_seed(1)
+    vae = AutoencoderKLWan(**VAE_CONFIG)
+    n = sum(p.numel() for p in vae.parameters())
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(1)
+    t0 = time.time()
+    avg = None
+    for step in range(steps):
+        lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # Random windows: 4 x 5 frames or 2 x 9 frames (the causal first frame, then 1 or 2 chunks).
+        frames, batch = (5, 4) if step % 2 == 0 else (9, 2)
+        clips = []
+        for _ in range(batch):
+            clip = dd.sample(rng)[0]
+            s = rng.integers(0, dd.FRAMES - frames + 1)
+            clips.append(clip[s:s + frames])
+        x = to_tensor(np.stack(clips))
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.sample()).sample
+        mse = (y - x).pow(2).mean()
+        loss = mse + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
+        if step % 25 == 0 or step == steps - 1:
+            log(work, "vae", step=step, mse=mse.item(), mse_avg=avg, lr=lr, seconds=time.time() - t0, params=n)
+    vae.eval()
+    vae.save_pretrained(path, safe_serialization=True)
+    log(work, "vae_done", seconds=time.time() - t0, params=n, mse_avg=avg)
+    return vae
+
+
+def stage_latents(work, vae, count):
+    path = os.path.join(work, "latents.pt")
+    if os.path.isfile(path):
+        return torch.load(path)
+    t0 = time.time()
+    rng = np.random.default_rng(2)
+    lats, combos, clips_kept = [], [], []
+    batch = 16
+    with torch.no_grad():
+        for i in range(0, count, batch):
+            clips, cs = [], []
+            for _ in range(min(batch, count - i)):
+                clip, _, combo = dd.sample(rng)
+                clips.append(clip)
+                cs.append(dd.combos(True).index(combo))
+            x = to_tensor(np.stack(clips))
+            lats.append(vae.encode(x).latent_dist.mode())
+            combos += cs
+            if i == 0:
+                rec = vae.decode(lats[0]).sample
+                clips_kept = (x, rec)
+    z = torch.cat(lats)
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4))
+    rec_mse = (clips_kept[0] - clips_kept[1]).pow(2).mean().item()
+    data = {"latents": z, "combo": torch.tensor(combos), "mean": mean, "std": std}
+    torch.save(data, path)
+    log(work, "latents", count=count, shape=list(z.shape), mean=mean.tolist(), std=std.tolist(),
+        recon_mse_17_frames=rec_mse, seconds=time.time() - t0)
+    return data
+
+
+def stage_text(work, tdir):
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+    path = os.path.join(work, "text_encoder")
+    tok = T5TokenizerFast(tokenizer_file=os.path.join(tdir, "tokenizer.json"))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        torch.manual_seed(3)
+        cfg = UMT5Config(vocab_size=len(tok), feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                         is_encoder_decoder=False, **TEXT_CONFIG)
+        UMT5EncoderModel(cfg).eval().save_pretrained(path, safe_serialization=True)
+    te = UMT5EncoderModel.from_pretrained(path).eval()
+    return tok, te
+
+
+def embed(tok, te, prompts):
+    """WanPipeline._get_t5_prompt_embeds: [len(prompts), 512, d], rows past each length zero."""
+    enc = tok(prompts, padding="max_length", max_length=MAX_LEN, truncation=True, add_special_tokens=True,
+              return_attention_mask=True, return_tensors="pt")
+    with torch.no_grad():
+        h = te(enc.input_ids, enc.attention_mask).last_hidden_state
+    lens = enc.attention_mask.sum(1)
+    out = torch.zeros_like(h)
+    for i, n in enumerate(lens):
+        out[i, :n] = h[i, :n]
+    return out
+
+
+def stage_dit(work, data, tok, te, steps, batch):
+    from diffusers import WanTransformer3DModel
+    path = os.path.join(work, "transformer")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_f32(WanTransformer3DModel, path)
+    combos = dd.combos(True)
+    # Embeddings of every wording of every combination (held-out included: never sampled).
+    caps = [dd.captions(*c) for c in combos]
+    n_wording = len(caps[0])
+    table = embed(tok, te, [w for c in caps for w in c] + [""])
+    # Only the first rows differ from zero; keep them and pad at use.
+    rows = int((table.abs().sum(-1) > 0).sum(-1).max())
+    table = table[:, :rows].contiguous()
+    z = (data["latents"] - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
+    combo_of = data["combo"]
+    torch.manual_seed(4)
+    model = WanTransformer3DModel(**DIT_CONFIG)
+    ema = WanTransformer3DModel(**DIT_CONFIG)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(5)
+    t0 = time.time()
+    avg = None
+    for step in range(steps):
+        lr = 5e-4 * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, z.shape[0], (batch,), generator=gen)
+        x0 = z[idx]
+        wording = torch.randint(0, n_wording, (batch,), generator=gen)
+        rows_idx = combo_of[idx] * n_wording + wording
+        drop = torch.rand(batch, generator=gen) < 0.1
+        rows_idx[drop] = table.shape[0] - 1  # "" : the null caption
+        text = torch.zeros(batch, MAX_LEN, table.shape[-1])
+        text[:, :rows] = table[rows_idx]
+        sigma = torch.rand(batch, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = model(xt, sigma * 1000, text, return_dict=False)[0]
+        loss = (pred - (noise - x0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.mul_(decay).add_(pm, alpha=1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(work, "dit", step=step, loss=loss.item(), loss_avg=avg, lr=lr, seconds=time.time() - t0, params=n)
+    ema.eval()
+    ema.save_pretrained(path, safe_serialization=True)
+    log(work, "dit_done", seconds=time.time() - t0, params=n, loss_avg=avg)
+    return ema
+
+
+def analyse(video):
+    """video [F, H, W, 3] in [0, 1] -> (dominant colour name or None, centroid of first and last
+    frame). The same measure as the Rust tests: saturated pixels, classified by nearest hue."""
+    hues = {"red": 0.0, "yellow": 52.0, "green": 128.0, "blue": 225.0}
+    counts = {k: 0 for k in hues}
+    cents = []
+    for f in [0, video.shape[0] - 1]:
+        px = video[f].reshape(-1, 3)
+        mx, mn = px.max(1), px.min(1)
+        sat = (mx - mn) > 0.3
+        ys, xs = np.divmod(np.arange(px.shape[0]), video.shape[2])
+        cents.append((xs[sat].mean(), ys[sat].mean()) if sat.any() else (float("nan"),) * 2)
+        for p in px[sat]:
+            r, g, b = p
+            h = math.degrees(math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+            name = min(hues, key=lambda k: min(abs(h - hues[k]), 360 - abs(h - hues[k])))
+            counts[name] += 1
+    top = max(counts, key=counts.get)
+    return (top if counts[top] > 0 else None), cents
+
+
+def load_f32(cls, folder):
+    """A diffusers model from bf16 files as float32 (from_pretrained refuses bf16 files of
+    models with fp32-kept modules unless accelerate is installed)."""
+    from safetensors.torch import load_file
+    model = cls.from_config(cls.load_config(folder))
+    sd = {}
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            sd.update({k: v.float() for k, v in load_file(os.path.join(folder, f)).items()})
+    model.load_state_dict(sd)
+    return model.float().eval()
+
+
+def stage_export(work, out, tdir, vae, te, dit, data, dtype):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from transformers import T5TokenizerFast
+    cfg = dict(vae.config)
+    vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
+    del cfg
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    num_train_timesteps=1000)
+    tok = T5TokenizerFast(tokenizer_file=os.path.join(tdir, "tokenizer.json"))
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, transformer=dit, vae=vae, scheduler=sched)
+    shutil.rmtree(out, ignore_errors=True)
+    pipe.to(dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Only tokenizer.json is needed (reel reads it; transformers can load the folder from it).
+    for f in os.listdir(os.path.join(out, "tokenizer")):
+        if f not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            os.remove(os.path.join(out, "tokenizer", f))
+    meta = {
+        "about": "reel's embedded demo model, trained by tools/train_demo.py on tools/demo_data.py",
+        "colours": list(dd.COLOURS), "shapes": dd.SHAPES, "motions": list(dd.MOTIONS),
+        "held_out": " ".join(dd.HELD_OUT), "default_steps": 20, "default_guidance": 5.0,
+    }
+    with open(os.path.join(out, "reel_demo.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    # Check with diffusers itself, in float32 from the stored (rounded) weights.
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+    pipe = WanPipeline(
+        tokenizer=T5TokenizerFast.from_pretrained(os.path.join(out, "tokenizer")),
+        text_encoder=UMT5EncoderModel.from_pretrained(os.path.join(out, "text_encoder")).float().eval(),
+        transformer=load_f32(WanTransformer3DModel, os.path.join(out, "transformer")),
+        vae=load_f32(AutoencoderKLWan, os.path.join(out, "vae")),
+        scheduler=UniPCMultistepScheduler.from_pretrained(os.path.join(out, "scheduler")))
+    pipe.set_progress_bar_config(disable=True)
+    results = []
+    for c, s, m in dd.combos(True):
+        prompt = dd.captions(c, s, m)[0]
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            v = pipe(prompt=prompt, height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=5.0,
+                     generator=g, output_type="np").frames[0]
+        colour, (a, b) = analyse(v)
+        ux, uy = dd.MOTIONS[m]
+        moved = (b[0] - a[0]) * ux + (b[1] - a[1]) * uy
+        ok = bool(colour == c and moved >= 16)
+        results.append({"prompt": prompt, "colour": colour, "moved_px": round(float(moved), 1), "ok": ok,
+                        "held_out": (c, s, m) == dd.HELD_OUT})
+        if (c, s, m) == dd.HELD_OUT or (c, s, m) == ("red", "circle", "right"):
+            from PIL import Image
+            Image.fromarray((np.concatenate([v[0], v[8], v[-1]], 1) * 255).round().astype(np.uint8)).save(
+                os.path.join(work, prompt.replace(" ", "_") + ".png"))
+    log(work, "check", passed=sum(r["ok"] for r in results), of=len(results),
+        held_out=[r for r in results if r["held_out"]], failed=[r for r in results if not r["ok"]])
+    return results
+
+
+def plot(work, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(os.path.join(work, "train_log.jsonl"))]
+    vae = [r for r in rows if r["stage"] == "vae"]
+    dit = [r for r in rows if r["stage"] == "dit"]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    ax[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=0.6, alpha=0.4, label="batch")
+    ax[0].plot([r["step"] for r in vae], [r["mse_avg"] for r in vae], lw=1.5, label="moving average")
+    ax[0].set(yscale="log", xlabel="step", ylabel="reconstruction MSE ([-1, 1] pixels)", title="VAE")
+    ax[1].plot([r["step"] for r in dit], [r["loss"] for r in dit], lw=0.6, alpha=0.4, label="batch")
+    ax[1].plot([r["step"] for r in dit], [r["loss_avg"] for r in dit], lw=1.5, label="moving average")
+    ax[1].set(yscale="log", xlabel="step", ylabel="flow-matching loss", title="DiT")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/reel-demo-work")
+    ap.add_argument("--out", default=os.path.join(REPO, "engine", "assets", "demo"))
+    ap.add_argument("--plot", default=os.path.join(REPO, "docs", "demo-training.png"))
+    ap.add_argument("--vae-steps", type=int, default=1800)
+    ap.add_argument("--clips", type=int, default=4000)
+    ap.add_argument("--dit-steps", type=int, default=7000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    os.makedirs(a.work, exist_ok=True)
+    t0 = time.time()
+    tdir = stage_tokenizer(a.work)
+    vae = stage_vae(a.work, a.vae_steps)
+    data = stage_latents(a.work, vae, a.clips)
+    tok, te = stage_text(a.work, tdir)
+    dit = stage_dit(a.work, data, tok, te, a.dit_steps, a.batch)
+    stage_export(a.work, a.out, tdir, vae, te, dit, data, getattr(torch, a.dtype))
+    os.makedirs(os.path.dirname(a.plot), exist_ok=True)
+    plot(a.work, a.plot)
+    log(a.work, "done", seconds_this_run=time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()
