@@ -54,13 +54,19 @@ impl KernelDevice {
     /// The device kernel tests run on: `REEL_TEST_DEVICE` = `emu` (default) or `cuda`
     /// (`cuda:N` for GPU N).
     pub fn from_test_env() -> Result<Self> {
-        match std::env::var("REEL_TEST_DEVICE").as_deref() {
-            Err(_) | Ok("") | Ok("emu") => Ok(KernelDevice::Emu),
-            Ok("cuda") => Self::cuda(0),
-            Ok(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+        let spec = std::env::var("REEL_TEST_DEVICE").unwrap_or_default();
+        Self::parse(&spec).map_err(|e| Error::invalid(format!("REEL_TEST_DEVICE={spec}: {e}")))
+    }
+
+    /// `emu` (or empty), `cuda`, or `cuda:N`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        match spec {
+            "" | "emu" => Ok(KernelDevice::Emu),
+            "cuda" => Self::cuda(0),
+            s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
                 Some(n) => Self::cuda(n),
                 None => Err(Error::invalid(format!(
-                    "REEL_TEST_DEVICE={s}: expected emu, cuda or cuda:N"
+                    "kernel device {s:?}: expected emu, cuda or cuda:N"
                 ))),
             },
         }

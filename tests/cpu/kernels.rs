@@ -360,3 +360,292 @@ fn emu_residual_gate_and_gelu_bf16_match_cpu() {
     reel::cpu::gelu(&mut want);
     check_bf16("gelu_tanh_bf16", &got, &want);
 }
+
+/// What warp_ops_selftest computes, per CUDA's semantics, for one thread.
+fn warp_ops_expected(x: &[i32], t: usize, block: usize) -> [i32; 8] {
+    let lane = (t % block) % 32;
+    let w0 = t - lane; // first thread of the warp
+    let warp = &x[w0..w0 + 32];
+    let sum: i32 = warp.iter().sum();
+    let scan: i32 = warp[..=lane].iter().sum();
+    let down = if lane + 3 < 32 {
+        warp[lane + 3]
+    } else {
+        warp[lane]
+    };
+    let idx8 = warp[(lane & !7) + 5];
+    let ballot = warp
+        .iter()
+        .enumerate()
+        .fold(0u32, |m, (l, &v)| if v > 0 { m | (1 << l) } else { m });
+    let any = warp.iter().any(|&v| v > 10) as i32;
+    let all = warp.iter().all(|&v| v > -50) as i32;
+    let s16: i32 = warp[lane & !15..(lane & !15) + 16].iter().sum();
+    [sum, scan, down, idx8, ballot as i32, any, all, s16]
+}
+
+fn small_ints(n: usize, seed: u64, lo: i32, hi: i32) -> Vec<i32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            lo + (s % (hi - lo + 1) as u64) as i32
+        })
+        .collect()
+}
+
+#[test]
+fn emu_warp_shuffles_and_votes_follow_cuda_semantics() {
+    let d = dev();
+    for (block, blocks, seed) in [(32usize, 1usize, 1u64), (96, 2, 2), (1024, 1, 3)] {
+        let n = block * blocks;
+        let mut x = small_ints(n, seed, -40, 40);
+        x[5] = -60; // one warp where all(x > -50) is false
+        for shuffle in [None, Some(7u64)] {
+            k::set_emu_shuffle(Some(shuffle));
+            let mut out = Buf::filled(&d, 8 * n, i32::MIN).unwrap();
+            k::warp_ops_selftest(&d, &up(&d, &x), &mut out, block).unwrap();
+            let got = down(&out);
+            for t in 0..n {
+                assert_eq!(
+                    got[8 * t..8 * t + 8],
+                    warp_ops_expected(&x, t, block),
+                    "block {block}, thread {t}, shuffle {shuffle:?}"
+                );
+            }
+        }
+        k::set_emu_shuffle(None);
+    }
+    assert!(k::warp_ops_selftest(&d, &up(&d, &[0; 40]), &mut up(&d, &[0; 320]), 40).is_err());
+}
+
+#[test]
+fn emu_f16_host_type_rounds_like_half() {
+    let d = dev();
+    let mut x = vals(4099, 11);
+    x.extend([
+        0.0,
+        -0.0,
+        65504.0,
+        65519.0,
+        65520.0, // rounds to infinity
+        -1e9,
+        f32::INFINITY,
+        6.0e-8,             // the smallest subnormal, about
+        2.9e-8,             // below half of it: to zero
+        6.1e-5,             // near the smallest normal
+        1.0 + 1.0 / 2048.0, // a tie: to even
+        f32::from_bits(0x3380_0001),
+    ]);
+    x.extend((0..200).map(|i| (i as f32 - 100.0) * 3.1e-7)); // subnormal range
+    let mut h = Buf::filled(&d, x.len(), half::f16::from_bits(0x7e01)).unwrap();
+    let mut back = Buf::filled(&d, x.len(), f32::NAN).unwrap();
+    k::f16_roundtrip_selftest(&d, &up(&d, &x), &mut h, &mut back).unwrap();
+    let (h, back) = (down(&h), down(&back));
+    for (i, &v) in x.iter().enumerate() {
+        let want = half::f16::from_f32(v);
+        assert_eq!(h[i].to_bits(), want.to_bits(), "[{i}] {v:e}");
+        assert_eq!(back[i].to_bits(), want.to_f32().to_bits(), "[{i}] {v:e}");
+    }
+    let mut h1 = Buf::filled(&d, 1, half::f16::ZERO).unwrap();
+    let mut b1 = Buf::filled(&d, 1, 0.0f32).unwrap();
+    k::f16_roundtrip_selftest(&d, &up(&d, &[f32::NAN]), &mut h1, &mut b1).unwrap();
+    assert!(down(&h1)[0].is_nan() && down(&b1)[0].is_nan());
+}
+
+/// Operands of the mma self-test, from A [16][16] and B [16][8] given as f32 (exact in bf16).
+struct MmaCase {
+    a: Vec<half::bf16>,
+    b: Vec<half::bf16>,
+    c: Vec<f32>,
+}
+
+impl MmaCase {
+    fn new(a: &[f32], b: &[f32], c: &[f32]) -> Self {
+        MmaCase {
+            a: bf16s(a),
+            b: bf16s(b),
+            c: c.to_vec(),
+        }
+    }
+
+    fn integers(seed: u64) -> Self {
+        let f = |n, s| -> Vec<f32> { small_ints(n, s, -8, 8).iter().map(|&v| v as f32).collect() };
+        Self::new(&f(256, seed), &f(128, seed + 1), &f(128, seed + 2))
+    }
+
+    fn random(seed: u64) -> Self {
+        Self::new(&vals(256, seed), &vals(128, seed + 1), &vals(128, seed + 2))
+    }
+
+    /// D on `dev` through fragment-loading `mode`.
+    fn run(&self, dev: &KernelDevice, mode: i32) -> Vec<f32> {
+        let t = |m: &[half::bf16], rows: usize, cols: usize| -> Vec<half::bf16> {
+            (0..cols * rows)
+                .map(|i| m[(i % rows) * cols + i / rows])
+                .collect()
+        };
+        let (a, at) = (up(dev, &self.a), up(dev, &t(&self.a, 16, 16)));
+        let (b, bt) = (up(dev, &self.b), up(dev, &t(&self.b, 16, 8)));
+        let c = up(dev, &self.c);
+        let mut d = Buf::filled(dev, 128, f32::NAN).unwrap();
+        let ops = k::MmaOperands {
+            a: &a,
+            at: &at,
+            bt: &bt,
+            b: &b,
+            c: &c,
+        };
+        k::mma_selftest(dev, &ops, &mut d, mode).unwrap();
+        down(&d)
+    }
+
+    /// A·B + C in f64, and Σ|a·b| per element (for the accumulation-order bound).
+    fn reference(&self) -> (Vec<f64>, Vec<f64>) {
+        let (mut d, mut mag) = (vec![0.0; 128], vec![0.0; 128]);
+        for i in 0..16 {
+            for j in 0..8 {
+                let mut acc = self.c[i * 8 + j] as f64;
+                let mut m = self.c[i * 8 + j].abs() as f64;
+                for kk in 0..16 {
+                    let p = self.a[i * 16 + kk].to_f64() * self.b[kk * 8 + j].to_f64();
+                    acc += p;
+                    m += p.abs();
+                }
+                d[i * 8 + j] = acc;
+                mag[i * 8 + j] = m;
+            }
+        }
+        (d, mag)
+    }
+}
+
+/// |got − want| ≤ 2·K·2⁻²⁴·Σ|aᵢbᵢ| per element (K = 16 products plus C).
+fn within_accumulation_bound(got: &[f32], want: &[f64], mag: &[f64]) -> Option<usize> {
+    (0..got.len())
+        .find(|&i| !((got[i] as f64 - want[i]).abs() <= 2.0 * 17.0 * 2f64.powi(-24) * mag[i]))
+}
+
+#[test]
+fn emu_mma_ldmatrix_cp_async_wrappers_compute_a_b_plus_c() {
+    let d = dev();
+    for seed in [1u64, 2, 3] {
+        // Integer-valued inputs: every partial sum is exact, so D must equal A·B + C exactly
+        // whatever the accumulation order, through every way of loading the fragments.
+        let case = MmaCase::integers(seed);
+        let (want, _) = case.reference();
+        for mode in 0..4 {
+            for shuffle in [None, Some(seed)] {
+                k::set_emu_shuffle(Some(shuffle));
+                let got = case.run(&d, mode);
+                let exact: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+                assert_eq!(
+                    got, exact,
+                    "integers seed {seed} mode {mode} shuffle {shuffle:?}"
+                );
+            }
+        }
+        k::set_emu_shuffle(None);
+        let case = MmaCase::random(seed + 10);
+        let (want, mag) = case.reference();
+        for mode in 0..4 {
+            let got = case.run(&d, mode);
+            assert_eq!(
+                within_accumulation_bound(&got, &want, &mag),
+                None,
+                "random seed {seed} mode {mode}"
+            );
+        }
+    }
+    if !d.is_cuda() {
+        // The kernel that skips cp.async's wait reads shared memory before the copies land:
+        // the emulator defers copies to the wait, so the result is wrong.
+        let case = MmaCase::integers(9);
+        let want: Vec<f32> = case.reference().0.iter().map(|&v| v as f32).collect();
+        assert_ne!(
+            case.run(&d, 4),
+            want,
+            "a missing cp.async wait went unnoticed"
+        );
+    }
+}
+
+#[test]
+fn cuda_device_without_a_driver_is_a_clear_error() {
+    if reel::cuda::driver_present() && !FATBINS.is_empty() {
+        eprintln!("libcuda is present: the no-driver error cannot be observed here");
+        return;
+    }
+    let e = KernelDevice::cuda(0).unwrap_err().to_string();
+    assert!(e.contains("libcuda") || e.contains("without nvcc"), "{e}");
+    let e = KernelDevice::parse("bogus").unwrap_err().to_string();
+    assert!(e.contains("\"bogus\"") && e.contains("cuda:N"), "{e}");
+}
+
+/// The hardware self-test (tools/gpu-check.sh runs it with REEL_TEST_DEVICE=cuda): each
+/// emulated wrapper on the GPU and on the emulator with the same inputs. Integer-valued
+/// inputs must agree bit for bit (which proves the emulated fragment layouts); random ones
+/// within the accumulation-order bound. Warp operations and f16 conversion must agree
+/// exactly.
+#[test]
+fn hw_selftest_wrappers_agree_with_emulation() {
+    let gpu = dev();
+    if !gpu.is_cuda() {
+        eprintln!("hw_selftest: REEL_TEST_DEVICE is not cuda; nothing to compare (tools/gpu-check.sh runs it)");
+        return;
+    }
+    let emu = KernelDevice::Emu;
+    let mut report = Vec::new();
+    for seed in 1..=8u64 {
+        let case = MmaCase::integers(seed);
+        for mode in 0..4 {
+            let (hw, em) = (case.run(&gpu, mode), case.run(&emu, mode));
+            let same = hw.iter().zip(&em).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "mma integers seed {seed} mode {mode}: hw {hw:?} emu {em:?}"
+            );
+        }
+        let case = MmaCase::random(100 + seed);
+        let (_, mag) = case.reference();
+        for mode in 0..4 {
+            let (hw, em) = (case.run(&gpu, mode), case.run(&emu, mode));
+            let em64: Vec<f64> = em.iter().map(|&v| v as f64).collect();
+            let worst = hw
+                .iter()
+                .zip(&em)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert_eq!(
+                within_accumulation_bound(&hw, &em64, &mag),
+                None,
+                "mma random seed {seed} mode {mode}"
+            );
+            report.push(worst);
+        }
+    }
+    for block in [32usize, 256] {
+        let x = small_ints(4 * block, block as u64, -40, 40);
+        let run = |d: &KernelDevice| {
+            let mut out = Buf::filled(d, 8 * x.len(), 0).unwrap();
+            k::warp_ops_selftest(d, &up(d, &x), &mut out, block).unwrap();
+            down(&out)
+        };
+        assert_eq!(run(&gpu), run(&emu), "warp ops, block {block}");
+    }
+    let x = vals(100_000, 5);
+    let f16 = |d: &KernelDevice| {
+        let mut h = Buf::filled(d, x.len(), half::f16::ZERO).unwrap();
+        let mut b = Buf::filled(d, x.len(), 0.0f32).unwrap();
+        k::f16_roundtrip_selftest(d, &up(d, &x), &mut h, &mut b).unwrap();
+        down(&h).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(f16(&gpu), f16(&emu), "f16 conversion");
+    eprintln!(
+        "hw_selftest on {}: mma integer inputs bit-exact in 4 load modes x 8 seeds; random inputs max |hw-emu| = {:.3e}; warp ops and f16 exact",
+        gpu.describe(),
+        report.iter().fold(0.0f32, |a, &b| a.max(b))
+    );
+}
