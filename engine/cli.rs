@@ -191,7 +191,8 @@ pub enum Command {
     },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
-        dir: PathBuf,
+        /// A model folder; without it, the embedded demo model.
+        dir: Option<PathBuf>,
         /// Write the report as JSON to FILE (`-` for stdout).
         #[arg(long)]
         json: Option<String>,
@@ -473,6 +474,10 @@ pub fn run(cli: Cli) -> Result<String> {
             Ok(String::new())
         }
         Command::Inspect { dir, json } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => crate::models::embedded::ensure()?,
+            };
             let reports = crate::inspect::inspect(&dir)?;
             match json.as_deref() {
                 Some(dest) => {

@@ -235,9 +235,10 @@ fn sidecar_path(out: &str) -> PathBuf {
 pub(crate) fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)> {
     match args.model.as_deref() {
         None => {
-            tracing::warn!(
-                "no --model: using reel's embedded default, a tiny model with RANDOM weights. Its videos are noise: \
-                 it is a smoke test of the pipeline, not a real model. Pass --model DIR for Wan2.1 weights."
+            tracing::info!(
+                "no --model: using reel's embedded demo model, a tiny Wan2.1-architecture pipeline trained on coloured \
+                 shapes (red/green/blue/yellow circle/square/triangle moving left/right/up/down), 64x64, 17 frames. \
+                 Pass --model DIR for Wan2.1 weights."
             );
             let dir = embedded::ensure()?;
             Ok((Pipeline::load(&dir)?, embedded::NAME.to_string(), true))
@@ -545,6 +546,9 @@ pub fn render(
         Some(c) => c,
         None => {
             let p = job.prompt.as_deref().unwrap_or("");
+            if let Some(note) = embedded::vocabulary_note(&pipe.root, p) {
+                tracing::warn!("{note}");
+            }
             encoded = pipe.encode_prompts(
                 &[p],
                 &[job.negative_prompt.as_str()],

@@ -446,12 +446,15 @@ fn job_from_request(
     let default_size = if shared.embedded { "64x64" } else { "832x480" };
     let size = str_field(map, "size")?.unwrap_or(default_size);
     parse_size(size).map_err(|e| bad("size", e.to_string().replace("--size", "size")))?;
-    let seconds = int_field(map, "seconds", 1..=60)?.unwrap_or(4);
+    let seconds_given = int_field(map, "seconds", 1..=60)?;
+    let seconds = seconds_given.unwrap_or(4);
     let frames = match int_field(map, "frames", 1..=16 * 60 + 1)? {
         Some(f) if (f - 1) % 4 != 0 => {
             return Err(bad("frames", "`frames` must be 1 + 4k (1, 5, 9, ..., 81)"))
         }
         Some(f) => f as usize,
+        // The demo model knows 17-frame clips: its default unless a length was asked for.
+        None if shared.embedded && seconds_given.is_none() => embedded::DEFAULT_FRAMES,
         None => 16 * seconds as usize + 1,
     };
     let default_steps = if shared.embedded {

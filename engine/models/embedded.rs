@@ -1,12 +1,15 @@
-//! The embedded default model: a tiny pipeline of the Wan architecture (DiT, causal VAE,
-//! umT5 text encoder, tokenizer, UniPC) with deterministic random weights made in-process.
-//! It is a smoke test of the whole pipeline, not a trained model: its videos are noise.
-//! `reel generate` uses it when no --model is given, so a fresh checkout runs end to end in
-//! seconds.
+//! The embedded default model: reel's demo model, a tiny text-to-video pipeline of the Wan2.1
+//! architecture (DiT, causal VAE, umT5 text encoder, tokenizer, UniPC) that the project
+//! trained itself (tools/train_demo.py) on procedural clips (tools/demo_data.py): a coloured
+//! shape (red, green, blue, yellow; circle, square, triangle) moving left, right, up or down
+//! on a plain background, 17 frames of 64x64. `reel generate` uses it when no --model is
+//! given, so a fresh checkout makes a video of what it was asked for, within that world.
 //!
-//! The tokenizer is the tiny unigram model tools/golden.py trains with sentencepiece
-//! (engine/assets/tokenizer.json). The folder is written once per version and config under
-//! the system's temporary directory and memory-mapped like any model.
+//! The files (about 3 MB, bf16 weights) are embedded in the binary and written once per
+//! content under the system's temporary directory, then memory-mapped like any model.
+//!
+//! This module also writes the random-weight pipelines of the architecture presets
+//! (`--model wan2.1-t2v-1.3b --random-weights`), with the small tokenizer golden.py trains.
 
 use std::path::{Path, PathBuf};
 
@@ -17,48 +20,129 @@ use crate::models::wan_dit::{WanDit, WanDitConfig};
 use crate::models::wan_vae::{WanVae, WanVaeConfig};
 use crate::sampler::SchedulerConfig;
 
-pub const NAME: &str = "reel-embedded-tiny-random";
+pub const NAME: &str = "reel-demo";
 
+/// The tokenizer of the preset pipelines (tools/golden.py's tiny unigram model).
 const TOKENIZER: &[u8] = include_bytes!("../assets/tokenizer.json");
-/// Pieces in the embedded tokenizer (checked by a test).
-pub const VOCAB: usize = 145;
 
-/// Small defaults that finish in seconds on two cores.
+macro_rules! demo_files {
+    ($($path:literal),* $(,)?) => {
+        /// Every file of the demo pipeline, by path relative to its root.
+        pub const FILES: &[(&str, &[u8])] = &[$(($path, include_bytes!(concat!("../assets/demo/", $path)))),*];
+    };
+}
+demo_files!(
+    "model_index.json",
+    "reel_demo.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+);
+
+/// What the demo model was trained on (reel_demo.json).
+pub const DEMO_JSON: &str = "reel_demo.json";
+
+/// The clip size the demo model was trained on; the defaults when it runs.
 pub const DEFAULT_SIZE: (usize, usize) = (64, 64);
 pub const DEFAULT_FRAMES: usize = 17;
-pub const DEFAULT_STEPS: usize = 8;
+pub const DEFAULT_STEPS: usize = 20;
 
-pub fn dit_config() -> WanDitConfig {
-    WanDitConfig {
-        num_attention_heads: 2,
-        attention_head_dim: 32,
-        text_dim: 32,
-        freq_dim: 64,
-        ffn_dim: 128,
-        num_layers: 2,
-        ..Default::default()
-    }
+/// Words of the demo captions besides colours, shapes and motions.
+const FILLER: &[&str] = &[
+    "a", "the", "moving", "moves", "going", "drifting", "sliding", "to",
+];
+
+#[derive(serde::Deserialize)]
+struct DemoVocabulary {
+    colours: Vec<String>,
+    shapes: Vec<String>,
+    motions: Vec<String>,
 }
 
-pub fn vae_config() -> WanVaeConfig {
-    WanVaeConfig {
-        base_dim: 8,
-        dim_mult: vec![1, 2, 2, 2],
-        num_res_blocks: 1,
-        ..Default::default()
+/// For a pipeline folder holding the demo model: a note when `prompt` leaves the demo's
+/// world (no colour, shape or motion it knows, or words it never saw). None otherwise, and
+/// for every other model.
+pub fn vocabulary_note(model_dir: &Path, prompt: &str) -> Option<String> {
+    let text = std::fs::read_to_string(model_dir.join(DEMO_JSON)).ok()?;
+    let v: DemoVocabulary = serde_json::from_str(&text).ok()?;
+    let lower = prompt.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let has = |set: &[String]| words.iter().any(|w| set.iter().any(|s| s == w));
+    let unknown: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| {
+            !FILLER.contains(w)
+                && !v.colours.iter().chain(&v.shapes).chain(&v.motions).any(|s| s == w)
+        })
+        .collect();
+    if has(&v.colours) && has(&v.shapes) && has(&v.motions) && unknown.is_empty() {
+        return None;
     }
+    let mut note = format!(
+        "the demo model only knows shapes ({}), colours ({}) and motions (moving {}), e.g. \"a red circle moving right\"",
+        v.shapes.join(", "),
+        v.colours.join(", "),
+        v.motions.join("/")
+    );
+    if !unknown.is_empty() {
+        note += &format!("; it never saw: {}", unknown.join(", "));
+    }
+    note += ". Expect an arbitrary clip; pass --model DIR for Wan2.1 weights.";
+    Some(note)
 }
 
-pub fn text_config() -> Umt5Config {
-    Umt5Config {
-        vocab_size: VOCAB,
-        d_model: 32,
-        d_kv: 8,
-        d_ff: 64,
-        num_layers: 2,
-        num_heads: 4,
-        ..Default::default()
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The folder of the embedded model, written on first use.
+pub fn ensure() -> Result<PathBuf> {
+    // One writer per process at a time; across processes the rename decides.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let hash = FILES.iter().fold(0xcbf2_9ce4_8422_2325, |h, (p, b)| {
+        fnv1a(fnv1a(h, p.as_bytes()), b)
+    });
+    let dir = std::env::temp_dir().join(format!("{NAME}-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));
+    if dir.join("model_index.json").is_file() {
+        return Ok(dir);
     }
+    // Write beside, then rename: concurrent first runs never see a half-written folder.
+    let tmp = std::env::temp_dir().join(format!("{NAME}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (path, bytes) in FILES {
+        let p = tmp.join(path);
+        let io = |source| Error::Io {
+            path: p.clone(),
+            source,
+        };
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&p, bytes).map_err(io)?;
+    }
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join("model_index.json").is_file() {
+            return Err(Error::invalid(format!(
+                "could not create the embedded model in {}",
+                dir.display()
+            )));
+        }
+    }
+    Ok(dir)
 }
 
 fn json<T: serde::Serialize>(v: &T, class: &str) -> Result<serde_json::Value> {
@@ -88,10 +172,6 @@ pub fn write_random_pipeline(name: &str, dit: &WanDitConfig, text: &Umt5Config) 
         source,
     })?;
     Ok(dir)
-}
-
-fn write_all(dir: &Path) -> Result<()> {
-    write_pipeline(dir, &dit_config(), &vae_config(), &text_config())
 }
 
 fn write_pipeline(
@@ -137,7 +217,7 @@ fn write_pipeline(
     std::fs::write(sched.join("scheduler_config.json"), sc).map_err(io(&sched))?;
     let index = serde_json::json!({
         "_class_name": "WanPipeline",
-        "_reel_note": "reel's embedded default: random weights, a smoke test of the pipeline",
+        "_reel_note": "an architecture preset with random weights: a smoke test, its videos are noise",
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
@@ -146,29 +226,4 @@ fn write_pipeline(
     });
     std::fs::write(dir.join("model_index.json"), index.to_string()).map_err(io(dir))?;
     Ok(())
-}
-
-/// The folder of the embedded model, written on first use.
-pub fn ensure() -> Result<PathBuf> {
-    // One writer per process at a time; across processes the rename decides.
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = std::env::temp_dir().join(format!("{NAME}-{}", env!("CARGO_PKG_VERSION")));
-    if dir.join("model_index.json").is_file() {
-        return Ok(dir);
-    }
-    // Write beside, then rename: concurrent first runs never see a half-written folder.
-    let tmp = std::env::temp_dir().join(format!("{NAME}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    write_all(&tmp)?;
-    if std::fs::rename(&tmp, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if !dir.join("model_index.json").is_file() {
-            return Err(Error::invalid(format!(
-                "could not create the embedded model in {}",
-                dir.display()
-            )));
-        }
-    }
-    Ok(dir)
 }

@@ -30,7 +30,8 @@ fn generate_readme_main_job_writes_a_playable_mp4() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("RANDOM weights"));
+    // An in-vocabulary prompt: no note about the demo model's world.
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("only knows"));
     let info = parse_mp4(&std::fs::read(&out).unwrap());
     assert_eq!(
         (info.samples, info.width, info.height),
@@ -233,7 +234,11 @@ fn generate_matches_diffusers_with_given_latents_and_embeddings() {
 fn generate_embedded_model_is_consistent() {
     let dir = reel::models::embedded::ensure().unwrap();
     let tok = reel::text::PromptTokenizer::load(&dir).unwrap();
-    assert_eq!(tok.vocab_size(), reel::models::embedded::VOCAB);
+    let te: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("text_encoder/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(tok.vocab_size() as u64 <= te["vocab_size"].as_u64().unwrap());
     let pipe = reel::pipeline::Pipeline::load(&dir).unwrap();
     assert!(pipe.text.is_some());
     assert_eq!(pipe.vae.config.temporal_factor(), 4);

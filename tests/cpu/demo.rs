@@ -1,0 +1,128 @@
+//! The embedded demo model (issue 9): the clip shows the prompt's colour, and that colour's
+//! centroid moves the prompt's way by at least a quarter of the frame, for prompts of every
+//! colour, shape and motion, including the combination held out of training.
+
+use std::process::Command;
+
+use reel::generate::{generate, GenerateArgs};
+use reel::io::TensorFile;
+
+use crate::scratch;
+
+/// Hue centres of the demo colours (degrees), as tools/train_demo.py's check uses them.
+const HUES: [(&str, f32); 4] = [
+    ("red", 0.0),
+    ("yellow", 52.0),
+    ("green", 128.0),
+    ("blue", 225.0),
+];
+
+/// The nearest demo colour of a saturated pixel, None for grey ones.
+fn colour_of(r: f32, g: f32, b: f32) -> Option<&'static str> {
+    let (mx, mn) = (r.max(g).max(b), r.min(g).min(b));
+    if mx - mn <= 0.3 {
+        return None;
+    }
+    let hue = (3f32.sqrt() * (g - b)).atan2(2.0 * r - g - b).to_degrees().rem_euclid(360.0);
+    let dist = |h: f32| (hue - h).abs().min(360.0 - (hue - h).abs());
+    HUES.iter()
+        .min_by(|a, b| dist(a.1).total_cmp(&dist(b.1)))
+        .map(|c| c.0)
+}
+
+/// video [F, 3, H, W] in [0, 1] -> (dominant colour, centroid (x, y) of that colour in the
+/// first and in the last frame).
+fn analyse(v: &[f32], f: usize, h: usize, w: usize) -> (String, (f32, f32), (f32, f32)) {
+    let px = |t: usize, c: usize, y: usize, x: usize| v[((t * 3 + c) * h + y) * w + x];
+    let mut counts = std::collections::HashMap::new();
+    for t in [0, f - 1] {
+        for y in 0..h {
+            for x in 0..w {
+                if let Some(c) = colour_of(px(t, 0, y, x), px(t, 1, y, x), px(t, 2, y, x)) {
+                    *counts.entry(c).or_insert(0usize) += 1;
+                }
+            }
+        }
+    }
+    let top = counts
+        .iter()
+        .max_by_key(|e| *e.1)
+        .map(|e| *e.0)
+        .unwrap_or("none");
+    let centroid = |t: usize| {
+        let (mut sx, mut sy, mut n) = (0.0, 0.0, 0.0);
+        for y in 0..h {
+            for x in 0..w {
+                if colour_of(px(t, 0, y, x), px(t, 1, y, x), px(t, 2, y, x)) == Some(top) {
+                    sx += x as f32;
+                    sy += y as f32;
+                    n += 1.0;
+                }
+            }
+        }
+        (sx / n, sy / n)
+    };
+    (top.to_string(), centroid(0), centroid(f - 1))
+}
+
+#[test]
+fn demo_model_draws_the_prompted_colour_moving_the_prompted_way() {
+    let dir = scratch("demo-model");
+    let cases = [
+        ("a red circle moving right", "red", (1.0, 0.0)),
+        ("a blue triangle moving up", "blue", (0.0, -1.0)), // held out of training
+        ("green square moving down", "green", (0.0, 1.0)),
+        ("the yellow triangle moves left", "yellow", (-1.0, 0.0)),
+        ("a blue circle sliding to the right", "blue", (1.0, 0.0)),
+        ("a red square going up", "red", (0.0, -1.0)),
+    ];
+    let held_out: serde_json::Value =
+        serde_json::from_slice(reel::models::embedded::FILES[1].1).unwrap();
+    assert_eq!(held_out["held_out"], "blue triangle up", "the held-out case above");
+    let mut failures = Vec::new();
+    for (i, (prompt, colour, (dx, dy))) in cases.iter().enumerate() {
+        let out = dir.join(format!("clip{i}.safetensors"));
+        let args = GenerateArgs {
+            prompt: Some(prompt.to_string()),
+            seed: 0,
+            count: 1,
+            fps: 16,
+            quiet: true,
+            output: out.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        generate(&args).unwrap();
+        let video = TensorFile::open(&out).unwrap().tensor("video").unwrap();
+        let s = video.shape().to_vec(); // [1, F, 3, H, W]
+        assert_eq!(s, [1, 17, 3, 64, 64]);
+        let (got, a, b) = analyse(video.data(), s[1], s[3], s[4]);
+        let moved = (b.0 - a.0) * dx + (b.1 - a.1) * dy;
+        eprintln!("{prompt:?}: colour {got}, centroid {a:?} -> {b:?}, moved {moved:.1} px");
+        if got != *colour || !(moved >= 16.0) {
+            failures.push(format!("{prompt:?}: {got}, moved {moved:.1} px"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
+fn demo_model_takes_any_prompt_and_says_what_it_knows() {
+    let dir = scratch("demo-vocab");
+    let o = Command::new(env!("CARGO_BIN_EXE_reel"))
+        .current_dir(&dir)
+        .args(["generate", "--prompt", "a purple elephant dancing in the rain", "-o", "x.gif"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(dir.join("x.gif").is_file());
+    assert!(
+        err.contains("the demo model only knows shapes") && err.contains("purple"),
+        "{err}"
+    );
+    let root = reel::models::embedded::ensure().unwrap();
+    assert!(reel::models::embedded::vocabulary_note(&root, "a red circle moving right").is_none());
+    assert!(reel::models::embedded::vocabulary_note(&root, "red circle").is_some());
+    // Other models never get the note.
+    assert!(reel::models::embedded::vocabulary_note(&crate::data("pipeline_tiny"), "x").is_none());
+}
