@@ -372,7 +372,11 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     } else {
         50
     });
-    let guidance = args.guidance.unwrap_or(5.0);
+    let guidance = args.guidance.unwrap_or(if embedded_model {
+        embedded::default_guidance()
+    } else {
+        5.0
+    });
     let embeds_file = args
         .prompt_embeds
         .as_ref()

@@ -465,7 +465,11 @@ fn job_from_request(
     let steps = int_field(map, "steps", 1..=1000)?
         .map(|s| s as usize)
         .unwrap_or(default_steps);
-    let guidance = float_field(map, "guidance")?.unwrap_or(5.0) as f32;
+    let guidance = match float_field(map, "guidance")? {
+        Some(g) => g as f32,
+        None if shared.embedded => embedded::default_guidance(),
+        None => 5.0,
+    };
     let seed = int_field(map, "seed", 0..=u64::MAX)?.unwrap_or(0);
     let fps = int_field(map, "fps", 1..=240)?.unwrap_or(16) as u32;
     let negative_prompt = str_field(map, "negative_prompt")?.unwrap_or("").to_string();

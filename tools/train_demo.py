@@ -177,6 +177,50 @@ def stage_latents(work, vae, count):
     return data
 
 
+def stage_decoder(work, vae, data, steps):
+    """Fine-tunes the decoder alone on whole 17-frame clips, the encoder frozen so the
+    latents (and what the DiT learns from them) stay as they are. The windows of stage 2
+    never show the decoder a fourth chunk; this is where late frames and exact colours are
+    learnt. Decoder inputs are posterior means plus noise of 0.1 latent std, as generated
+    latents are never exact."""
+    from diffusers import AutoencoderKLWan
+    path = os.path.join(work, "vae_decoder")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_f32(AutoencoderKLWan, path)
+    torch.manual_seed(6)
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    rng = np.random.default_rng(6)
+    std = data["std"].view(1, -1, 1, 1, 1)
+    t0 = time.time()
+    avg = None
+    for step in range(steps):
+        lr = 3e-4 * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = to_tensor(np.stack([dd.sample(rng)[0] for _ in range(2)]))
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+            z = z + 0.1 * std * torch.randn_like(z)
+        y = vae.decode(z).sample
+        mse = (y - x).pow(2).mean()
+        opt.zero_grad()
+        mse.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        avg = mse.item() if avg is None else 0.95 * avg + 0.05 * mse.item()
+        if step % 10 == 0 or step == steps - 1:
+            log(work, "decoder", step=step, mse=mse.item(), mse_avg=avg, lr=lr, seconds=time.time() - t0)
+    vae.requires_grad_(False)
+    vae.eval()
+    vae.save_pretrained(path, safe_serialization=True)
+    log(work, "decoder_done", seconds=time.time() - t0, mse_avg=avg)
+    return vae
+
+
 def stage_text(work, tdir):
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
     path = os.path.join(work, "text_encoder")
@@ -203,9 +247,11 @@ def embed(tok, te, prompts):
     return out
 
 
-def stage_dit(work, data, tok, te, steps, batch):
+def stage_dit(work, data, tok, te, steps, batch, name="transformer", init=None, lr_max=5e-4, seed=4):
+    """Flow-matching training of the DiT; `init` continues from given weights (a second,
+    lower-rate phase, `--dit-more`) under its own name and seed."""
     from diffusers import WanTransformer3DModel
-    path = os.path.join(work, "transformer")
+    path = os.path.join(work, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_f32(WanTransformer3DModel, path)
     combos = dd.combos(True)
@@ -218,18 +264,20 @@ def stage_dit(work, data, tok, te, steps, batch):
     table = table[:, :rows].contiguous()
     z = (data["latents"] - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
     combo_of = data["combo"]
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     model = WanTransformer3DModel(**DIT_CONFIG)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     ema = WanTransformer3DModel(**DIT_CONFIG)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     n = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(5)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_max, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.time()
     avg = None
     for step in range(steps):
-        lr = 5e-4 * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = lr_max * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, z.shape[0], (batch,), generator=gen)
@@ -256,10 +304,11 @@ def stage_dit(work, data, tok, te, steps, batch):
                 pe.mul_(decay).add_(pm, alpha=1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log(work, "dit", step=step, loss=loss.item(), loss_avg=avg, lr=lr, seconds=time.time() - t0, params=n)
+            log(work, "dit", phase=name, step=step, loss=loss.item(), loss_avg=avg, lr=lr,
+                seconds=time.time() - t0, params=n)
     ema.eval()
     ema.save_pretrained(path, safe_serialization=True)
-    log(work, "dit_done", seconds=time.time() - t0, params=n, loss_avg=avg)
+    log(work, "dit_done", phase=name, seconds=time.time() - t0, params=n, loss_avg=avg)
     return ema
 
 
@@ -314,13 +363,6 @@ def stage_export(work, out, tdir, vae, te, dit, data, dtype):
     for f in os.listdir(os.path.join(out, "tokenizer")):
         if f not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             os.remove(os.path.join(out, "tokenizer", f))
-    meta = {
-        "about": "reel's embedded demo model, trained by tools/train_demo.py on tools/demo_data.py",
-        "colours": list(dd.COLOURS), "shapes": dd.SHAPES, "motions": list(dd.MOTIONS),
-        "held_out": " ".join(dd.HELD_OUT), "default_steps": 20, "default_guidance": 5.0,
-    }
-    with open(os.path.join(out, "reel_demo.json"), "w") as f:
-        json.dump(meta, f, indent=1)
     # Check with diffusers itself, in float32 from the stored (rounded) weights.
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5EncoderModel
@@ -331,13 +373,36 @@ def stage_export(work, out, tdir, vae, te, dit, data, dtype):
         vae=load_f32(AutoencoderKLWan, os.path.join(out, "vae")),
         scheduler=UniPCMultistepScheduler.from_pretrained(os.path.join(out, "scheduler")))
     pipe.set_progress_bar_config(disable=True)
+    # The default guidance scale is chosen here: the best share of the 48 combinations (first
+    # wording, seed 0) drawn right; ties go to the lower scale.
+    best = None
+    for guidance in [2.0, 3.0, 5.0]:
+        results = check(work, pipe, guidance)
+        log(work, "check", guidance=guidance, passed=sum(r["ok"] for r in results), of=len(results),
+            held_out=[r for r in results if r["held_out"]], failed=[r for r in results if not r["ok"]])
+        if best is None or sum(r["ok"] for r in results) > sum(r["ok"] for r in best[1]):
+            best = (guidance, results)
+    meta = {
+        "about": "reel's embedded demo model, trained by tools/train_demo.py on tools/demo_data.py",
+        "colours": list(dd.COLOURS), "shapes": dd.SHAPES, "motions": list(dd.MOTIONS),
+        "held_out": " ".join(dd.HELD_OUT), "default_steps": 20, "default_guidance": best[0],
+        "check": f"{sum(r['ok'] for r in best[1])} of {len(best[1])} combinations drawn right (diffusers, seed 0)",
+    }
+    with open(os.path.join(out, "reel_demo.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return best[1]
+
+
+def check(work, pipe, guidance):
+    """Every combination's first wording through diffusers' WanPipeline: dominant colour and
+    centroid motion, as the Rust tests measure them."""
     results = []
     for c, s, m in dd.combos(True):
         prompt = dd.captions(c, s, m)[0]
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            v = pipe(prompt=prompt, height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=5.0,
-                     generator=g, output_type="np").frames[0]
+            v = pipe(prompt=prompt, height=64, width=64, num_frames=17, num_inference_steps=20,
+                     guidance_scale=guidance, generator=g, output_type="np").frames[0]
         colour, (a, b) = analyse(v)
         ux, uy = dd.MOTIONS[m]
         moved = (b[0] - a[0]) * ux + (b[1] - a[1]) * uy
@@ -347,9 +412,7 @@ def stage_export(work, out, tdir, vae, te, dit, data, dtype):
         if (c, s, m) == dd.HELD_OUT or (c, s, m) == ("red", "circle", "right"):
             from PIL import Image
             Image.fromarray((np.concatenate([v[0], v[8], v[-1]], 1) * 255).round().astype(np.uint8)).save(
-                os.path.join(work, prompt.replace(" ", "_") + ".png"))
-    log(work, "check", passed=sum(r["ok"] for r in results), of=len(results),
-        held_out=[r for r in results if r["held_out"]], failed=[r for r in results if not r["ok"]])
+                os.path.join(work, f"{prompt.replace(' ', '_')}_g{guidance}.png"))
     return results
 
 
@@ -358,14 +421,25 @@ def plot(work, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(os.path.join(work, "train_log.jsonl"))]
-    vae = [r for r in rows if r["stage"] == "vae"]
-    dit = [r for r in rows if r["stage"] == "dit"]
+
+    def series(stage, phase=None, offset=0):
+        rs = [r for r in rows if r["stage"] == stage and r.get("phase", "transformer") == (phase or r.get("phase", "transformer"))]
+        return [r["step"] + offset for r in rs], rs
+
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
-    ax[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=0.6, alpha=0.4, label="batch")
-    ax[0].plot([r["step"] for r in vae], [r["mse_avg"] for r in vae], lw=1.5, label="moving average")
+    x, vae = series("vae")
+    ax[0].plot(x, [r["mse"] for r in vae], lw=0.6, alpha=0.4, label="batch (5/9-frame windows)")
+    ax[0].plot(x, [r["mse_avg"] for r in vae], lw=1.5, label="moving average")
+    x, dec = series("decoder", offset=(x[-1] + 1) if x else 0)
+    if dec:
+        ax[0].plot(x, [r["mse_avg"] for r in dec], lw=1.5, label="decoder fine-tune (17 frames)")
     ax[0].set(yscale="log", xlabel="step", ylabel="reconstruction MSE ([-1, 1] pixels)", title="VAE")
-    ax[1].plot([r["step"] for r in dit], [r["loss"] for r in dit], lw=0.6, alpha=0.4, label="batch")
-    ax[1].plot([r["step"] for r in dit], [r["loss_avg"] for r in dit], lw=1.5, label="moving average")
+    x, dit = series("dit", "transformer")
+    ax[1].plot(x, [r["loss"] for r in dit], lw=0.6, alpha=0.4, label="batch")
+    ax[1].plot(x, [r["loss_avg"] for r in dit], lw=1.5, label="moving average")
+    x, more = series("dit", "transformer_more", offset=(x[-1] + 1) if x else 0)
+    if more:
+        ax[1].plot(x, [r["loss_avg"] for r in more], lw=1.5, label="second phase (lower rate)")
     ax[1].set(yscale="log", xlabel="step", ylabel="flow-matching loss", title="DiT")
     for a in ax:
         a.legend()
@@ -381,7 +455,9 @@ def main():
     ap.add_argument("--plot", default=os.path.join(REPO, "docs", "demo-training.png"))
     ap.add_argument("--vae-steps", type=int, default=1800)
     ap.add_argument("--clips", type=int, default=4000)
+    ap.add_argument("--decoder-steps", type=int, default=500)
     ap.add_argument("--dit-steps", type=int, default=7000)
+    ap.add_argument("--dit-more", type=int, default=0, help="a second DiT phase at a lower rate")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = ap.parse_args()
@@ -391,8 +467,12 @@ def main():
     tdir = stage_tokenizer(a.work)
     vae = stage_vae(a.work, a.vae_steps)
     data = stage_latents(a.work, vae, a.clips)
+    vae = stage_decoder(a.work, vae, data, a.decoder_steps)
     tok, te = stage_text(a.work, tdir)
     dit = stage_dit(a.work, data, tok, te, a.dit_steps, a.batch)
+    if a.dit_more > 0:
+        dit = stage_dit(a.work, data, tok, te, a.dit_more, a.batch, name="transformer_more", init=dit,
+                        lr_max=2e-4, seed=7)
     stage_export(a.work, a.out, tdir, vae, te, dit, data, getattr(torch, a.dtype))
     os.makedirs(os.path.dirname(a.plot), exist_ok=True)
     plot(a.work, a.plot)

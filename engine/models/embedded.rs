@@ -53,6 +53,20 @@ pub const DEFAULT_SIZE: (usize, usize) = (64, 64);
 pub const DEFAULT_FRAMES: usize = 17;
 pub const DEFAULT_STEPS: usize = 20;
 
+/// reel_demo.json of the embedded model: its vocabulary, held-out combination, defaults.
+pub fn demo_meta() -> serde_json::Value {
+    FILES
+        .iter()
+        .find(|f| f.0 == DEMO_JSON)
+        .and_then(|f| serde_json::from_slice(f.1).ok())
+        .unwrap_or_default()
+}
+
+/// The demo model's guidance scale (chosen by tools/train_demo.py's check over 2, 3 and 5).
+pub fn default_guidance() -> f32 {
+    demo_meta()["default_guidance"].as_f64().unwrap_or(5.0) as f32
+}
+
 /// Words of the demo captions besides colours, shapes and motions.
 const FILLER: &[&str] = &[
     "a", "the", "moving", "moves", "going", "drifting", "sliding", "to",
@@ -82,7 +96,12 @@ pub fn vocabulary_note(model_dir: &Path, prompt: &str) -> Option<String> {
         .copied()
         .filter(|w| {
             !FILLER.contains(w)
-                && !v.colours.iter().chain(&v.shapes).chain(&v.motions).any(|s| s == w)
+                && !v
+                    .colours
+                    .iter()
+                    .chain(&v.shapes)
+                    .chain(&v.motions)
+                    .any(|s| s == w)
         })
         .collect();
     if has(&v.colours) && has(&v.shapes) && has(&v.motions) && unknown.is_empty() {
@@ -115,7 +134,8 @@ pub fn ensure() -> Result<PathBuf> {
     let hash = FILES.iter().fold(0xcbf2_9ce4_8422_2325, |h, (p, b)| {
         fnv1a(fnv1a(h, p.as_bytes()), b)
     });
-    let dir = std::env::temp_dir().join(format!("{NAME}-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));
+    let dir =
+        std::env::temp_dir().join(format!("{NAME}-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));
     if dir.join("model_index.json").is_file() {
         return Ok(dir);
     }

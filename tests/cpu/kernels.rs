@@ -277,7 +277,7 @@ fn emu_rms_norm_rope_bf16_matches_cpu() {
             let r = with_rope.then_some(&rope);
             let dv = dev();
             let (cos, sin) = (up(&dv, &rope.cos), up(&dv, &rope.sin));
-            let rb = with_rope.then(|| k::Rope {
+            let rb = with_rope.then_some(k::Rope {
                 cos: &cos,
                 sin: &sin,
                 head_dim: rope.head_dim,
@@ -524,8 +524,10 @@ impl MmaCase {
 
 /// |got − want| ≤ 2·K·2⁻²⁴·Σ|aᵢbᵢ| per element (K = 16 products plus C).
 fn within_accumulation_bound(got: &[f32], want: &[f64], mag: &[f64]) -> Option<usize> {
-    (0..got.len())
-        .find(|&i| !((got[i] as f64 - want[i]).abs() <= 2.0 * 17.0 * 2f64.powi(-24) * mag[i]))
+    (0..got.len()).find(|&i| {
+        let err = (got[i] as f64 - want[i]).abs();
+        err.is_nan() || err > 2.0 * 17.0 * 2f64.powi(-24) * mag[i]
+    })
 }
 
 #[test]
