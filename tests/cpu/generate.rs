@@ -101,7 +101,7 @@ fn generate_every_format_and_center_crop() {
     let video = f.tensor("video").unwrap();
     assert_eq!(video.shape(), &[1, 5, 3, 64, 64]);
     assert!(video.data().iter().all(|&v| (0.0..=1.0).contains(&v)));
-    assert_eq!(f.tensor("latents").unwrap().shape(), &[1, 16, 2, 8, 8]);
+    assert_eq!(f.tensor("latents").unwrap().shape(), &[1, 8, 2, 8, 8]);
 
     // --count: seeds 7 and 8, two files that differ.
     let mut a = args(&dir.join("c.safetensors"));
