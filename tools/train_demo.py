@@ -3,7 +3,7 @@
 the diffusers layout, on the procedural clips of tools/demo_data.py.
 
     /tmp/reel-golden/bin/pip install -r tools/requirements-golden.txt
-    /tmp/reel-golden/bin/python tools/train_demo.py            # ~40-60 min on 2 cores
+    /tmp/reel-golden/bin/python tools/train_demo.py            # ~80 min on 2 cores (measured)
 
 Stages (each cached under --work, so an interrupted run resumes at the stage it was in):
  1. tokenizer  a sentencepiece unigram model trained on every caption wording, converted
@@ -13,15 +13,20 @@ Stages (each cached under --work, so an interrupted run resumes at the stage it 
                of clips with MSE + 1e-6 KL.
  3. latents    posterior means of N clips (17 frames), their per-channel mean and std
                (written to the VAE config as latents_mean / latents_std, as Wan does).
+ 3b. decoder   the decoder alone fine-tuned on whole 17-frame clips (encoder frozen, so
+               the latents stay valid): late chunks and exact colours.
  4. text       UMT5EncoderModel, kept at its seeded random initialisation (see below);
                the embeddings of every caption and of "" are computed once.
  5. dit        WanTransformer3DModel (4 heads x 32, 4 layers, patch 1x2x2 -> 80 tokens)
                trained with flow matching (x_t = (1-s) x0 + s e, target e - x0, t = 1000 s,
                s uniform) on normalised latents, captions padded to 512 rows exactly as
-               WanPipeline pads them, 10% empty captions for classifier-free guidance, EMA.
+               WanPipeline pads them, 10% empty captions for classifier-free guidance, EMA;
+               then a second phase at a lower rate (--dit-more steps).
  6. export     the pipeline (bf16 weights, UniPC flow scheduler) to --out, a check with
                diffusers' WanPipeline on every combination's first wording including the
-               held-out one (dominant colour and centroid motion), training curves as a PNG.
+               held-out one (dominant colour and centroid motion) at guidance 2, 3 and 5,
+               the best of which becomes the default in reel_demo.json; training curves as
+               a PNG (docs/demo-training.png).
 
 Why the text encoder stays random: the captions use ~20 words, and a seeded random umT5
 already maps each word (in context) to a distinct vector; the DiT's cross-attention
@@ -457,7 +462,7 @@ def main():
     ap.add_argument("--clips", type=int, default=4000)
     ap.add_argument("--decoder-steps", type=int, default=500)
     ap.add_argument("--dit-steps", type=int, default=7000)
-    ap.add_argument("--dit-more", type=int, default=0, help="a second DiT phase at a lower rate")
+    ap.add_argument("--dit-more", type=int, default=2500, help="a second DiT phase at a lower rate")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = ap.parse_args()
