@@ -129,7 +129,7 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask
   if (warp.arrived != 0 && warp.need != need)
     die("concurrent warp operations with different masks in one warp are not emulated");
   const unsigned gen = warp.generation & 1;
-  std::memcpy(warp.slots[gen][lane], mine, bytes);
+  if (bytes != 0) std::memcpy(warp.slots[gen][lane], mine, bytes);
   warp.need = need;
   warp.arrived |= 1u << lane;
   if (warp.arrived == need) {
