@@ -163,8 +163,6 @@ macro_rules! emu_kernels {
                 _ => None,
             }
         }
-        /// Every kernel with a typed launcher.
-        pub const KERNELS: &[&str] = &[$(stringify!($name)),*];
     };
 }
 

@@ -68,6 +68,11 @@ def log(work, stage, **kw):
         f.write(json.dumps(kw) + "\n")
 
 
+def cosine_lr(peak, step, steps, warmup):
+    """Linear warm-up, then cosine decay from peak to 5% of it."""
+    return peak * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def all_captions():
     caps = []
     for combo in dd.combos(include_held_out=True):
@@ -122,7 +127,7 @@ def stage_vae(work, steps):
     t0 = time.time()
     avg = None
     for step in range(steps):
-        lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = cosine_lr(1e-3, step, steps, warmup=50)
         for g in opt.param_groups:
             g["lr"] = lr
         # Random windows: 4 x 5 frames or 2 x 9 frames (the causal first frame, then 1 or 2 chunks).
@@ -203,7 +208,7 @@ def stage_decoder(work, vae, data, steps):
     t0 = time.time()
     avg = None
     for step in range(steps):
-        lr = 3e-4 * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = cosine_lr(3e-4, step, steps, warmup=20)
         for g in opt.param_groups:
             g["lr"] = lr
         x = to_tensor(np.stack([dd.sample(rng)[0] for _ in range(2)]))
@@ -282,7 +287,7 @@ def stage_dit(work, data, tok, te, steps, batch, name="transformer", init=None, 
     t0 = time.time()
     avg = None
     for step in range(steps):
-        lr = lr_max * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = cosine_lr(lr_max, step, steps, warmup=200)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, z.shape[0], (batch,), generator=gen)
@@ -354,9 +359,7 @@ def load_f32(cls, folder):
 def stage_export(work, out, tdir, vae, te, dit, data, dtype):
     from diffusers import UniPCMultistepScheduler, WanPipeline
     from transformers import T5TokenizerFast
-    cfg = dict(vae.config)
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
-    del cfg
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                     num_train_timesteps=1000)
     tok = T5TokenizerFast(tokenizer_file=os.path.join(tdir, "tokenizer.json"))

@@ -131,8 +131,12 @@ pub fn ensure() -> Result<PathBuf> {
     // One writer per process at a time; across processes the rename decides.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let hash = FILES.iter().fold(0xcbf2_9ce4_8422_2325, |h, (p, b)| {
-        fnv1a(fnv1a(h, p.as_bytes()), b)
+    // The content hash names the folder, so a new model never meets an old folder.
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let hash = *HASH.get_or_init(|| {
+        FILES.iter().fold(0xcbf2_9ce4_8422_2325, |h, (p, b)| {
+            fnv1a(fnv1a(h, p.as_bytes()), b)
+        })
     });
     let dir =
         std::env::temp_dir().join(format!("{NAME}-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));

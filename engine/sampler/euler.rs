@@ -4,7 +4,7 @@
 //! and the linspace between the shifted ends is shifted again in set_timesteps.
 
 use super::Sampler;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub struct FlowEuler {
     timesteps: Vec<f32>,
@@ -49,15 +49,13 @@ impl Sampler for FlowEuler {
     }
 
     fn step(&mut self, model_output: &[f32], sample: &mut [f32]) -> Result<()> {
-        let s = self.step_index;
-        if s >= self.timesteps.len() {
-            return Err(Error::invalid("Euler: more steps than scheduled"));
-        }
-        if model_output.len() != sample.len() {
-            return Err(Error::invalid(
-                "Euler: model output and sample sizes differ",
-            ));
-        }
+        let s = super::check_step(
+            "Euler",
+            self.step_index,
+            self.timesteps.len(),
+            model_output.len(),
+            sample.len(),
+        )?;
         let dt = self.sigmas[s + 1] - self.sigmas[s];
         for (x, &v) in sample.iter_mut().zip(model_output) {
             *x += dt * v;

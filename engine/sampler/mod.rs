@@ -29,6 +29,26 @@ pub trait Sampler: Send {
     fn step(&mut self, model_output: &[f32], sample: &mut [f32]) -> Result<()>;
 }
 
+/// The checks every sampler's `step` starts with: a step left in the schedule, and a model
+/// output shaped like the sample. Returns the step index.
+pub(crate) fn check_step(
+    name: &str,
+    step_index: usize,
+    scheduled: usize,
+    model_output: usize,
+    sample: usize,
+) -> Result<usize> {
+    if step_index >= scheduled {
+        return Err(Error::invalid(format!("{name}: more steps than scheduled")));
+    }
+    if model_output != sample {
+        return Err(Error::invalid(format!(
+            "{name}: model output and sample sizes differ"
+        )));
+    }
+    Ok(step_index)
+}
+
 /// Which sampler to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

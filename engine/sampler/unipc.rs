@@ -208,15 +208,13 @@ impl Sampler for UniPc {
     }
 
     fn step(&mut self, model_output: &[f32], sample: &mut [f32]) -> Result<()> {
-        let s = self.step_index;
-        if s >= self.timesteps.len() {
-            return Err(Error::invalid("UniPC: more steps than scheduled"));
-        }
-        if model_output.len() != sample.len() {
-            return Err(Error::invalid(
-                "UniPC: model output and sample sizes differ",
-            ));
-        }
+        let s = super::check_step(
+            "UniPC",
+            self.step_index,
+            self.timesteps.len(),
+            model_output.len(),
+            sample.len(),
+        )?;
         // Flow prediction → x0: sample − σ·v.
         let sigma = self.sigmas[s];
         let x0: Vec<f32> = sample
