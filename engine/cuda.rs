@@ -1,10 +1,11 @@
 //! The cuda device: the NVIDIA driver API through cudarc with dynamic loading, so the
-//! binary runs (and says why there is no GPU) on machines without libcuda. Kernels come
-//! from the fatbins build.rs embedded (sm_90a and sm_80 machine code, compute_80 PTX).
+//! binary runs (and says why there is no GPU) on machines without libcuda.
 //!
-//! This is the runtime under the typed launchers of [`crate::kernels`]: memory, modules and
-//! launches. Every call binds the context to the calling thread first, and launches
-//! synchronise, so a kernel fault is reported by the launch that caused it.
+//! The bottom layer of the GPU path: driver calls only. It imports nothing of reel's: the
+//! kernel images (fatbins) are handed to [`Cuda::open`], and errors are its own
+//! [`CudaError`], which the layers above wrap. Every call binds the context to the calling
+//! thread first, and launches synchronise, so a kernel fault is reported by the launch that
+//! caused it.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -12,25 +13,15 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext};
 
-use crate::error::{Error, Result};
-use crate::kernels::Dim3;
+/// An error of the driver or of this layer, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("cuda: {0}")]
+pub struct CudaError(pub String);
 
-/// One GPU with reel's kernels loaded.
-pub struct Cuda {
-    ctx: Arc<CudaContext>,
-    name: String,
-    ordinal: usize,
-    modules: Vec<(&'static str, sys::CUmodule)>,
-    functions: Mutex<HashMap<&'static str, usize>>,
-}
+pub type CudaResult<T> = std::result::Result<T, CudaError>;
 
-// SAFETY: the module and function handles are plain driver handles, valid in the context
-// for its lifetime; every use binds that context to the calling thread first.
-unsafe impl Send for Cuda {}
-unsafe impl Sync for Cuda {}
-
-fn driver(what: &str, e: result::DriverError) -> Error {
-    Error::invalid(format!("cuda: {what}: {e:?}"))
+fn driver(what: &str, e: result::DriverError) -> CudaError {
+    CudaError(format!("{what}: {e:?}"))
 }
 
 /// Whether the NVIDIA driver library can be loaded on this machine.
@@ -39,27 +30,75 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The driver's CUDA version (13, 0) when libcuda loads.
+pub fn driver_version() -> Option<(u32, u32)> {
+    if !driver_present() {
+        return None;
+    }
+    let mut v = 0i32;
+    // SAFETY: writes one int; libcuda is present (checked above).
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(((v / 1000) as u32, ((v % 1000) / 10) as u32))
+}
+
+/// A loaded kernel image, or why the GPU could not load it.
+enum Module {
+    Loaded(sys::CUmodule),
+    Skipped(String),
+}
+
+struct Function {
+    f: sys::CUfunction,
+    /// The CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES last set (0: the default).
+    opt_in: u32,
+}
+
+/// One GPU with reel's kernels loaded.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    name: String,
+    ordinal: usize,
+    cc: (u32, u32),
+    max_shared_optin: u32,
+    modules: Vec<(&'static str, Module)>,
+    functions: Mutex<HashMap<&'static str, Function>>,
+}
+
+// SAFETY: the module and function handles are plain driver handles, valid in the context
+// for its lifetime; every use binds that context to the calling thread first, and the
+// function cache is behind a mutex.
+unsafe impl Send for Cuda {}
+unsafe impl Sync for Cuda {}
+
 impl Cuda {
-    /// Opens GPU `ordinal` and loads every kernel fatbin. Errors (never panics) when this
-    /// build has no GPU kernels, when libcuda is absent, or when the driver refuses.
-    pub fn open(ordinal: usize) -> Result<Arc<Cuda>> {
-        if crate::kernels::FATBINS.is_empty() {
-            return Err(Error::invalid(
-                "--device cuda: this reel was built without nvcc, so it has no GPU kernels; run \
-                 tools/install-cuda-toolchain.sh and rebuild",
-            ));
-        }
+    /// Opens GPU `ordinal` and loads the kernel images `(file stem, fatbin)`. A module the
+    /// GPU has no code for (an sm_90a-only file on an A100) is skipped, not fatal; its
+    /// kernels then fail to launch with a message saying so. Errors (never panics) when
+    /// libcuda is absent or the driver refuses.
+    pub fn open(ordinal: usize, images: &[(&'static str, &'static [u8])]) -> CudaResult<Arc<Cuda>> {
         if !driver_present() {
-            return Err(Error::invalid(
-                "--device cuda: the NVIDIA driver library (libcuda.so.1) was not found on this machine; \
-                 use --device cpu, or run on a machine with an NVIDIA GPU and driver >= 580",
+            return Err(CudaError(
+                "the NVIDIA driver library (libcuda.so.1) was not found on this machine; use --device \
+                 cpu, or run on a machine with an NVIDIA GPU and driver >= 580"
+                    .into(),
             ));
         }
         let ctx =
             CudaContext::new(ordinal).map_err(|e| driver(&format!("opening GPU {ordinal}"), e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(|e| driver(&format!("reading an attribute of GPU {ordinal}"), e))
+        };
+        use sys::CUdevice_attribute as A;
+        let cc = (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32,
+        );
+        let max_shared_optin =
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
         let mut modules = Vec::new();
-        for (stem, image) in crate::kernels::FATBINS {
+        for &(stem, image) in images {
             // The driver reads the image through a pointer; give it 8-byte alignment.
             let mut aligned = vec![0u64; image.len().div_ceil(8)];
             bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..image.len()].copy_from_slice(image);
@@ -67,14 +106,38 @@ impl Cuda {
                 .map_err(|e| driver("binding the context", e))?;
             // SAFETY: `aligned` holds a complete fatbin made by nvcc at build time; the driver
             // copies what it needs before returning.
-            let module = unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) }
-                .map_err(|e| driver(&format!("loading kernels/{stem}.cu's fatbin on {name}"), e))?;
-            modules.push((*stem, module));
+            match unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) } {
+                Ok(m) => modules.push((stem, Module::Loaded(m))),
+                Err(e)
+                    if matches!(
+                        e.0,
+                        sys::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU
+                            | sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+                            | sys::CUresult::CUDA_ERROR_INVALID_PTX
+                    ) =>
+                {
+                    let why = format!("{e:?}");
+                    tracing::debug!(
+                        "kernels/{stem}.cu: no code {name} (sm_{}{}) can load ({why}); skipped",
+                        cc.0,
+                        cc.1
+                    );
+                    modules.push((stem, Module::Skipped(why)));
+                }
+                Err(e) => {
+                    return Err(driver(
+                        &format!("loading kernels/{stem}.cu's fatbin on {name}"),
+                        e,
+                    ))
+                }
+            }
         }
         Ok(Arc::new(Cuda {
             ctx,
             name,
             ordinal,
+            cc,
+            max_shared_optin,
             modules,
             functions: Mutex::new(HashMap::new()),
         }))
@@ -89,32 +152,35 @@ impl Cuda {
         self.ordinal
     }
 
-    fn bind(&self) -> Result<()> {
+    /// (major, minor): (9, 0) on an H100.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+
+    /// The shared memory a block may have with an opt-in (232,448 bytes on sm_90).
+    pub fn max_shared_per_block_optin(&self) -> u32 {
+        self.max_shared_optin
+    }
+
+    /// The kernel image stems the GPU could not load, with why.
+    pub fn skipped_modules(&self) -> Vec<(&'static str, String)> {
+        self.modules
+            .iter()
+            .filter_map(|(s, m)| match m {
+                Module::Skipped(why) => Some((*s, why.clone())),
+                Module::Loaded(_) => None,
+            })
+            .collect()
+    }
+
+    fn bind(&self) -> CudaResult<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver("binding the context", e))
     }
 
-    fn function(&self, name: &'static str) -> Result<sys::CUfunction> {
-        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&f) = cache.get(name) {
-            return Ok(f as sys::CUfunction);
-        }
-        let c = CString::new(name).map_err(|_| Error::invalid("kernel name with a NUL"))?;
-        for (_, m) in &self.modules {
-            // SAFETY: m is a module loaded in this context (bound by the caller).
-            if let Ok(f) = unsafe { result::module::get_function(*m, c.clone()) } {
-                cache.insert(name, f as usize);
-                return Ok(f);
-            }
-        }
-        Err(Error::invalid(format!(
-            "cuda: no kernel named {name} in this build's fatbins"
-        )))
-    }
-
     /// Device memory of `bytes` (at least 1), uninitialised.
-    pub fn alloc(&self, bytes: usize) -> Result<u64> {
+    pub fn alloc(&self, bytes: usize) -> CudaResult<u64> {
         self.bind()?;
         // SAFETY: a plain allocation in the bound context.
         unsafe { result::malloc_sync(bytes.max(1)) }
@@ -130,50 +196,90 @@ impl Cuda {
     }
 
     /// Copies host data to device memory at `dst` (which holds at least `src.len()` items).
-    pub fn upload<T: bytemuck::Pod>(&self, dst: u64, src: &[T]) -> Result<()> {
+    pub fn upload<T: bytemuck::Pod>(&self, dst: u64, src: &[T]) -> CudaResult<()> {
         self.bind()?;
         // SAFETY: dst holds src's bytes (the caller's buffer was allocated for them).
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| driver("copying to the GPU", e))
     }
 
     /// Copies device memory at `src` into `dst`.
-    pub fn download<T: bytemuck::Pod>(&self, dst: &mut [T], src: u64) -> Result<()> {
+    pub fn download<T: bytemuck::Pod>(&self, dst: &mut [T], src: u64) -> CudaResult<()> {
         self.bind()?;
         // SAFETY: src holds dst's bytes (as above).
         unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| driver("copying from the GPU", e))
     }
 
-    /// Launches `name` on the default stream and waits for it. `params` points at each
-    /// kernel argument, in order, as cuLaunchKernel takes them.
+    /// Launches kernel `name` of kernels/`module`.cu on the default stream and waits for it.
+    /// `opt_in` (bytes; 0 = none) is set as the function's maximum dynamic shared memory
+    /// before the first launch that asks for it. `params` points at each kernel argument, in
+    /// order, as cuLaunchKernel takes them.
     ///
     /// # Safety
     /// Every pointer argument must address device memory of this context that covers what
     /// the kernel reads and writes for these sizes (the typed launchers check this).
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn launch(
         &self,
+        module: &'static str,
         name: &'static str,
-        grid: Dim3,
-        block: Dim3,
-        shared: usize,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        opt_in: u32,
         params: &mut [*mut c_void],
-    ) -> Result<()> {
+    ) -> CudaResult<()> {
         self.bind()?;
-        let f = self.function(name)?;
-        let shared =
-            u32::try_from(shared).map_err(|_| Error::invalid("shared memory too large"))?;
+        let f = {
+            let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+            if !cache.contains_key(name) {
+                let f = self.lookup(module, name)?;
+                cache.insert(name, Function { f, opt_in: 0 });
+            }
+            let entry = cache.get_mut(name).expect("inserted above");
+            if entry.opt_in != opt_in {
+                // SAFETY: f is a function of a module loaded in this (bound) context.
+                unsafe {
+                    result::function::set_function_attribute(
+                        entry.f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        opt_in.max(48 * 1024) as i32,
+                    )
+                }
+                .map_err(|e| {
+                    driver(
+                        &format!("{name}: opting in to {opt_in} bytes of dynamic shared memory"),
+                        e,
+                    )
+                })?;
+                entry.opt_in = opt_in;
+            }
+            entry.f
+        };
         // SAFETY: the caller's contract; the null stream is the context's default stream.
-        unsafe {
-            result::launch_kernel(
-                f,
-                (grid.x, grid.y, grid.z),
-                (block.x, block.y, block.z),
-                shared,
-                std::ptr::null_mut(),
-                params,
-            )
-        }
-        .map_err(|e| driver(&format!("launching {name}"), e))?;
+        unsafe { result::launch_kernel(f, grid, block, shared, std::ptr::null_mut(), params) }
+            .map_err(|e| driver(&format!("launching {name}"), e))?;
         result::ctx::synchronize().map_err(|e| driver(&format!("running {name}"), e))
+    }
+
+    fn lookup(&self, module: &str, name: &str) -> CudaResult<sys::CUfunction> {
+        let m = match self.modules.iter().find(|(s, _)| *s == module) {
+            Some((_, Module::Loaded(m))) => *m,
+            Some((_, Module::Skipped(why))) => {
+                return Err(CudaError(format!(
+                    "{name}: kernels/{module}.cu has no code {} (sm_{}{}) can run ({why})",
+                    self.name, self.cc.0, self.cc.1
+                )))
+            }
+            None => {
+                return Err(CudaError(format!(
+                    "{name}: no kernels/{module}.cu in this build's fatbins"
+                )))
+            }
+        };
+        let c = CString::new(name).map_err(|_| CudaError("kernel name with a NUL".into()))?;
+        // SAFETY: m is a module loaded in this context (bound by the caller).
+        unsafe { result::module::get_function(m, c) }
+            .map_err(|e| driver(&format!("no kernel {name} in kernels/{module}.cu"), e))
     }
 }
 
@@ -181,8 +287,10 @@ impl Drop for Cuda {
     fn drop(&mut self) {
         if self.bind().is_ok() {
             for (_, m) in &self.modules {
-                // SAFETY: loaded in this context, unloaded once.
-                let _ = unsafe { result::module::unload(*m) };
+                if let Module::Loaded(m) = m {
+                    // SAFETY: loaded in this context, unloaded once.
+                    let _ = unsafe { result::module::unload(*m) };
+                }
             }
         }
     }

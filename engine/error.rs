@@ -59,6 +59,10 @@ pub enum Error {
     /// Bad input from the user (a tensor of the wrong shape, a bad argument).
     #[error("{0}")]
     Invalid(String),
+    /// A kernel device failed: a driver error, or a fault the emulator caught (its message
+    /// names the kernel, block and thread).
+    #[error("{0}")]
+    Device(String),
     /// Stopped by the user (Ctrl-C) or a cancellation.
     #[error("interrupted")]
     Interrupted,

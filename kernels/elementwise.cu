@@ -12,34 +12,24 @@ extern "C" __global__ void gelu_tanh_f32(float* __restrict__ y, const float* __r
     y[i] = 0.5f * v * (1.0f + tanhf(u));
   }
 }
-struct GeluArgs {
-  float* y;
-  const float* x;
-  int n;
-};
-REEL_EMU_EXPORT(gelu_tanh_f32, GeluArgs, a.y, a.x, a.n)
+REEL_EMU_EXPORT(gelu_tanh_f32)
 
 // y[t] = x[t − 1] within one block (y[0] = x[0]) through shared memory: the emulator's
 // barrier test. `shift_shared_nosync` deliberately omits the __syncthreads(): run in thread
 // order it happens to give the right answer (each thread's left neighbour has already
 // written), and only REEL_EMU_SHUFFLE's reordering exposes the race.
 extern "C" __global__ void shift_shared(float* y, const float* x, int n) {
-  __shared__ float buf[1024];
+  REEL_SHARED(float, buf, [1024]);
   int t = threadIdx.x;
   if (t < n) buf[t] = x[t];
   __syncthreads();
   if (t < n) y[t] = buf[t == 0 ? 0 : t - 1];
 }
 extern "C" __global__ void shift_shared_nosync(float* y, const float* x, int n) {
-  __shared__ float buf[1024];
+  REEL_SHARED(float, buf, [1024]);
   int t = threadIdx.x;
   if (t < n) buf[t] = x[t];
   if (t < n) y[t] = buf[t == 0 ? 0 : t - 1];
 }
-struct ShiftArgs {
-  float* y;
-  const float* x;
-  int n;
-};
-REEL_EMU_EXPORT(shift_shared, ShiftArgs, a.y, a.x, a.n)
-REEL_EMU_EXPORT(shift_shared_nosync, ShiftArgs, a.y, a.x, a.n)
+REEL_EMU_EXPORT(shift_shared)
+REEL_EMU_EXPORT(shift_shared_nosync)

@@ -1,19 +1,20 @@
-// Norm kernels, bf16 in and out, f32 math. CPU reference: engine/cpu/norm.rs.
+// Norm kernels, bf16 in and out, f32 math. CPU reference: engine/cpu/norm.rs; launchers:
+// engine/kernels/norm.rs.
 #include "common/reel_cuda.cuh"
 
 typedef __nv_bfloat16 bf16;
 
-// Sums v over the block (blockDim.x a power of two ≤ 1024) through shared memory; every
-// thread gets the total. `red` holds blockDim.x floats.
+// Sums v over the block (blockDim.x a multiple of 32, at most 1024; the launchers pick a
+// power of two from 32 to 256 by row length): a butterfly within each warp, the warp sums
+// through shared memory, every thread adds them up (at most 32 broadcast reads). Two block
+// barriers instead of the log2(blockDim) of a shared-memory tree. `red` holds 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* red) {
-  int t = threadIdx.x;
-  red[t] = v;
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  const int warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (t < s) red[t] += red[t + s];
-    __syncthreads();
-  }
-  float total = red[0];
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += red[w];
   __syncthreads();  // red is reused by the next reduction
   return total;
 }
@@ -24,7 +25,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 extern "C" __global__ void layernorm_modulate_bf16(const bf16* __restrict__ x, bf16* __restrict__ y,
                                                    const float* __restrict__ mul, const float* __restrict__ add,
                                                    int rows, int d, int rows_per_group, float eps) {
-  __shared__ float red[1024];
+  REEL_SHARED(float, red, [32]);
   int row = blockIdx.x;
   if (row >= rows) return;
   const bf16* xr = x + (size_t)row * d;
@@ -46,18 +47,7 @@ extern "C" __global__ void layernorm_modulate_bf16(const bf16* __restrict__ x, b
     yr[i] = __float2bfloat16(v);
   }
 }
-struct LayerNormArgs {
-  const bf16* x;
-  bf16* y;
-  const float* mul;
-  const float* add;
-  int rows;
-  int d;
-  int rows_per_group;
-  float eps;
-};
-REEL_EMU_EXPORT(layernorm_modulate_bf16, LayerNormArgs, a.x, a.y, a.mul, a.add, a.rows, a.d, a.rows_per_group,
-                a.eps)
+REEL_EMU_EXPORT(layernorm_modulate_bf16)
 
 // bf16 ↔ f32, grid-stride.
 extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, int n) {
@@ -68,18 +58,8 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __rest
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
     y[i] = __float2bfloat16(x[i]);
 }
-struct ToF32Args {
-  const bf16* x;
-  float* y;
-  int n;
-};
-struct ToBf16Args {
-  const float* x;
-  bf16* y;
-  int n;
-};
-REEL_EMU_EXPORT(bf16_to_f32, ToF32Args, a.x, a.y, a.n)
-REEL_EMU_EXPORT(f32_to_bf16, ToBf16Args, a.x, a.y, a.n)
+REEL_EMU_EXPORT(bf16_to_f32)
+REEL_EMU_EXPORT(f32_to_bf16)
 
 // Wan's QK norm: RMSNorm over the whole row (all heads, "rms_norm_across_heads") of
 // x + bias, times weight, then the 3D RoPE rotation of each head's pairs (2p, 2p+1) by the
@@ -89,7 +69,7 @@ extern "C" __global__ void rms_norm_rope_bf16(bf16* __restrict__ x, const float*
                                               const float* __restrict__ weight, const float* __restrict__ cos_t,
                                               const float* __restrict__ sin_t, int rows, int d, int head_dim,
                                               int tokens, float eps) {
-  __shared__ float red[1024];
+  REEL_SHARED(float, red, [32]);
   int row = blockIdx.x;
   if (row >= rows) return;
   bf16* xr = x + (size_t)row * d;
@@ -117,26 +97,13 @@ extern "C" __global__ void rms_norm_rope_bf16(bf16* __restrict__ x, const float*
     xr[i + 1] = __float2bfloat16(b);
   }
 }
-struct RmsRopeArgs {
-  bf16* x;
-  const float* bias;
-  const float* weight;
-  const float* cos_t;
-  const float* sin_t;
-  int rows;
-  int d;
-  int head_dim;
-  int tokens;
-  float eps;
-};
-REEL_EMU_EXPORT(rms_norm_rope_bf16, RmsRopeArgs, a.x, a.bias, a.weight, a.cos_t, a.sin_t, a.rows, a.d, a.head_dim,
-                a.tokens, a.eps)
+REEL_EMU_EXPORT(rms_norm_rope_bf16)
 
 // The VAE's channel RMS norm, x / max(‖x‖₂, 1e-12)·√c·γ, fused with SiLU when `silu`.
 // In place on channel-last x: [rows, c] bf16. One block per row.
 extern "C" __global__ void channel_rms_silu_bf16(bf16* __restrict__ x, const float* __restrict__ gamma, int rows,
                                                  int c, int silu) {
-  __shared__ float red[1024];
+  REEL_SHARED(float, red, [32]);
   int row = blockIdx.x;
   if (row >= rows) return;
   bf16* xr = x + (size_t)row * c;
@@ -153,14 +120,7 @@ extern "C" __global__ void channel_rms_silu_bf16(bf16* __restrict__ x, const flo
     xr[i] = __float2bfloat16(y);
   }
 }
-struct ChannelRmsArgs {
-  bf16* x;
-  const float* gamma;
-  int rows;
-  int c;
-  int silu;
-};
-REEL_EMU_EXPORT(channel_rms_silu_bf16, ChannelRmsArgs, a.x, a.gamma, a.rows, a.c, a.silu)
+REEL_EMU_EXPORT(channel_rms_silu_bf16)
 
 // The gated residual of a Wan block: x += (y + bias)·gate[g], g = row / rows_per_group;
 // bias and gate may be null. x, y: [rows, d] bf16; bias: [d], gate: [groups, d] f32.
@@ -176,16 +136,7 @@ extern "C" __global__ void residual_gate_bf16(bf16* __restrict__ x, const bf16* 
     x[i] = __float2bfloat16(__bfloat162float(x[i]) + v);
   }
 }
-struct ResidualArgs {
-  bf16* x;
-  const bf16* y;
-  const float* bias;
-  const float* gate;
-  int rows;
-  int d;
-  int rows_per_group;
-};
-REEL_EMU_EXPORT(residual_gate_bf16, ResidualArgs, a.x, a.y, a.bias, a.gate, a.rows, a.d, a.rows_per_group)
+REEL_EMU_EXPORT(residual_gate_bf16)
 
 // GELU-tanh on bf16, f32 math.
 extern "C" __global__ void gelu_tanh_bf16(const bf16* __restrict__ x, bf16* __restrict__ y, int n) {
@@ -195,9 +146,4 @@ extern "C" __global__ void gelu_tanh_bf16(const bf16* __restrict__ x, bf16* __re
     y[i] = __float2bfloat16(0.5f * v * (1.0f + tanhf(u)));
   }
 }
-struct GeluBf16Args {
-  const bf16* x;
-  bf16* y;
-  int n;
-};
-REEL_EMU_EXPORT(gelu_tanh_bf16, GeluBf16Args, a.x, a.y, a.n)
+REEL_EMU_EXPORT(gelu_tanh_bf16)

@@ -20,18 +20,26 @@ struct MmaSlot {
   uint32_t a[4];
   uint32_t b[2];
 };
-// Element (row, k) of A and (k, col) of B from the warp's deposited fragments.
-inline float mma_a(const unsigned char* slots, int row, int k) {
-  MmaSlot s;
-  std::memcpy(&s, slots + ((row % 8) * 4 + (k % 8) / 2) * reel_emu::kSlotBytes, sizeof s);
-  uint32_t r = s.a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
-  return (k & 1) ? bf16_hi(r) : bf16_lo(r);
+// Register `reg` (a[0..3], then b[0..1]) that lane `lane` deposited.
+inline uint32_t mma_reg(const unsigned char* slots, int lane, int reg) {
+  uint32_t r;
+  std::memcpy(&r, slots + lane * reel_emu::kSlotBytes + 4 * reg, 4);
+  return r;
 }
-inline float mma_b(const unsigned char* slots, int k, int col) {
-  MmaSlot s;
-  std::memcpy(&s, slots + (col * 4 + (k % 8) / 2) * reel_emu::kSlotBytes, sizeof s);
-  uint32_t r = s.b[k >= 8 ? 1 : 0];
-  return (k & 1) ? bf16_hi(r) : bf16_lo(r);
+// Row `row` of A and column `col` of B (16 values each) from the warp's fragments.
+inline void mma_a_row(const unsigned char* slots, int row, float out[16]) {
+  for (int k = 0; k < 16; k += 2) {
+    const uint32_t r = mma_reg(slots, (row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0));
+    out[k] = bf16_lo(r);
+    out[k + 1] = bf16_hi(r);
+  }
+}
+inline void mma_b_col(const unsigned char* slots, int col, float out[16]) {
+  for (int k = 0; k < 16; k += 2) {
+    const uint32_t r = mma_reg(slots, col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0));
+    out[k] = bf16_lo(r);
+    out[k + 1] = bf16_hi(r);
+  }
 }
 }  // namespace reel_emu_detail
 #endif
@@ -45,10 +53,16 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4
   std::memcpy(mine.b, b, sizeof mine.b);
   const unsigned char* slots = reel_emu::warp_exchange(&mine, sizeof mine, 0xffffffffu);
   const int lane = static_cast<int>(reel_emu::lane_id()), g = lane / 4, t = lane % 4;
+  float arow[2][16], bcol[2][16];
+  for (int h = 0; h < 2; ++h) {
+    reel_emu_detail::mma_a_row(slots, g + 8 * h, arow[h]);
+    reel_emu_detail::mma_b_col(slots, 2 * t + h, bcol[h]);
+  }
   for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    const float* ar = arow[i >= 2 ? 1 : 0];
+    const float* bc = bcol[i & 1];
     float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += reel_emu_detail::mma_a(slots, row, k) * reel_emu_detail::mma_b(slots, k, col);
+    for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];
     d[i] = acc;
   }
 #else
@@ -70,8 +84,15 @@ template <int N, bool Trans>
 __device__ __forceinline__ void ldmatrix(uint32_t r[N], const void* row_address) {
   static_assert(N == 1 || N == 2 || N == 4, "ldmatrix takes 1, 2 or 4 matrices");
 #ifdef REEL_EMU
-  const unsigned char* slots = reel_emu::warp_exchange(&row_address, sizeof row_address, 0xffffffffu);
+  // Lanes 0..8N-1 give row addresses: each must be 16-byte aligned and in shared memory.
   const int lane = static_cast<int>(reel_emu::lane_id());
+  if (lane < 8 * N) {
+    if (reinterpret_cast<uintptr_t>(row_address) % 16 != 0)
+      reel_emu::fault("ldmatrix row address %p (lane %d) is not 16-byte aligned", row_address, lane);
+    if (!reel_emu::in_shared(row_address, 16))
+      reel_emu::fault("ldmatrix row address %p (lane %d) is not in the block's shared memory", row_address, lane);
+  }
+  const unsigned char* slots = reel_emu::warp_exchange(&row_address, sizeof row_address, 0xffffffffu);
   auto row_of = [&](int m, int row) {
     const unsigned char* p;
     std::memcpy(&p, slots + (8 * m + row) * reel_emu::kSlotBytes, sizeof p);
@@ -111,23 +132,51 @@ __device__ __forceinline__ void ldmatrix(uint32_t r[N], const void* row_address)
 #endif
 }
 
-// 16-byte asynchronous copy global -> shared (cp.async.cg: bypasses L1), both addresses
-// 16-byte aligned. Copies issued since the last commit form a group; cp_async_wait<N>()
-// waits until at most N groups are still in flight (N = 0: all done). A __syncthreads()
-// is still needed before other threads read what arrived.
-__device__ __forceinline__ void cp_async_16(void* dst_shared, const void* src_global) {
+// Asynchronous copies global -> shared (cp.async). `Bytes` is 4, 8 or 16 (16 bypasses L1:
+// .cg; 4 and 8 go through it: .ca); both addresses aligned to Bytes, the destination in
+// shared memory. The zero-fill form reads the first `src_bytes` (0..Bytes) of the source and
+// writes zeros for the rest: tile tails load with src_bytes = 0 and need no branch around the
+// copy (the source address must still be valid-looking and aligned; it is not read).
+// Copies issued since the last commit form a group; cp_async_wait<N>() waits until at most N
+// groups are still in flight (N = 0: all done). A __syncthreads() is still needed before
+// other threads read what arrived.
+template <int Bytes>
+__device__ __forceinline__ void cp_async_zfill(void* dst_shared, const void* src_global, unsigned src_bytes) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef REEL_EMU
-  reel_emu::cp_async(dst_shared, src_global, 16);
+  reel_emu::cp_async(dst_shared, src_global, Bytes, src_bytes);
 #else
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(src_global));
+  if constexpr (Bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src_global), "r"(src_bytes)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(addr), "l"(src_global), "n"(Bytes),
+                 "r"(src_bytes)
+                 : "memory");
 #endif
+}
+template <int Bytes>
+__device__ __forceinline__ void cp_async(void* dst_shared, const void* src_global) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#ifdef REEL_EMU
+  reel_emu::cp_async(dst_shared, src_global, Bytes, Bytes);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));
+  if constexpr (Bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(src_global) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(addr), "l"(src_global), "n"(Bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_16(void* dst_shared, const void* src_global) {
+  cp_async<16>(dst_shared, src_global);
 }
 __device__ __forceinline__ void cp_async_commit() {
 #ifdef REEL_EMU
   reel_emu::cp_async_commit();
 #else
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int N>
@@ -135,6 +184,6 @@ __device__ __forceinline__ void cp_async_wait() {
 #ifdef REEL_EMU
   reel_emu::cp_async_wait(N);
 #else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod dit;
 mod embeddings;
+mod emu;
 mod generate;
 mod kernels;
 mod pipeline;
@@ -12,6 +13,7 @@ mod serve;
 mod text;
 mod vae;
 mod weights;
+mod wrappers;
 
 use std::path::PathBuf;
 
