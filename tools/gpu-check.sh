@@ -1,55 +1,133 @@
 #!/usr/bin/env bash
-# The GPU check, run on the GPU machine from the repository root with carry/ from
-# tools/build-gpu-carry.sh (the GPU machine has no cargo):
+# The GPU check: one prepared call on a GPU machine that validates everything built since the
+# last one. Run from the repository root with carry/ from tools/build-gpu-carry.sh (the GPU
+# machine has python3, torch and an NVIDIA driver, but no cargo and maybe no CUDA toolkit):
 #   1. the hardware self-test: every emulated wrapper (mma, ldmatrix, cp.async, warp
-#      operations, f16) on the GPU and under emulation; bit-exact on integer inputs
-#   2. every kernel test with REEL_TEST_DEVICE=cuda
-#   3. component parity on cuda (once the cuda runtime has components)
-#   4. benchmarks: `reel bench`, and torch's SDPA and cuBLAS measured in the same run
-# and writes bench/results/<date>-<gpu>.md (commit it). Exit status: non-zero if a test failed.
+#      operations, barriers, bf16 pairs, f16) on the GPU and under emulation, bit-exact on
+#      integer inputs
+#   2. every kernel and wrapper test with REEL_TEST_DEVICE=cuda
+#   3. the same under compute-sanitizer (memcheck, racecheck, synccheck) when it is there
+#   4. the kernel tests on emu with the same binary (wall time beside the GPU's)
+#   5. component parity on cuda (once the runtime has components)
+#   6. benchmarks: `reel bench`, and torch's SDPA and cuBLAS measured in the same run
+# It writes bench/results/<date>-<gpu>.md (commit it) and, with --out DIR, a copy in DIR
+# (the device tool brings $OUT back). Every section has a time limit and the whole check
+# stops starting sections after 7.5 minutes, so it fits a call of 8 minutes with room to
+# rerun. Exit status: non-zero if a section failed.
+#
+#   tools/gpu-check.sh [--out DIR] [--carry DIR] [--dry-run]
+#
+# --dry-run runs the same sections on the emulator (no GPU, driver or torch needed) and
+# writes the report under target/gpu-check/: CI runs it so that this script cannot rot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-carry}
+OUT_DIR=""
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT_DIR=${2:?--out needs a folder}; shift 2 ;;
+    --carry) CARRY=${2:?--carry needs a folder}; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n 2,24p "$0"; exit 0 ;;
+    *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
 [ -x "$CARRY/cpu-tests" ] && [ -x "$CARRY/reel" ] || {
   echo "gpu-check: $CARRY/reel and $CARRY/cpu-tests missing: run tools/build-gpu-carry.sh on the development machine" >&2
   exit 2
 }
+START=$(date +%s)
+BUDGET=450 # seconds after which no section starts (the check must fit in 8 minutes)
 date_=$(date -u +%Y-%m-%d)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-gpu=${gpu:-unknown-gpu}
-slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
-mkdir -p bench/results
-report=bench/results/$date_-$slug.md
+if [ $DRY = 1 ]; then
+  DEVICE=emu
+  gpu="dry run on emu"
+  slug=dry-run
+  mkdir -p target/gpu-check
+  report=target/gpu-check/$date_-$slug.md
+else
+  DEVICE=cuda
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "gpu-check: no nvidia-smi: this machine has no NVIDIA driver (use --dry-run to check the script on emu)" >&2
+    exit 2
+  fi
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+  major=${driver%%.*}
+  if ! [ "${major:-0}" -ge 580 ] 2>/dev/null; then
+    echo "gpu-check: NVIDIA driver ${driver:-unknown} is older than 580, the first with CUDA 13.0: the kernels (nvcc 13.0) cannot load. Update the driver." >&2
+    exit 2
+  fi
+  gpu=${gpu:-unknown-gpu}
+  slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
+  mkdir -p bench/results
+  report=bench/results/$date_-$slug.md
+fi
+copy_out() {
+  if [ -n "$OUT_DIR" ]; then
+    mkdir -p "$OUT_DIR" && cp "$report" "$OUT_DIR/" && echo "copied $report to $OUT_DIR/"
+  fi
+}
+trap copy_out EXIT
 status=0
 section() { printf '\n## %s\n\n' "$1" >>"$report"; }
-run() { # title, command...
-  local title=$1; shift
+# run TITLE LIMIT_SECONDS COMMAND...: runs it with a time limit (cut to what is left of the
+# budget), its last 80 lines and exit status into the report.
+run() {
+  local title=$1 limit=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
   section "$title"
+  if [ $left -le 5 ]; then
+    echo "skipped: the check's time budget is spent" >>"$report"
+    echo "== $title: skipped (time budget)"
+    status=1
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   printf '```\n$ %s\n' "$*" >>"$report"
-  local out rc
-  out=$("$@" 2>&1); rc=$?
+  local out rc t0=$(date +%s)
+  out=$(timeout --kill-after=5 "$limit" "$@" 2>&1); rc=$?
   printf '%s\n' "$out" | tail -n 80 >>"$report"
-  printf '(exit %d)\n```\n' "$rc" >>"$report"
-  echo "== $title: exit $rc"
+  [ $rc -eq 124 ] && echo "(timed out after ${limit} s)" >>"$report"
+  printf '(exit %d, %d s)\n```\n' "$rc" "$(($(date +%s) - t0))" >>"$report"
+  echo "== $title: exit $rc ($(($(date +%s) - t0)) s)"
   [ $rc -eq 0 ] || status=1
 }
 {
   echo "# GPU check $date_: $gpu"
   echo
-  echo "- commit: $(cat "$CARRY/COMMIT" 2>/dev/null || echo unknown)"
-  echo "- driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo "- commit: $(cat "$CARRY/COMMIT" 2>/dev/null | tr '\n' ' ')"
+  if [ $DRY = 1 ]; then
+    echo "- DRY RUN: every section on the SIMT emulator; no GPU figures"
+  else
+    echo "- driver: $driver; $(nvidia-smi --query-gpu=memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)"
+  fi
   echo "- host: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
 } >"$report"
-run "Hardware self-test (GPU vs emulator)" env REEL_TEST_DEVICE=cuda "$CARRY/cpu-tests" hw_selftest --nocapture --test-threads=1
-run "Kernel tests on cuda" env REEL_TEST_DEVICE=cuda "$CARRY/cpu-tests" kernels:: --test-threads=1
-run "Kernel tests on emu (same binary, for comparison of wall time)" "$CARRY/cpu-tests" kernels:: --test-threads=1
-section "Component parity on cuda"
-echo "Not yet: the cuda device runs single kernels; DiT/VAE components on cuda arrive with their kernels." >>"$report"
-run "reel bench (cpu device, embedded model)" "$CARRY/reel" bench --json -
-if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  run "torch baselines (SDPA, cuBLAS bf16 GEMM)" python3 tools/torch_baseline.py
+T="$CARRY/cpu-tests"
+run "Hardware self-test (GPU vs emulator)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" hw_selftest --nocapture --test-threads=1
+run "Kernel and wrapper tests on $DEVICE" 90 env REEL_TEST_DEVICE=$DEVICE "$T" kernels:: wrappers:: --test-threads=1
+if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck synccheck; do
+    run "compute-sanitizer --tool $tool (kernel and wrapper tests)" 40 \
+      env REEL_TEST_DEVICE=cuda compute-sanitizer --tool $tool --error-exitcode 3 "$T" kernels:: wrappers:: --test-threads=1 --skip hw_selftest
+  done
+else
+  section "compute-sanitizer"
+  echo "skipped: $([ $DRY = 1 ] && echo 'dry run' || echo 'compute-sanitizer is not on this machine')" >>"$report"
+fi
+run "Kernel, wrapper and emulator tests on emu (same binary: wall time for comparison)" 60 env REEL_TEST_DEVICE=emu "$T" kernels:: wrappers:: emu:: --test-threads=2
+section "Component parity on $DEVICE"
+echo "Not yet: the GPU runtime (DiT, VAE, text encoder on a kernel device) arrives with its issue." >>"$report"
+run "reel bench (cpu device, embedded model)" 60 "$CARRY/reel" bench --json -
+if [ $DRY = 1 ]; then
+  section "torch baselines"
+  echo "skipped: dry run" >>"$report"
+elif python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  run "torch baselines (SDPA, cuBLAS bf16 GEMM)" 90 python3 tools/torch_baseline.py
   if python3 -c 'import diffusers' 2>/dev/null; then
-    run "diffusers vs reel step (compare_torch.py)" python3 tools/compare_torch.py --model tests/data/pipeline_tiny \
+    run "diffusers vs reel step (compare_torch.py)" 60 python3 tools/compare_torch.py --model tests/data/pipeline_tiny \
       --size 256x256 --frames 17 --reel "$CARRY/reel"
   else
     section "diffusers vs reel step (compare_torch.py)"
@@ -59,5 +137,7 @@ else
   section "torch baselines"
   echo "skipped: no torch with CUDA on this machine" >>"$report"
 fi
-echo "wrote $report"
+echo >>"$report"
+echo "Total: $(($(date +%s) - START)) s; status $status" >>"$report"
+echo "wrote $report ($(($(date +%s) - START)) s)"
 exit $status
