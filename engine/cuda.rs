@@ -237,12 +237,28 @@ impl Cuda {
             }
             let entry = cache.get_mut(name).expect("inserted above");
             if entry.opt_in != opt_in {
-                // SAFETY: f is a function of a module loaded in this (bound) context.
+                use sys::CUfunction_attribute as FA;
+                // Without an opt-in the limit is the default, 48 KiB less the static shared
+                // memory (not 48 KiB: after an opt-in, static + dynamic could pass 48 KiB).
+                let limit = if opt_in > 0 {
+                    opt_in as i32
+                } else {
+                    // SAFETY: f is a function of a module loaded in this (bound) context.
+                    let static_bytes = unsafe {
+                        result::function::get_function_attribute(
+                            entry.f,
+                            FA::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                        )
+                    }
+                    .map_err(|e| driver(&format!("{name}: reading its static shared memory"), e))?;
+                    48 * 1024 - static_bytes
+                };
+                // SAFETY: as above.
                 unsafe {
                     result::function::set_function_attribute(
                         entry.f,
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        opt_in.max(48 * 1024) as i32,
+                        FA::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        limit,
                     )
                 }
                 .map_err(|e| {
