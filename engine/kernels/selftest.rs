@@ -3,7 +3,9 @@
 //! them against host references on emu; on a GPU, the hardware self-test
 //! (tools/gpu-check.sh) requires the hardware and the emulator to agree bit for bit.
 
-use super::{grid_for, kernels, len_i32, same_len, Buf, DevPtr, KernelDevice, Launch};
+use super::{
+    grid_for, kernels, len_i32, same_len, Buf, DevPtr, Kernel, KernelArgs, KernelDevice, Launch,
+};
 use crate::error::{Error, Result};
 
 type Bf = half::bf16;
@@ -57,18 +59,15 @@ pub const WARP_MASKS_OUTPUTS: usize = 5;
 /// Warp operations on parts of warps (kernels/selftest.cu): one block of 40 threads, x one
 /// int each, out 5 ints each.
 pub fn warp_masks_selftest(dev: &KernelDevice, x: &Buf<i32>, out: &mut Buf<i32>) -> Result<()> {
-    const K: &str = "warp_masks_selftest";
-    if x.len() != WARP_MASKS_THREADS || out.len() != WARP_MASKS_OUTPUTS * WARP_MASKS_THREADS {
-        return Err(Error::invalid(format!(
-            "{K}: x holds 40 ints, out 5 per thread"
-        )));
-    }
-    let mut a = WarpMasksArgs {
-        x: x.addr(dev, K)?,
-        out: out.addr(dev, K)?,
-    };
-    // SAFETY: thread t reads x[t] and writes out[5t..5t+5].
-    unsafe { dev.launch(&WARP_MASKS, Launch::x(1, WARP_MASKS_THREADS as u32), &mut a) }
+    one_block(
+        dev,
+        &WARP_MASKS,
+        x,
+        out,
+        WARP_MASKS_THREADS,
+        WARP_MASKS_OUTPUTS,
+        |x, out| WarpMasksArgs { x, out },
+    )
 }
 
 /// Threads and outputs per thread of [`barrier_selftest`].
@@ -78,18 +77,37 @@ pub const BARRIER_OUTPUTS: usize = 4;
 /// __syncthreads_count/and/or and named barriers (kernels/selftest.cu): one block of 256
 /// threads, x one int each, out 4 ints each.
 pub fn barrier_selftest(dev: &KernelDevice, x: &Buf<i32>, out: &mut Buf<i32>) -> Result<()> {
-    const K: &str = "barrier_selftest";
-    if x.len() != BARRIER_THREADS || out.len() != BARRIER_OUTPUTS * BARRIER_THREADS {
+    one_block(
+        dev,
+        &BARRIERS,
+        x,
+        out,
+        BARRIER_THREADS,
+        BARRIER_OUTPUTS,
+        |x, out| BarrierArgs { x, out },
+    )
+}
+
+/// One block of `threads` threads where thread t reads x[t] and writes
+/// out[outputs·t .. outputs·(t+1)].
+fn one_block<A: KernelArgs>(
+    dev: &KernelDevice,
+    k: &Kernel<A>,
+    x: &Buf<i32>,
+    out: &mut Buf<i32>,
+    threads: usize,
+    outputs: usize,
+    args: impl FnOnce(DevPtr, DevPtr) -> A,
+) -> Result<()> {
+    if x.len() != threads || out.len() != outputs * threads {
         return Err(Error::invalid(format!(
-            "{K}: x holds 256 ints, out 4 per thread"
+            "{}: x holds {threads} ints, out {outputs} per thread",
+            k.name
         )));
     }
-    let mut a = BarrierArgs {
-        x: x.addr(dev, K)?,
-        out: out.addr(dev, K)?,
-    };
-    // SAFETY: thread t reads x[t] and writes out[4t..4t+4].
-    unsafe { dev.launch(&BARRIERS, Launch::x(1, BARRIER_THREADS as u32), &mut a) }
+    let mut a = args(x.addr(dev, k.name)?, out.addr(dev, k.name)?);
+    // SAFETY: thread t reads x[t] and writes out[outputs·t..outputs·(t+1)] (checked sizes).
+    unsafe { dev.launch(k, Launch::x(1, threads as u32), &mut a) }
 }
 
 /// Floats of the staging area of [`cp_async_selftest`], and of each lane's copy of it.

@@ -382,26 +382,21 @@ fn nvcc_build_has_sm90a_code_and_no_spills() {
         return;
     }
     let dir = crate::scratch("fatbins");
+    let list = |what: &str, path: &std::path::Path| {
+        let o = std::process::Command::new(cuobjdump)
+            .arg(what)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "cuobjdump {what} {}", path.display());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
     for f in FATBINS {
         let path = dir.join(format!("{}.fatbin", f.stem));
         std::fs::write(&path, f.image).unwrap();
-        let o = std::process::Command::new(cuobjdump)
-            .arg("--list-elf")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let listing = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && listing.contains("sm_90a"),
-            "{}: {listing}",
-            f.stem
-        );
-        let o = std::process::Command::new(cuobjdump)
-            .arg("--list-ptx")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let ptx = String::from_utf8_lossy(&o.stdout);
+        let listing = list("--list-elf", &path);
+        assert!(listing.contains("sm_90a"), "{}: {listing}", f.stem);
+        let ptx = list("--list-ptx", &path);
         if f.stem.ends_with(".sm90") {
             assert!(
                 !listing.contains("sm_80") && !ptx.contains("sm_80"),
