@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the pinned CUDA 13.0 compiler wheels into .toolchain/ (git-ignored): nvcc, ptxas,
-# cicc (nvvm), the CUDA runtime headers, CCCL, and cuobjdump 13.2.51 (no 13.0 build of that
-# wheel exists; 13.2.51 reads 13.0 fatbins). 13.0 matches the driver (580) of the project's
+# cicc (nvvm), the CUDA runtime headers, CCCL, and cuobjdump and nvdisasm 13.2.51 (no 13.0
+# build of those wheels exists; 13.2.51 reads 13.0 fatbins; cuobjdump runs nvdisasm to print
+# SASS). 13.0 matches the driver (580) of the project's
 # GPU machines: a newer nvcc makes PTX that driver cannot load.
 #
 # Idempotent: a stamp records the versions installed; a second run with the same pins returns
@@ -16,6 +17,7 @@ PINS=(
   nvidia-cuda-runtime==13.0.96
   nvidia-cuda-cccl==13.0.85
   nvidia-cuda-cuobjdump==13.2.51
+  nvidia-cuda-nvdisasm==13.2.51
 )
 STAMP="$DEST/.installed"
 WANT="${PINS[*]}"

@@ -3,7 +3,7 @@
 //! same .cu sources compiled for the host, run by the SIMT emulator of kernels/emu on host
 //! memory).
 //!
-//! Launchers are split by kernel family, one file per `kernels/<family>*.cu`: [`norm`],
+//! Launchers are split by kernel family, one file per `kernels/<family>*.cu`: [`attention`], [`norm`],
 //! [`elementwise`], [`selftest`], [`emu_checks`], [`probe`]. Each family declares its
 //! kernels with [`kernels!`]: a #[repr(C)] argument struct mirroring the kernel's parameters
 //! (checked against the C++ signature by a test: [`param_layouts`]) and a typed handle, so a
@@ -22,12 +22,14 @@ use std::sync::{Arc, OnceLock};
 use crate::cuda::Cuda;
 use crate::error::{Error, Result};
 
+pub mod attention;
 pub mod elementwise;
 pub mod emu_checks;
 pub mod norm;
 pub mod probe;
 pub mod selftest;
 
+pub use attention::{flash_attention, AttnView, FlashShape};
 pub use elementwise::*;
 pub use norm::*;
 pub use selftest::*;
@@ -467,39 +469,47 @@ impl<A: KernelArgs> AnyKernel for Kernel<A> {
 }
 
 /// Declares a family's kernels: for each, an argument struct (buffer addresses as
-/// [`DevPtr`], scalars as i32/u32/f32, in the order of the C++ parameters), a typed handle
-/// const, and the emulator entry points; plus `ALL`, the family's handles.
+/// [`DevPtr`], scalars as i32/i64/u32/f32, in the order of the C++ parameters), a typed
+/// handle const, and the emulator entry points; plus `ALL`, the family's handles. Kernels
+/// that share a signature share a struct declared once with `@args`.
 ///
 /// ```ignore
 /// kernels! {
 ///     module "norm";
+///     @args Shared { x: DevPtr, n: i32 }
 ///     /// doc
 ///     LAYERNORM = layernorm_modulate_bf16(LayerNormArgs { x: DevPtr, rows: i32 });
-///     BIG = big_tile_kernel [opt_in = 96 * 1024] (BigArgs { .. });
+///     BIG = big_tile_kernel [opt_in = 96 * 1024] (Shared);
 /// }
 /// ```
 macro_rules! kernels {
-    (module $module:literal; $(
-        $(#[$m:meta])*
-        $handle:ident = $name:ident $([opt_in = $opt:expr])? ($args:ident { $($field:ident : $ty:ty),* $(,)? });
-    )*) => {
-        $(
-            #[repr(C)]
-            pub(crate) struct $args { $(pub(crate) $field: $ty),* }
-            impl $crate::kernels::KernelArgs for $args {
-                fn params(&mut self) -> Vec<*mut std::ffi::c_void> {
-                    vec![$((&mut self.$field) as *mut $ty as *mut std::ffi::c_void),*]
-                }
-                fn layout() -> Vec<$crate::kernels::ParamInfo> {
-                    vec![$($crate::kernels::ParamInfo {
-                        size: std::mem::size_of::<$ty>() as u32,
-                        align: std::mem::align_of::<$ty>() as u32,
-                        offset: std::mem::offset_of!($args, $field) as u32,
-                        kind: <$ty as $crate::kernels::Param>::KIND as u32,
-                    }),*]
-                }
+    (@args $args:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+        #[repr(C)]
+        pub(crate) struct $args { $(pub(crate) $field: $ty),* }
+        impl $crate::kernels::KernelArgs for $args {
+            fn params(&mut self) -> Vec<*mut std::ffi::c_void> {
+                vec![$((&mut self.$field) as *mut $ty as *mut std::ffi::c_void),*]
             }
+            fn layout() -> Vec<$crate::kernels::ParamInfo> {
+                vec![$($crate::kernels::ParamInfo {
+                    size: std::mem::size_of::<$ty>() as u32,
+                    align: std::mem::align_of::<$ty>() as u32,
+                    offset: std::mem::offset_of!($args, $field) as u32,
+                    kind: <$ty as $crate::kernels::Param>::KIND as u32,
+                }),*]
+            }
+        }
+    };
+    (module $module:literal;
+        $( @args $sname:ident { $($sfield:ident : $sty:ty),* $(,)? } )*
+        $(
+            $(#[$m:meta])*
+            $handle:ident = $name:ident $([opt_in = $opt:expr])?
+                ($args:ident $({ $($field:ident : $ty:ty),* $(,)? })?);
         )*
+    ) => {
+        $( $crate::kernels::kernels!(@args $sname { $($sfield : $sty),* }); )*
+        $( $( $crate::kernels::kernels!(@args $args { $($field : $ty),* }); )? )*
         mod emu_sym {
             $(
                 #[allow(non_snake_case)]
@@ -551,6 +561,7 @@ pub struct KernelLayout {
 /// each, in the right module, with the C++ signature's parameter layout.
 pub fn param_layouts() -> Vec<KernelLayout> {
     let all: Vec<&dyn AnyKernel> = [
+        attention::ALL,
         elementwise::ALL,
         norm::ALL,
         selftest::ALL,

@@ -488,6 +488,22 @@ impl WanDit {
     /// prompt embeddings (zero-padded rows included: they are attended, as in diffusers).
     /// Returns the flow prediction [B, C_out, T, H, W].
     pub fn forward(&self, x: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
+        self.forward_with_attention(x, timestep, text, &mut |q, k, v, o, s| {
+            cpu::attention(q, k, v, o, s);
+            Ok(())
+        })
+    }
+
+    /// [`forward`](Self::forward) with every self- and cross-attention computed by `attn`
+    /// (q, k, v, out, shape: the arguments of [`cpu::attention`]), so a device's attention
+    /// kernel can run inside the f32 reference and be checked against the golden data.
+    pub fn forward_with_attention(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+        attn: &mut AttentionFn<'_>,
+    ) -> Result<Tensor> {
         let (batch, grid) = self.check_inputs(x.shape(), timestep.shape(), text.shape())?;
         let c = &self.config;
         let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
@@ -525,7 +541,7 @@ impl WanDit {
         let mut bufs = Buffers::new(bl, blt, d, f);
         for block in &self.layers.blocks {
             self.block(
-                block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps,
+                block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps, attn,
             )?;
         }
 
@@ -561,6 +577,7 @@ impl WanDit {
         l: usize,
         lt: usize,
         eps: f32,
+        attn: &mut AttentionFn<'_>,
     ) -> Result<()> {
         let c = &self.config;
         let (d, heads, hd) = (c.inner_dim(), c.num_attention_heads, c.attention_head_dim);
@@ -633,7 +650,7 @@ impl WanDit {
             out_stride: d,
             scale: 1.0 / (hd as f32).sqrt(),
         };
-        cpu::attention(q, k, v, o, shape);
+        attn(q, k, v, o, shape)?;
         self.linear(&a.o, o, bl, y, false)?;
         cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), Some(&gate1), l);
 
@@ -664,7 +681,7 @@ impl WanDit {
             eps,
             None,
         );
-        cpu::attention(q, kc, vc, o, AttnShape { lk: lt, ..shape });
+        attn(q, kc, vc, o, AttnShape { lk: lt, ..shape })?;
         self.linear(&a.o, o, bl, y, false)?;
         cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), None, l);
 
@@ -677,6 +694,10 @@ impl WanDit {
         Ok(())
     }
 }
+
+/// An attention implementation: (q, k, v, out, shape) as [`cpu::attention`] takes them.
+pub type AttentionFn<'a> =
+    dyn FnMut(&[f32], &[f32], &[f32], &mut [f32], AttnShape) -> Result<()> + 'a;
 
 /// Activations reused by every block (llm.c style: allocated once per forward).
 struct Buffers {

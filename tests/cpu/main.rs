@@ -8,6 +8,7 @@ mod embeddings;
 mod emu;
 mod generate;
 mod kernels;
+mod kernels_attention;
 mod pipeline;
 mod serve;
 mod text;

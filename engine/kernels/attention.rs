@@ -1,0 +1,301 @@
+//! Launcher of kernels/attention.cu: flash attention forward (bf16 Q/K/V/O, f32
+//! accumulation), reading Q, K and V in the layout the projections write (row and batch
+//! strides, head h at columns h·head_dim.. of a row). The kernel's header documents the
+//! algorithm, the variants and why QK-RMSNorm + RoPE stays a separate pass
+//! ([`super::rms_norm_rope_bf16`]). CPU reference: [`crate::cpu::attention`].
+
+use super::{kernels, Buf, DevPtr, Kernel, KernelDevice, Launch};
+use crate::error::{Error, Result};
+
+type Bf = half::bf16;
+
+/// Shared memory of a variant: a Q tile of 16·warps rows and two stages of K and V tiles
+/// of `bn` rows, each row hd + 8 bf16 (16 bytes of padding against bank conflicts).
+const fn smem(hd: u32, warps: u32, bn: u32) -> u32 {
+    (16 * warps + 4 * bn) * (hd + 8) * 2
+}
+
+kernels! {
+    module "attention";
+    @args FlashArgs {
+        q: DevPtr, k: DevPtr, v: DevPtr, o: DevPtr, lse: DevPtr,
+        q_row: i64, k_row: i64, v_row: i64, o_row: i64,
+        q_batch: i64, k_batch: i64, v_batch: i64, o_batch: i64,
+        lq: i32, lk: i32, head_dim: i32, scale_log2: f32,
+    }
+    HD128_BN64 = flash_attn_hd128_bn64 [opt_in = smem(128, 8, 64)] (FlashArgs);
+    HD128_BN32 = flash_attn_hd128_bn32 [opt_in = smem(128, 8, 32)] (FlashArgs);
+    HD64_BN128 = flash_attn_hd64_bn128 [opt_in = smem(64, 8, 128)] (FlashArgs);
+    ANY16 = flash_attn_any_hd16 [opt_in = smem(16, 4, 64)] (FlashArgs);
+    ANY32 = flash_attn_any_hd32 [opt_in = smem(32, 4, 64)] (FlashArgs);
+    ANY64 = flash_attn_any_hd64 [opt_in = smem(64, 4, 64)] (FlashArgs);
+    ANY128 = flash_attn_any_hd128 [opt_in = smem(128, 4, 64)] (FlashArgs);
+    ANY256 = flash_attn_any_hd256 [opt_in = smem(256, 4, 32)] (FlashArgs);
+}
+
+/// A variant: its kernel, padded head dim, warps (16 query rows each) and keys per tile.
+struct Variant {
+    kernel: &'static Kernel<FlashArgs>,
+    hd: u32,
+    warps: u32,
+    bn: u32,
+}
+
+const SPECIAL: [Variant; 3] = [
+    Variant {
+        kernel: &HD128_BN64,
+        hd: 128,
+        warps: 8,
+        bn: 64,
+    },
+    Variant {
+        kernel: &HD128_BN32,
+        hd: 128,
+        warps: 8,
+        bn: 32,
+    },
+    Variant {
+        kernel: &HD64_BN128,
+        hd: 64,
+        warps: 8,
+        bn: 128,
+    },
+];
+
+const GENERIC: [Variant; 5] = [
+    Variant {
+        kernel: &ANY16,
+        hd: 16,
+        warps: 4,
+        bn: 64,
+    },
+    Variant {
+        kernel: &ANY32,
+        hd: 32,
+        warps: 4,
+        bn: 64,
+    },
+    Variant {
+        kernel: &ANY64,
+        hd: 64,
+        warps: 4,
+        bn: 64,
+    },
+    Variant {
+        kernel: &ANY128,
+        hd: 128,
+        warps: 4,
+        bn: 64,
+    },
+    Variant {
+        kernel: &ANY256,
+        hd: 256,
+        warps: 4,
+        bn: 32,
+    },
+];
+
+/// Where Q, K, V or O lie in their buffer (in elements): the offset of (sample 0, row 0,
+/// head 0), the row stride and the batch stride. Head h of a row occupies head_dim
+/// elements from column h·head_dim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnView {
+    pub offset: usize,
+    pub row_stride: usize,
+    pub batch_stride: usize,
+}
+
+impl AttnView {
+    /// Rows of `row_stride` elements, `rows` per sample, from `offset`: e.g. K of a fused
+    /// [B·L, 3·D] QKV projection is `AttnView::packed(d, 3 * d, l)`.
+    pub fn packed(offset: usize, row_stride: usize, rows: usize) -> Self {
+        AttnView {
+            offset,
+            row_stride,
+            batch_stride: rows * row_stride,
+        }
+    }
+}
+
+/// An attention call's sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashShape {
+    pub batch: usize,
+    pub heads: usize,
+    /// Even, at most 256.
+    pub head_dim: usize,
+    pub lq: usize,
+    pub lk: usize,
+    /// Multiplies q·k (1/√head_dim for Wan).
+    pub scale: f32,
+}
+
+/// The last element `view` touches for `rows` rows of `heads` heads (None on overflow).
+fn last_element(view: AttnView, s: &FlashShape, rows: usize) -> Option<usize> {
+    view.offset
+        .checked_add((s.batch - 1).checked_mul(view.batch_stride)?)?
+        .checked_add((rows - 1).checked_mul(view.row_stride)?)?
+        .checked_add(s.heads.checked_mul(s.head_dim)?)?
+        .checked_sub(1)
+}
+
+/// out = softmax(scale·Q·Kᵀ)·V per (sample, head), no mask; `lse` (when given, f32
+/// [batch, heads, lq]) gets each row's log-sum-exp of scale·q·k in natural log. Returns the
+/// kernel variant that ran (specialised head_dim 64/128 when every operand is 16-byte
+/// aligned, else the generic path for any even head_dim ≤ 256).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention(
+    dev: &KernelDevice,
+    q: (&Buf<Bf>, AttnView),
+    k: (&Buf<Bf>, AttnView),
+    v: (&Buf<Bf>, AttnView),
+    o: (&mut Buf<Bf>, AttnView),
+    lse: Option<&mut Buf<f32>>,
+    s: FlashShape,
+) -> Result<&'static str> {
+    const K: &str = "flash_attention";
+    let bad = |m: String| Err(Error::invalid(format!("{K}: {m}")));
+    if s.batch == 0 || s.heads == 0 || s.lq == 0 || s.lk == 0 {
+        return bad(format!("empty shape {s:?}"));
+    }
+    if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
+        return bad(format!(
+            "head_dim {} must be even and at most 256",
+            s.head_dim
+        ));
+    }
+    if !s.scale.is_finite() {
+        return bad(format!("scale {} is not finite", s.scale));
+    }
+    let (qb, qv) = q;
+    let (kb, kv) = k;
+    let (vb, vv) = v;
+    let (ob, ov) = o;
+    let ops: [(&str, usize, AttnView, usize); 4] = [
+        ("q", qb.len(), qv, s.lq),
+        ("k", kb.len(), kv, s.lk),
+        ("v", vb.len(), vv, s.lk),
+        ("o", ob.len(), ov, s.lq),
+    ];
+    for (name, len, view, rows) in ops {
+        match last_element(view, &s, rows) {
+            Some(last) if last < len => {}
+            _ => {
+                return bad(format!(
+                    "{name} ({view:?}) does not hold {} samples × {rows} rows × {} heads of {} in its {len} elements",
+                    s.batch, s.heads, s.head_dim
+                ))
+            }
+        }
+        // The generic path copies pairs of bf16: 4-byte alignment.
+        if view.offset % 2 != 0 || view.row_stride % 2 != 0 || view.batch_stride % 2 != 0 {
+            return bad(format!(
+                "{name} ({view:?}): offsets and strides must be even (4-byte aligned)"
+            ));
+        }
+    }
+    // Blocks write disjoint parts of O only if its rows and samples do not overlap.
+    if ov.row_stride < s.heads * s.head_dim
+        || (s.batch > 1 && ov.batch_stride < s.lq * ov.row_stride)
+    {
+        return bad(format!(
+            "o ({ov:?}) has overlapping rows or samples for {} heads of {} × {} rows",
+            s.heads, s.head_dim, s.lq
+        ));
+    }
+    if let Some(l) = &lse {
+        if l.len() < s.batch * s.heads * s.lq {
+            return bad(format!(
+                "lse holds {} floats, needs [{}, {}, {}]",
+                l.len(),
+                s.batch,
+                s.heads,
+                s.lq
+            ));
+        }
+    }
+    let ptr = |b: &Buf<Bf>, view: AttnView, name: &str| -> Result<DevPtr> {
+        Ok(b.addr(dev, &format!("{K} {name}"))?.offset(2 * view.offset))
+    };
+    let (qp, kp, vp, op) = (
+        ptr(qb, qv, "q")?,
+        ptr(kb, kv, "k")?,
+        ptr(vb, vv, "v")?,
+        ptr(ob, ov, "o")?,
+    );
+    let lse_ptr = match lse {
+        Some(l) => l.addr(dev, "flash_attention lse")?,
+        None => DevPtr::NULL,
+    };
+    if [qp, kp, vp, op].iter().any(|p| p.0 % 4 != 0) {
+        return bad("q, k, v and o must be 4-byte aligned".into());
+    }
+    let aligned16 = [(qp, qv), (kp, kv), (vp, vv), (op, ov)]
+        .iter()
+        .all(|(p, v)| p.0 % 16 == 0 && v.row_stride % 8 == 0 && v.batch_stride % 8 == 0);
+    let arch = dev.arch()?;
+    let fits = |v: &&Variant| v.kernel.shared_opt_in <= arch.max_shared_per_block;
+    let special = SPECIAL
+        .iter()
+        .filter(|v| aligned16 && v.hd as usize == s.head_dim)
+        .find(fits);
+    let variant = match special {
+        Some(v) => v,
+        None => GENERIC
+            .iter()
+            .filter(|v| v.hd as usize >= s.head_dim)
+            .find(fits)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{K}: no variant for head_dim {} fits {arch}'s shared memory",
+                    s.head_dim
+                ))
+            })?,
+    };
+    let i64_of = |n: usize| {
+        i64::try_from(n).map_err(|_| Error::invalid(format!("{K}: stride {n} too large")))
+    };
+    let i32_of = |n: usize, what: &str| {
+        i32::try_from(n).map_err(|_| Error::invalid(format!("{K}: {what} = {n} too large")))
+    };
+    let mut a = FlashArgs {
+        q: qp,
+        k: kp,
+        v: vp,
+        o: op,
+        lse: lse_ptr,
+        q_row: i64_of(qv.row_stride)?,
+        k_row: i64_of(kv.row_stride)?,
+        v_row: i64_of(vv.row_stride)?,
+        o_row: i64_of(ov.row_stride)?,
+        q_batch: i64_of(qv.batch_stride)?,
+        k_batch: i64_of(kv.batch_stride)?,
+        v_batch: i64_of(vv.batch_stride)?,
+        o_batch: i64_of(ov.batch_stride)?,
+        lq: i32_of(s.lq, "lq")?,
+        lk: i32_of(s.lk, "lk")?,
+        head_dim: s.head_dim as i32,
+        scale_log2: s.scale * std::f32::consts::LOG2_E,
+    };
+    let bm = 16 * variant.warps as usize;
+    let grid_x = u32::try_from(s.lq.div_ceil(bm))
+        .map_err(|_| Error::invalid(format!("{K}: lq = {} too large", s.lq)))?;
+    let l = Launch {
+        grid: super::Dim3::new(
+            grid_x,
+            u32::try_from(s.heads).unwrap_or(u32::MAX),
+            u32::try_from(s.batch).unwrap_or(u32::MAX),
+        ),
+        block: super::Dim3::x(32 * variant.warps),
+        shared: variant.kernel.shared_opt_in,
+    };
+    debug_assert_eq!(
+        variant.kernel.shared_opt_in,
+        smem(variant.hd, variant.warps, variant.bn)
+    );
+    // SAFETY: every operand covers what the kernel touches (last_element checked against
+    // each buffer's length), O's blocks write disjoint rows (checked), lse holds
+    // batch·heads·lq floats (checked), and the alignment the variant's copies need holds.
+    unsafe { dev.launch(variant.kernel, l, &mut a)? };
+    Ok(variant.kernel.name)
+}
