@@ -32,6 +32,12 @@ pub enum Device {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelOp {
+    /// Flash attention forward (kernels/attention.cu).
+    Attention,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SamplerArg {
     Unipc,
     Euler,
@@ -158,6 +164,40 @@ pub enum Command {
         /// Peak TFLOP/s for the MFU (default: the GPU's dense bf16 peak; none on the cpu).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// Write the report as JSON to FILE (`-` for stdout).
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Time one GPU kernel alone on a kernel device (inputs made on the device by a
+    /// reproducible hash; a sample of the output in the report), for benchmarks beside
+    /// torch's on the same GPU (bench/attention_gpu.py).
+    KernelBench {
+        op: KernelOp,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 12)]
+        heads: usize,
+        /// Query tokens (and key tokens unless --kv-tokens).
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        #[arg(long)]
+        kv_tokens: Option<usize>,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed runs.
+        #[arg(long, default_value_t = 10)]
+        repeat: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u32,
+        /// Output values to report at hashed positions.
+        #[arg(long, default_value_t = 4096)]
+        samples: usize,
+        /// emu, cuda or cuda:N.
+        #[arg(long, default_value = "cuda")]
+        device: String,
         /// Write the report as JSON to FILE (`-` for stdout).
         #[arg(long)]
         json: Option<String>,
@@ -447,6 +487,47 @@ pub fn run(cli: Cli) -> Result<String> {
                 }
                 None => out += &crate::bench::render(&report),
             }
+            Ok(out)
+        }
+        Command::KernelBench {
+            op: KernelOp::Attention,
+            batch,
+            heads,
+            tokens,
+            kv_tokens,
+            head_dim,
+            warmup,
+            repeat,
+            seed,
+            samples,
+            device,
+            json,
+        } => {
+            let dev = crate::kernels::KernelDevice::parse(&device)?;
+            let report = crate::kernel_bench::attention(
+                &dev,
+                &crate::kernel_bench::AttnBenchArgs {
+                    batch,
+                    heads,
+                    tokens,
+                    kv_tokens,
+                    head_dim,
+                    warmup,
+                    repeat,
+                    seed,
+                    samples,
+                },
+            )?;
+            let mut out = String::new();
+            if let Some(dest) = json.as_deref() {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| Error::invalid(e.to_string()))?;
+                out += &write_text(dest, &text)?;
+                if dest == "-" {
+                    return Ok(out);
+                }
+            }
+            out += &crate::kernel_bench::render(&report);
             Ok(out)
         }
         Command::Serve {

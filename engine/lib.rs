@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod inspect;
 pub mod io;
+pub mod kernel_bench;
 pub mod kernels;
 pub mod models;
 pub mod pipeline;

@@ -33,3 +33,25 @@ extern "C" __global__ void shift_shared_nosync(float* y, const float* x, int n) 
 }
 REEL_EMU_EXPORT(shift_shared)
 REEL_EMU_EXPORT(shift_shared_nosync)
+
+// Benchmark inputs made on the device, reproducible by any other program (bench/
+// attention_gpu.py builds the same tensors in torch): x[i] = bf16((u·2 − 1)·scale) with
+// u = (h(i ⊕ h(seed)) >> 8)·2⁻²⁴ and h the lowbias32 integer hash (x ^= x >> 16;
+// x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16), i < 2³².
+__device__ __forceinline__ unsigned lowbias32(unsigned x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+extern "C" __global__ void fill_hash_bf16(__nv_bfloat16* x, long long n, unsigned seed, float scale) {
+  const unsigned hs = lowbias32(seed);
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const float u = static_cast<float>(lowbias32(static_cast<unsigned>(i) ^ hs) >> 8) * (1.0f / 16777216.0f);
+    x[i] = __float2bfloat16((u * 2.0f - 1.0f) * scale);
+  }
+}
+REEL_EMU_EXPORT(fill_hash_bf16)

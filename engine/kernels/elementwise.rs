@@ -11,6 +11,8 @@ kernels! {
     SHIFT = shift_shared(ShiftArgs { y: DevPtr, x: DevPtr, n: i32 });
     /// The same without the barrier (racy on purpose).
     SHIFT_NOSYNC = shift_shared_nosync(ShiftNosyncArgs { y: DevPtr, x: DevPtr, n: i32 });
+    /// Reproducible benchmark inputs (see kernels/elementwise.cu).
+    FILL_HASH = fill_hash_bf16(FillHashArgs { x: DevPtr, n: i64, seed: u32, scale: f32 });
 }
 
 /// y = gelu_tanh(x) elementwise (f32).
@@ -25,6 +27,49 @@ pub fn gelu_tanh_f32(dev: &KernelDevice, x: &Buf<f32>, y: &mut Buf<f32>) -> Resu
     // SAFETY: x and y live on dev and hold n elements each (checked); the kernel touches
     // indices < n only.
     unsafe { dev.launch(&GELU_F32, grid_for(x.len()), &mut a) }
+}
+
+/// Fills x with the reproducible pattern of `fill_hash_bf16` (values uniform in
+/// [−scale, scale), element i from the lowbias32 hash of i and `seed`; see
+/// kernels/elementwise.cu and [`hash_value`]). At most 2³² elements.
+pub fn fill_hash_bf16(
+    dev: &KernelDevice,
+    x: &mut Buf<half::bf16>,
+    seed: u32,
+    scale: f32,
+) -> Result<()> {
+    const K: &str = "fill_hash_bf16";
+    if x.len() as u64 > u32::MAX as u64 + 1 {
+        return Err(Error::invalid(format!(
+            "{K}: {} elements exceed 2^32",
+            x.len()
+        )));
+    }
+    let mut a = FillHashArgs {
+        x: x.addr(dev, K)?,
+        n: x.len() as i64,
+        seed,
+        scale,
+    };
+    let l = Launch::x((x.len() as u64).div_ceil(256).clamp(1, 65535) as u32, 256);
+    // SAFETY: the kernel writes x[i] for i < n = x.len().
+    unsafe { dev.launch(&FILL_HASH, l, &mut a) }
+}
+
+/// lowbias32 (Chris Wellons' 32-bit integer hash).
+pub fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// Element i of [`fill_hash_bf16`]'s pattern, computed on the host.
+pub fn hash_value(i: u32, seed: u32, scale: f32) -> half::bf16 {
+    let u = (lowbias32(i ^ lowbias32(seed)) >> 8) as f32 * (1.0 / 16_777_216.0);
+    half::bf16::from_f32((u * 2.0 - 1.0) * scale)
 }
 
 /// y[t] = x[t − 1] (y[0] = x[0]) through shared memory, one block of x.len() ≤ 1024

@@ -579,3 +579,71 @@ fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
         }
     }
 }
+
+#[test]
+fn kernel_bench_inputs_and_samples_follow_the_documented_rules() {
+    // bench/attention_gpu.py rebuilds the inputs from the hash and reads the sampled
+    // outputs at hashed positions: both rules must hold exactly.
+    let d = dev();
+    let mut x = Buf::filled(&d, 5000, bf16::ZERO).unwrap();
+    k::fill_hash_bf16(&d, &mut x, 3, 1.0).unwrap();
+    let got = down(&x);
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            k::hash_value(i as u32, 3, 1.0).to_bits(),
+            "[{i}]"
+        );
+    }
+    assert!(got.iter().all(|v| v.to_f32().abs() <= 1.0) && got.iter().any(|v| v.to_f32() < -0.9));
+    let a = reel::kernel_bench::AttnBenchArgs {
+        batch: 2,
+        heads: 2,
+        tokens: 70,
+        kv_tokens: Some(45),
+        head_dim: 32,
+        warmup: 0,
+        repeat: 1,
+        seed: 11,
+        samples: 64,
+    };
+    let r = reel::kernel_bench::attention(&d, &a).unwrap();
+    let w = a.heads * a.head_dim;
+    let input = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| k::hash_value(i as u32, seed, 1.0).to_f32())
+            .collect()
+    };
+    let (q, kk, v) = (
+        input(2 * 70 * w, 11),
+        input(2 * 45 * w, 12),
+        input(2 * 45 * w, 13),
+    );
+    assert_eq!(r.q_first, q[..8]);
+    let mut want = vec![0.0f32; q.len()];
+    reel::cpu::attention(
+        &q,
+        &kk,
+        &v,
+        &mut want,
+        AttnShape {
+            batch: 2,
+            heads: 2,
+            head_dim: 32,
+            lq: 70,
+            lk: 45,
+            q_stride: w,
+            kv_stride: w,
+            out_stride: w,
+            scale: 1.0 / (32f32).sqrt(),
+        },
+    );
+    let pos = reel::kernel_bench::sample_positions(want.len(), 64);
+    let want: Vec<f64> = pos.iter().map(|&p| want[p] as f64).collect();
+    let err = rel_l2(&r.sample, &want);
+    assert!(
+        err <= 1e-2,
+        "sampled outputs differ from the reference by {err:.3e}"
+    );
+    assert_eq!(r.flops, 4 * 2 * 2 * 70 * 45 * 32);
+}

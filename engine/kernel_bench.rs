@@ -1,0 +1,169 @@
+//! `reel kernel-bench`: one kernel timed alone on a kernel device, for the GPU benchmarks
+//! that put reel's kernels beside torch's on the same GPU in the same run
+//! (bench/attention_gpu.py, run by tools/gpu-check.sh). The inputs are made on the device
+//! by a hash any other program can reproduce (`fill_hash_bf16`), and the report carries a
+//! sample of the output at hashed positions, so the other program can measure the
+//! difference without moving gigabytes between processes.
+//!
+//! On emu the times are the emulator's (correctness and emulator time only; no speed claim).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::bench::{percentile, Percentiles};
+use crate::error::{Error, Result};
+use crate::kernels::{self as k, AttnView, Buf, FlashShape, KernelDevice};
+
+/// What `reel kernel-bench attention` measures.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnBenchArgs {
+    pub batch: usize,
+    pub heads: usize,
+    pub tokens: usize,
+    /// Key/value tokens (default: `tokens`, self-attention).
+    pub kv_tokens: Option<usize>,
+    pub head_dim: usize,
+    pub warmup: usize,
+    pub repeat: usize,
+    pub seed: u32,
+    /// Output values reported at hashed positions.
+    pub samples: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttnBenchReport {
+    pub op: &'static str,
+    pub kernel: &'static str,
+    pub device: String,
+    pub batch: usize,
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub head_dim: usize,
+    pub warmup: usize,
+    pub repeat: usize,
+    /// Per call (on cuda each launch is followed by a synchronisation).
+    pub seconds: Percentiles,
+    /// 4·Lq·Lk·head_dim per (sample, head): Q·Kᵀ and P·V.
+    pub flops: u64,
+    /// From the median time.
+    pub tflops: f64,
+    /// How the inputs were made: q, k, v are fill_hash_bf16 with seeds seed, seed + 1,
+    /// seed + 2 and scale 1, each packed [batch, tokens, heads·head_dim].
+    pub seed: u32,
+    /// q's first 8 values, for the other program's check that it built the same inputs.
+    pub q_first: Vec<f32>,
+    /// The output (packed like q) at positions lowbias32(i ^ 0x5eed) mod len, i < samples.
+    pub sample: Vec<f32>,
+    pub commit: &'static str,
+}
+
+/// The output positions reported in [`AttnBenchReport::sample`].
+pub fn sample_positions(len: usize, samples: usize) -> Vec<usize> {
+    (0..samples as u32)
+        .map(|i| k::lowbias32(i ^ 0x5eed) as usize % len)
+        .collect()
+}
+
+/// Times flash attention on `dev` (see the module docs).
+pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchReport> {
+    let lk = a.kv_tokens.unwrap_or(a.tokens);
+    let w = a.heads * a.head_dim;
+    if a.repeat == 0 {
+        return Err(Error::invalid("kernel-bench: --repeat must be at least 1"));
+    }
+    let (nq, nk) = (a.batch * a.tokens * w, a.batch * lk * w);
+    if nq == 0 || nk == 0 {
+        return Err(Error::invalid(
+            "kernel-bench: batch, heads, tokens and head_dim must be positive",
+        ));
+    }
+    let alloc = |n: usize, seed: u32| -> Result<Buf<half::bf16>> {
+        let mut b = Buf::filled(dev, n, half::bf16::ZERO)?;
+        k::fill_hash_bf16(dev, &mut b, seed, 1.0)?;
+        Ok(b)
+    };
+    let q = alloc(nq, a.seed)?;
+    let kk = alloc(nk, a.seed.wrapping_add(1))?;
+    let v = alloc(nk, a.seed.wrapping_add(2))?;
+    let mut o = Buf::filled(dev, nq, half::bf16::from_bits(0x7fc1))?;
+    let shape = FlashShape {
+        batch: a.batch,
+        heads: a.heads,
+        head_dim: a.head_dim,
+        lq: a.tokens,
+        lk,
+        scale: 1.0 / (a.head_dim as f32).sqrt(),
+    };
+    let run = |o: &mut Buf<half::bf16>| {
+        k::flash_attention(
+            dev,
+            (&q, AttnView::packed(0, w, a.tokens)),
+            (&kk, AttnView::packed(0, w, lk)),
+            (&v, AttnView::packed(0, w, lk)),
+            (o, AttnView::packed(0, w, a.tokens)),
+            None,
+            shape,
+        )
+    };
+    let mut kernel = "";
+    for _ in 0..a.warmup {
+        kernel = run(&mut o)?;
+    }
+    let mut times = Vec::with_capacity(a.repeat);
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        kernel = run(&mut o)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 50.0);
+    let flops = 4 * (a.batch * a.heads * a.tokens * lk * a.head_dim) as u64;
+    let out = o.download()?;
+    let q_first = q.download()?.iter().take(8).map(|x| x.to_f32()).collect();
+    Ok(AttnBenchReport {
+        op: "attention",
+        kernel,
+        device: dev.describe(),
+        batch: a.batch,
+        heads: a.heads,
+        lq: a.tokens,
+        lk,
+        head_dim: a.head_dim,
+        warmup: a.warmup,
+        repeat: a.repeat,
+        seconds: Percentiles {
+            median,
+            p10: percentile(&times, 10.0),
+            p90: percentile(&times, 90.0),
+        },
+        flops,
+        tflops: flops as f64 / median / 1e12,
+        seed: a.seed,
+        q_first,
+        sample: sample_positions(out.len(), a.samples)
+            .into_iter()
+            .map(|i| out[i].to_f32())
+            .collect(),
+        commit: env!("REEL_GIT_COMMIT"),
+    })
+}
+
+/// One line for people: shape, kernel, time and TFLOP/s.
+pub fn render(r: &AttnBenchReport) -> String {
+    format!(
+        "attention B={} H={} Lq={} Lk={} d={} on {} ({}): median {:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} TFLOP/s\n",
+        r.batch,
+        r.heads,
+        r.lq,
+        r.lk,
+        r.head_dim,
+        r.device,
+        r.kernel,
+        r.seconds.median * 1e3,
+        r.seconds.p10 * 1e3,
+        r.seconds.p90 * 1e3,
+        r.tflops
+    )
+}
