@@ -47,9 +47,13 @@
 //                           are not 16-byte aligned: N = 16, 32, 64, 128 (4 warps, BN 64,
 //                           4-byte cp.async, Q in registers) and 256 (BN 32, Q re-read from
 //                           shared memory to stay within the register file)
-// Registers per thread (ptxas, sm_90a; budget 255): see kernels/README.md; the tests require
-// no spills and no stack frame. Not yet measured on a GPU: tile choices follow
-// FlashAttention-2's for sm_80 and await gpu-check numbers.
+// Register budget (255 per thread; per thread: O = HD/2 f32, S = BN/2 f32, Q fragments HD/4
+// words), ptxas sm_90a / sm_80: hd128_bn64 198 / 206 (256 threads: 50.7K of the SM's 64K
+// registers, one block per SM), hd128_bn32 182 / 184, hd64_bn128 198 / 202, any_hd16 84 / 92,
+// any_hd32 102 / 109, any_hd64 142 / 144, any_hd128 198 / 206, any_hd256 233 / 231 (Q not in
+// registers: 64 words saved). No spills and no stack frame (tested). Not yet measured on a
+// GPU: the tile choices follow FlashAttention-2's for sm_80 and wait for gpu-check's numbers
+// (bench/attention_gpu.py).
 #include "common/reel_cuda.cuh"
 #include "common/reel_mma.cuh"
 
