@@ -80,8 +80,8 @@ pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchRepor
         ));
     }
     let alloc = |n: usize, seed: u32| -> Result<Buf<half::bf16>> {
-        let mut b = Buf::filled(dev, n, half::bf16::ZERO)?;
-        k::fill_hash_bf16(dev, &mut b, seed, 1.0)?;
+        let b = Buf::uninit(dev, n)?;
+        k::fill_hash_bf16(dev, &b, seed, 1.0)?;
         Ok(b)
     };
     let q = alloc(nq, a.seed)?;
@@ -102,7 +102,7 @@ pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchRepor
             (&q, AttnView::packed(0, w, a.tokens)),
             (&kk, AttnView::packed(0, w, lk)),
             (&v, AttnView::packed(0, w, lk)),
-            (o, AttnView::packed(0, w, a.tokens)),
+            (&*o, AttnView::packed(0, w, a.tokens)),
             None,
             shape,
         )

@@ -4,7 +4,7 @@
 //! algorithm, the variants and why QK-RMSNorm + RoPE stays a separate pass
 //! ([`super::rms_norm_rope_bf16`]). CPU reference: [`crate::cpu::attention`].
 
-use super::{kernels, Buf, DevPtr, Kernel, KernelDevice, Launch};
+use super::{kernels, DevPtr, DevSlice, Kernel, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
 type Bf = half::bf16;
@@ -144,13 +144,13 @@ fn last_element(view: AttnView, s: &FlashShape, rows: usize) -> Option<usize> {
 /// kernel variant that ran (specialised head_dim 64/128 when every operand is 16-byte
 /// aligned, else the generic path for any even head_dim ≤ 256).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attention(
+pub fn flash_attention<'a>(
     dev: &KernelDevice,
-    q: (&Buf<Bf>, AttnView),
-    k: (&Buf<Bf>, AttnView),
-    v: (&Buf<Bf>, AttnView),
-    o: (&mut Buf<Bf>, AttnView),
-    lse: Option<&mut Buf<f32>>,
+    q: (impl Into<DevSlice<'a, Bf>>, AttnView),
+    k: (impl Into<DevSlice<'a, Bf>>, AttnView),
+    v: (impl Into<DevSlice<'a, Bf>>, AttnView),
+    o: (impl Into<DevSlice<'a, Bf>>, AttnView),
+    lse: Option<DevSlice<'a, f32>>,
     s: FlashShape,
 ) -> Result<&'static str> {
     const K: &str = "flash_attention";
@@ -167,10 +167,10 @@ pub fn flash_attention(
     if !s.scale.is_finite() {
         return bad(format!("scale {} is not finite", s.scale));
     }
-    let (qb, qv) = q;
-    let (kb, kv) = k;
-    let (vb, vv) = v;
-    let (ob, ov) = o;
+    let (qb, qv) = (q.0.into(), q.1);
+    let (kb, kv) = (k.0.into(), k.1);
+    let (vb, vv) = (v.0.into(), v.1);
+    let (ob, ov) = (o.0.into(), o.1);
     let ops: [(&str, usize, AttnView, usize); 4] = [
         ("q", qb.len(), qv, s.lq),
         ("k", kb.len(), kv, s.lk),
@@ -214,7 +214,7 @@ pub fn flash_attention(
             ));
         }
     }
-    let ptr = |b: &Buf<Bf>, view: AttnView, name: &str| -> Result<DevPtr> {
+    let ptr = |b: DevSlice<'a, Bf>, view: AttnView, name: &str| -> Result<DevPtr> {
         Ok(b.addr(dev, &format!("{K} {name}"))?.offset(2 * view.offset))
     };
     let (qp, kp, vp, op) = (

@@ -1,6 +1,6 @@
 //! Launchers of kernels/elementwise.cu: f32 GELU-tanh and the emulator's barrier test.
 
-use super::{grid_for, kernels, len_i32, same_len, Buf, DevPtr, KernelDevice, Launch};
+use super::{grid_for, kernels, len_i32, same_len, DevPtr, DevSlice, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
 kernels! {
@@ -16,7 +16,13 @@ kernels! {
 }
 
 /// y = gelu_tanh(x) elementwise (f32).
-pub fn gelu_tanh_f32(dev: &KernelDevice, x: &Buf<f32>, y: &mut Buf<f32>) -> Result<()> {
+pub fn gelu_tanh_f32<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, f32>>,
+    y: impl Into<DevSlice<'a, f32>>,
+) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
     const K: &str = "gelu_tanh_f32";
     same_len(K, x.len(), y.len())?;
     let mut a = GeluArgs {
@@ -32,12 +38,13 @@ pub fn gelu_tanh_f32(dev: &KernelDevice, x: &Buf<f32>, y: &mut Buf<f32>) -> Resu
 /// Fills x with the reproducible pattern of `fill_hash_bf16` (values uniform in
 /// [−scale, scale), element i from the lowbias32 hash of i and `seed`; see
 /// kernels/elementwise.cu and [`hash_value`]). At most 2³² elements.
-pub fn fill_hash_bf16(
+pub fn fill_hash_bf16<'a>(
     dev: &KernelDevice,
-    x: &mut Buf<half::bf16>,
+    x: impl Into<DevSlice<'a, half::bf16>>,
     seed: u32,
     scale: f32,
 ) -> Result<()> {
+    let x = x.into();
     const K: &str = "fill_hash_bf16";
     if x.len() as u64 > u32::MAX as u64 + 1 {
         return Err(Error::invalid(format!(
@@ -75,7 +82,14 @@ pub fn hash_value(i: u32, seed: u32, scale: f32) -> half::bf16 {
 /// y[t] = x[t − 1] (y[0] = x[0]) through shared memory, one block of x.len() ≤ 1024
 /// threads; `sync` false runs the variant that omits its barrier (the test of the
 /// emulator's shuffle mode; racy on hardware too).
-pub fn shift_shared(dev: &KernelDevice, x: &Buf<f32>, y: &mut Buf<f32>, sync: bool) -> Result<()> {
+pub fn shift_shared<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, f32>>,
+    y: impl Into<DevSlice<'a, f32>>,
+    sync: bool,
+) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
     if x.len() != y.len() || x.is_empty() || x.len() > 1024 {
         return Err(Error::invalid(
             "shift_shared: 1..=1024 elements, x and y alike",

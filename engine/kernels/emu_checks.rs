@@ -2,7 +2,7 @@
 //! only, each showing that the emulator rejects what hardware would get wrong (the kernel
 //! tests assert the error and its message), and the emulator's micro-benchmark.
 
-use super::{kernels, Buf, DevPtr, KernelDevice, Launch};
+use super::{kernels, Buf, DevPtr, DevSlice, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
 kernels! {
@@ -28,7 +28,12 @@ fn emu_only(dev: &KernelDevice, k: &str) -> Result<()> {
 
 /// Block 0 of `blocks` (256 threads each) fills a static shared array; every block copies
 /// it to out (256 floats per block). Blocks after the first read what they never wrote.
-pub fn stale_shared(dev: &KernelDevice, out: &mut Buf<f32>, blocks: u32) -> Result<()> {
+pub fn stale_shared<'a>(
+    dev: &KernelDevice,
+    out: impl Into<DevSlice<'a, f32>>,
+    blocks: u32,
+) -> Result<()> {
+    let out = out.into();
     const K: &str = "stale_shared_check";
     emu_only(dev, K)?;
     if out.len() != 256 * blocks as usize {
@@ -46,7 +51,13 @@ pub fn stale_shared(dev: &KernelDevice, out: &mut Buf<f32>, blocks: u32) -> Resu
 /// out = [n−1, …, 0] through `n` floats of dynamic shared memory (beside 4 KiB of static),
 /// launched with `shared` bytes of dynamic shared memory under an opt-in of `opt_in` bytes
 /// (0: none). A legal kernel: the launch checks decide.
-pub fn dyn_shared(dev: &KernelDevice, out: &mut Buf<f32>, shared: u32, opt_in: u32) -> Result<()> {
+pub fn dyn_shared<'a>(
+    dev: &KernelDevice,
+    out: impl Into<DevSlice<'a, f32>>,
+    shared: u32,
+    opt_in: u32,
+) -> Result<()> {
+    let out = out.into();
     const K: &str = "dyn_shared_check";
     let n = out.len();
     if n == 0 || (n * 4) as u64 > shared as u64 {
@@ -70,12 +81,14 @@ pub fn dyn_shared(dev: &KernelDevice, out: &mut Buf<f32>, shared: u32, opt_in: u
 
 /// ldmatrix x4 of a 16×16 bf16 tile (input: 256 values) into out (32 × 4 registers);
 /// `bad` = 1 misaligns one lane's row address, 2 gives one a global address.
-pub fn ldmatrix(
+pub fn ldmatrix<'a>(
     dev: &KernelDevice,
-    input: &Buf<half::bf16>,
-    out: &mut Buf<u32>,
+    input: impl Into<DevSlice<'a, half::bf16>>,
+    out: impl Into<DevSlice<'a, u32>>,
     bad: i32,
 ) -> Result<()> {
+    let input = input.into();
+    let out = out.into();
     const K: &str = "ldmatrix_check";
     emu_only(dev, K)?;
     if input.len() != 256 || out.len() != 128 {
@@ -93,7 +106,14 @@ pub fn ldmatrix(
 
 /// One 16-byte cp.async per lane from src (128 floats, 16-byte aligned) to out through
 /// shared memory; `bad` 1..=4 breaks one lane's copy (see kernels/emu_checks.cu).
-pub fn cp_async(dev: &KernelDevice, src: &Buf<f32>, out: &mut Buf<f32>, bad: i32) -> Result<()> {
+pub fn cp_async<'a>(
+    dev: &KernelDevice,
+    src: impl Into<DevSlice<'a, f32>>,
+    out: impl Into<DevSlice<'a, f32>>,
+    bad: i32,
+) -> Result<()> {
+    let src = src.into();
+    let out = out.into();
     const K: &str = "cp_async_check";
     emu_only(dev, K)?;
     if src.len() != 132 || out.len() != 128 {
@@ -113,7 +133,12 @@ pub fn cp_async(dev: &KernelDevice, src: &Buf<f32>, out: &mut Buf<f32>, bad: i32
 
 /// A block of 64 threads that deadlocks or breaks a warp rule in `mode` 0..=4 (see
 /// kernels/emu_checks.cu); out: 64 ints.
-pub fn deadlock(dev: &KernelDevice, out: &mut Buf<i32>, mode: i32) -> Result<()> {
+pub fn deadlock<'a>(
+    dev: &KernelDevice,
+    out: impl Into<DevSlice<'a, i32>>,
+    mode: i32,
+) -> Result<()> {
+    let out = out.into();
     const K: &str = "deadlock_check";
     emu_only(dev, K)?;
     if out.len() != 64 {
@@ -139,7 +164,13 @@ pub enum MicroOp {
 }
 
 /// `iters` rounds of `op` in one block of out.len() threads (bench/emu.rs).
-pub fn microbench(dev: &KernelDevice, out: &mut Buf<f32>, op: MicroOp, iters: u32) -> Result<()> {
+pub fn microbench<'a>(
+    dev: &KernelDevice,
+    out: impl Into<DevSlice<'a, f32>>,
+    op: MicroOp,
+    iters: u32,
+) -> Result<()> {
+    let out = out.into();
     const K: &str = "emu_microbench";
     let threads = out.len();
     if threads == 0 || threads % 32 != 0 || threads > 1024 {

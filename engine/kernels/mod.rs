@@ -25,12 +25,14 @@ use crate::error::{Error, Result};
 pub mod attention;
 pub mod elementwise;
 pub mod emu_checks;
+mod mem;
 pub mod norm;
 pub mod probe;
 pub mod selftest;
 
 pub use attention::{flash_attention, AttnView, FlashShape};
 pub use elementwise::*;
+pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, ALIGN};
 pub use norm::*;
 pub use selftest::*;
 
@@ -163,6 +165,63 @@ pub enum KernelDevice {
     Emu,
     /// A GPU.
     Cuda(Arc<Cuda>),
+    /// The GPU runtime's planning pass: launches are checked and recorded, nothing runs.
+    Measure(Arc<Recorder>),
+}
+
+/// What a measuring pass saw: each launch's kernel and the buffers its pointer parameters
+/// point into (addresses of the [`Recorder::address`] encoding).
+pub struct Recorder {
+    arch: Arch,
+    launches: std::sync::Mutex<Vec<(&'static str, Vec<u32>)>>,
+}
+
+impl Recorder {
+    /// A recorder checking launches against `arch`'s limits.
+    pub fn new(arch: Arch) -> Self {
+        Recorder {
+            arch,
+            launches: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The measuring-mode address of byte `offset` of buffer `id`.
+    pub fn address(id: u32, offset: usize) -> DevPtr {
+        DevPtr(((id as u64 + 1) << mem::MEASURE_SHIFT) | offset as u64)
+    }
+
+    /// The buffer a measuring-mode address points into.
+    pub fn buffer_of(p: DevPtr) -> Option<u32> {
+        let id = p.0 >> mem::MEASURE_SHIFT;
+        (id > 0).then(|| (id - 1) as u32)
+    }
+
+    /// A slice of buffer `id` in measuring mode.
+    pub fn slice<'a, T>(id: u32, offset_elems: usize, len: usize) -> DevSlice<'a, T> {
+        // SAFETY: a measuring-mode slice is never dereferenced: launches on a Measure device
+        // only decode its address.
+        unsafe {
+            DevSlice::from_raw(
+                Self::address(id, offset_elems * std::mem::size_of::<T>()),
+                len,
+                mem::MEASURE_KEY,
+            )
+        }
+    }
+
+    /// Records a use of `buffers` by an operation that is not a kernel launch (a cuBLASLt
+    /// GEMM, a copy).
+    pub fn record(&self, what: &'static str, buffers: Vec<u32>) {
+        self.launches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((what, buffers));
+    }
+
+    /// The launches so far, in order.
+    pub fn take(&self) -> Vec<(&'static str, Vec<u32>)> {
+        std::mem::take(&mut *self.launches.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl std::fmt::Debug for KernelDevice {
@@ -208,8 +267,18 @@ impl KernelDevice {
         }
     }
 
+    /// Identifies the device a [`DevSlice`] belongs to.
+    pub fn key(&self) -> usize {
+        match self {
+            KernelDevice::Emu => mem::EMU_KEY,
+            KernelDevice::Cuda(c) => Arc::as_ptr(c) as usize,
+            KernelDevice::Measure(_) => mem::MEASURE_KEY,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
+            KernelDevice::Measure(r) => format!("measuring pass ({} limits)", r.arch),
             KernelDevice::Emu => match emu_arch() {
                 Ok(a) => format!("emu (SIMT emulator, {a} limits)"),
                 Err(_) => "emu (SIMT emulator)".into(),
@@ -232,6 +301,7 @@ impl KernelDevice {
     pub fn arch(&self) -> Result<Arch> {
         match self {
             KernelDevice::Emu => emu_arch(),
+            KernelDevice::Measure(r) => Ok(r.arch),
             KernelDevice::Cuda(c) => {
                 let (major, minor) = c.compute_capability();
                 Ok(Arch {
@@ -258,6 +328,18 @@ impl KernelDevice {
         check_shared(k.name, l.shared, k.shared_opt_in, self.arch()?)?;
         let mut params = args.params();
         match self {
+            KernelDevice::Measure(r) => {
+                // Nothing runs: record which buffers the pointer parameters point into.
+                let buffers = A::layout()
+                    .iter()
+                    .zip(&params)
+                    .filter(|(p, _)| p.kind == b'p' as u32)
+                    // SAFETY: a pointer parameter is a DevPtr field of `args`, alive here.
+                    .filter_map(|(_, &q)| Recorder::buffer_of(unsafe { *(q as *const DevPtr) }))
+                    .collect();
+                r.record(k.name, buffers);
+                Ok(())
+            }
             KernelDevice::Emu => {
                 let cfg = EmuLaunch {
                     grid: l.grid,
@@ -635,103 +717,8 @@ pub fn set_emu_switch(s: EmuSwitch) {
     unsafe { reel_emu_set_switch(m) }
 }
 
-/// Element types of kernel buffers.
-pub trait Elem: bytemuck::Pod + Send + Sync {}
-impl Elem for f32 {}
-impl Elem for i32 {}
-impl Elem for u32 {}
-impl Elem for half::bf16 {}
-impl Elem for half::f16 {}
-
-/// A buffer on a kernel device: host memory for emu, device memory for cuda.
-pub enum Buf<T: Elem> {
-    Host(Vec<T>),
-    Cuda {
-        ptr: u64,
-        len: usize,
-        gpu: Arc<Cuda>,
-    },
-}
-
-impl<T: Elem> Buf<T> {
-    /// A buffer on `dev` holding a copy of `data`.
-    pub fn upload(dev: &KernelDevice, data: &[T]) -> Result<Self> {
-        match dev {
-            KernelDevice::Emu => Ok(Buf::Host(data.to_vec())),
-            KernelDevice::Cuda(c) => {
-                let ptr = c
-                    .alloc(std::mem::size_of_val(data))
-                    .map_err(|e| Error::Device(e.to_string()))?;
-                let buf = Buf::Cuda {
-                    ptr,
-                    len: data.len(),
-                    gpu: c.clone(),
-                };
-                if !data.is_empty() {
-                    c.upload(ptr, data)
-                        .map_err(|e| Error::Device(e.to_string()))?;
-                }
-                Ok(buf)
-            }
-        }
-    }
-
-    /// `n` copies of `v` (a poison value for outputs, or zeros).
-    pub fn filled(dev: &KernelDevice, n: usize, v: T) -> Result<Self> {
-        Self::upload(dev, &vec![v; n])
-    }
-
-    /// The contents, copied to the host.
-    pub fn download(&self) -> Result<Vec<T>> {
-        match self {
-            Buf::Host(v) => Ok(v.clone()),
-            Buf::Cuda { ptr, len, gpu } => {
-                let mut out = vec![T::zeroed(); *len];
-                if *len > 0 {
-                    gpu.download(&mut out, *ptr)
-                        .map_err(|e| Error::Device(e.to_string()))?;
-                }
-                Ok(out)
-            }
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            Buf::Host(v) => v.len(),
-            Buf::Cuda { len, .. } => *len,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The address a kernel on `dev` uses, or an error if the buffer lives elsewhere.
-    pub(crate) fn addr(&self, dev: &KernelDevice, what: &str) -> Result<DevPtr> {
-        match (self, dev) {
-            (Buf::Host(v), KernelDevice::Emu) => Ok(DevPtr(v.as_ptr() as u64)),
-            (Buf::Cuda { ptr, gpu, .. }, KernelDevice::Cuda(c)) if Arc::ptr_eq(gpu, c) => {
-                Ok(DevPtr(*ptr))
-            }
-            _ => Err(Error::invalid(format!(
-                "{what}: the buffer is not on {}",
-                dev.describe()
-            ))),
-        }
-    }
-}
-
-impl<T: Elem> Drop for Buf<T> {
-    fn drop(&mut self) {
-        if let Buf::Cuda { ptr, gpu, .. } = self {
-            gpu.free(*ptr);
-        }
-    }
-}
-
-pub(crate) fn addr_or_null<T: Elem>(
-    b: Option<&Buf<T>>,
+pub(crate) fn addr_or_null<T>(
+    b: Option<DevSlice<'_, T>>,
     dev: &KernelDevice,
     what: &str,
 ) -> Result<DevPtr> {

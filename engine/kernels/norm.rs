@@ -2,7 +2,7 @@
 //! bf16 ↔ f32 conversions. CPU references: engine/cpu/norm.rs.
 
 use super::{
-    addr_or_null, grid_for, kernels, len_i32, row_block, rows_of, same_len, Buf, DevPtr,
+    addr_or_null, grid_for, kernels, len_i32, row_block, rows_of, same_len, DevPtr, DevSlice,
     KernelDevice, Launch,
 };
 use crate::error::{Error, Result};
@@ -33,16 +33,20 @@ kernels! {
 /// LayerNorm of each row of x: [rows, d] (bf16) with the adaLN modulation
 /// y = LN(x)·mul[g] + add[g], g = row / rows_per_group; mul, add: [groups, d] f32.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_modulate_bf16(
+pub fn layernorm_modulate_bf16<'a>(
     dev: &KernelDevice,
-    x: &Buf<Bf>,
-    y: &mut Buf<Bf>,
+    x: impl Into<DevSlice<'a, Bf>>,
+    y: impl Into<DevSlice<'a, Bf>>,
     d: usize,
-    mul: &Buf<f32>,
-    add: &Buf<f32>,
+    mul: impl Into<DevSlice<'a, f32>>,
+    add: impl Into<DevSlice<'a, f32>>,
     rows_per_group: usize,
     eps: f32,
 ) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
+    let mul = mul.into();
+    let add = add.into();
     const K: &str = "layernorm_modulate_bf16";
     if d == 0 || x.len() % d != 0 || y.len() != x.len() || rows_per_group == 0 {
         return Err(Error::invalid(format!(
@@ -74,7 +78,13 @@ pub fn layernorm_modulate_bf16(
 }
 
 /// y = x as f32.
-pub fn bf16_to_f32(dev: &KernelDevice, x: &Buf<Bf>, y: &mut Buf<f32>) -> Result<()> {
+pub fn bf16_to_f32<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, Bf>>,
+    y: impl Into<DevSlice<'a, f32>>,
+) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
     const K: &str = "bf16_to_f32";
     same_len(K, x.len(), y.len())?;
     let mut a = ToF32Args {
@@ -87,7 +97,13 @@ pub fn bf16_to_f32(dev: &KernelDevice, x: &Buf<Bf>, y: &mut Buf<f32>) -> Result<
 }
 
 /// y = x rounded to bf16 (nearest even).
-pub fn f32_to_bf16(dev: &KernelDevice, x: &Buf<f32>, y: &mut Buf<Bf>) -> Result<()> {
+pub fn f32_to_bf16<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, f32>>,
+    y: impl Into<DevSlice<'a, Bf>>,
+) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
     const K: &str = "f32_to_bf16";
     same_len(K, x.len(), y.len())?;
     let mut a = ToBf16Args {
@@ -101,8 +117,8 @@ pub fn f32_to_bf16(dev: &KernelDevice, x: &Buf<f32>, y: &mut Buf<Bf>) -> Result<
 
 /// 3D-RoPE tables on a kernel device: cos/sin [tokens, head_dim / 2].
 pub struct Rope<'a> {
-    pub cos: &'a Buf<f32>,
-    pub sin: &'a Buf<f32>,
+    pub cos: DevSlice<'a, f32>,
+    pub sin: DevSlice<'a, f32>,
     pub head_dim: usize,
     pub tokens: usize,
 }
@@ -110,15 +126,17 @@ pub struct Rope<'a> {
 /// In place on x: [rows, d] bf16: (x + bias) RMS-normalised across the whole row, times
 /// `weight`, then each head's pairs rotated by the row's token angles (token = row mod
 /// rope.tokens). The bf16 twin of [`crate::cpu::rms_norm_rope`].
-pub fn rms_norm_rope_bf16(
+pub fn rms_norm_rope_bf16<'a>(
     dev: &KernelDevice,
-    x: &mut Buf<Bf>,
+    x: impl Into<DevSlice<'a, Bf>>,
     d: usize,
-    bias: Option<&Buf<f32>>,
-    weight: &Buf<f32>,
+    bias: Option<DevSlice<'a, f32>>,
+    weight: impl Into<DevSlice<'a, f32>>,
     eps: f32,
     rope: Option<Rope<'_>>,
 ) -> Result<()> {
+    let x = x.into();
+    let weight = weight.into();
     const K: &str = "rms_norm_rope_bf16";
     let (rows, grid) = rows_of(x.len(), d, K)?;
     if weight.len() != d || bias.is_some_and(|b| b.len() != d) || d % 2 != 0 {
@@ -167,13 +185,15 @@ pub fn rms_norm_rope_bf16(
 
 /// In place on channel-last x: [rows, c] bf16: x / max(‖x‖, 1e-12)·√c·γ, then SiLU when
 /// `silu`. The bf16 twin of [`crate::cpu::channel_rms_norm`].
-pub fn channel_rms_silu_bf16(
+pub fn channel_rms_silu_bf16<'a>(
     dev: &KernelDevice,
-    x: &mut Buf<Bf>,
+    x: impl Into<DevSlice<'a, Bf>>,
     c: usize,
-    gamma: &Buf<f32>,
+    gamma: impl Into<DevSlice<'a, f32>>,
     silu: bool,
 ) -> Result<()> {
+    let x = x.into();
+    let gamma = gamma.into();
     const K: &str = "channel_rms_silu_bf16";
     let (rows, grid) = rows_of(x.len(), c, K)?;
     if gamma.len() != c {
@@ -192,15 +212,17 @@ pub fn channel_rms_silu_bf16(
 
 /// x += (y + bias)·gate[row / rows_per_group] on [rows, d] bf16. The bf16 twin of
 /// [`crate::cpu::residual_add`].
-pub fn residual_gate_bf16(
+pub fn residual_gate_bf16<'a>(
     dev: &KernelDevice,
-    x: &mut Buf<Bf>,
-    y: &Buf<Bf>,
+    x: impl Into<DevSlice<'a, Bf>>,
+    y: impl Into<DevSlice<'a, Bf>>,
     d: usize,
-    bias: Option<&Buf<f32>>,
-    gate: Option<&Buf<f32>>,
+    bias: Option<DevSlice<'a, f32>>,
+    gate: Option<DevSlice<'a, f32>>,
     rows_per_group: usize,
 ) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
     const K: &str = "residual_gate_bf16";
     let (rows, _) = rows_of(x.len(), d, K)?;
     let groups = rows.div_ceil(rows_per_group.max(1));
@@ -226,7 +248,13 @@ pub fn residual_gate_bf16(
 }
 
 /// y = gelu_tanh(x) on bf16.
-pub fn gelu_tanh_bf16(dev: &KernelDevice, x: &Buf<Bf>, y: &mut Buf<Bf>) -> Result<()> {
+pub fn gelu_tanh_bf16<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, Bf>>,
+    y: impl Into<DevSlice<'a, Bf>>,
+) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
     const K: &str = "gelu_tanh_bf16";
     same_len(K, x.len(), y.len())?;
     let mut a = GeluBf16Args {

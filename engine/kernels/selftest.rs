@@ -4,7 +4,8 @@
 //! (tools/gpu-check.sh) requires the hardware and the emulator to agree bit for bit.
 
 use super::{
-    grid_for, kernels, len_i32, same_len, Buf, DevPtr, Kernel, KernelArgs, KernelDevice, Launch,
+    grid_for, kernels, len_i32, same_len, Buf, DevPtr, DevSlice, Kernel, KernelArgs, KernelDevice,
+    Launch,
 };
 use crate::error::{Error, Result};
 
@@ -26,12 +27,14 @@ pub const WARP_OPS_OUTPUTS: usize = 12;
 
 /// The warp-operation self-test (kernels/selftest.cu): x has one int per thread, in
 /// blocks of `block` threads (a multiple of 32, at most 1024); out gets 12 ints per thread.
-pub fn warp_ops_selftest(
+pub fn warp_ops_selftest<'a>(
     dev: &KernelDevice,
-    x: &Buf<i32>,
-    out: &mut Buf<i32>,
+    x: impl Into<DevSlice<'a, i32>>,
+    out: impl Into<DevSlice<'a, i32>>,
     block: usize,
 ) -> Result<()> {
+    let x = x.into();
+    let out = out.into();
     const K: &str = "warp_ops_selftest";
     if block == 0 || block % 32 != 0 || block > 1024 || x.len() % block != 0 || x.is_empty() {
         return Err(Error::invalid(format!(
@@ -58,7 +61,13 @@ pub const WARP_MASKS_OUTPUTS: usize = 5;
 
 /// Warp operations on parts of warps (kernels/selftest.cu): one block of 40 threads, x one
 /// int each, out 5 ints each.
-pub fn warp_masks_selftest(dev: &KernelDevice, x: &Buf<i32>, out: &mut Buf<i32>) -> Result<()> {
+pub fn warp_masks_selftest<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, i32>>,
+    out: impl Into<DevSlice<'a, i32>>,
+) -> Result<()> {
+    let x = x.into();
+    let out = out.into();
     one_block(
         dev,
         &WARP_MASKS,
@@ -76,7 +85,13 @@ pub const BARRIER_OUTPUTS: usize = 4;
 
 /// __syncthreads_count/and/or and named barriers (kernels/selftest.cu): one block of 256
 /// threads, x one int each, out 4 ints each.
-pub fn barrier_selftest(dev: &KernelDevice, x: &Buf<i32>, out: &mut Buf<i32>) -> Result<()> {
+pub fn barrier_selftest<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, i32>>,
+    out: impl Into<DevSlice<'a, i32>>,
+) -> Result<()> {
+    let x = x.into();
+    let out = out.into();
     one_block(
         dev,
         &BARRIERS,
@@ -93,8 +108,8 @@ pub fn barrier_selftest(dev: &KernelDevice, x: &Buf<i32>, out: &mut Buf<i32>) ->
 fn one_block<A: KernelArgs>(
     dev: &KernelDevice,
     k: &Kernel<A>,
-    x: &Buf<i32>,
-    out: &mut Buf<i32>,
+    x: DevSlice<'_, i32>,
+    out: DevSlice<'_, i32>,
     threads: usize,
     outputs: usize,
     args: impl FnOnce(DevPtr, DevPtr) -> A,
@@ -116,14 +131,16 @@ pub const CP_ASYNC_FLOATS: usize = 512;
 /// cp.async in its 16-, 8- and 4-byte and zero-fill forms (kernels/selftest.cu): `groups`
 /// (1..=4) groups from src (512 floats, 16-byte aligned), then a wait for all but `wait`
 /// (0..=3) of them; out gets each of the 32 lanes' view of the staging area (32 × 512).
-pub fn cp_async_selftest(
+pub fn cp_async_selftest<'a>(
     dev: &KernelDevice,
-    src: &Buf<f32>,
-    out: &mut Buf<f32>,
+    src: impl Into<DevSlice<'a, f32>>,
+    out: impl Into<DevSlice<'a, f32>>,
     groups: usize,
     wait: usize,
     zfill: usize,
 ) -> Result<()> {
+    let src = src.into();
+    let out = out.into();
     const K: &str = "cp_async_selftest";
     if !(1..=4).contains(&groups) || wait > 3 || zfill > 16 {
         return Err(Error::invalid(format!(
@@ -162,12 +179,13 @@ pub struct MmaOperands<'a> {
 /// The tensor-core self-test: d = A·B + C through mma_m16n8k16_bf16 with fragments loaded
 /// in `mode` 0..=3 (see kernels/selftest.cu); mode 4 omits the cp.async wait on purpose and
 /// runs on emu only.
-pub fn mma_selftest(
+pub fn mma_selftest<'a>(
     dev: &KernelDevice,
     ops: &MmaOperands<'_>,
-    d: &mut Buf<f32>,
+    d: impl Into<DevSlice<'a, f32>>,
     mode: i32,
 ) -> Result<()> {
+    let d = d.into();
     const K: &str = "mma_selftest";
     if ![ops.a.len(), ops.at.len()].iter().all(|&n| n == 256)
         || ![ops.bt.len(), ops.b.len(), ops.c.len(), d.len()]
@@ -205,12 +223,15 @@ pub fn mma_selftest(
 }
 
 /// The f16 self-test: h = x rounded to f16, back = h as f32.
-pub fn f16_roundtrip_selftest(
+pub fn f16_roundtrip_selftest<'a>(
     dev: &KernelDevice,
-    x: &Buf<f32>,
-    h: &mut Buf<half::f16>,
-    back: &mut Buf<f32>,
+    x: impl Into<DevSlice<'a, f32>>,
+    h: impl Into<DevSlice<'a, half::f16>>,
+    back: impl Into<DevSlice<'a, f32>>,
 ) -> Result<()> {
+    let x = x.into();
+    let h = h.into();
+    let back = back.into();
     const K: &str = "f16_roundtrip_selftest";
     same_len(K, x.len(), h.len())?;
     same_len(K, x.len(), back.len())?;
@@ -226,13 +247,17 @@ pub fn f16_roundtrip_selftest(
 
 /// Vector types and bf16 pairs: x holds float4s (4n floats, 16-byte aligned); y gets 2n bf16
 /// pairs (4n bf16), back the pairs as floats (4n), bits n ints (see kernels/selftest.cu).
-pub fn vector_types_selftest(
+pub fn vector_types_selftest<'a>(
     dev: &KernelDevice,
-    x: &Buf<f32>,
-    y: &mut Buf<Bf>,
-    back: &mut Buf<f32>,
-    bits: &mut Buf<i32>,
+    x: impl Into<DevSlice<'a, f32>>,
+    y: impl Into<DevSlice<'a, Bf>>,
+    back: impl Into<DevSlice<'a, f32>>,
+    bits: impl Into<DevSlice<'a, i32>>,
 ) -> Result<()> {
+    let x = x.into();
+    let y = y.into();
+    let back = back.into();
+    let bits = bits.into();
     const K: &str = "vector_types_selftest";
     let n4 = x.len() / 4;
     if x.len() % 4 != 0 || y.len() != x.len() || back.len() != x.len() || bits.len() != n4 {

@@ -199,8 +199,8 @@ fn rms_norm_rope_bf16_matches_cpu() {
             let dv = dev();
             let (cos, sin) = (up(&dv, &rope.cos), up(&dv, &rope.sin));
             let rb = with_rope.then_some(k::Rope {
-                cos: &cos,
-                sin: &sin,
+                cos: cos.slice(),
+                sin: sin.slice(),
                 head_dim: rope.head_dim,
                 tokens: rope.tokens,
             });
@@ -209,7 +209,7 @@ fn rms_norm_rope_bf16_matches_cpu() {
                 &dv,
                 &mut gb,
                 d,
-                Some(&up(&dv, &bias)),
+                Some(up(&dv, &bias).slice()),
                 &up(&dv, &w),
                 1e-6,
                 rb,
@@ -261,8 +261,16 @@ fn residual_gate_and_gelu_bf16_match_cpu() {
         let dv = dev();
         let (bb, gg) = (b.map(|v| up(&dv, v)), g.map(|v| up(&dv, v)));
         let mut gb = up(&dv, &x);
-        k::residual_gate_bf16(&dv, &mut gb, &up(&dv, &y), d, bb.as_ref(), gg.as_ref(), per)
-            .unwrap();
+        k::residual_gate_bf16(
+            &dv,
+            &mut gb,
+            &up(&dv, &y),
+            d,
+            k::opt(bb.as_ref()),
+            k::opt(gg.as_ref()),
+            per,
+        )
+        .unwrap();
         let got = down(&gb);
         let mut want = f32s(&x);
         reel::cpu::residual_add(&mut want, &f32s(&y), d, b, g, per);

@@ -148,7 +148,7 @@ impl Case {
                     (&kb, view(self.lk)),
                     (&vb, view(self.lk)),
                     (&mut ob, view(self.lq)),
-                    Some(&mut lse),
+                    Some(lse.slice()),
                     shape,
                 )
                 .unwrap_or_else(|e| panic!("{self:?}: {e}"));
@@ -177,7 +177,7 @@ impl Case {
                     (&qkv, AttnView::packed(w, 3 * w, l)),
                     (&qkv, AttnView::packed(2 * w, 3 * w, l)),
                     (&mut ob, AttnView::packed(0, ow, l)),
-                    Some(&mut lse),
+                    Some(lse.slice()),
                     shape,
                 )
                 .unwrap_or_else(|e| panic!("{self:?}: {e}"));

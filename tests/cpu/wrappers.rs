@@ -277,6 +277,7 @@ fn an_sm90a_only_module_runs_on_hopper_and_is_refused_elsewhere() {
         KernelDevice::Cuda(c) if c.compute_capability() == (9, 0) => {
             assert_eq!(k::probe::arch_probe(&d).unwrap(), 900)
         }
+        KernelDevice::Measure(_) => unreachable!("REEL_TEST_DEVICE names emu or cuda"),
         KernelDevice::Cuda(c) => {
             let e = k::probe::arch_probe(&d).unwrap_err().to_string();
             assert!(e.contains("probe.sm90.cu") && e.contains("no code"), "{e}");
