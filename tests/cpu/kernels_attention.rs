@@ -130,7 +130,7 @@ impl Case {
             scale: self.scale(),
         };
         let poison = bf16::from_bits(0x7fc1);
-        let mut lse = Buf::filled(d, self.batch * self.heads * self.lq, f32::NAN).unwrap();
+        let lse = Buf::filled(d, self.batch * self.heads * self.lq, f32::NAN).unwrap();
         match self.layout {
             Layout::Separate | Layout::Offset => {
                 let off = if self.layout == Layout::Offset { 2 } else { 0 };
