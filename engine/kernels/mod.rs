@@ -25,11 +25,13 @@ use crate::error::{Error, Result};
 pub mod attention;
 pub mod elementwise;
 pub mod emu_checks;
+pub mod gemm;
 mod mem;
 pub mod norm;
 pub mod probe;
 pub mod selftest;
 
+pub use self::gemm::{gemm, Act};
 pub use attention::{flash_attention, AttnView, FlashShape};
 pub use elementwise::*;
 pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, ALIGN};
@@ -645,6 +647,7 @@ pub fn param_layouts() -> Vec<KernelLayout> {
     let all: Vec<&dyn AnyKernel> = [
         attention::ALL,
         elementwise::ALL,
+        self::gemm::ALL,
         norm::ALL,
         selftest::ALL,
         emu_checks::ALL,

@@ -417,6 +417,83 @@ fn nvcc_build_has_sm90a_code_and_no_spills() {
     }
 }
 
+/// Static checks of a tensor-core kernel file: in ptxas's report, `entries` functions named
+/// `prefix`… with no stack frame and no spills; in the SASS of `sass_kernels` (cuobjdump +
+/// nvdisasm of the build's toolchain; skipped where they are absent, as on the GPU machine),
+/// HMMA, LDSM and LDGSTS for sm_90a and sm_80.
+pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: &[&str]) {
+    let Some(f) = FATBINS.iter().find(|f| f.stem == stem) else {
+        eprintln!("no nvcc in this build: static checks skipped");
+        return;
+    };
+    // ptxas: every variant, every target, no stack frame and no spills.
+    let report = f.ptxas_report;
+    let mut seen = 0;
+    let lines: Vec<&str> = report.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(name) = l.split("Function properties for ").nth(1) {
+            if name.starts_with(prefix) {
+                seen += 1;
+                assert!(
+                    lines[i + 1]
+                        .contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
+                    "{name}: {}",
+                    lines[i + 1]
+                );
+            }
+        }
+    }
+    assert_eq!(seen, entries, "{stem}: functions in the ptxas report");
+    // SASS: the tensor-core instructions are there (cuobjdump runs nvdisasm, both from the
+    // build's toolchain; absent on the GPU machine, where this part is skipped).
+    let cuobjdump = std::path::Path::new(env!("REEL_CUOBJDUMP"));
+    let tools = cuobjdump.parent().unwrap();
+    if !cuobjdump.is_file() || !tools.join("nvdisasm").is_file() {
+        assert!(
+            std::env::var("REEL_REQUIRE_NVCC").as_deref() != Ok("1"),
+            "REEL_REQUIRE_NVCC=1 but {} or nvdisasm beside it is missing",
+            cuobjdump.display()
+        );
+        eprintln!("cuobjdump/nvdisasm of the build are not here: SASS checks skipped");
+        return;
+    }
+    let path = crate::scratch(&format!("{stem}-sass")).join(format!("{stem}.fatbin"));
+    std::fs::write(&path, f.image).unwrap();
+    let path_var = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for &name in sass_kernels {
+        let o = std::process::Command::new(cuobjdump)
+            .args(["--dump-sass", "--function", name])
+            .arg(&path)
+            .env("PATH", &path_var)
+            .output()
+            .unwrap();
+        let sass = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for arch in ["sm_90a", "sm_80"] {
+            // The ELF's section (the PTX of compute_80 has an "arch = sm_80" header too).
+            let section = sass
+                .split("arch = ")
+                .find(|s| s.starts_with(arch) && s.contains(&format!("code for {arch}")))
+                .unwrap_or_else(|| panic!("{name}: no {arch} SASS"));
+            let hmma = section.matches("HMMA.16816.F32.BF16").count();
+            let ldsm = section.matches("LDSM.16.M").count();
+            let async_copies = section.matches("LDGSTS").count();
+            assert!(
+                hmma >= 16 && ldsm > 0 && async_copies > 0,
+                "{name} on {arch}: {hmma} HMMA, {ldsm} LDSM, {async_copies} LDGSTS"
+            );
+        }
+    }
+}
+
 #[test]
 fn cuda_device_without_a_driver_is_a_clear_error() {
     if reel::cuda::driver_present() && !FATBINS.is_empty() {

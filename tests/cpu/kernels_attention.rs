@@ -503,81 +503,17 @@ fn golden_dits_with_flash_attention_match_diffusers() {
 
 #[test]
 fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
-    let Some(f) = k::FATBINS.iter().find(|f| f.stem == "attention") else {
-        eprintln!("no nvcc in this build: static checks skipped");
-        return;
-    };
-    // ptxas: every variant, every target, no stack frame and no spills.
-    let report = f.ptxas_report;
-    let mut seen = 0;
-    let lines: Vec<&str> = report.lines().collect();
-    for (i, l) in lines.iter().enumerate() {
-        if let Some(name) = l.split("Function properties for ").nth(1) {
-            if name.starts_with("flash_attn_") {
-                seen += 1;
-                assert!(
-                    lines[i + 1]
-                        .contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
-                    "{name}: {}",
-                    lines[i + 1]
-                );
-            }
-        }
-    }
-    assert_eq!(seen, 16, "8 variants × 2 targets in the ptxas report");
-    // SASS: the tensor-core instructions are there (cuobjdump runs nvdisasm, both from the
-    // build's toolchain; absent on the GPU machine, where this part is skipped).
-    let cuobjdump = std::path::Path::new(env!("REEL_CUOBJDUMP"));
-    let tools = cuobjdump.parent().unwrap();
-    if !cuobjdump.is_file() || !tools.join("nvdisasm").is_file() {
-        assert!(
-            std::env::var("REEL_REQUIRE_NVCC").as_deref() != Ok("1"),
-            "REEL_REQUIRE_NVCC=1 but {} or nvdisasm beside it is missing",
-            cuobjdump.display()
-        );
-        eprintln!("cuobjdump/nvdisasm of the build are not here: SASS checks skipped");
-        return;
-    }
-    let path = crate::scratch("attention-sass").join("attention.fatbin");
-    std::fs::write(&path, f.image).unwrap();
-    let path_var = format!(
-        "{}:{}",
-        tools.display(),
-        std::env::var("PATH").unwrap_or_default()
+    crate::kernels::tensor_core_code(
+        "attention",
+        "flash_attn_",
+        16, // 8 variants × 2 targets
+        &[
+            "flash_attn_hd128_bn64",
+            "flash_attn_hd128_bn32",
+            "flash_attn_hd64_bn128",
+            "flash_attn_any_hd32",
+        ],
     );
-    for name in [
-        "flash_attn_hd128_bn64",
-        "flash_attn_hd128_bn32",
-        "flash_attn_hd64_bn128",
-        "flash_attn_any_hd32",
-    ] {
-        let o = std::process::Command::new(cuobjdump)
-            .args(["--dump-sass", "--function", name])
-            .arg(&path)
-            .env("PATH", &path_var)
-            .output()
-            .unwrap();
-        let sass = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        for arch in ["sm_90a", "sm_80"] {
-            // The ELF's section (the PTX of compute_80 has an "arch = sm_80" header too).
-            let section = sass
-                .split("arch = ")
-                .find(|s| s.starts_with(arch) && s.contains(&format!("code for {arch}")))
-                .unwrap_or_else(|| panic!("{name}: no {arch} SASS"));
-            let hmma = section.matches("HMMA.16816.F32.BF16").count();
-            let ldsm = section.matches("LDSM.16.M").count();
-            let async_copies = section.matches("LDGSTS").count();
-            assert!(
-                hmma >= 16 && ldsm > 0 && async_copies > 0,
-                "{name} on {arch}: {hmma} HMMA, {ldsm} LDSM, {async_copies} LDGSTS"
-            );
-        }
-    }
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod emu;
 mod generate;
 mod kernels;
 mod kernels_attention;
+mod kernels_gemm;
 mod pipeline;
 mod serve;
 mod text;
