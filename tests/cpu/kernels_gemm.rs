@@ -234,7 +234,7 @@ fn gemm_under_shuffled_schedules() {
 #[test]
 fn gemm_rejects_what_it_cannot_run() {
     let d = dev();
-    let a = up(&d, &vec![bf16::ZERO; 64]);
+    let a = up(&d, &[bf16::ZERO; 64]);
     let c: Buf<f32> = Buf::filled(&d, 64, 0.0).unwrap();
     let run = |m, n, kk, lda| {
         k::gemm(
