@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod generate;
+pub mod gpu;
 pub mod inspect;
 pub mod io;
 pub mod kernel_bench;

@@ -220,6 +220,20 @@ impl Recorder {
             .push((what, buffers));
     }
 
+    /// Launches (and other uses) recorded so far.
+    pub fn len(&self) -> usize {
+        self.launches.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The architecture whose limits launches are checked against.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
     /// The launches so far, in order.
     pub fn take(&self) -> Vec<(&'static str, Vec<u32>)> {
         std::mem::take(&mut *self.launches.lock().unwrap_or_else(|p| p.into_inner()))
