@@ -68,11 +68,11 @@ REEL_EMU_EXPORT(f32_to_bf16)
 extern "C" __global__ void rms_norm_rope_bf16(bf16* __restrict__ x, const float* __restrict__ bias,
                                               const float* __restrict__ weight, const float* __restrict__ cos_t,
                                               const float* __restrict__ sin_t, int rows, int d, int head_dim,
-                                              int tokens, float eps) {
+                                              int tokens, float eps, long long row_stride) {
   REEL_SHARED(float, red, [32]);
   int row = blockIdx.x;
   if (row >= rows) return;
-  bf16* xr = x + (size_t)row * d;
+  bf16* xr = x + row * row_stride;
   float q = 0.0f;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float v = __bfloat162float(xr[i]) + (bias ? bias[i] : 0.0f);

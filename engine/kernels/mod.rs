@@ -23,6 +23,7 @@ use crate::cuda::Cuda;
 use crate::error::{Error, Result};
 
 pub mod attention;
+pub mod dit;
 pub mod elementwise;
 pub mod emu_checks;
 pub mod gemm;
@@ -660,6 +661,7 @@ pub struct KernelLayout {
 pub fn param_layouts() -> Vec<KernelLayout> {
     let all: Vec<&dyn AnyKernel> = [
         attention::ALL,
+        dit::ALL,
         elementwise::ALL,
         self::gemm::ALL,
         norm::ALL,

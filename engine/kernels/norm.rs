@@ -20,7 +20,7 @@ kernels! {
     /// QK RMSNorm across heads + bias + 3D RoPE, in place, one block per row.
     RMS_ROPE = rms_norm_rope_bf16(RmsRopeArgs {
         x: DevPtr, bias: DevPtr, weight: DevPtr, cos_t: DevPtr, sin_t: DevPtr,
-        rows: i32, d: i32, head_dim: i32, tokens: i32, eps: f32,
+        rows: i32, d: i32, head_dim: i32, tokens: i32, eps: f32, row_stride: i64,
     });
     /// The VAE's channel RMS norm (+ SiLU), in place, one block per row.
     CHANNEL_RMS = channel_rms_silu_bf16(ChannelRmsArgs { x: DevPtr, gamma: DevPtr, rows: i32, c: i32, silu: i32 });
@@ -136,9 +136,32 @@ pub fn rms_norm_rope_bf16<'a>(
     rope: Option<Rope<'_>>,
 ) -> Result<()> {
     let x = x.into();
+    let (rows, _) = rows_of(x.len(), d, "rms_norm_rope_bf16")?;
+    rms_norm_rope_rows_bf16(dev, x, (rows, d, d), bias, weight, eps, rope)
+}
+
+/// [`rms_norm_rope_bf16`] on `rows` rows of `d` at a row stride (Q or K inside a fused QKV
+/// buffer: stride 3·D): `shape` = (rows, d, row_stride).
+pub fn rms_norm_rope_rows_bf16<'a>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, Bf>>,
+    (rows, d, row_stride): (usize, usize, usize),
+    bias: Option<DevSlice<'a, f32>>,
+    weight: impl Into<DevSlice<'a, f32>>,
+    eps: f32,
+    rope: Option<Rope<'_>>,
+) -> Result<()> {
+    let x = x.into();
     let weight = weight.into();
     const K: &str = "rms_norm_rope_bf16";
-    let (rows, grid) = rows_of(x.len(), d, K)?;
+    if d == 0 || rows == 0 || row_stride < d || (rows - 1) * row_stride + d > x.len() {
+        return Err(Error::invalid(format!(
+            "{K}: {rows} rows of {d} at stride {row_stride} do not fit {} elements",
+            x.len()
+        )));
+    }
+    let grid =
+        u32::try_from(rows).map_err(|_| Error::invalid(format!("{K}: too many rows")))?;
     if weight.len() != d || bias.is_some_and(|b| b.len() != d) || d % 2 != 0 {
         return Err(Error::invalid(format!(
             "{K}: weight/bias must have {d} (even) entries"
@@ -177,9 +200,10 @@ pub fn rms_norm_rope_bf16<'a>(
         head_dim: len_i32(hd, "head_dim")?,
         tokens: len_i32(tokens, "tokens")?,
         eps,
+        row_stride: row_stride as i64,
     };
-    // SAFETY: x holds rows·d elements, weight/bias d, the tables tokens·head_dim/2 (all
-    // checked above); one block per row touches that row only.
+    // SAFETY: x holds (rows − 1)·row_stride + d elements, weight/bias d, the tables
+    // tokens·head_dim/2 (all checked above); one block per row touches that row only.
     unsafe { dev.launch(&RMS_ROPE, Launch::x(grid, row_block(d / 2)), &mut a) }
 }
 

@@ -8,20 +8,25 @@
 //!
 //! Precision, as diffusers: everything in f32 here; the modulation vectors
 //! (scale_shift_table + time projection) and the norms are f32 in diffusers too, and the
-//! RoPE tables are computed in f64 and rounded to f32 (see [`cpu::wan_rope_tables`]).
+//! RoPE tables are computed in f64 and rounded to f32 (see [`crate::cpu::wan_rope_tables`]).
 //! Weights stay in the memory map: F32 ones are used in place, BF16/F16 ones are converted
 //! for one layer at a time while that layer runs.
+//!
+//! The two forwards sit side by side: `cpu.rs` (the f32 reference) and `gpu.rs` (the device
+//! forward on a kernel device, through the GPU runtime).
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::{self, AttnShape, RopeTables};
 use crate::error::{Error, Result};
 use crate::models::{read_json, resolve_component};
-use crate::tensor::Tensor;
 use crate::weights::{TensorEntry, WeightStore};
+
+mod cpu;
+pub mod gpu;
+
+pub use cpu::AttentionFn;
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
 
@@ -403,33 +408,6 @@ impl WanDit {
         &self.dir
     }
 
-    fn w(&self, e: &TensorEntry) -> Result<Cow<'_, [f32]>> {
-        Ok(self.store.f32(e)?)
-    }
-
-    /// out[m, n_out] = x[m, n_in] · Wᵀ (+ bias when `with_bias`).
-    fn linear(
-        &self,
-        l: &Linear,
-        x: &[f32],
-        m: usize,
-        out: &mut [f32],
-        with_bias: bool,
-    ) -> Result<()> {
-        let w = self.w(&l.w)?;
-        let b = if with_bias { Some(self.w(&l.b)?) } else { None };
-        cpu::linear(
-            x,
-            &w,
-            b.as_deref(),
-            m,
-            l.n_in,
-            l.n_out,
-            &mut out[..m * l.n_out],
-        );
-        Ok(())
-    }
-
     /// Checks the inputs of [`forward`](Self::forward) and returns (B, post-patch grid).
     pub fn check_inputs(
         &self,
@@ -484,249 +462,6 @@ impl WanDit {
         Ok((b, grid))
     }
 
-    /// One forward pass. x: [B, C_in, T, H, W] latents; timestep: [B]; text: [B, Lt, text_dim]
-    /// prompt embeddings (zero-padded rows included: they are attended, as in diffusers).
-    /// Returns the flow prediction [B, C_out, T, H, W].
-    pub fn forward(&self, x: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
-        self.forward_with_attention(x, timestep, text, &mut |q, k, v, o, s| {
-            cpu::attention(q, k, v, o, s);
-            Ok(())
-        })
-    }
-
-    /// [`forward`](Self::forward) with every self- and cross-attention computed by `attn`
-    /// (q, k, v, out, shape: the arguments of [`cpu::attention`]), so a device's attention
-    /// kernel can run inside the f32 reference and be checked against the golden data.
-    pub fn forward_with_attention(
-        &self,
-        x: &Tensor,
-        timestep: &Tensor,
-        text: &Tensor,
-        attn: &mut AttentionFn<'_>,
-    ) -> Result<Tensor> {
-        let (batch, grid) = self.check_inputs(x.shape(), timestep.shape(), text.shape())?;
-        let c = &self.config;
-        let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
-        let eps = c.eps as f32;
-        let l = grid.iter().product::<usize>();
-        let lt = text.shape()[1];
-        let (bl, blt) = (batch * l, batch * lt);
-        let s = x.shape();
-        let rope = cpu::wan_rope_tables(hd, grid[0], grid[1], grid[2], 10000.0);
-
-        // Patch embedding: a Conv3d with stride = kernel is im2col + linear.
-        let cols = cpu::patchify(x.data(), batch, s[1], s[2], s[3], s[4], c.patch_size); // [B·L, C·pt·ph·pw]
-        let mut h = vec![0.0f32; bl * d]; // [B·L, D] the residual stream
-        self.linear(&self.layers.patch, &cols, bl, &mut h, true)?;
-        drop(cols);
-
-        // Condition embedder. temb: [B, D]; tproj: [B, 6D]; ctx: [B·Lt, D].
-        let t_freq = cpu::timestep_embedding(timestep.data(), c.freq_dim, true, 0.0, 10000.0);
-        let mut t1 = vec![0.0f32; batch * d];
-        self.linear(&self.layers.time_1, &t_freq, batch, &mut t1, true)?;
-        cpu::silu(&mut t1);
-        let mut temb = vec![0.0f32; batch * d];
-        self.linear(&self.layers.time_2, &t1, batch, &mut temb, true)?;
-        let mut temb_act = temb.clone();
-        cpu::silu(&mut temb_act);
-        let mut tproj = vec![0.0f32; batch * 6 * d];
-        self.linear(&self.layers.time_proj, &temb_act, batch, &mut tproj, true)?;
-        let mut ctx1 = vec![0.0f32; blt * d];
-        self.linear(&self.layers.text_1, text.data(), blt, &mut ctx1, false)?;
-        cpu::bias_gelu(&mut ctx1, &self.w(&self.layers.text_1.b)?);
-        let mut ctx = vec![0.0f32; blt * d];
-        self.linear(&self.layers.text_2, &ctx1, blt, &mut ctx, true)?;
-        drop(ctx1);
-
-        let mut bufs = Buffers::new(bl, blt, d, f);
-        for block in &self.layers.blocks {
-            self.block(
-                block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps, attn,
-            )?;
-        }
-
-        // Output head: LN(h)·(1 + scale) + shift with (shift, scale) = table + temb (not the
-        // projection), then proj_out and unpatchify.
-        let table = self.w(&self.layers.scale_shift_table)?; // [2, D]
-        let mut mul = vec![0.0f32; batch * d];
-        let mut add = vec![0.0f32; batch * d];
-        for b in 0..batch {
-            for i in 0..d {
-                add[b * d + i] = table[i] + temb[b * d + i];
-                mul[b * d + i] = 1.0 + (table[d + i] + temb[b * d + i]);
-            }
-        }
-        cpu::layer_norm(&h, &mut bufs.n, d, eps, Some(&mul), Some(&add), l);
-        let out_f = self.layers.proj_out.n_out;
-        let mut y = vec![0.0f32; bl * out_f];
-        self.linear(&self.layers.proj_out, &bufs.n, bl, &mut y, true)?;
-        let out = cpu::unpatchify(&y, batch, c.out_channels(), grid, c.patch_size);
-        Tensor::new(vec![batch, c.out_channels(), s[2], s[3], s[4]], out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        blk: &Block,
-        h: &mut [f32],
-        ctx: &[f32],
-        tproj: &[f32],
-        rope: &RopeTables,
-        bufs: &mut Buffers,
-        batch: usize,
-        l: usize,
-        lt: usize,
-        eps: f32,
-        attn: &mut AttentionFn<'_>,
-    ) -> Result<()> {
-        let c = &self.config;
-        let (d, heads, hd) = (c.inner_dim(), c.num_attention_heads, c.attention_head_dim);
-        let (bl, blt) = (batch * l, batch * lt);
-        let Buffers {
-            n,
-            q,
-            k,
-            v,
-            o,
-            y,
-            ff,
-            kc,
-            vc,
-        } = bufs;
-
-        // Modulation in f32, as diffusers: row j of (table + tproj[b]) for every sample b,
-        // each [B, D]; the scale rows (1 and 4) become 1 + scale, rounded after the sum as
-        // torch rounds `1 + scale_msa`.
-        let table = self.w(&blk.scale_shift_table)?; // [6, D]
-        let modulation = |j: usize| -> Vec<f32> {
-            let mut out = Vec::with_capacity(batch * d);
-            for b in 0..batch {
-                let t = &tproj[b * 6 * d + j * d..b * 6 * d + (j + 1) * d];
-                out.extend(table[j * d..(j + 1) * d].iter().zip(t).map(|(&s, &p)| {
-                    let v = s + p;
-                    if j == 1 || j == 4 {
-                        1.0 + v
-                    } else {
-                        v
-                    }
-                }));
-            }
-            out
-        };
-        let (shift1, mul1, gate1) = (modulation(0), modulation(1), modulation(2));
-        let (shift2, mul2, gate2) = (modulation(3), modulation(4), modulation(5));
-
-        // 1. Self-attention: LN(h)·(1+scale)+shift → q, k, v; RMSNorm(q), RMSNorm(k) across
-        //    heads then RoPE; attention; h += (o·Woᵀ + b)·gate.
-        cpu::layer_norm(h, n, d, eps, Some(&mul1), Some(&shift1), l);
-        let a = &blk.attn1;
-        self.linear(&a.q, n, bl, q, false)?;
-        self.linear(&a.k, n, bl, k, false)?;
-        self.linear(&a.v, n, bl, v, true)?;
-        cpu::rms_norm_rope(
-            q,
-            d,
-            Some(&self.w(&a.q.b)?),
-            &self.w(&a.norm_q)?,
-            eps,
-            Some(rope),
-        );
-        cpu::rms_norm_rope(
-            k,
-            d,
-            Some(&self.w(&a.k.b)?),
-            &self.w(&a.norm_k)?,
-            eps,
-            Some(rope),
-        );
-        let shape = AttnShape {
-            batch,
-            heads,
-            head_dim: hd,
-            lq: l,
-            lk: l,
-            q_stride: d,
-            kv_stride: d,
-            out_stride: d,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
-        attn(q, k, v, o, shape)?;
-        self.linear(&a.o, o, bl, y, false)?;
-        cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), Some(&gate1), l);
-
-        // 2. Cross-attention to the text: norm2 (affine LayerNorm, no modulation) or identity;
-        //    RMSNorm on q and k, no RoPE; h += o·Woᵀ + b (no gate).
-        let a = &blk.attn2;
-        match &blk.norm2 {
-            Some((w, b)) => cpu::layer_norm(
-                h,
-                n,
-                d,
-                eps,
-                Some(&self.w(w)?),
-                Some(&self.w(b)?),
-                usize::MAX,
-            ),
-            None => n.copy_from_slice(h),
-        }
-        self.linear(&a.q, n, bl, q, false)?;
-        self.linear(&a.k, ctx, blt, kc, false)?;
-        self.linear(&a.v, ctx, blt, vc, true)?;
-        cpu::rms_norm_rope(q, d, Some(&self.w(&a.q.b)?), &self.w(&a.norm_q)?, eps, None);
-        cpu::rms_norm_rope(
-            kc,
-            d,
-            Some(&self.w(&a.k.b)?),
-            &self.w(&a.norm_k)?,
-            eps,
-            None,
-        );
-        attn(q, kc, vc, o, AttnShape { lk: lt, ..shape })?;
-        self.linear(&a.o, o, bl, y, false)?;
-        cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), None, l);
-
-        // 3. FFN: LN(h)·(1+c_scale)+c_shift → GELU-tanh(·W1ᵀ + b1) → ·W2ᵀ; h += (· + b2)·c_gate.
-        cpu::layer_norm(h, n, d, eps, Some(&mul2), Some(&shift2), l);
-        self.linear(&blk.ffn_up, n, bl, ff, false)?;
-        cpu::bias_gelu(ff, &self.w(&blk.ffn_up.b)?);
-        self.linear(&blk.ffn_down, ff, bl, y, false)?;
-        cpu::residual_add(h, y, d, Some(&self.w(&blk.ffn_down.b)?), Some(&gate2), l);
-        Ok(())
-    }
-}
-
-/// An attention implementation: (q, k, v, out, shape) as [`cpu::attention`] takes them.
-pub type AttentionFn<'a> =
-    dyn FnMut(&[f32], &[f32], &[f32], &mut [f32], AttnShape) -> Result<()> + 'a;
-
-/// Activations reused by every block (llm.c style: allocated once per forward).
-struct Buffers {
-    n: Vec<f32>,  // [B·L, D] normalised input of the current sub-layer
-    q: Vec<f32>,  // [B·L, D]
-    k: Vec<f32>,  // [B·L, D]
-    v: Vec<f32>,  // [B·L, D]
-    o: Vec<f32>,  // [B·L, D] attention output
-    y: Vec<f32>,  // [B·L, D] projection output before the residual
-    ff: Vec<f32>, // [B·L, F] FFN hidden
-    kc: Vec<f32>, // [B·Lt, D] cross-attention keys
-    vc: Vec<f32>, // [B·Lt, D] cross-attention values
-}
-
-impl Buffers {
-    fn new(bl: usize, blt: usize, d: usize, f: usize) -> Self {
-        let z = |n: usize| vec![0.0f32; n];
-        Buffers {
-            n: z(bl * d),
-            q: z(bl * d),
-            k: z(bl * d),
-            v: z(bl * d),
-            o: z(bl * d),
-            y: z(bl * d),
-            ff: z(bl * f),
-            kc: z(blt * d),
-            vc: z(blt * d),
-        }
-    }
 }
 
 /// Writes a WanTransformer3DModel folder with deterministic random weights for `config`
