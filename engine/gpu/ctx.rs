@@ -45,7 +45,11 @@ impl<T> Copy for View<T> {}
 
 impl<T> std::fmt::Debug for View<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "View(buffer {}, {}..+{})", self.id, self.offset, self.len)
+        write!(
+            f,
+            "View(buffer {}, {}..+{})",
+            self.id, self.offset, self.len
+        )
     }
 }
 
@@ -226,7 +230,8 @@ impl Ctx {
             State::Running {
                 arena, persistent, ..
             } => {
-                arena.as_ref().map_or(0, |m| m.bytes()) + persistent.as_ref().map_or(0, |m| m.bytes())
+                arena.as_ref().map_or(0, |m| m.bytes())
+                    + persistent.as_ref().map_or(0, |m| m.bytes())
             }
         }
     }
@@ -256,11 +261,10 @@ impl Ctx {
                 phase,
                 ..
             } => {
-                let p = plan
-                    .phases
-                    .iter()
-                    .position(|p| p == name)
-                    .ok_or_else(|| Error::invalid(format!("phase {name:?} is not in the plan")))?;
+                let p =
+                    plan.phases.iter().position(|p| p == name).ok_or_else(|| {
+                        Error::invalid(format!("phase {name:?} is not in the plan"))
+                    })?;
                 *cursor = plan
                     .buffers
                     .iter()
@@ -458,9 +462,7 @@ impl Ctx {
             } else {
                 (r.created, r.created)
             };
-            if r.kind == Kind::Temp
-                && used
-                && (f < phase_start(r.phase) || l >= phase_end(r.phase))
+            if r.kind == Kind::Temp && used && (f < phase_start(r.phase) || l >= phase_end(r.phase))
             {
                 return Err(Error::invalid(format!(
                     "temporary {} of phase {} is used outside its phase (make it persistent)",
@@ -514,7 +516,9 @@ impl Ctx {
             phase_peaks,
             phases: phases.iter().map(|p| p.0.clone()).collect(),
             persistent_bytes,
-            launches: (0..phases.len()).map(|p| phase_end(p) - phase_start(p)).collect(),
+            launches: (0..phases.len())
+                .map(|p| phase_end(p) - phase_start(p))
+                .collect(),
         })
     }
 }

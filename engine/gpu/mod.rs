@@ -4,5 +4,7 @@
 
 pub mod ctx;
 pub mod plan;
+pub mod weights;
 
 pub use ctx::{Ctx, Kind, MemoryPlan, Planned, View};
+pub use weights::{DeviceWeights, WDtype, WeightSpec};

@@ -124,7 +124,10 @@ mod tests {
             let (offsets, peak) = assign(&bufs);
             for i in 0..n {
                 assert_eq!(offsets[i] % ALIGN, 0);
-                assert!(offsets[i] + bufs[i].bytes <= peak, "seed {seed}: past the arena");
+                assert!(
+                    offsets[i] + bufs[i].bytes <= peak,
+                    "seed {seed}: past the arena"
+                );
                 for j in i + 1..n {
                     if bufs[i].overlaps(&bufs[j]) {
                         let (a0, a1) = (offsets[i], offsets[i] + bufs[i].bytes);

@@ -27,7 +27,8 @@ fn grid_stride(n: usize) -> Launch {
 }
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} does not fit a kernel's int")))
+    i32::try_from(v)
+        .map_err(|_| Error::invalid(format!("{what} = {v} does not fit a kernel's int")))
 }
 
 /// A video [B, C, T, H, W] and its patch (pt, ph, pw).
@@ -85,7 +86,9 @@ pub fn patchify_bf16<'a>(
     const K: &str = "patchify_bf16";
     let (rows, k) = s.check(K)?;
     if x.len() != s.b * s.c * s.t * s.h * s.w || out.len() != rows * k {
-        return Err(Error::invalid(format!("{K}: x or out does not match {s:?}")));
+        return Err(Error::invalid(format!(
+            "{K}: x or out does not match {s:?}"
+        )));
     }
     let [b, c, t, h, w, pt, ph, pw] = s.args()?;
     let mut a = PatchifyArgs {
@@ -115,7 +118,9 @@ pub fn unpatchify_f32<'a>(
     const K: &str = "unpatchify_f32";
     let (rows, k) = s.check(K)?;
     if out.len() != s.b * s.c * s.t * s.h * s.w || y.len() != rows * k {
-        return Err(Error::invalid(format!("{K}: y or out does not match {s:?}")));
+        return Err(Error::invalid(format!(
+            "{K}: y or out does not match {s:?}"
+        )));
     }
     let [b, c, t, h, w, pt, ph, pw] = s.args()?;
     let mut a = UnpatchifyArgs {
@@ -150,7 +155,9 @@ pub fn modulation_f32<'a>(
     const K: &str = "modulation_f32";
     let proj_need = (batch - 1) * proj_stride + (rows - 1) * proj_row + d;
     if rows == 0 || batch == 0 || d == 0 || rows > 31 {
-        return Err(Error::invalid(format!("{K}: rows {rows}, batch {batch}, d {d}")));
+        return Err(Error::invalid(format!(
+            "{K}: rows {rows}, batch {batch}, d {d}"
+        )));
     }
     if table.len() < rows * d || proj.len() < proj_need || out.len() != rows * batch * d {
         return Err(Error::invalid(format!(
@@ -188,7 +195,11 @@ pub fn act_f32_bf16<'a>(
 ) -> Result<()> {
     const K: &str = "act_f32_bf16";
     if x.len() != y.len() {
-        return Err(Error::invalid(format!("{K}: x {} vs y {}", x.len(), y.len())));
+        return Err(Error::invalid(format!(
+            "{K}: x {} vs y {}",
+            x.len(),
+            y.len()
+        )));
     }
     let mut a = ActArgs {
         x: x.addr(dev, K)?,

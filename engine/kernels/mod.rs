@@ -35,6 +35,7 @@ pub mod selftest;
 pub use self::gemm::{gemm, Act};
 pub use attention::{flash_attention, AttnView, FlashShape};
 pub use elementwise::*;
+pub(crate) use mem::MEASURE_KEY;
 pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, ALIGN};
 pub use norm::*;
 pub use selftest::*;
@@ -223,7 +224,10 @@ impl Recorder {
 
     /// Launches (and other uses) recorded so far.
     pub fn len(&self) -> usize {
-        self.launches.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.launches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

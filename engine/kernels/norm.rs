@@ -160,8 +160,7 @@ pub fn rms_norm_rope_rows_bf16<'a>(
             x.len()
         )));
     }
-    let grid =
-        u32::try_from(rows).map_err(|_| Error::invalid(format!("{K}: too many rows")))?;
+    let grid = u32::try_from(rows).map_err(|_| Error::invalid(format!("{K}: too many rows")))?;
     if weight.len() != d || bias.is_some_and(|b| b.len() != d) || d % 2 != 0 {
         return Err(Error::invalid(format!(
             "{K}: weight/bias must have {d} (even) entries"

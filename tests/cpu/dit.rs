@@ -127,3 +127,62 @@ fn dit_cli_binary_runs_component() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent"));
 }
+
+/// Every golden DiT case through the device forward on REEL_TEST_DEVICE (emu by default):
+/// bf16 storage, reel's GEMM and flash attention, within the kernel-device tolerance of
+/// diffusers' float64 output. The session allocates exactly what its plan says.
+#[test]
+fn dit_device_forward_matches_diffusers_on_every_case() {
+    use reel::models::wan_dit::gpu::{DitSession, DitShape};
+    use reel::models::wan_dit::WanDit;
+    let dev = reel::kernels::KernelDevice::from_test_env().unwrap();
+    for (case, model) in [
+        ("dit_odd", ""),
+        ("dit_batch2", "transformer"),
+        ("dit_hd48", "transformer"),
+        ("dit_hd128", ""),
+        ("dit_patch222", "transformer"),
+    ] {
+        let dir = data(case);
+        let dit = WanDit::load(&dir.join(model)).unwrap();
+        let w = dit.upload(&dev).unwrap();
+        let f = TensorFile::open(&dir.join("input.safetensors")).unwrap();
+        let (x, t, ctx) = (
+            f.tensor("hidden_states").unwrap(),
+            f.tensor("timestep").unwrap(),
+            f.tensor("encoder_hidden_states").unwrap(),
+        );
+        let got = dit
+            .forward_on(&dev, &w, &x, &t, &ctx)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let (shape, want) = TensorFile::open(&dir.join("output.safetensors"))
+            .unwrap()
+            .tensor_f64("sample")
+            .unwrap();
+        assert_eq!(got.shape(), &shape[..]);
+        let err = rel_l2(got.data(), &want);
+        eprintln!("{case} on {}: rel L2 {err:.3e}", dev.describe());
+        assert!(err <= 2e-2, "{case}: rel L2 {err:.3e} > 2e-2");
+        // The allocation is the plan's.
+        let s = x.shape();
+        let session = DitSession::new(
+            &dev,
+            &dit.config,
+            DitShape {
+                batch: s[0],
+                frames: s[2],
+                height: s[3],
+                width: s[4],
+                text_len: ctx.shape()[1],
+            },
+        )
+        .unwrap();
+        let p = session.plan();
+        assert_eq!(
+            session.allocated_bytes(),
+            p.arena_bytes + p.persistent_bytes,
+            "{case}"
+        );
+        assert!(p.arena_bytes > 0 && p.persistent_bytes > 0);
+    }
+}

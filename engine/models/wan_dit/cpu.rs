@@ -246,7 +246,6 @@ impl WanDit {
     }
 }
 
-
 /// An attention implementation: (q, k, v, out, shape) as [`cpu::attention`] takes them.
 pub type AttentionFn<'a> =
     dyn FnMut(&[f32], &[f32], &[f32], &mut [f32], AttnShape) -> Result<()> + 'a;

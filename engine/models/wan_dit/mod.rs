@@ -461,7 +461,6 @@ impl WanDit {
         }
         Ok((b, grid))
     }
-
 }
 
 /// Writes a WanTransformer3DModel folder with deterministic random weights for `config`
