@@ -237,15 +237,41 @@ pub enum Command {
         #[arg(long)]
         json: Option<String>,
     },
-    /// Static memory plan for a generation (arrives with the GPU runtime).
+    /// The static memory plan of a generation on a GPU, computed before anything runs:
+    /// weights, persistent buffers, the arena of a denoising step, the largest buffers.
     Plan {
+        /// A pipeline folder or a preset; default: the embedded model.
         #[arg(long)]
         model: Option<String>,
+        /// WIDTHxHEIGHT (default 832x480; 64x64 for the embedded model).
         #[arg(long)]
         size: Option<String>,
+        /// Video frames, 1 + 4k (default 81; 17 for the embedded model).
         #[arg(long)]
         frames: Option<usize>,
+        /// Whole seconds at 16 fps instead of --frames (frames = 16·N + 1).
+        #[arg(long, conflicts_with = "frames")]
+        seconds: Option<usize>,
+        /// GiB of device memory to fit in (default: the GPU's free memory; 80 without a GPU).
+        #[arg(long)]
+        device_memory: Option<f64>,
+        /// sm_80, sm_86, sm_89 or sm_90: the launch limits to plan for (default: the GPU's;
+        /// sm_90 without one).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Write the plan as JSON to FILE (`-` for stdout).
+        #[arg(long)]
+        json: Option<String>,
     },
+}
+
+/// The kernel device for `--device` (None: the cpu).
+fn kernel_device(device: Device) -> Result<Option<crate::kernels::KernelDevice>> {
+    Ok(match device {
+        Device::Cpu => None,
+        Device::Emu => Some(crate::kernels::KernelDevice::Emu),
+        Device::Cuda => Some(crate::kernels::KernelDevice::cuda(0)?),
+    })
 }
 
 fn check_device(device: Device) -> Result<()> {
@@ -301,9 +327,60 @@ pub fn component(
     output: &Path,
     repeat: usize,
 ) -> Result<Vec<f64>> {
+    component_on(kind, None, model, input, output, repeat)
+}
+
+/// [`component`] on a kernel device (`dev` Some: emu or cuda) or the cpu (None). On a
+/// kernel device the weights are uploaded and the session planned once; `repeat` times the
+/// forward alone (for the DiT: one step; the prompt's cross-attention K/V are made once).
+pub fn component_on(
+    kind: ComponentKind,
+    dev: Option<&crate::kernels::KernelDevice>,
+    model: &Path,
+    input: &Path,
+    output: &Path,
+    repeat: usize,
+) -> Result<Vec<f64>> {
     // The model is loaded before the input is opened, so a bad --model is reported first.
     let open = || TensorFile::open(input);
+    if let (Some(dev), false) = (dev, kind == ComponentKind::Dit) {
+        return Err(Error::invalid(format!(
+            "--device {}: only the DiT component runs on a kernel device so far (the VAE and the text encoder \
+             arrive with their device forwards)",
+            dev.describe()
+        )));
+    }
     let (name, (out, seconds)) = match kind {
+        ComponentKind::Dit if dev.is_some() => {
+            let dev = dev.expect("matched Some");
+            let dit = WanDit::load(model)?;
+            let file = open()?;
+            let x = file.tensor("hidden_states")?;
+            let t = file.tensor("timestep")?;
+            let ctx = file.tensor("encoder_hidden_states")?;
+            let (batch, _) = dit.check_inputs(x.shape(), t.shape(), ctx.shape())?;
+            let s = x.shape().to_vec();
+            let w = dit.upload(dev)?;
+            let mut session = crate::models::wan_dit::gpu::DitSession::new(
+                dev,
+                &dit.config,
+                crate::models::wan_dit::gpu::DitShape {
+                    batch,
+                    frames: s[2],
+                    height: s[3],
+                    width: s[4],
+                    text_len: ctx.shape()[1],
+                },
+            )?;
+            session.set_text(&w, ctx.data())?;
+            let out_shape = vec![batch, dit.config.out_channels(), s[2], s[3], s[4]];
+            (
+                "sample",
+                timed("dit forward", repeat, || {
+                    crate::Tensor::new(out_shape.clone(), session.step(&w, x.data(), t.data())?)
+                })?,
+            )
+        }
         ComponentKind::Dit => {
             let dit = WanDit::load(model)?;
             let file = open()?;
@@ -438,8 +515,8 @@ pub fn run(cli: Cli) -> Result<String> {
             device,
             repeat,
         } => {
-            check_device(device)?;
-            let seconds = component(kind, &model, &input, &output, repeat)?;
+            let dev = kernel_device(device)?;
+            let seconds = component_on(kind, dev.as_ref(), &model, &input, &output, repeat)?;
             Ok(if repeat > 1 {
                 format!("{}\n", serde_json::json!({ "forward_seconds": seconds }))
             } else {
@@ -569,9 +646,34 @@ pub fn run(cli: Cli) -> Result<String> {
                 None => Ok(crate::inspect::render(&reports)),
             }
         }
-        Command::Plan { .. } => Err(Error::invalid(
-            "reel plan arrives with the GPU runtime; this build has the cpu device only",
-        )),
+        Command::Plan {
+            model,
+            size,
+            frames,
+            seconds,
+            device_memory,
+            arch,
+            json,
+        } => {
+            let report = crate::plan::plan(&crate::plan::PlanArgs {
+                model,
+                size,
+                frames: frames.or(seconds.map(|s| 16 * s + 1)),
+                device_memory_gib: device_memory,
+                arch,
+            })?;
+            let mut out = String::new();
+            if let Some(dest) = json.as_deref() {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| Error::invalid(e.to_string()))?;
+                out += &write_text(dest, &text)?;
+                if dest == "-" {
+                    return Ok(out);
+                }
+            }
+            out += &crate::plan::render(&report);
+            Ok(out)
+        }
     }
 }
 

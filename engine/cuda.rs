@@ -162,6 +162,12 @@ impl Cuda {
         self.max_shared_optin
     }
 
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> CudaResult<(usize, usize)> {
+        self.bind()?;
+        result::mem_get_info().map_err(|e| driver("reading free memory", e))
+    }
+
     /// The kernel image stems the GPU could not load, with why.
     pub fn skipped_modules(&self) -> Vec<(&'static str, String)> {
         self.modules

@@ -17,6 +17,7 @@ pub mod kernel_bench;
 pub mod kernels;
 pub mod models;
 pub mod pipeline;
+pub mod plan;
 pub mod profile;
 pub mod rng;
 pub mod sampler;

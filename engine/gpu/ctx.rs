@@ -522,3 +522,61 @@ impl Ctx {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{self as k, Arch};
+
+    /// A toy forward: y = gelu(x) through two temporaries, a persistent output.
+    fn forward(ctx: &mut Ctx, n: usize) -> Result<View<f32>> {
+        ctx.phase("step")?;
+        let out = ctx.persistent::<f32>("out", n)?;
+        let a = ctx.temp::<f32>("a", n)?;
+        ctx.upload(a, &vec![1.0; n])?;
+        let b = ctx.temp::<f32>("b", n)?;
+        k::gelu_tanh_f32(ctx.dev(), ctx.slice(a), ctx.slice(b))?;
+        k::gelu_tanh_f32(ctx.dev(), ctx.slice(b), ctx.slice(out))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_run_allocates_the_plan_and_asks_for_what_it_measured() {
+        let mut m = Ctx::measure(Arch::SM90);
+        forward(&mut m, 1000).unwrap();
+        let plan = m.finish().unwrap();
+        // a (first use: upload, last: first gelu) and b (both gelus) overlap: 2 buffers.
+        assert_eq!(plan.arena_bytes, 2 * 4096);
+        assert_eq!(plan.persistent_bytes, 4096);
+        let mut ctx = Ctx::run(KernelDevice::Emu, plan.clone()).unwrap();
+        assert_eq!(ctx.allocated_bytes(), 3 * 4096);
+        let out = forward(&mut ctx, 1000).unwrap();
+        let g = 0.841_191_9f32; // gelu_tanh(1)
+        let want = 0.5 * g * (1.0 + (0.797_884_6 * (g + 0.044715 * g * g * g)).tanh());
+        assert!(ctx
+            .download(out)
+            .unwrap()
+            .iter()
+            .all(|v| (v - want).abs() < 1e-5));
+        // Twice more: the phase asks for the same buffers again.
+        forward(&mut ctx, 1000).unwrap();
+        // Another size than measured is refused, naming the buffer.
+        let mut ctx = Ctx::run(KernelDevice::Emu, plan).unwrap();
+        let e = forward(&mut ctx, 999).unwrap_err().to_string();
+        assert!(
+            e.contains("out") && e.contains("differs from the plan"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_temporary_used_after_its_phase_is_refused() {
+        let mut m = Ctx::measure(Arch::SM90);
+        m.phase("one").unwrap();
+        let a = m.temp::<f32>("a", 10).unwrap();
+        m.phase("two").unwrap();
+        m.upload(a, &[0.0; 10]).unwrap();
+        let e = m.finish().unwrap_err().to_string();
+        assert!(e.contains("used outside its phase"), "{e}");
+    }
+}

@@ -186,3 +186,26 @@ fn dit_device_forward_matches_diffusers_on_every_case() {
         assert!(p.arena_bytes > 0 && p.persistent_bytes > 0);
     }
 }
+
+#[test]
+fn dit_cli_runs_component_on_emu() {
+    let dir = data("dit_batch2");
+    let out = scratch("dit-cli-emu").join("out.safetensors");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["component", "dit", "--device", "emu", "--model"])
+        .arg(dir.join("transformer"))
+        .arg("--input")
+        .arg(dir.join("input.safetensors"))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = TensorFile::open(&out).unwrap().tensor("sample").unwrap();
+    let (_, want) = TensorFile::open(&dir.join("output.safetensors"))
+        .unwrap()
+        .tensor_f64("sample")
+        .unwrap();
+    let err = rel_l2(got.data(), &want);
+    assert!(err <= 2e-2, "rel L2 {err:.3e}");
+}

@@ -11,6 +11,7 @@ mod kernels;
 mod kernels_attention;
 mod kernels_gemm;
 mod pipeline;
+mod plan;
 mod serve;
 mod text;
 mod vae;
