@@ -37,6 +37,8 @@ pub struct BenchArgs {
     pub profile: bool,
     /// Overrides the peak TFLOP/s the MFU is measured against.
     pub peak_tflops: Option<f64>,
+    /// A kernel device (emu or cuda) for the DiT step; None: the cpu pipeline.
+    pub device: Option<crate::kernels::KernelDevice>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,6 +113,9 @@ impl FrameSink for Discard {
 pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     if args.steps == 0 {
         return Err(Error::invalid("--steps must be at least 1"));
+    }
+    if let Some(dev) = &args.device {
+        return bench_device(args, dev);
     }
     let gen_args = GenerateArgs {
         model: args.model.clone(),
@@ -251,6 +256,171 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         ops,
         text_seconds,
         vae_decode_seconds,
+        commit: env!("REEL_GIT_COMMIT").into(),
+    })
+}
+
+/// The DiT step on a kernel device: weights uploaded from the model folder, or made on the
+/// device (`--random-weights`, Philox: the 14B preset needs no download and no host copy),
+/// random prompt embeddings (the text encoder has no device forward yet), latents through
+/// one planned [`DitSession`] per shape; per-op times from the launchers (each launch is
+/// synchronised, so its host time is its device time plus the launch overhead).
+fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<BenchReport> {
+    use crate::gpu::DeviceWeights;
+    use crate::models::wan_dit::gpu::{device_weight_specs, DitSession, DitShape};
+    use crate::models::wan_dit::WanDitConfig;
+    if args.vae || args.text {
+        return Err(Error::invalid(
+            "--vae and --text: the VAE and the text encoder have no device forward yet; the device bench times \
+             the DiT step",
+        ));
+    }
+    let presets = crate::generate::PRESETS;
+    let (config, name, demo, weights): (WanDitConfig, String, bool, DeviceWeights) = match args
+        .model
+        .as_deref()
+    {
+        Some(p) if presets.contains(&p) && !std::path::Path::new(p).exists() => {
+            if !args.random_weights {
+                return Err(Error::invalid(format!(
+                        "--model {p} names an architecture preset: pass --random-weights (made on the device)"
+                    )));
+            }
+            let c = if p.ends_with("14b") {
+                WanDitConfig::wan21_t2v_14b()
+            } else {
+                WanDitConfig::wan21_t2v_1_3b()
+            };
+            let w = DeviceWeights::random(dev, &device_weight_specs(&c), 0)?;
+            (c, format!("{p} (random weights on the device)"), false, w)
+        }
+        other => {
+            let (dir, name, demo) = match other {
+                None => (embedded::ensure()?, embedded::NAME.to_string(), true),
+                Some(d) => (std::path::PathBuf::from(d), d.to_string(), false),
+            };
+            let dit = WanDit::load(&dir)?;
+            let w = if args.random_weights {
+                DeviceWeights::random(dev, &device_weight_specs(&dit.config), 0)?
+            } else {
+                dit.upload(dev)?
+            };
+            (dit.config.clone(), name, demo, w)
+        }
+    };
+    let (w, h) = match &args.size {
+        Some(s) => parse_size(s)?,
+        None if demo => embedded::DEFAULT_SIZE,
+        None => (832, 480),
+    };
+    let frames = args
+        .frames
+        .unwrap_or(if demo { embedded::DEFAULT_FRAMES } else { 81 });
+    if frames == 0 || (frames - 1) % 4 != 0 {
+        return Err(Error::invalid(format!("--frames {frames}: must be 1 + 4k")));
+    }
+    // Wan2.1's VAE: 8× spatial, 4× temporal compression; the DiT's patch on top.
+    let m = 8 * config.patch_size[1].max(config.patch_size[2]);
+    let (gw, gh) = (w.div_ceil(m) * m, h.div_ceil(m) * m);
+    let passes = if args.no_cfg { 1 } else { 2 };
+    let shape = DitShape {
+        batch: passes,
+        frames: (frames - 1) / 4 + 1,
+        height: gh / 8,
+        width: gw / 8,
+        text_len: MAX_SEQUENCE_LENGTH,
+    };
+    let grid = shape.grid(&config);
+    let tokens = shape.tokens(&config);
+    let mut session = DitSession::new(dev, &config, shape)?;
+    let text = crate::rng::gaussian(1, passes * MAX_SEQUENCE_LENGTH * config.text_dim);
+    session.set_text(&weights, &text)?;
+    let x = crate::rng::gaussian(
+        0,
+        passes * config.in_channels * shape.frames * shape.height * shape.width,
+    );
+    let total = args.warmup + args.steps;
+    let mut secs = Vec::with_capacity(args.steps);
+    crate::profile::enable(false);
+    for i in 0..total {
+        if i == args.warmup && args.profile {
+            crate::profile::enable(true);
+        }
+        let t = 999.0 * (1.0 - i as f32 / total as f32);
+        let start = Instant::now();
+        let out = session.step(&weights, &x, &vec![t; passes])?;
+        if i >= args.warmup {
+            secs.push(start.elapsed().as_secs_f64());
+        }
+        if !out.iter().all(|v| v.is_finite()) {
+            return Err(Error::Device(format!(
+                "the DiT step on {} gave non-finite values",
+                dev.describe()
+            )));
+        }
+    }
+    let ops_snapshot = crate::profile::snapshot();
+    crate::profile::enable(false);
+    secs.sort_by(|a, b| a.total_cmp(b));
+    let median = percentile(&secs, 50.0);
+    let flops = WanDit::flops_of(&config, passes, grid, MAX_SEQUENCE_LENGTH);
+    let achieved = flops as f64 / median / 1e12;
+    let (gpu, driver) = match dev {
+        crate::kernels::KernelDevice::Cuda(c) => (
+            Some(c.name().to_string()),
+            crate::cuda::driver_version().map(|(a, b)| format!("CUDA {a}.{b}")),
+        ),
+        _ => (None, None),
+    };
+    let peak = args.peak_tflops.or_else(|| {
+        let g = gpu.as_deref()?;
+        PEAK_TFLOPS.iter().find(|(n, _)| g.contains(n)).map(|p| p.1)
+    });
+    let ops = if args.profile {
+        ops_snapshot
+            .into_iter()
+            .filter(|o| o.1 > 0)
+            .map(|(name, calls, seconds, fl)| OpReport {
+                name: name.into(),
+                calls,
+                seconds,
+                tflops: (fl > 0 && seconds > 0.0).then(|| fl as f64 / seconds / 1e12),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(BenchReport {
+        model: name,
+        device: dev.describe(),
+        gpu,
+        driver,
+        cpu_threads: rayon::current_num_threads(),
+        size: format!("{w}x{h}"),
+        frames,
+        tokens,
+        text_tokens: MAX_SEQUENCE_LENGTH,
+        steps: args.steps,
+        warmup: args.warmup,
+        passes_per_step: passes,
+        step_seconds: Percentiles {
+            median,
+            p10: percentile(&secs, 10.0),
+            p90: percentile(&secs, 90.0),
+        },
+        tokens_per_second: (passes * tokens) as f64 / median,
+        flops_per_step: flops,
+        achieved_tflops: achieved,
+        peak_tflops: peak,
+        mfu: peak.map(|p| achieved / p),
+        // The device memory the plan allocated, weights included (exact: nothing else is
+        // allocated on the device during a step).
+        peak_memory_bytes: Some(
+            (weights.bytes() + session.plan().arena_bytes + session.plan().persistent_bytes) as u64,
+        ),
+        ops,
+        text_seconds: None,
+        vae_decode_seconds: None,
         commit: env!("REEL_GIT_COMMIT").into(),
     })
 }

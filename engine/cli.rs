@@ -538,8 +538,8 @@ pub fn run(cli: Cli) -> Result<String> {
             peak_tflops,
             json,
         } => {
-            check_device(device)?;
             let report = crate::bench::bench(&crate::bench::BenchArgs {
+                device: kernel_device(device)?,
                 model,
                 random_weights,
                 size,

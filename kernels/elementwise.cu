@@ -55,3 +55,52 @@ extern "C" __global__ void fill_hash_bf16(__nv_bfloat16* x, long long n, unsigne
   }
 }
 REEL_EMU_EXPORT(fill_hash_bf16)
+
+// Philox4x32-10 (engine/rng.rs documents it; the same counter-to-element mapping): block
+// counter ⌊i/4⌋ (64 bits in words 0 and 1), key = seed; its words become uniforms
+// u = (x + 1)·2⁻³² and pairs of them normals by Box-Muller, here in f32:
+// x[i] = mean + std·√(−2 ln u_a)·(cos, sin)(2π u_b). Random weights made on the device
+// (`reel bench --random-weights` on cuda: no host copy of a 14B model).
+__device__ __forceinline__ void philox4x32_10(unsigned c[4], unsigned k0, unsigned k1) {
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const unsigned long long p0 = 0xD2511F53ull * c[0], p1 = 0xCD9E8D57ull * c[2];
+    const unsigned n0 = static_cast<unsigned>(p1 >> 32) ^ c[1] ^ k0;
+    const unsigned n2 = static_cast<unsigned>(p0 >> 32) ^ c[3] ^ k1;
+    c[1] = static_cast<unsigned>(p1);
+    c[3] = static_cast<unsigned>(p0);
+    c[0] = n0;
+    c[2] = n2;
+  }
+}
+__device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+template <class T>
+__device__ __forceinline__ void fill_normal(T* x, long long n, unsigned long long seed, float mean, float std) {
+  for (long long blk = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; blk * 4 < n;
+       blk += static_cast<long long>(gridDim.x) * blockDim.x) {
+    unsigned c[4] = {static_cast<unsigned>(blk), static_cast<unsigned>(static_cast<unsigned long long>(blk) >> 32), 0u,
+                     0u};
+    philox4x32_10(c, static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
+    for (int p = 0; p < 2; ++p) {
+      const float ua = (static_cast<float>(c[2 * p]) + 1.0f) * 2.3283064365386963e-10f;
+      const float ub = (static_cast<float>(c[2 * p + 1]) + 1.0f) * 2.3283064365386963e-10f;
+      const float r = sqrtf(-2.0f * logf(ua)), th = 6.283185307179586f * ub;
+      const long long i = blk * 4 + 2 * p;
+      if (i < n) store_value(x + i, mean + std * r * cosf(th));
+      if (i + 1 < n) store_value(x + i + 1, mean + std * r * sinf(th));
+    }
+  }
+}
+extern "C" __global__ void fill_normal_f32(float* x, long long n, unsigned long long seed, float mean, float std) {
+  fill_normal(x, n, seed, mean, std);
+}
+REEL_EMU_EXPORT(fill_normal_f32)
+extern "C" __global__ void fill_normal_bf16(__nv_bfloat16* x, long long n, unsigned long long seed, float mean,
+                                            float std) {
+  fill_normal(x, n, seed, mean, std);
+}
+REEL_EMU_EXPORT(fill_normal_bf16)

@@ -129,6 +129,29 @@ impl DeviceWeights {
         })
     }
 
+    /// Allocates `specs` on `dev` and fills them there with N(0, 0.02²) values (Philox,
+    /// tensor i from seed + i): a model to benchmark with no download and no host copy.
+    pub fn random(dev: &KernelDevice, specs: &[WeightSpec], seed: u64) -> Result<Self> {
+        let (entries, bytes) = layout(specs)?;
+        let mem = DeviceMem::new(dev, bytes)?;
+        let w = DeviceWeights {
+            key: mem.device_key(),
+            mem: Some(mem),
+            entries,
+            bytes,
+        };
+        for (i, s) in specs.iter().enumerate() {
+            let seed = seed.wrapping_add(i as u64);
+            match s.dtype {
+                WDtype::Bf16 => {
+                    crate::kernels::fill_normal(dev, w.bf16(&s.name)?, seed, 0.0, 0.02)?
+                }
+                WDtype::F32 => crate::kernels::fill_normal(dev, w.f32(&s.name)?, seed, 0.0, 0.02)?,
+            }
+        }
+        Ok(w)
+    }
+
     /// Bytes on the device.
     pub fn bytes(&self) -> usize {
         self.bytes

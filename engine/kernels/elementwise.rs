@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 
 kernels! {
     module "elementwise";
+    @args FillNormalArgs { x: DevPtr, n: i64, seed: u64, mean: f32, std: f32 }
     /// y = gelu_tanh(x), f32.
     GELU_F32 = gelu_tanh_f32(GeluArgs { y: DevPtr, x: DevPtr, n: i32 });
     /// y[t] = x[t − 1] through shared memory, with its barrier.
@@ -13,6 +14,9 @@ kernels! {
     SHIFT_NOSYNC = shift_shared_nosync(ShiftNosyncArgs { y: DevPtr, x: DevPtr, n: i32 });
     /// Reproducible benchmark inputs (see kernels/elementwise.cu).
     FILL_HASH = fill_hash_bf16(FillHashArgs { x: DevPtr, n: i64, seed: u32, scale: f32 });
+    /// Philox normals (random weights on the device).
+    FILL_NORMAL_F32 = fill_normal_f32(FillNormalArgs);
+    FILL_NORMAL_BF16 = fill_normal_bf16(FillNormalArgs);
 }
 
 /// y = gelu_tanh(x) elementwise (f32).
@@ -61,6 +65,37 @@ pub fn fill_hash_bf16<'a>(
     let l = Launch::x((x.len() as u64).div_ceil(256).clamp(1, 65535) as u32, 256);
     // SAFETY: the kernel writes x[i] for i < n = x.len().
     unsafe { dev.launch(&FILL_HASH, l, &mut a) }
+}
+
+/// Fills x with mean + std·N(0, 1) from Philox4x32-10 (engine/rng.rs's mapping, Box-Muller
+/// in f32 on the device): random weights made where they are used.
+pub fn fill_normal<'a, T: super::gemm::GemmOut>(
+    dev: &KernelDevice,
+    x: impl Into<DevSlice<'a, T>>,
+    seed: u64,
+    mean: f32,
+    std: f32,
+) -> Result<()> {
+    let x = x.into();
+    const K: &str = "fill_normal";
+    let mut a = FillNormalArgs {
+        x: x.addr(dev, K)?,
+        n: x.len() as i64,
+        seed,
+        mean,
+        std,
+    };
+    let l = Launch::x(
+        (x.len() as u64).div_ceil(4 * 256).clamp(1, 65535) as u32,
+        256,
+    );
+    let k = if T::F32 {
+        &FILL_NORMAL_F32
+    } else {
+        &FILL_NORMAL_BF16
+    };
+    // SAFETY: the kernel writes x[i] for i < n = x.len().
+    unsafe { dev.launch(k, l, &mut a) }
 }
 
 /// lowbias32 (Chris Wellons' 32-bit integer hash).

@@ -347,6 +347,11 @@ impl KernelDevice {
     ) -> Result<()> {
         check_geometry(k.name, l.grid, l.block)?;
         check_shared(k.name, l.shared, k.shared_opt_in, self.arch()?)?;
+        // GEMM and attention launchers time themselves with their FLOPs; the rest here.
+        let _t = (!matches!(self, KernelDevice::Measure(_))
+            && !k.name.starts_with("gemm_")
+            && !k.name.starts_with("flash_attn_"))
+        .then(|| crate::profile::time(crate::profile::Op::Elementwise, 0));
         let mut params = args.params();
         match self {
             KernelDevice::Measure(r) => {
@@ -483,6 +488,9 @@ impl Param for i64 {
 }
 impl Param for f32 {
     const KIND: u8 = b'f';
+}
+impl Param for u64 {
+    const KIND: u8 = b'u';
 }
 
 /// One parameter's place in the parameter buffer (the ABI of a C struct), as the C++ side

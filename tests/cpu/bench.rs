@@ -105,3 +105,47 @@ fn bench_flops_equal_a_hand_count() {
     let want = patch + time + text + self_proj + self_attn + cross_proj + cross_attn + ffn + head;
     assert_eq!(WanDit::flops_of(&c, 2, [1, 2, 3], 5), want);
 }
+
+#[test]
+fn bench_on_emu_times_the_device_dit_step() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "-q",
+            "bench",
+            "--device",
+            "emu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--profile",
+            "--json",
+            "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["device"].as_str().unwrap().starts_with("emu"), "{j}");
+    assert_eq!(j["passes_per_step"], 2);
+    assert_eq!(j["tokens"], 80);
+    // The device memory is the plan's: weights + arena + persistent buffers.
+    assert!(j["peak_memory_bytes"].as_u64().unwrap() > 1 << 20, "{j}");
+    let ops: Vec<&str> = j["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        ops.contains(&"gemm") && ops.contains(&"attention"),
+        "{ops:?}"
+    );
+    // What has no device forward yet is refused, not silently run on the cpu.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["bench", "--device", "emu", "--vae"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--vae"));
+}

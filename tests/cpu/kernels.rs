@@ -505,3 +505,27 @@ fn cuda_device_without_a_driver_is_a_clear_error() {
     let e = KernelDevice::parse("bogus").unwrap_err().to_string();
     assert!(e.contains("\"bogus\"") && e.contains("cuda:N"), "{e}");
 }
+
+#[test]
+fn fill_normal_follows_the_host_philox_mapping() {
+    let d = dev();
+    let n = 100_003;
+    let want = reel::rng::gaussian(42, n);
+    let x: Buf<f32> = Buf::filled(&d, n, f32::NAN).unwrap();
+    k::fill_normal(&d, &x, 42, 0.0, 1.0).unwrap();
+    let got = down(&x);
+    // Philox is integer arithmetic (exact); Box-Muller runs in f32 here, in f64 on the host.
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "[{i}] {g} vs {w}");
+    }
+    let b: Buf<half::bf16> = Buf::filled(&d, 1001, half::bf16::NAN).unwrap();
+    k::fill_normal(&d, &b, 7, 1.0, 0.5).unwrap();
+    let want = reel::rng::gaussian(7, 1001);
+    for (i, (g, &w)) in down(&b).iter().zip(&want).enumerate() {
+        let w = 1.0 + 0.5 * w;
+        assert!(
+            (g.to_f32() - w).abs() <= 1e-2 * w.abs().max(1.0),
+            "[{i}] {g} vs {w}"
+        );
+    }
+}
