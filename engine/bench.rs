@@ -333,6 +333,8 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
     let grid = shape.grid(&config);
     let tokens = shape.tokens(&config);
     let mut session = DitSession::new(dev, &config, shape)?;
+    // Per-op times need the launches one by one: --profile runs the step without its graph.
+    session.set_eager(args.profile);
     let text = crate::rng::gaussian(1, passes * MAX_SEQUENCE_LENGTH * config.text_dim);
     session.set_text(&weights, &text)?;
     let x = crate::rng::gaussian(

@@ -4,12 +4,18 @@
 //! The bottom layer of the GPU path: driver calls only. It imports nothing of reel's: the
 //! kernel images (fatbins) are handed to [`Cuda::open`], and errors are its own
 //! [`CudaError`], which the layers above wrap. Every call binds the context to the calling
-//! thread first, and launches synchronise, so a kernel fault is reported by the launch that
-//! caused it.
+//! thread first. Kernels run on one non-default (blocking) stream; outside a graph capture a
+//! launch synchronises, so a kernel fault is reported by the launch that caused it; inside
+//! one ([`Cuda::begin_capture`]) launches are recorded into a CUDA graph that
+//! [`Cuda::launch_graph`] replays with no host synchronisation per kernel. Copies use the
+//! legacy default stream, which waits for the kernel stream (it is a blocking stream).
+//! NVTX ranges ([`nvtx_push`], [`nvtx_pop`]) go to libnvToolsExt when it loads, else
+//! nowhere.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, sys, CudaContext};
 
@@ -53,9 +59,55 @@ struct Function {
     opt_in: u32,
 }
 
+/// Whether libnvToolsExt loads (checked once).
+fn nvtx_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the library by its usual names.
+    *PRESENT.get_or_init(|| unsafe { cudarc::nvtx::sys::is_culib_present() })
+}
+
+/// Opens an NVTX range (nsys shows it); a no-op without libnvToolsExt.
+pub fn nvtx_push(name: &str) {
+    if nvtx_present() {
+        cudarc::nvtx::result::range_push(name);
+    }
+}
+
+/// Closes the innermost NVTX range.
+pub fn nvtx_pop() {
+    if nvtx_present() {
+        cudarc::nvtx::result::range_pop();
+    }
+}
+
+/// A captured and instantiated CUDA graph of `Cuda` it was captured on.
+pub struct CudaGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+    cuda: Arc<Cuda>,
+}
+
+// SAFETY: plain driver handles, used with the owning context bound.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if self.cuda.bind().is_ok() {
+            // SAFETY: made by end_capture on this context, destroyed once.
+            unsafe {
+                let _ = sys::cuGraphExecDestroy(self.exec);
+                let _ = sys::cuGraphDestroy(self.graph);
+            }
+        }
+    }
+}
+
 /// One GPU with reel's kernels loaded.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
+    stream: sys::CUstream,
+    capturing: AtomicBool,
     name: String,
     ordinal: usize,
     cc: (u32, u32),
@@ -132,8 +184,18 @@ impl Cuda {
                 }
             }
         }
+        let mut stream: sys::CUstream = std::ptr::null_mut();
+        ctx.bind_to_thread()
+            .map_err(|e| driver("binding the context", e))?;
+        // SAFETY: creates a stream in the bound context; flags 0: blocking, so copies on the
+        // legacy default stream wait for its kernels.
+        unsafe { sys::cuStreamCreate(&mut stream, 0) }
+            .result()
+            .map_err(|e| driver("creating the kernel stream", e))?;
         Ok(Arc::new(Cuda {
             ctx,
+            stream,
+            capturing: AtomicBool::new(false),
             name,
             ordinal,
             cc,
@@ -277,10 +339,77 @@ impl Cuda {
             }
             entry.f
         };
-        // SAFETY: the caller's contract; the null stream is the context's default stream.
-        unsafe { result::launch_kernel(f, grid, block, shared, std::ptr::null_mut(), params) }
+        // SAFETY: the caller's contract; the stream belongs to this context.
+        unsafe { result::launch_kernel(f, grid, block, shared, self.stream, params) }
             .map_err(|e| driver(&format!("launching {name}"), e))?;
-        result::ctx::synchronize().map_err(|e| driver(&format!("running {name}"), e))
+        if self.capturing.load(Ordering::Relaxed) {
+            return Ok(()); // recorded into the graph; it runs when the graph is launched
+        }
+        self.synchronize()
+            .map_err(|e| CudaError(format!("running {name}: {e}")))
+    }
+
+    /// Waits for the kernel stream.
+    pub fn synchronize(&self) -> CudaResult<()> {
+        self.bind()?;
+        // SAFETY: the stream belongs to this context.
+        unsafe { sys::cuStreamSynchronize(self.stream) }
+            .result()
+            .map_err(|e| driver("synchronising", e))
+    }
+
+    /// Starts recording the kernel stream's launches into a graph (nothing runs until
+    /// [`Cuda::launch_graph`]). No copies or synchronisation may happen on this thread until
+    /// [`Cuda::end_capture`].
+    pub fn begin_capture(&self) -> CudaResult<()> {
+        self.bind()?;
+        // SAFETY: the stream belongs to this context; thread-local mode: other threads'
+        // unrelated work is not disturbed.
+        unsafe {
+            sys::cuStreamBeginCapture_v2(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .result()
+        .map_err(|e| driver("beginning a graph capture", e))?;
+        self.capturing.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn end_capture(self: &Arc<Self>) -> CudaResult<CudaGraph> {
+        self.bind()?;
+        self.capturing.store(false, Ordering::Relaxed);
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun on this stream.
+        unsafe { sys::cuStreamEndCapture(self.stream, &mut graph) }
+            .result()
+            .map_err(|e| driver("ending a graph capture", e))?;
+        let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+        // SAFETY: `graph` was just captured in this context.
+        if let Err(e) = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result() {
+            // SAFETY: destroyed once, not used after.
+            unsafe {
+                let _ = sys::cuGraphDestroy(graph);
+            }
+            return Err(driver("instantiating a graph", e));
+        }
+        Ok(CudaGraph {
+            graph,
+            exec,
+            cuda: self.clone(),
+        })
+    }
+
+    /// Runs a captured graph on the kernel stream and waits for it.
+    pub fn launch_graph(&self, g: &CudaGraph) -> CudaResult<()> {
+        self.bind()?;
+        // SAFETY: the graph was instantiated in this context.
+        unsafe { sys::cuGraphLaunch(g.exec, self.stream) }
+            .result()
+            .map_err(|e| driver("launching a graph", e))?;
+        self.synchronize()
     }
 
     fn lookup(&self, module: &str, name: &str) -> CudaResult<sys::CUfunction> {
@@ -308,6 +437,10 @@ impl Cuda {
 impl Drop for Cuda {
     fn drop(&mut self) {
         if self.bind().is_ok() {
+            // SAFETY: created in open, destroyed once.
+            unsafe {
+                let _ = sys::cuStreamDestroy_v2(self.stream);
+            }
             for (_, m) in &self.modules {
                 if let Module::Loaded(m) = m {
                     // SAFETY: loaded in this context, unloaded once.

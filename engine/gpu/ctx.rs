@@ -157,6 +157,25 @@ enum State {
 pub struct Ctx {
     dev: KernelDevice,
     state: State,
+    /// Captured CUDA graphs by key, with the stamp they were captured for (e.g. the weights'
+    /// address: another set of weights needs another graph).
+    graphs: std::collections::HashMap<String, (u64, crate::cuda::CudaGraph)>,
+}
+
+/// Closes an NVTX range when dropped.
+pub struct Range(bool);
+
+impl Drop for Range {
+    fn drop(&mut self) {
+        if self.0 {
+            crate::cuda::nvtx_pop();
+        }
+    }
+}
+
+/// Whether steps are captured as CUDA graphs (REEL_CUDA_GRAPHS=0 turns it off).
+fn graphs_enabled() -> bool {
+    std::env::var("REEL_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
 fn aligned(n: usize) -> usize {
@@ -174,6 +193,7 @@ impl Ctx {
                 requests: Vec::new(),
                 phases: Vec::new(),
             },
+            graphs: Default::default(),
         }
     }
 
@@ -211,7 +231,59 @@ impl Ctx {
                 cursor: 0,
                 phase: None,
             },
+            graphs: Default::default(),
         })
+    }
+
+    /// An NVTX range around what follows until the guard drops (cuda only; nsys shows it).
+    pub fn range(&self, name: &str) -> Range {
+        if self.dev.is_cuda() {
+            crate::cuda::nvtx_push(name);
+            Range(true)
+        } else {
+            Range(false)
+        }
+    }
+
+    /// Runs `body` (launches only: no copies, no synchronisation). On cuda, the first call
+    /// for `key` captures it as a CUDA graph, later calls with the same `stamp` replay the
+    /// graph without running `body` (its buffers have the same addresses every time: the
+    /// plan's). Elsewhere, or with REEL_CUDA_GRAPHS=0 or `eager`, it just runs `body`.
+    pub fn graph(
+        &mut self,
+        key: &str,
+        stamp: u64,
+        eager: bool,
+        body: impl FnOnce(&mut Ctx) -> Result<()>,
+    ) -> Result<()> {
+        let cuda = match &self.dev {
+            KernelDevice::Cuda(c) if !self.is_measuring() && !eager && graphs_enabled() => {
+                c.clone()
+            }
+            _ => return body(self),
+        };
+        if let Some((s, g)) = self.graphs.get(key) {
+            if *s == stamp {
+                let _r = self.range(key);
+                return cuda
+                    .launch_graph(g)
+                    .map_err(|e| Error::Device(e.to_string()));
+            }
+        }
+        self.graphs.remove(key);
+        cuda.begin_capture()
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let ran = body(self);
+        let graph = cuda.end_capture();
+        ran?;
+        let graph = graph.map_err(|e| Error::Device(e.to_string()))?;
+        {
+            let _r = self.range(key);
+            cuda.launch_graph(&graph)
+                .map_err(|e| Error::Device(e.to_string()))?;
+        }
+        self.graphs.insert(key.to_string(), (stamp, graph));
+        Ok(())
     }
 
     /// The device to launch on (the measuring device while measuring).

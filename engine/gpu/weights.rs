@@ -152,6 +152,12 @@ impl DeviceWeights {
         Ok(w)
     }
 
+    /// Identifies this allocation (its address): a graph captured with these weights is
+    /// valid for them only.
+    pub fn stamp(&self) -> u64 {
+        self.mem.as_ref().map_or(0, |m| m.ptr().0)
+    }
+
     /// Bytes on the device.
     pub fn bytes(&self) -> usize {
         self.bytes

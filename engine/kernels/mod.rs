@@ -384,10 +384,11 @@ impl KernelDevice {
                 Ok(())
             }
             KernelDevice::Cuda(c) => {
+                crate::cuda::nvtx_push(k.name);
                 let grid = (l.grid.x, l.grid.y, l.grid.z);
                 let block = (l.block.x, l.block.y, l.block.z);
                 // SAFETY: the caller's contract.
-                unsafe {
+                let r = unsafe {
                     c.launch(
                         k.module,
                         k.name,
@@ -397,8 +398,9 @@ impl KernelDevice {
                         k.shared_opt_in,
                         &mut params,
                     )
-                }
-                .map_err(|e| Error::Device(e.to_string()))
+                };
+                crate::cuda::nvtx_pop();
+                r.map_err(|e| Error::Device(e.to_string()))
             }
         }
     }

@@ -348,22 +348,17 @@ fn text_phase(
     Ok(v)
 }
 
-/// Phase "step": one forward of the latents x [B, C, T, H, W] at `timesteps` [B]; the flow
-/// prediction lands in the persistent "sample" buffer.
-fn step_phase(
+/// Phase "step", its inputs: the latents x [B, C, T, H, W] and the timestep embedding of
+/// `timesteps` [B] into their persistent buffers (copies: outside the step's graph).
+fn step_inputs(
     ctx: &mut Ctx,
     c: &WanDitConfig,
-    w: &DeviceWeights,
     s: DitShape,
     v: &Views,
     x: &[f32],
     timesteps: &[f32],
 ) -> Result<()> {
-    let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
-    let (b, l, lt) = (s.batch, s.tokens(c), s.text_len);
-    let bl = b * l;
-    let eps = c.eps as f32;
-    if x.len() != v.x.len() || timesteps.len() != b {
+    if x.len() != v.x.len() || timesteps.len() != s.batch {
         return Err(Error::invalid(format!(
             "DiT step: {} latent values and {} timesteps for {s:?}",
             x.len(),
@@ -374,7 +369,22 @@ fn step_phase(
     ctx.upload(v.x, x)?;
     let freq = cpu::timestep_embedding(timesteps, c.freq_dim, true, 0.0, 10000.0);
     let freq: Vec<bf16> = freq.iter().map(|&x| bf16::from_f32(x)).collect();
-    ctx.upload(v.t_freq, &freq)?;
+    ctx.upload(v.t_freq, &freq)
+}
+
+/// Phase "step", its launches (no copies, no synchronisation: a CUDA graph on cuda): the
+/// flow prediction of the inputs lands in the persistent "sample" buffer.
+fn step_body(
+    ctx: &mut Ctx,
+    c: &WanDitConfig,
+    w: &DeviceWeights,
+    s: DitShape,
+    v: &Views,
+) -> Result<()> {
+    let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
+    let (b, l, lt) = (s.batch, s.tokens(c), s.text_len);
+    let bl = b * l;
+    let eps = c.eps as f32;
     let dev = ctx.dev().clone();
     let patch = PatchShape {
         b,
@@ -423,6 +433,7 @@ fn step_phase(
         scale: 1.0 / (hd as f32).sqrt(),
     };
     for (i, &(kc, vc)) in v.kv.iter().enumerate() {
+        let _range = ctx.range(&format!("block {i}"));
         let p = |n: &str| format!("b{i}.{n}");
         // Modulation rows [6, B, D]: shift, 1 + scale, gate (attention), then the FFN's.
         let m = ctx.temp::<f32>(&p("modulation"), 6 * b * d)?;
@@ -619,6 +630,7 @@ pub struct DitSession {
     plan: MemoryPlan,
     ctx: Ctx,
     views: Option<Views>,
+    eager: bool,
 }
 
 /// The memory plan of a generation at `shape` on `arch`: one text phase and one step,
@@ -630,7 +642,8 @@ pub fn plan(c: &WanDitConfig, s: DitShape, arch: Arch) -> Result<MemoryPlan> {
     let text = vec![0.0f32; s.batch * s.text_len * c.text_dim];
     let v = text_phase(&mut ctx, c, &w, s, &text)?;
     let x = vec![0.0f32; v.x.len()];
-    step_phase(&mut ctx, c, &w, s, &v, &x, &vec![0.0; s.batch])?;
+    step_inputs(&mut ctx, c, s, &v, &x, &vec![0.0; s.batch])?;
+    step_body(&mut ctx, c, &w, s, &v)?;
     ctx.finish()
 }
 
@@ -645,7 +658,14 @@ impl DitSession {
             plan,
             ctx,
             views: None,
+            eager: false,
         })
+    }
+
+    /// Runs every step's launches one by one instead of replaying the step's CUDA graph
+    /// (for per-op timing; cuda only: emu always runs them one by one).
+    pub fn set_eager(&mut self, eager: bool) {
+        self.eager = eager;
     }
 
     pub fn plan(&self) -> &MemoryPlan {
@@ -677,7 +697,12 @@ impl DitSession {
             .views
             .as_ref()
             .ok_or_else(|| Error::invalid("DiT step before set_text"))?;
-        step_phase(&mut self.ctx, &self.config, w, self.shape, v, x, timesteps)?;
+        let _range = self.ctx.range("DiT step");
+        step_inputs(&mut self.ctx, &self.config, self.shape, v, x, timesteps)?;
+        let (c, s) = (&self.config, self.shape);
+        self.ctx.graph("step", w.stamp(), self.eager, |ctx| {
+            step_body(ctx, c, w, s, v)
+        })?;
         let out = v.out;
         self.ctx.download(out)
     }
