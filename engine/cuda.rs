@@ -349,6 +349,26 @@ impl Cuda {
             .map_err(|e| CudaError(format!("running {name}: {e}")))
     }
 
+    /// The kernel stream, for libraries that launch on it (cuBLASLt).
+    pub fn stream_raw(&self) -> sys::CUstream {
+        self.stream
+    }
+
+    /// Binds this GPU's context to the calling thread (before a library call on it).
+    pub fn make_current(&self) -> CudaResult<()> {
+        self.bind()
+    }
+
+    /// What a launch on the kernel stream by someone else (a library) is followed by: a
+    /// synchronisation reporting its errors, unless a graph is being captured.
+    pub fn after_launch(&self, what: &str) -> CudaResult<()> {
+        if self.capturing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.synchronize()
+            .map_err(|e| CudaError(format!("running {what}: {e}")))
+    }
+
     /// Waits for the kernel stream.
     pub fn synchronize(&self) -> CudaResult<()> {
         self.bind()?;

@@ -3,6 +3,8 @@
 //! Each model's device forward (`models/*/gpu.rs`) is written against [`Ctx`].
 
 pub mod ctx;
+pub mod cublaslt;
+pub mod gemm;
 pub mod plan;
 pub mod weights;
 

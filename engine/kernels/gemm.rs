@@ -63,33 +63,8 @@ pub fn gemm<'a, O: GemmOut>(
     act: Act,
 ) -> Result<&'static str> {
     const K: &str = "gemm";
-    let bad = |msg: String| Err(Error::invalid(format!("{K} {m}x{n}x{k}: {msg}")));
-    if m == 0 || n == 0 || k == 0 {
-        return bad("empty".into());
-    }
-    if k % 2 != 0 {
-        return bad("K must be even (pairs of bf16 are copied)".into());
-    }
-    let ((a, lda), (w, ldw), (c, ldc)) = (a, w, c);
-    let need = |rows: usize, ld: usize, cols: usize| (rows - 1).checked_mul(ld)?.checked_add(cols);
-    for (name, len, rows, ld, cols) in [
-        ("a", a.len(), m, lda, k),
-        ("w", w.len(), n, ldw, k),
-        ("c", c.len(), m, ldc, n),
-    ] {
-        if ld < cols || need(rows, ld, cols).is_none_or(|nd| nd > len) {
-            return bad(format!(
-                "{name}: {rows} rows of {cols} with row stride {ld} do not fit {len} elements"
-            ));
-        }
-    }
-    if bias.is_some_and(|b| b.len() < n) {
-        return bad("bias needs N entries".into());
-    }
-    let (ap, wp, cp) = (a.addr(dev, K)?, w.addr(dev, K)?, c.addr(dev, K)?);
-    if ap.0 % 4 != 0 || wp.0 % 4 != 0 || lda % 2 != 0 || ldw % 2 != 0 {
-        return bad("A and W rows must be 4-byte aligned (even strides)".into());
-    }
+    let (ap, wp, cp) = check(dev, a, w, bias, c, (m, n, k))?;
+    let ((_, lda), (_, ldw), (_, ldc)) = (a, w, c);
     let aligned16 = ap.0 % 16 == 0 && wp.0 % 16 == 0 && lda % 8 == 0 && ldw % 8 == 0 && k % 8 == 0;
     // 128 × 128 tiles when there are enough of them to fill a GPU's SMs; else 64 × 64 (less
     // padding for small M or N; and on emu every padded row costs emulated mma).
@@ -133,4 +108,45 @@ pub fn gemm<'a, O: GemmOut>(
     // copies' alignment holds for the variant chosen.
     unsafe { dev.launch(kernel, l, &mut args)? };
     Ok(kernel.name)
+}
+
+/// The operand checks of [`gemm`] (shared with the cuBLASLt path): returns the addresses of
+/// A, W and C on `dev`.
+pub fn check<O: GemmOut>(
+    dev: &KernelDevice,
+    a: Mat<'_, Bf>,
+    w: Mat<'_, Bf>,
+    bias: Option<DevSlice<'_, f32>>,
+    c: Mat<'_, O>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(DevPtr, DevPtr, DevPtr)> {
+    const K: &str = "gemm";
+    let bad = |msg: String| Err(Error::invalid(format!("{K} {m}x{n}x{k}: {msg}")));
+    if m == 0 || n == 0 || k == 0 {
+        return bad("empty".into());
+    }
+    if k % 2 != 0 {
+        return bad("K must be even (pairs of bf16 are copied)".into());
+    }
+    let ((a, lda), (w, ldw), (c, ldc)) = (a, w, c);
+    let need = |rows: usize, ld: usize, cols: usize| (rows - 1).checked_mul(ld)?.checked_add(cols);
+    for (name, len, rows, ld, cols) in [
+        ("a", a.len(), m, lda, k),
+        ("w", w.len(), n, ldw, k),
+        ("c", c.len(), m, ldc, n),
+    ] {
+        if ld < cols || need(rows, ld, cols).is_none_or(|nd| nd > len) {
+            return bad(format!(
+                "{name}: {rows} rows of {cols} with row stride {ld} do not fit {len} elements"
+            ));
+        }
+    }
+    if bias.is_some_and(|b| b.len() < n) {
+        return bad("bias needs N entries".into());
+    }
+    let (ap, wp, cp) = (a.addr(dev, K)?, w.addr(dev, K)?, c.addr(dev, K)?);
+    if ap.0 % 4 != 0 || wp.0 % 4 != 0 || lda % 2 != 0 || ldw % 2 != 0 {
+        return bad("A and W rows must be 4-byte aligned (even strides)".into());
+    }
+    Ok((ap, wp, cp))
 }

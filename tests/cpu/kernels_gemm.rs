@@ -267,3 +267,76 @@ fn gemm_builds_to_tensor_core_code_without_spills_or_stack() {
         &["gemm_bf16_128x128", "gemm_f32_64x64", "gemm_bf16_any"],
     );
 }
+
+/// On a GPU with cuBLASLt (tools/gpu-check.sh), the runtime's GEMM runs cuBLASLt: it must
+/// agree with the CPU reference as reel's kernel does, epilogues included (cuBLASLt's GELU
+/// must be the tanh approximation Wan uses).
+#[test]
+fn gemm_through_cublaslt_matches_cpu() {
+    let d = dev();
+    if reel::gpu::cublaslt::CublasLt::for_device(&d).is_none() {
+        eprintln!(
+            "no cuBLASLt on {}: reel's kernel is the GEMM here (tested above)",
+            d.describe()
+        );
+        return;
+    }
+    for (m, n, kk, act, bias) in [
+        (300usize, 520usize, 256usize, Act::GeluTanh, true),
+        (65, 96, 64, Act::None, true),
+        (128, 384, 128, Act::None, false),
+    ] {
+        let a = bf16s(&vals(m * kk, 1));
+        let w = bf16s(&vals(n * kk, 2).iter().map(|v| v * 0.1).collect::<Vec<_>>());
+        let b = vals(n, 3);
+        let (ab, wb, bb) = (up(&d, &a), up(&d, &w), up(&d, &b));
+        let mut want = vec![0.0f32; m * n];
+        reel::cpu::linear(
+            &f32s(&a),
+            &f32s(&w),
+            bias.then_some(&b[..]),
+            m,
+            kk,
+            n,
+            &mut want,
+        );
+        if act == Act::GeluTanh {
+            reel::cpu::gelu(&mut want);
+        }
+        let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        let c16: Buf<bf16> = Buf::filled(&d, m * n, bf16::NAN).unwrap();
+        let ran = reel::gpu::gemm::gemm(
+            &d,
+            (ab.slice(), kk),
+            (wb.slice(), kk),
+            bias.then(|| bb.slice()),
+            (c16.slice(), n),
+            (m, n, kk),
+            act,
+        )
+        .unwrap();
+        let got = f32s(&down(&c16));
+        let naive: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let (err, naive_err) = (rel_l2(&got, &w64), rel_l2(&naive, &w64));
+        assert!(
+            err <= 1e-2 && err <= 2.0 * naive_err,
+            "{m}x{n}x{kk} {act:?} via {ran}: rel L2 {err:.3e} (naive {naive_err:.3e})"
+        );
+        let c32: Buf<f32> = Buf::filled(&d, m * n, f32::NAN).unwrap();
+        reel::gpu::gemm::gemm(
+            &d,
+            (ab.slice(), kk),
+            (wb.slice(), kk),
+            bias.then(|| bb.slice()),
+            (c32.slice(), n),
+            (m, n, kk),
+            act,
+        )
+        .unwrap();
+        let err = rel_l2(&down(&c32), &w64);
+        assert!(
+            err <= 1e-4,
+            "{m}x{n}x{kk} f32 out via {ran}: rel L2 {err:.3e}"
+        );
+    }
+}

@@ -238,7 +238,7 @@ fn linear<O: k::gemm::GemmOut>(
     } else {
         None
     };
-    k::gemm(
+    crate::gpu::gemm::gemm(
         ctx.dev(),
         (ctx.slice(a), kk),
         (w.bf16(&format!("{name}.w"))?, kk),
