@@ -272,11 +272,11 @@ impl CublasLt {
             gelu: act == Act::GeluTanh,
         };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if !cache.contains_key(&key) {
-            let p = self.prepare(key)?;
-            cache.insert(key, p);
-        }
-        let Some(p) = cache.get(&key).and_then(|p| p.as_ref()) else {
+        let p = match cache.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.prepare(key)?),
+        };
+        let Some(p) = p.as_ref() else {
             return Ok(false);
         };
         let (ap, wp, cp) = (
