@@ -35,6 +35,8 @@ pub enum Device {
 pub enum KernelOp {
     /// Flash attention forward (kernels/attention.cu).
     Attention,
+    /// The runtime's GEMM (cuBLASLt where loaded, else kernels/gemm.cu).
+    Gemm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -170,7 +172,7 @@ pub enum Command {
     },
     /// Time one GPU kernel alone on a kernel device (inputs made on the device by a
     /// reproducible hash; a sample of the output in the report), for benchmarks beside
-    /// torch's on the same GPU (bench/attention_gpu.py).
+    /// torch's on the same GPU (bench/kernels_gpu.py).
     KernelBench {
         op: KernelOp,
         #[arg(long, default_value_t = 1)]
@@ -184,6 +186,18 @@ pub enum Command {
         kv_tokens: Option<usize>,
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
+        /// GEMM rows of A and C.
+        #[arg(long, default_value_t = 4096)]
+        m: usize,
+        /// GEMM rows of W (columns of C).
+        #[arg(long, default_value_t = 4096)]
+        n: usize,
+        /// GEMM inner dimension.
+        #[arg(long, default_value_t = 4096)]
+        k: usize,
+        /// GEMM: reel's kernel even where cuBLASLt is loaded.
+        #[arg(long)]
+        reel_kernel: bool,
         /// Untimed runs first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
@@ -567,12 +581,16 @@ pub fn run(cli: Cli) -> Result<String> {
             Ok(out)
         }
         Command::KernelBench {
-            op: KernelOp::Attention,
+            op,
             batch,
             heads,
             tokens,
             kv_tokens,
             head_dim,
+            m,
+            n,
+            k,
+            reel_kernel,
             warmup,
             repeat,
             seed,
@@ -581,30 +599,56 @@ pub fn run(cli: Cli) -> Result<String> {
             json,
         } => {
             let dev = crate::kernels::KernelDevice::parse(&device)?;
-            let report = crate::kernel_bench::attention(
-                &dev,
-                &crate::kernel_bench::AttnBenchArgs {
-                    batch,
-                    heads,
-                    tokens,
-                    kv_tokens,
-                    head_dim,
-                    warmup,
-                    repeat,
-                    seed,
-                    samples,
-                },
-            )?;
+            let (value, line) = match op {
+                KernelOp::Attention => {
+                    let r = crate::kernel_bench::attention(
+                        &dev,
+                        &crate::kernel_bench::AttnBenchArgs {
+                            batch,
+                            heads,
+                            tokens,
+                            kv_tokens,
+                            head_dim,
+                            warmup,
+                            repeat,
+                            seed,
+                            samples,
+                        },
+                    )?;
+                    (serde_json::to_value(&r), crate::kernel_bench::render(&r))
+                }
+                KernelOp::Gemm => {
+                    let r = crate::kernel_bench::gemm(
+                        &dev,
+                        &crate::kernel_bench::GemmBenchArgs {
+                            m,
+                            n,
+                            k,
+                            reel_kernel,
+                            warmup,
+                            repeat,
+                            seed,
+                            samples,
+                        },
+                    )?;
+                    (
+                        serde_json::to_value(&r),
+                        crate::kernel_bench::render_gemm(&r),
+                    )
+                }
+            };
             let mut out = String::new();
             if let Some(dest) = json.as_deref() {
-                let text = serde_json::to_string_pretty(&report)
-                    .map_err(|e| Error::invalid(e.to_string()))?;
+                let text = serde_json::to_string_pretty(
+                    &value.map_err(|e| Error::invalid(e.to_string()))?,
+                )
+                .map_err(|e| Error::invalid(e.to_string()))?;
                 out += &write_text(dest, &text)?;
                 if dest == "-" {
                     return Ok(out);
                 }
             }
-            out += &crate::kernel_bench::render(&report);
+            out += &line;
             Ok(out)
         }
         Command::Serve {

@@ -1,6 +1,6 @@
-//! `reel kernel-bench`: one kernel timed alone on a kernel device, for the GPU benchmarks
+//! `reel kernel-bench attention|gemm`: one kernel timed alone on a kernel device, for the GPU benchmarks
 //! that put reel's kernels beside torch's on the same GPU in the same run
-//! (bench/attention_gpu.py, run by tools/gpu-check.sh). The inputs are made on the device
+//! (bench/kernels_gpu.py, run by tools/gpu-check.sh). The inputs are made on the device
 //! by a hash any other program can reproduce (`fill_hash_bf16`), and the report carries a
 //! sample of the output at hashed positions, so the other program can measure the
 //! difference without moving gigabytes between processes.
@@ -148,6 +148,122 @@ pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchRepor
             .collect(),
         commit: env!("REEL_GIT_COMMIT"),
     })
+}
+
+/// What `reel kernel-bench gemm` measures: C[M, N] = A[M, K]·W[N, K]ᵀ, bf16 in and out.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmBenchArgs {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Force reel's kernel even where cuBLASLt is loaded.
+    pub reel_kernel: bool,
+    pub warmup: usize,
+    pub repeat: usize,
+    pub seed: u32,
+    pub samples: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmBenchReport {
+    pub op: &'static str,
+    pub kernel: &'static str,
+    pub device: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub warmup: usize,
+    pub repeat: usize,
+    pub seconds: Percentiles,
+    /// 2·M·N·K.
+    pub flops: u64,
+    pub tflops: f64,
+    /// A and W are fill_hash_bf16 with seeds seed and seed + 1, scale 1, row-major.
+    pub seed: u32,
+    /// A's first 8 values.
+    pub q_first: Vec<f32>,
+    /// C at positions lowbias32(i ^ 0x5eed) mod M·N, i < samples.
+    pub sample: Vec<f32>,
+    pub commit: &'static str,
+}
+
+/// Times the runtime's GEMM (cuBLASLt where loaded, else reel's kernel) on `dev`.
+pub fn gemm(dev: &KernelDevice, a: &GemmBenchArgs) -> Result<GemmBenchReport> {
+    let (m, n, k) = (a.m, a.n, a.k);
+    if a.repeat == 0 || m == 0 || n == 0 || k == 0 {
+        return Err(Error::invalid(
+            "kernel-bench gemm: --m, --n, --k and --repeat must be positive",
+        ));
+    }
+    let alloc = |len: usize, seed: u32| -> Result<Buf<half::bf16>> {
+        let b = Buf::uninit(dev, len)?;
+        k::fill_hash_bf16(dev, &b, seed, 1.0)?;
+        Ok(b)
+    };
+    let (x, w) = (alloc(m * k, a.seed)?, alloc(n * k, a.seed.wrapping_add(1))?);
+    let c = Buf::filled(dev, m * n, half::bf16::from_bits(0x7fc1))?;
+    let run = || {
+        let mats = ((x.slice(), k), (w.slice(), k), (c.slice(), n));
+        if a.reel_kernel {
+            k::gemm(dev, mats.0, mats.1, None, mats.2, (m, n, k), k::Act::None)
+        } else {
+            crate::gpu::gemm::gemm(dev, mats.0, mats.1, None, mats.2, (m, n, k), k::Act::None)
+        }
+    };
+    let mut kernel = "";
+    for _ in 0..a.warmup {
+        kernel = run()?;
+    }
+    let mut times = Vec::with_capacity(a.repeat);
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        kernel = run()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 50.0);
+    let flops = 2 * (m * n * k) as u64;
+    let out = c.download()?;
+    Ok(GemmBenchReport {
+        op: "gemm",
+        kernel,
+        device: dev.describe(),
+        m,
+        n,
+        k,
+        warmup: a.warmup,
+        repeat: a.repeat,
+        seconds: Percentiles {
+            median,
+            p10: percentile(&times, 10.0),
+            p90: percentile(&times, 90.0),
+        },
+        flops,
+        tflops: flops as f64 / median / 1e12,
+        seed: a.seed,
+        q_first: x.download()?.iter().take(8).map(|v| v.to_f32()).collect(),
+        sample: sample_positions(out.len(), a.samples)
+            .into_iter()
+            .map(|i| out[i].to_f32())
+            .collect(),
+        commit: env!("REEL_GIT_COMMIT"),
+    })
+}
+
+/// One line for people: shape, kernel, time and TFLOP/s.
+pub fn render_gemm(r: &GemmBenchReport) -> String {
+    format!(
+        "gemm {}x{}x{} on {} ({}): median {:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} TFLOP/s\n",
+        r.m,
+        r.n,
+        r.k,
+        r.device,
+        r.kernel,
+        r.seconds.median * 1e3,
+        r.seconds.p10 * 1e3,
+        r.seconds.p90 * 1e3,
+        r.tflops
+    )
 }
 
 /// One line for people: shape, kernel, time and TFLOP/s.

@@ -7,9 +7,11 @@
 #      integer inputs
 #   2. every kernel and wrapper test with REEL_TEST_DEVICE=cuda
 #   3. the kernel tests on emu with the same binary (wall time beside the GPU's)
-#   4. flash attention beside torch's SDPA on the same inputs (bench/attention_gpu.py)
-#   5. component parity on cuda (once the runtime has components)
-#   6. benchmarks: `reel bench`, torch's SDPA and cuBLAS baselines
+#   4. flash attention and the GEMMs beside torch's SDPA and matmul on the same inputs
+#      (bench/kernels_gpu.py)
+#   5. DiT component parity on cuda against the golden data
+#   6. benchmarks: `reel bench --device cuda` for the 1.3B at 480p and the 14B at 720p
+#      (random weights made on the device; s/step), torch's SDPA and cuBLAS baselines
 #   7. the kernel tests under compute-sanitizer (memcheck, racecheck, synccheck) when it is
 #      there
 # Sections run in that order, most important first; one that would start after the time
@@ -113,15 +115,27 @@ T="$CARRY/cpu-tests"
 run "Hardware self-test (GPU vs emulator)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" hw_selftest --nocapture --test-threads=1
 run "Kernel and wrapper tests on $DEVICE" 90 env REEL_TEST_DEVICE=$DEVICE "$T" kernels wrappers:: --test-threads=1
 run "Kernel, wrapper and emulator tests on emu (same binary: wall time for comparison)" 60 env REEL_TEST_DEVICE=emu "$T" kernels wrappers:: emu:: --test-threads=2
+run "DiT component parity on $DEVICE (golden cases vs diffusers)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" dit_device --nocapture --test-threads=1
+if [ $DRY = 1 ]; then
+  run "reel bench --device emu (embedded model)" 60 "$CARRY/reel" bench --device emu --steps 1 --warmup 1
+else
+  # s/step of the DiT with both guidance passes, weights made on the device (no download).
+  run "reel bench --device cuda: Wan2.1 1.3B, 832x480 x 81 frames" 120 "$CARRY/reel" bench --device cuda \
+    --model wan2.1-t2v-1.3b --random-weights --size 832x480 --frames 81 --steps 3 --warmup 1 --json -
+  run "reel bench --device cuda --profile: 1.3B per-op times" 90 "$CARRY/reel" bench --device cuda \
+    --model wan2.1-t2v-1.3b --random-weights --size 832x480 --frames 81 --steps 1 --warmup 1 --profile
+fi
 if [ $DRY = 1 ]; then
   run "Flash attention (emulator time: no speed claim)" 60 "$CARRY/reel" kernel-bench attention --device emu --tokens 256 --heads 2 --repeat 2 --warmup 1
 elif python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  run "Flash attention: reel beside torch SDPA (bench/attention_gpu.py)" 170 python3 bench/attention_gpu.py --reel "$CARRY/reel" --max-seconds 120
+  run "Flash attention and GEMM: reel beside torch SDPA and matmul (bench/kernels_gpu.py)" 170 python3 bench/kernels_gpu.py --reel "$CARRY/reel" --max-seconds 130
 else
   run "Flash attention (no torch with CUDA here: reel alone)" 90 "$CARRY/reel" kernel-bench attention --device cuda --tokens 32760 --heads 12
 fi
-section "Component parity on $DEVICE"
-echo "Not yet: the GPU runtime (DiT, VAE, text encoder on a kernel device) arrives with its issue." >>"$report"
+if [ $DRY = 0 ]; then
+  run "reel bench --device cuda: Wan2.1 14B, 1280x720 x 81 frames" 150 "$CARRY/reel" bench --device cuda \
+    --model wan2.1-t2v-14b --random-weights --size 1280x720 --frames 81 --steps 1 --warmup 1 --json -
+fi
 run "reel bench (cpu device, embedded model)" 60 "$CARRY/reel" bench --json -
 if [ $DRY = 1 ]; then
   section "torch baselines"

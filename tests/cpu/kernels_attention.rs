@@ -518,7 +518,7 @@ fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
 
 #[test]
 fn kernel_bench_inputs_and_samples_follow_the_documented_rules() {
-    // bench/attention_gpu.py rebuilds the inputs from the hash and reads the sampled
+    // bench/kernels_gpu.py rebuilds the inputs from the hash and reads the sampled
     // outputs at hashed positions: both rules must hold exactly.
     let d = dev();
     let mut x = Buf::filled(&d, 5000, bf16::ZERO).unwrap();

@@ -340,3 +340,34 @@ fn gemm_through_cublaslt_matches_cpu() {
         );
     }
 }
+
+#[test]
+fn kernel_bench_gemm_samples_follow_the_documented_rules() {
+    // bench/kernels_gpu.py rebuilds A and W from the hash and compares sampled outputs.
+    let d = dev();
+    let a = reel::kernel_bench::GemmBenchArgs {
+        m: 70,
+        n: 90,
+        k: 40,
+        reel_kernel: true,
+        warmup: 0,
+        repeat: 1,
+        seed: 5,
+        samples: 50,
+    };
+    let r = reel::kernel_bench::gemm(&d, &a).unwrap();
+    let input = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| k::hash_value(i as u32, seed, 1.0).to_f32())
+            .collect()
+    };
+    let (x, w) = (input(70 * 40, 5), input(90 * 40, 6));
+    assert_eq!(r.q_first, x[..8]);
+    let mut want = vec![0.0f32; 70 * 90];
+    reel::cpu::linear(&x, &w, None, 70, 40, 90, &mut want);
+    let pos = reel::kernel_bench::sample_positions(want.len(), 50);
+    let want: Vec<f64> = pos.iter().map(|&p| want[p] as f64).collect();
+    let err = rel_l2(&r.sample, &want);
+    assert!(err <= 1e-2, "{err:.3e}");
+    assert_eq!((r.flops, r.kernel), (2 * 70 * 90 * 40, "gemm_bf16_64x64"));
+}

@@ -20,11 +20,19 @@ mod wrappers;
 
 use std::path::PathBuf;
 
+/// tests/data/<case>: of the source tree this binary was built from, or, where that is not
+/// (the test binary taken to the GPU machine, run from a copy of the repository's root), of
+/// the current directory.
 pub fn data(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
-        .join("data")
-        .join(case)
+        .join("data");
+    let root = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests").join("data")
+    };
+    root.join(case)
 }
 
 /// A fresh scratch directory under the target dir, removed at the start of each use.
