@@ -160,6 +160,8 @@ impl Pipeline {
             None => cond.prompt_embeds.clone(),
         };
         let passes = if uncond.is_some() { 2 } else { 1 };
+        // The text's cross-attention K/V are the same at every step: made once.
+        let text_kv = self.dit.text_kv(&ctx)?;
         let steps = sampler.timesteps().to_vec();
         for (i, &t) in steps.iter().enumerate() {
             let x = if passes == 2 {
@@ -168,7 +170,7 @@ impl Pipeline {
                 latents.clone()
             };
             let ts = Tensor::new(vec![passes * b], vec![t; passes * b])?;
-            let out = self.dit.forward(&x, &ts, &ctx)?;
+            let out = self.dit.forward_kv(&x, &ts, &text_kv)?;
             let n = latents.numel();
             let pred: Vec<f32> = if passes == 2 {
                 let (c, u) = out.data().split_at(n);

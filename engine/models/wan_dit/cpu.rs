@@ -39,7 +39,56 @@ impl WanDit {
     /// prompt embeddings (zero-padded rows included: they are attended, as in diffusers).
     /// Returns the flow prediction [B, C_out, T, H, W].
     pub fn forward(&self, x: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<Tensor> {
-        self.forward_with_attention(x, timestep, text, &mut |q, k, v, o, s| {
+        let kv = self.text_kv(text)?;
+        self.forward_kv(x, timestep, &kv)
+    }
+
+    /// The text's part of a forward, the same at every denoising step: the embedded prompt
+    /// and each block's cross-attention K (RMS-normalised) and V. A pipeline makes it once
+    /// per generation and passes it to [`forward_kv`](Self::forward_kv) at every step.
+    pub fn text_kv(&self, text: &Tensor) -> Result<TextKv> {
+        let c = &self.config;
+        let s = text.shape();
+        if s.len() != 3 || s[0] == 0 || s[1] == 0 || s[2] != c.text_dim {
+            return Err(crate::Error::invalid(format!(
+                "encoder_hidden_states must be [B, L, {}] with L > 0, got {s:?}",
+                c.text_dim
+            )));
+        }
+        let (d, eps) = (c.inner_dim(), c.eps as f32);
+        let blt = s[0] * s[1];
+        // ctx = Linear2(GELU-tanh(Linear1(text))): [B·Lt, D].
+        let mut ctx1 = vec![0.0f32; blt * d];
+        self.linear(&self.layers.text_1, text.data(), blt, &mut ctx1, false)?;
+        cpu::bias_gelu(&mut ctx1, &self.w(&self.layers.text_1.b)?);
+        let mut ctx = vec![0.0f32; blt * d];
+        self.linear(&self.layers.text_2, &ctx1, blt, &mut ctx, true)?;
+        drop(ctx1);
+        let mut blocks = Vec::with_capacity(self.layers.blocks.len());
+        for blk in &self.layers.blocks {
+            let a = &blk.attn2;
+            let (mut kc, mut vc) = (vec![0.0f32; blt * d], vec![0.0f32; blt * d]);
+            self.linear(&a.k, &ctx, blt, &mut kc, false)?;
+            self.linear(&a.v, &ctx, blt, &mut vc, true)?;
+            cpu::rms_norm_rope(
+                &mut kc,
+                d,
+                Some(&self.w(&a.k.b)?),
+                &self.w(&a.norm_k)?,
+                eps,
+                None,
+            );
+            blocks.push((kc, vc));
+        }
+        Ok(TextKv {
+            shape: [s[0], s[1], s[2]],
+            blocks,
+        })
+    }
+
+    /// [`forward`](Self::forward) with the text's K/V already made ([`text_kv`](Self::text_kv)).
+    pub fn forward_kv(&self, x: &Tensor, timestep: &Tensor, kv: &TextKv) -> Result<Tensor> {
+        self.forward_kv_with_attention(x, timestep, kv, &mut |q, k, v, o, s| {
             cpu::attention(q, k, v, o, s);
             Ok(())
         })
@@ -55,13 +104,24 @@ impl WanDit {
         text: &Tensor,
         attn: &mut AttentionFn<'_>,
     ) -> Result<Tensor> {
-        let (batch, grid) = self.check_inputs(x.shape(), timestep.shape(), text.shape())?;
+        let kv = self.text_kv(text)?;
+        self.forward_kv_with_attention(x, timestep, &kv, attn)
+    }
+
+    fn forward_kv_with_attention(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        kv: &TextKv,
+        attn: &mut AttentionFn<'_>,
+    ) -> Result<Tensor> {
+        let (batch, grid) = self.check_inputs(x.shape(), timestep.shape(), &kv.shape)?;
         let c = &self.config;
         let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
         let eps = c.eps as f32;
         let l = grid.iter().product::<usize>();
-        let lt = text.shape()[1];
-        let (bl, blt) = (batch * l, batch * lt);
+        let lt = kv.shape[1];
+        let bl = batch * l;
         let s = x.shape();
         let rope = cpu::wan_rope_tables(hd, grid[0], grid[1], grid[2], 10000.0);
 
@@ -82,17 +142,21 @@ impl WanDit {
         cpu::silu(&mut temb_act);
         let mut tproj = vec![0.0f32; batch * 6 * d];
         self.linear(&self.layers.time_proj, &temb_act, batch, &mut tproj, true)?;
-        let mut ctx1 = vec![0.0f32; blt * d];
-        self.linear(&self.layers.text_1, text.data(), blt, &mut ctx1, false)?;
-        cpu::bias_gelu(&mut ctx1, &self.w(&self.layers.text_1.b)?);
-        let mut ctx = vec![0.0f32; blt * d];
-        self.linear(&self.layers.text_2, &ctx1, blt, &mut ctx, true)?;
-        drop(ctx1);
 
-        let mut bufs = Buffers::new(bl, blt, d, f);
-        for block in &self.layers.blocks {
+        let mut bufs = Buffers::new(bl, d, f);
+        for (block, (kc, vc)) in self.layers.blocks.iter().zip(&kv.blocks) {
             self.block(
-                block, &mut h, &ctx, &tproj, &rope, &mut bufs, batch, l, lt, eps, attn,
+                block,
+                &mut h,
+                (kc, vc),
+                &tproj,
+                &rope,
+                &mut bufs,
+                batch,
+                l,
+                lt,
+                eps,
+                attn,
             )?;
         }
 
@@ -120,7 +184,7 @@ impl WanDit {
         &self,
         blk: &Block,
         h: &mut [f32],
-        ctx: &[f32],
+        (kc, vc): (&[f32], &[f32]),
         tproj: &[f32],
         rope: &RopeTables,
         bufs: &mut Buffers,
@@ -132,7 +196,7 @@ impl WanDit {
     ) -> Result<()> {
         let c = &self.config;
         let (d, heads, hd) = (c.inner_dim(), c.num_attention_heads, c.attention_head_dim);
-        let (bl, blt) = (batch * l, batch * lt);
+        let bl = batch * l;
         let Buffers {
             n,
             q,
@@ -141,8 +205,6 @@ impl WanDit {
             o,
             y,
             ff,
-            kc,
-            vc,
         } = bufs;
 
         // Modulation in f32, as diffusers: row j of (table + tproj[b]) for every sample b,
@@ -221,17 +283,7 @@ impl WanDit {
             None => n.copy_from_slice(h),
         }
         self.linear(&a.q, n, bl, q, false)?;
-        self.linear(&a.k, ctx, blt, kc, false)?;
-        self.linear(&a.v, ctx, blt, vc, true)?;
         cpu::rms_norm_rope(q, d, Some(&self.w(&a.q.b)?), &self.w(&a.norm_q)?, eps, None);
-        cpu::rms_norm_rope(
-            kc,
-            d,
-            Some(&self.w(&a.k.b)?),
-            &self.w(&a.norm_k)?,
-            eps,
-            None,
-        );
         attn(q, kc, vc, o, AttnShape { lk: lt, ..shape })?;
         self.linear(&a.o, o, bl, y, false)?;
         cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), None, l);
@@ -244,6 +296,14 @@ impl WanDit {
         cpu::residual_add(h, y, d, Some(&self.w(&blk.ffn_down.b)?), Some(&gate2), l);
         Ok(())
     }
+}
+
+/// The text's K/V of every block ([`WanDit::text_kv`]): made once per prompt.
+pub struct TextKv {
+    /// The prompt embeddings' shape [B, Lt, text_dim].
+    shape: [usize; 3],
+    /// Per block: K (RMS-normalised) and V, [B·Lt, D] each.
+    blocks: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 /// An attention implementation: (q, k, v, out, shape) as [`cpu::attention`] takes them.
@@ -259,12 +319,10 @@ struct Buffers {
     o: Vec<f32>,  // [B·L, D] attention output
     y: Vec<f32>,  // [B·L, D] projection output before the residual
     ff: Vec<f32>, // [B·L, F] FFN hidden
-    kc: Vec<f32>, // [B·Lt, D] cross-attention keys
-    vc: Vec<f32>, // [B·Lt, D] cross-attention values
 }
 
 impl Buffers {
-    fn new(bl: usize, blt: usize, d: usize, f: usize) -> Self {
+    fn new(bl: usize, d: usize, f: usize) -> Self {
         let z = |n: usize| vec![0.0f32; n];
         Buffers {
             n: z(bl * d),
@@ -274,8 +332,6 @@ impl Buffers {
             o: z(bl * d),
             y: z(bl * d),
             ff: z(bl * f),
-            kc: z(blt * d),
-            vc: z(blt * d),
         }
     }
 }

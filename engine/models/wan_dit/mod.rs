@@ -26,7 +26,7 @@ use crate::weights::{TensorEntry, WeightStore};
 mod cpu;
 pub mod gpu;
 
-pub use cpu::AttentionFn;
+pub use cpu::{AttentionFn, TextKv};
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
 
