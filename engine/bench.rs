@@ -263,8 +263,9 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
 /// The DiT step on a kernel device: weights uploaded from the model folder, or made on the
 /// device (`--random-weights`, Philox: the 14B preset needs no download and no host copy),
 /// random prompt embeddings (the text encoder has no device forward yet), latents through
-/// one planned [`DitSession`] per shape; per-op times from the launchers (each launch is
-/// synchronised, so its host time is its device time plus the launch overhead).
+/// one planned [`DitSession`] per shape (on cuda its step replayed as a CUDA graph);
+/// `--profile` runs the step launch by launch and times each: CUDA events on cuda, the
+/// host clock on emu.
 fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<BenchReport> {
     use crate::gpu::DeviceWeights;
     use crate::models::wan_dit::gpu::{device_weight_specs, DitSession, DitShape};

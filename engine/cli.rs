@@ -292,7 +292,8 @@ fn check_device(device: Device) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
         Device::Cuda | Device::Emu => Err(Error::invalid(format!(
-            "--device {}: not available yet (this build has the cpu device only)",
+            "--device {}: generation and serving run on the cpu until the whole pipeline is on the device; \
+             the DiT already runs there (reel component dit, reel bench --device)",
             if device == Device::Cuda {
                 "cuda"
             } else {

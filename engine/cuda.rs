@@ -349,6 +349,48 @@ impl Cuda {
             .map_err(|e| CudaError(format!("running {name}: {e}")))
     }
 
+    /// Runs `f` (launches on the kernel stream) between two CUDA events and returns its
+    /// result with the device time between them, in seconds (not inside a graph capture).
+    pub fn timed<R>(&self, f: impl FnOnce() -> CudaResult<R>) -> CudaResult<(R, f64)> {
+        self.bind()?;
+        let mut ev: [sys::CUevent; 2] = [std::ptr::null_mut(); 2];
+        for e in &mut ev {
+            // SAFETY: creates an event in the bound context.
+            unsafe { sys::cuEventCreate(e, 0) }
+                .result()
+                .map_err(|e| driver("creating an event", e))?;
+        }
+        let destroy = |ev: [sys::CUevent; 2]| {
+            for e in ev {
+                // SAFETY: created above, destroyed once.
+                unsafe {
+                    let _ = sys::cuEventDestroy_v2(e);
+                }
+            }
+        };
+        // SAFETY: the events and the stream belong to this context.
+        let run = (|| {
+            unsafe { sys::cuEventRecord(ev[0], self.stream) }
+                .result()
+                .map_err(|e| driver("recording an event", e))?;
+            let r = f()?;
+            self.bind()?;
+            unsafe { sys::cuEventRecord(ev[1], self.stream) }
+                .result()
+                .map_err(|e| driver("recording an event", e))?;
+            unsafe { sys::cuEventSynchronize(ev[1]) }
+                .result()
+                .map_err(|e| driver("waiting for an event", e))?;
+            let mut ms = 0.0f32;
+            unsafe { sys::cuEventElapsedTime_v2(&mut ms, ev[0], ev[1]) }
+                .result()
+                .map_err(|e| driver("reading an event time", e))?;
+            Ok((r, ms as f64 * 1e-3))
+        })();
+        destroy(ev);
+        run
+    }
+
     /// The kernel stream, for libraries that launch on it (cuBLASLt).
     pub fn stream_raw(&self) -> sys::CUstream {
         self.stream

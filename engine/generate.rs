@@ -278,7 +278,8 @@ pub(crate) fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)
                 return Err(Error::invalid(format!(
                     "--model {name} --random-weights needs about {:.1} GB ({:.1} GB of f32 weights for the DiT and \
                      umT5-XXL, made in memory and written once); this machine has {:.1} GB available. The cpu \
-                     device keeps weights in f32; the GPU runtime (bf16) is not available yet.",
+                     device keeps weights in f32; `reel bench --device cuda --random-weights` makes bf16 weights on a GPU \
+                     instead.",
                     need as f64 / 1e9,
                     weights as f64 / 1e9,
                     have as f64 / 1e9

@@ -37,6 +37,21 @@ pub fn enable(on: bool) {
     ENABLED.store(on, Relaxed);
 }
 
+/// Whether the timers are on.
+pub fn enabled() -> bool {
+    ENABLED.load(Relaxed)
+}
+
+/// Records one call of `op` that took `seconds` (measured elsewhere: CUDA events).
+pub fn record(op: Op, seconds: f64, flops: u64) {
+    if enabled() {
+        let i = op as usize;
+        NANOS[i].fetch_add((seconds * 1e9) as u64, Relaxed);
+        CALLS[i].fetch_add(1, Relaxed);
+        FLOPS[i].fetch_add(flops, Relaxed);
+    }
+}
+
 /// A running timer; records when dropped.
 pub struct Timer {
     op: Op,

@@ -24,8 +24,22 @@ pub fn gemm<'a, O: GemmOut>(
         // never sees what reel's kernel would refuse.
         k::gemm::check(dev, a, w, bias, c, mnk)?;
         let (m, n, kk) = mnk;
-        let _t = crate::profile::time(crate::profile::Op::Gemm, 2 * (m * n * kk) as u64);
-        if lt.gemm(a, w, bias, c, mnk, act, O::F32)? {
+        let ran = match dev {
+            KernelDevice::Cuda(cuda) if crate::profile::enabled() => {
+                let (ran, secs) = cuda
+                    .timed(|| {
+                        lt.gemm(a, w, bias, c, mnk, act, O::F32)
+                            .map_err(|e| crate::cuda::CudaError(e.to_string()))
+                    })
+                    .map_err(|e| crate::Error::Device(e.to_string()))?;
+                if ran {
+                    crate::profile::record(crate::profile::Op::Gemm, secs, 2 * (m * n * kk) as u64);
+                }
+                ran
+            }
+            _ => lt.gemm(a, w, bias, c, mnk, act, O::F32)?,
+        };
+        if ran {
             return Ok("cublaslt");
         }
     }

@@ -294,10 +294,17 @@ pub fn flash_attention<'a>(
         smem(variant.hd, variant.warps, variant.bn)
     );
     let flops = 4 * (s.batch * s.heads * s.lq * s.lk * s.head_dim) as u64;
-    let _t = crate::profile::time(crate::profile::Op::Attention, flops);
     // SAFETY: every operand covers what the kernel touches (last_element checked against
     // each buffer's length), O's blocks write disjoint rows (checked), lse holds
     // batch·heads·lq floats (checked), and the alignment the variant's copies need holds.
-    unsafe { dev.launch(variant.kernel, l, &mut a)? };
+    unsafe {
+        dev.launch_counted(
+            variant.kernel,
+            l,
+            &mut a,
+            crate::profile::Op::Attention,
+            flops,
+        )?
+    };
     Ok(variant.kernel.name)
 }

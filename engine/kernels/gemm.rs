@@ -103,10 +103,10 @@ pub fn gemm<'a, O: GemmOut>(
         block: super::Dim3::x(if tile == 128 { 256 } else { 128 }),
         shared: smem(tile, tile, 3),
     };
-    let _t = crate::profile::time(crate::profile::Op::Gemm, 2 * (m * n * k) as u64);
+    let flops = 2 * (m * n * k) as u64;
     // SAFETY: A, W and C cover rows × row strides (checked), bias N entries (checked); the
     // copies' alignment holds for the variant chosen.
-    unsafe { dev.launch(kernel, l, &mut args)? };
+    unsafe { dev.launch_counted(kernel, l, &mut args, crate::profile::Op::Gemm, flops)? };
     Ok(kernel.name)
 }
 

@@ -334,7 +334,8 @@ impl KernelDevice {
         }
     }
 
-    /// Runs kernel `k` with arguments `args` (whose fields are the kernel's parameters).
+    /// Runs kernel `k` with arguments `args` (whose fields are the kernel's parameters),
+    /// counted as norm/elementwise work by `reel bench --profile`.
     ///
     /// # Safety
     /// Every address in `args` must belong to this device and cover what the kernel touches
@@ -345,13 +346,26 @@ impl KernelDevice {
         l: Launch,
         args: &mut A,
     ) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_counted(k, l, args, crate::profile::Op::Elementwise, 0) }
+    }
+
+    /// [`launch`](Self::launch) counted under `op` with `flops` for `reel bench --profile`:
+    /// timed on the host on emu, by CUDA events on cuda.
+    ///
+    /// # Safety
+    /// As for [`launch`](Self::launch).
+    pub(crate) unsafe fn launch_counted<A: KernelArgs>(
+        &self,
+        k: &Kernel<A>,
+        l: Launch,
+        args: &mut A,
+        op: crate::profile::Op,
+        flops: u64,
+    ) -> Result<()> {
         check_geometry(k.name, l.grid, l.block)?;
         check_shared(k.name, l.shared, k.shared_opt_in, self.arch()?)?;
-        // GEMM and attention launchers time themselves with their FLOPs; the rest here.
-        let _t = (!matches!(self, KernelDevice::Measure(_))
-            && !k.name.starts_with("gemm_")
-            && !k.name.starts_with("flash_attn_"))
-        .then(|| crate::profile::time(crate::profile::Op::Elementwise, 0));
+        let profiling = crate::profile::enabled();
         let mut params = args.params();
         match self {
             KernelDevice::Measure(r) => {
@@ -374,12 +388,16 @@ impl KernelDevice {
                     shared_opt_in: k.shared_opt_in,
                     max_shared_per_block: emu_arch()?.max_shared_per_block,
                 };
+                let start = std::time::Instant::now();
                 // SAFETY: the caller's contract; the entry point reads the parameters through
                 // `params` (pointers into `args`, alive for the call), whose types the layout
                 // test checks against the kernel's, and runs the grid to completion.
                 let rc = unsafe { (k.emu)(&cfg, params.as_mut_ptr()) };
                 if rc != 0 {
                     return Err(Error::Device(emu_last_error()));
+                }
+                if profiling {
+                    crate::profile::record(op, start.elapsed().as_secs_f64(), flops);
                 }
                 Ok(())
             }
@@ -388,7 +406,7 @@ impl KernelDevice {
                 let grid = (l.grid.x, l.grid.y, l.grid.z);
                 let block = (l.block.x, l.block.y, l.block.z);
                 // SAFETY: the caller's contract.
-                let r = unsafe {
+                let mut go = || unsafe {
                     c.launch(
                         k.module,
                         k.name,
@@ -398,6 +416,12 @@ impl KernelDevice {
                         k.shared_opt_in,
                         &mut params,
                     )
+                };
+                let r = if profiling {
+                    c.timed(go)
+                        .map(|((), secs)| crate::profile::record(op, secs, flops))
+                } else {
+                    go()
                 };
                 crate::cuda::nvtx_pop();
                 r.map_err(|e| Error::Device(e.to_string()))
