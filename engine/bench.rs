@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::generate::{load_model, parse_size, GenerateArgs};
+use crate::generate::{load_model_with, parse_size, GenerateArgs};
 use crate::models::embedded;
 use crate::models::wan_dit::WanDit;
 use crate::models::wan_vae::FrameSink;
@@ -122,7 +122,8 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         random_weights: args.random_weights,
         ..Default::default()
     };
-    let (pipe, model_name, embedded_model) = load_model(&gen_args)?;
+    // Make, load and count only what is measured: the text encoder with --text.
+    let (pipe, model_name, embedded_model) = load_model_with(&gen_args, args.text)?;
     let (w, h) = match &args.size {
         Some(s) => parse_size(s)?,
         None if embedded_model => embedded::DEFAULT_SIZE,

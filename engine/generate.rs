@@ -82,6 +82,16 @@ pub fn parse_size(s: &str) -> Result<(usize, usize)> {
     Ok((w, h))
 }
 
+/// "42 s", "3 min 20 s", "1 h 05 min".
+pub fn human_seconds(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {:02} s", s / 60, s % 60),
+        _ => format!("{} h {:02} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
 /// The next multiple of `m` at or above `v`.
 fn round_up(v: usize, m: usize) -> usize {
     v.div_ceil(m) * m
@@ -233,6 +243,51 @@ fn sidecar_path(out: &str) -> PathBuf {
 
 /// Loads the model `args.model` names (a folder, a preset, or the embedded default).
 pub(crate) fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)> {
+    load_model_with(args, true)
+}
+
+/// The DiT and text-encoder configs of a preset.
+fn preset_configs(
+    name: &str,
+) -> (
+    crate::models::wan_dit::WanDitConfig,
+    crate::models::umt5::Umt5Config,
+) {
+    use crate::models::wan_dit::WanDitConfig;
+    let dit = if name.ends_with("14b") {
+        WanDitConfig::wan21_t2v_14b()
+    } else {
+        WanDitConfig::wan21_t2v_1_3b()
+    };
+    (dit, crate::models::umt5::Umt5Config::umt5_xxl())
+}
+
+/// (bytes of f32 weights, bytes needed to make them) for preset `name` with random weights:
+/// the DiT and the VAE, and umT5-XXL only `with_text` (a bench of the DiT needs none). The
+/// weights are made in memory and serialised before they are mapped: twice at the peak.
+pub fn random_preset_bytes(name: &str, with_text: bool) -> (u64, u64) {
+    let (dit, text) = preset_configs(name);
+    let params = |specs: Vec<(String, Vec<usize>)>| -> u64 {
+        specs
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum()
+    };
+    let mut n = params(crate::models::wan_dit::WanDit::weight_specs(&dit))
+        + params(crate::models::wan_vae::WanVae::weight_specs(
+            &crate::models::wan_vae::WanVaeConfig::default(),
+        ));
+    if with_text {
+        n += params(crate::models::umt5::Umt5Encoder::weight_specs(&text));
+    }
+    (4 * n, 8 * n)
+}
+
+/// [`load_model`], making a random-weights preset's text encoder only `with_text`.
+pub(crate) fn load_model_with(
+    args: &GenerateArgs,
+    with_text: bool,
+) -> Result<(Pipeline, String, bool)> {
     match args.model.as_deref() {
         None => {
             tracing::info!(
@@ -250,42 +305,22 @@ pub(crate) fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)
                      or --model DIR with downloaded weights (see the README)"
                 )));
             }
-            let (dit, text) = if name.ends_with("14b") {
-                (
-                    crate::models::wan_dit::WanDitConfig::wan21_t2v_14b(),
-                    crate::models::umt5::Umt5Config::umt5_xxl(),
-                )
-            } else {
-                (
-                    crate::models::wan_dit::WanDitConfig::wan21_t2v_1_3b(),
-                    crate::models::umt5::Umt5Config::umt5_xxl(),
-                )
-            };
-            let params = |specs: Vec<(String, Vec<usize>)>| -> u64 {
-                specs
-                    .iter()
-                    .map(|(_, s)| s.iter().product::<usize>() as u64)
-                    .sum()
-            };
-            let weights = 4
-                * (params(crate::models::wan_dit::WanDit::weight_specs(&dit))
-                    + params(crate::models::umt5::Umt5Encoder::weight_specs(&text)));
-            // Random weights are made in memory and serialised before they are mapped: twice
-            // the f32 weights at the peak.
-            let need = 2 * weights;
+            let (dit, text) = preset_configs(name);
+            let (weights, need) = random_preset_bytes(name, with_text);
             let have = available_memory().unwrap_or(0);
             if need > have {
                 return Err(Error::invalid(format!(
-                    "--model {name} --random-weights needs about {:.1} GB ({:.1} GB of f32 weights for the DiT and \
-                     umT5-XXL, made in memory and written once); this machine has {:.1} GB available. The cpu \
-                     device keeps weights in f32; `reel bench --device cuda --random-weights` makes bf16 weights on a GPU \
-                     instead.",
+                    "--model {name} --random-weights needs about {:.1} GB ({:.1} GB of f32 weights for the DiT, the VAE{}, \
+                     made in memory and written once); this machine has {:.1} GB available. The cpu device keeps \
+                     weights in f32; `reel bench --device cuda --random-weights` makes bf16 weights on a GPU instead.",
                     need as f64 / 1e9,
                     weights as f64 / 1e9,
+                    if with_text { " and umT5-XXL" } else { "" },
                     have as f64 / 1e9
                 )));
             }
-            let dir = embedded::write_random_pipeline(name, &dit, &text)?;
+            let text = with_text.then_some(&text);
+            let dir = embedded::write_random_pipeline(name, &dit, text)?;
             Ok((
                 Pipeline::load(&dir)?,
                 format!("{name} (random weights)"),
@@ -512,6 +547,9 @@ pub fn render(
             "{w}x{h} is not a multiple of {multiple}: generating {gw}x{gh} and center-cropping"
         );
     }
+    if let Some(note) = embedded::size_note(&pipe.root, w, h, frames) {
+        tracing::warn!("{note}");
+    }
     let shape = pipe.latent_shape(1, frames, gh, gw);
     let passes = if guidance > 1.0 { 2 } else { 1 };
     let tokens = shape[2..].iter().product::<usize>() / pipe.dit.config.patch_volume();
@@ -590,6 +628,14 @@ pub fn render(
     let t1 = Instant::now();
     let final_latents = pipe.denoise(latents, cond, guidance, sampler.as_mut(), &mut |i, n| {
         progress.inc(1);
+        // From the mean step time so far (the first step's alone after one): the bar's own
+        // estimate mixes steps with the decoder's frames.
+        let left = t1.elapsed().as_secs_f64() / i as f64 * (n - i) as f64;
+        progress.set_message(if i < n {
+            format!("denoising, about {} left", human_seconds(left))
+        } else {
+            "denoising".to_string()
+        });
         on_step(i, n)
     })?;
     timings.denoise_seconds = t1.elapsed().as_secs_f64();

@@ -85,12 +85,16 @@ pub struct Job {
     pub guidance: f32,
     pub seed: u64,
     pub fps: u32,
+    /// Said before the first step when the run is unlikely to draw well (the demo model at a
+    /// size it was not trained at); a reel field of the video object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl Job {
     /// The video object as the API returns it.
     fn object(&self) -> Value {
-        json!({
+        let mut v = json!({
             "id": self.id,
             "object": "video",
             "model": self.model,
@@ -105,7 +109,11 @@ impl Job {
             "frames": self.frames,
             "fps": self.fps,
             "seed": self.seed,
-        })
+        });
+        if let Some(w) = &self.warning {
+            v["warning"] = json!(w);
+        }
+        v
     }
 }
 
@@ -306,6 +314,9 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             }
         };
         shared.update(&id, |j| j.status = Status::InProgress);
+        if let Some(w) = &job.warning {
+            tracing::warn!("job {id}: {w}");
+        }
         let size = parse_size(&job.size).unwrap_or(embedded::DEFAULT_SIZE);
         let render_job = Render {
             prompt: Some(job.prompt.clone()),
@@ -500,6 +511,12 @@ fn job_from_request(
         guidance,
         seed,
         fps,
+        warning: if shared.embedded {
+            let (w, h) = parse_size(size).unwrap_or(embedded::DEFAULT_SIZE);
+            embedded::size_note_meta(&embedded::demo_meta(), w, h, frames)
+        } else {
+            None
+        },
     })
 }
 

@@ -120,6 +120,44 @@ pub fn vocabulary_note(model_dir: &Path, prompt: &str) -> Option<String> {
     Some(note)
 }
 
+/// For the demo model (`meta`: its reel_demo.json): a note when (w, h, frames) is not a size
+/// and length it was trained at, where it draws noise (and, on the cpu, takes long). None
+/// at a trained size and for every other model (no `trained_sizes` field).
+pub fn size_note_meta(
+    meta: &serde_json::Value,
+    w: usize,
+    h: usize,
+    frames: usize,
+) -> Option<String> {
+    let sizes: Vec<&str> = meta["trained_sizes"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let lengths: Vec<u64> = meta["trained_frames"]
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    let size = format!("{w}x{h}");
+    if sizes.contains(&size.as_str()) && lengths.contains(&(frames as u64)) {
+        return None;
+    }
+    let list = |v: Vec<String>| v.join(", ");
+    Some(format!(
+        "the demo model was trained on {} clips of {} frames only and draws well at those sizes only: \
+         at {size} x {frames} frames expect noise (pass --model DIR for Wan2.1 weights)",
+        list(sizes.iter().map(|s| s.to_string()).collect()),
+        list(lengths.iter().map(|f| f.to_string()).collect()),
+    ))
+}
+
+/// [`size_note_meta`] for the pipeline folder `model_dir` (None unless it holds the demo).
+pub fn size_note(model_dir: &Path, w: usize, h: usize, frames: usize) -> Option<String> {
+    let text = std::fs::read_to_string(model_dir.join(DEMO_JSON)).ok()?;
+    size_note_meta(&serde_json::from_str(&text).ok()?, w, h, frames)
+}
+
 fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
@@ -179,11 +217,20 @@ fn json<T: serde::Serialize>(v: &T, class: &str) -> Result<serde_json::Value> {
 
 /// Writes a pipeline of the given architecture with deterministic random weights (the Wan2.1
 /// VAE, the embedded tokenizer) under the temporary directory; for the presets.
-pub fn write_random_pipeline(name: &str, dit: &WanDitConfig, text: &Umt5Config) -> Result<PathBuf> {
+pub fn write_random_pipeline(
+    name: &str,
+    dit: &WanDitConfig,
+    text: Option<&Umt5Config>,
+) -> Result<PathBuf> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let dir =
-        std::env::temp_dir().join(format!("reel-{name}-random-{}", env!("CARGO_PKG_VERSION")));
+    // Without a text encoder (a bench of the DiT) the folder is another one: a pipeline with
+    // prompt embeddings needs no text_encoder/ or tokenizer/.
+    let variant = if text.is_some() { "" } else { "-no-text" };
+    let dir = std::env::temp_dir().join(format!(
+        "reel-{name}-random{variant}-{}",
+        env!("CARGO_PKG_VERSION")
+    ));
     if dir.join("model_index.json").is_file() {
         return Ok(dir);
     }
@@ -202,7 +249,7 @@ fn write_pipeline(
     dir: &Path,
     dit: &WanDitConfig,
     vae: &WanVaeConfig,
-    text: &Umt5Config,
+    text: Option<&Umt5Config>,
 ) -> Result<()> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -218,36 +265,40 @@ fn write_pipeline(
         &json(vae, "AutoencoderKLWan")?,
         &random_weights(&WanVae::weight_specs(vae), 2),
     )?;
-    let mut te = json(text, "UMT5EncoderModel")?;
-    if let Some(o) = te.as_object_mut() {
-        o.remove("_class_name");
-        o.insert(
-            "architectures".into(),
-            serde_json::json!(["UMT5EncoderModel"]),
-        );
+    if let Some(text) = text {
+        let mut te = json(text, "UMT5EncoderModel")?;
+        if let Some(o) = te.as_object_mut() {
+            o.remove("_class_name");
+            o.insert(
+                "architectures".into(),
+                serde_json::json!(["UMT5EncoderModel"]),
+            );
+        }
+        write_component(
+            &dir.join("text_encoder"),
+            &te,
+            &random_weights(&Umt5Encoder::weight_specs(text), 3),
+        )?;
+        let tok = dir.join("tokenizer");
+        std::fs::create_dir_all(&tok).map_err(io(&tok))?;
+        std::fs::write(tok.join("tokenizer.json"), TOKENIZER).map_err(io(&tok))?;
     }
-    write_component(
-        &dir.join("text_encoder"),
-        &te,
-        &random_weights(&Umt5Encoder::weight_specs(text), 3),
-    )?;
-    let tok = dir.join("tokenizer");
-    std::fs::create_dir_all(&tok).map_err(io(&tok))?;
-    std::fs::write(tok.join("tokenizer.json"), TOKENIZER).map_err(io(&tok))?;
     let sched = dir.join("scheduler");
     std::fs::create_dir_all(&sched).map_err(io(&sched))?;
     let sc = serde_json::to_string_pretty(&SchedulerConfig::default())
         .map_err(|e| Error::invalid(e.to_string()))?;
     std::fs::write(sched.join("scheduler_config.json"), sc).map_err(io(&sched))?;
-    let index = serde_json::json!({
+    let mut index = serde_json::json!({
         "_class_name": "WanPipeline",
         "_reel_note": "an architecture preset with random weights: a smoke test, its videos are noise",
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
     });
+    if text.is_some() {
+        index["text_encoder"] = serde_json::json!(["transformers", "UMT5EncoderModel"]);
+        index["tokenizer"] = serde_json::json!(["transformers", "T5TokenizerFast"]);
+    }
     std::fs::write(dir.join("model_index.json"), index.to_string()).map_err(io(dir))?;
     Ok(())
 }

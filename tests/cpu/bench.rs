@@ -150,3 +150,52 @@ fn bench_on_emu_times_the_device_dit_step() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--vae"));
 }
+
+#[test]
+fn bench_of_a_preset_makes_only_what_it_measures() {
+    // The 1.3B preset's DiT (and VAE) without the text encoder: what `reel bench` makes
+    // unless --text is given. Checked on the estimate; the 1.3B does not run in CI.
+    let (dit_only, need) = reel::generate::random_preset_bytes("wan2.1-t2v-1.3b", false);
+    let (all, need_all) = reel::generate::random_preset_bytes("wan2.1-t2v-1.3b", true);
+    assert!(need < 20_000_000_000, "{need} bytes: fits a 24 GB machine");
+    assert!(
+        need_all > 50_000_000_000,
+        "{need_all}: umT5-XXL alone is ~22.7 GB of f32"
+    );
+    assert!(all - dit_only > 20_000_000_000);
+    // A machine too small for even the 14B DiT gets the numbers, naming what is made (on a
+    // machine large enough this would make 114 GB of weights: skipped there).
+    let (_, need14) = reel::generate::random_preset_bytes("wan2.1-t2v-14b", false);
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let l = m
+                .lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .to_string();
+            l.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kb| kb * 1024);
+    if avail.is_none_or(|a| a >= need14) {
+        eprintln!("this machine could make the 14B's weights: the refusal is not checked here");
+        return;
+    }
+    let e = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "bench",
+            "--model",
+            "wan2.1-t2v-14b",
+            "--random-weights",
+            "--size",
+            "128x128",
+            "--frames",
+            "9",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("the DiT, the VAE,") && !err.contains("umT5"),
+        "{err}"
+    );
+}

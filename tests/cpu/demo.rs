@@ -145,3 +145,39 @@ fn demo_model_takes_any_prompt_and_says_what_it_knows() {
     // Other models never get the note.
     assert!(reel::models::embedded::vocabulary_note(&crate::data("pipeline_tiny"), "x").is_none());
 }
+
+#[test]
+fn demo_model_says_when_a_size_is_not_one_it_was_trained_at() {
+    use reel::models::embedded::{ensure, size_note};
+    let dir = ensure().unwrap();
+    assert_eq!(size_note(&dir, 64, 64, 17), None);
+    let n = size_note(&dir, 1080, 1920, 17).unwrap();
+    assert!(
+        n.contains("64x64") && n.contains("17 frames") && n.contains("1080x1920"),
+        "{n}"
+    );
+    assert!(size_note(&dir, 64, 64, 33).is_some(), "another length");
+    // Other models have no trained sizes: no note.
+    assert_eq!(size_note(&crate::data("pipeline_tiny"), 128, 128, 9), None);
+    // generate says it before the first step.
+    let out = crate::scratch("demo-size-note").join("x.y4m");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle moving right",
+            "--size",
+            "80x64",
+            "--frames",
+            "5",
+            "--steps",
+            "1",
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("trained on 64x64"), "{err}");
+}

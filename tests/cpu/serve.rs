@@ -375,3 +375,31 @@ fn serve_retention_evicts_finished_jobs_over_the_disk_budget() {
     );
     server.stop();
 }
+
+#[test]
+fn serve_warns_when_the_demo_model_runs_at_a_size_it_never_saw() {
+    let dir = scratch("serve-warning");
+    let server = start(&dir, 4, None);
+    let addr = server.addr;
+    // An OpenAI client's usual size: the demo was trained on 64x64 only.
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "size": "720x1280", "steps": 1}),
+    );
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    let id = v["id"].as_str().unwrap().to_string();
+    let w = v["warning"].as_str().unwrap_or_default();
+    assert!(w.contains("64x64") && w.contains("720x1280"), "{v}");
+    http(addr, "DELETE", &format!("/v1/videos/{id}"), &[], b"");
+    // At the trained size: no warning field.
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "steps": 1}),
+    );
+    let v = r.json();
+    assert!(v.get("warning").is_none(), "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_for(addr, &id, "completed");
+    server.stop();
+}
