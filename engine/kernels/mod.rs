@@ -23,6 +23,7 @@ use crate::cuda::Cuda;
 use crate::error::{Error, Result};
 
 pub mod attention;
+pub mod conv3d;
 pub mod dit;
 pub mod elementwise;
 pub mod emu_checks;
@@ -699,6 +700,7 @@ pub struct KernelLayout {
 pub fn param_layouts() -> Vec<KernelLayout> {
     let all: Vec<&dyn AnyKernel> = [
         attention::ALL,
+        conv3d::ALL,
         dit::ALL,
         elementwise::ALL,
         self::gemm::ALL,

@@ -9,6 +9,7 @@ mod emu;
 mod generate;
 mod kernels;
 mod kernels_attention;
+mod kernels_conv;
 mod kernels_gemm;
 mod pipeline;
 mod plan;

@@ -1,0 +1,290 @@
+//! The VAE's convolution kernel (kernels/conv3d.cu) on the device REEL_TEST_DEVICE names,
+//! against the CPU reference (reel::cpu::conv::conv3d) on the same bf16-rounded inputs:
+//! every variant, the Wan VAE's kernel shapes (3×3×3 causal, 3×1×1 temporal stride 2, 3×3
+//! spatial stride 2 with the asymmetric padding, 1×1×1), null frames (causal zeros) at any
+//! position, channels and pixels off the tiles, and the launcher's errors.
+
+use half::bf16;
+use reel::cpu::conv::{conv3d, ConvWeights};
+use reel::kernels::{self as k, Buf, DevSlice};
+use reel::tensor::rel_l2;
+
+use crate::kernels::{bf16s, dev, down, f32s, up, vals};
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    h: usize,
+    w: usize,
+    ci: usize,
+    co: usize,
+    k: [usize; 3],
+    stride: [usize; 3],
+    pad: [usize; 4],
+    /// Input frames; those whose bit is set in `zeros` are passed as None.
+    frames: usize,
+    zeros: u32,
+    /// Elements before every operand (odd: only the any-alignment variant applies).
+    offset: usize,
+}
+
+fn case(h: usize, w: usize, ci: usize, co: usize) -> Case {
+    Case {
+        h,
+        w,
+        ci,
+        co,
+        k: [3, 3, 3],
+        stride: [1, 1, 1],
+        pad: [1, 1, 1, 1],
+        frames: 4,
+        zeros: 0b11, // the causal padding of a first chunk
+        offset: 0,
+    }
+}
+
+impl Case {
+    fn check(&self, seed: u64) -> &'static str {
+        let d = dev();
+        let (h, w, ci, co) = (self.h, self.w, self.ci, self.co);
+        let kvol: usize = self.k.iter().product();
+        let fl = h * w * ci;
+        let inputs: Vec<Option<Vec<bf16>>> = (0..self.frames)
+            .map(|i| (self.zeros >> i & 1 == 0).then(|| bf16s(&vals(fl, seed + i as u64))))
+            .collect();
+        // Weights scaled so outputs are O(1) whatever the fan-in.
+        let scale = 1.0 / ((ci * kvol) as f32).sqrt() / 3.0;
+        let wt = bf16s(
+            &vals(co * ci * kvol, seed + 100)
+                .iter()
+                .map(|v| v * scale)
+                .collect::<Vec<_>>(),
+        );
+        let bias = vals(co, seed + 101);
+        let pre = vec![bf16::from_f32(5.0); self.offset];
+        let with_pre = |v: &[bf16]| [&pre[..], v].concat();
+        let bufs: Vec<Option<Buf<bf16>>> = inputs
+            .iter()
+            .map(|f| f.as_ref().map(|f| up(&d, &with_pre(f))))
+            .collect();
+        let dw = bf16s(&k::conv3d::device_weights(&f32s(&wt), co, ci, self.k));
+        let (wb, bb) = (up(&d, &with_pre(&dw)), up(&d, &bias));
+        let shape = k::conv3d::ConvShape {
+            h,
+            w,
+            ci,
+            co,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let (t_out, h_out, w_out) = shape.out_size(self.frames).unwrap();
+        let out_len = t_out * h_out * w_out * co;
+        let poison = bf16::from_bits(0x7fc1);
+        let ob = Buf::filled(&d, self.offset + out_len + 7, poison).unwrap();
+        fn sub(s: DevSlice<'_, bf16>, off: usize) -> DevSlice<'_, bf16> {
+            s.sub(off, s.len() - off).unwrap()
+        }
+        let frames: Vec<Option<DevSlice<'_, bf16>>> = bufs
+            .iter()
+            .map(|b| b.as_ref().map(|b| sub(b.slice(), self.offset)))
+            .collect();
+        let (dims, variant) = k::conv3d::conv3d_bf16(
+            &d,
+            &frames,
+            sub(wb.slice(), self.offset),
+            bb.slice(),
+            ob.slice().sub(self.offset, out_len).unwrap(),
+            shape,
+        )
+        .unwrap_or_else(|e| panic!("{self:?}: {e}"));
+        assert_eq!(dims, (t_out, h_out, w_out));
+        let all = down(&ob);
+        for (i, v) in all[..self.offset]
+            .iter()
+            .chain(&all[self.offset + out_len..])
+            .enumerate()
+        {
+            assert_eq!(
+                v.to_bits(),
+                poison.to_bits(),
+                "{self:?}: wrote outside out ({i})"
+            );
+        }
+        let got = f32s(&all[self.offset..][..out_len]);
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{self:?} ({variant}): unwritten outputs"
+        );
+        let f32_inputs: Vec<Option<Vec<f32>>> =
+            inputs.iter().map(|f| f.as_ref().map(|f| f32s(f))).collect();
+        let refs: Vec<Option<&[f32]>> = f32_inputs.iter().map(|f| f.as_deref()).collect();
+        let cw = ConvWeights::new(&f32s(&wt), &bias, co, ci, self.k);
+        let want = conv3d(&refs, h, w, &cw, self.stride, self.pad);
+        assert_eq!((want.t, want.h, want.w), (t_out, h_out, w_out));
+        let w64: Vec<f64> = want.data.iter().map(|&v| v as f64).collect();
+        let naive: Vec<f32> = want
+            .data
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect();
+        let (err, naive_err) = (rel_l2(&got, &w64), rel_l2(&naive, &w64));
+        assert!(
+            err <= 2.0 * naive_err.max(1e-7),
+            "{self:?} ({variant}): rel L2 {err:.3e} (bf16 rounding {naive_err:.3e})"
+        );
+        variant
+    }
+}
+
+#[test]
+fn conv3d_matches_cpu_in_every_variant_and_vae_shape() {
+    let checks: Vec<(Case, &str)> = vec![
+        // Causal 3×3×3 on a first chunk (two zero frames), channels off the tile: K steps
+        // with a partial tail, pixels 5·7 = 35 < 64.
+        (case(5, 7, 40, 24), "conv3d_bf16_c8"),
+        // The tiny VAE's 12 channels: 4-byte copies; outputs past 64 channels and pixels.
+        (
+            Case {
+                zeros: 0b1,
+                ..case(9, 11, 12, 70)
+            },
+            "conv3d_bf16_c2",
+        ),
+        // The encoder's first conv on RGB (3 channels), no zero frames, 8 frames in.
+        (
+            Case {
+                frames: 8,
+                zeros: 0,
+                ..case(6, 5, 3, 16)
+            },
+            "conv3d_bf16_c1",
+        ),
+        // A zero frame in the middle (a null cache entry), ci a multiple of BK.
+        (
+            Case {
+                zeros: 0b100,
+                frames: 5,
+                ..case(4, 4, 64, 32)
+            },
+            "conv3d_bf16_c8",
+        ),
+        // The downsampler's spatial conv: 3×3, stride 2, padding bottom/right only.
+        (
+            Case {
+                k: [1, 3, 3],
+                stride: [1, 2, 2],
+                pad: [0, 1, 0, 1],
+                frames: 2,
+                zeros: 0,
+                ..case(9, 10, 24, 24)
+            },
+            "conv3d_bf16_c8",
+        ),
+        // The downsampler's time conv: 3×1×1, stride 2 in time.
+        (
+            Case {
+                k: [3, 1, 1],
+                stride: [2, 1, 1],
+                pad: [0; 4],
+                frames: 7,
+                zeros: 0,
+                ..case(3, 5, 16, 32)
+            },
+            "conv3d_bf16_c8",
+        ),
+        // A 1×1×1 shortcut with 96 → 40 channels over 70 pixels.
+        (
+            Case {
+                k: [1, 1, 1],
+                pad: [0; 4],
+                frames: 3,
+                zeros: 0,
+                ..case(7, 10, 96, 40)
+            },
+            "conv3d_bf16_c8",
+        ),
+        // Operands off 4-byte alignment: the plain-load variant whatever the channels.
+        (
+            Case {
+                offset: 1,
+                ..case(5, 6, 32, 8)
+            },
+            "conv3d_bf16_c1",
+        ),
+        // Off 16 bytes but on 4: the 4-byte variant.
+        (
+            Case {
+                offset: 2,
+                ..case(5, 6, 32, 8)
+            },
+            "conv3d_bf16_c2",
+        ),
+    ];
+    for (i, (c, want)) in checks.iter().enumerate() {
+        let got = c.check(i as u64 * 1000);
+        assert_eq!(got, *want, "{c:?}: variant");
+    }
+}
+
+#[test]
+fn conv3d_rejects_bad_shapes_by_name() {
+    let d = dev();
+    let f: Buf<bf16> = Buf::filled(&d, 4 * 4 * 8, bf16::ZERO).unwrap();
+    let wb: Buf<bf16> = Buf::filled(&d, 8 * 27 * 8, bf16::ZERO).unwrap();
+    let bb: Buf<f32> = Buf::filled(&d, 8, 0.0).unwrap();
+    let ob: Buf<bf16> = Buf::filled(&d, 4 * 4 * 8 * 8, bf16::ZERO).unwrap();
+    let shape = k::conv3d::ConvShape {
+        h: 4,
+        w: 4,
+        ci: 8,
+        co: 8,
+        k: [3, 3, 3],
+        stride: [1, 1, 1],
+        pad: [1; 4],
+    };
+    let run = |frames: Vec<Option<DevSlice<'_, bf16>>>, s: k::conv3d::ConvShape| {
+        k::conv3d::conv3d_bf16(&d, &frames, wb.slice(), bb.slice(), ob.slice(), s)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = run(vec![Some(f.slice()); 2], shape);
+    assert!(e.contains("smaller than the kernel"), "{e}");
+    let e = run(vec![Some(f.slice()); 9], shape);
+    assert!(e.contains("at most 8"), "{e}");
+    let e = run(
+        vec![Some(f.slice()), None, Some(f.slice().sub(0, 10).unwrap())],
+        shape,
+    );
+    assert!(e.contains("4x4x8"), "{e}");
+    let e = run(
+        vec![None; 4],
+        k::conv3d::ConvShape {
+            k: [4, 1, 1],
+            ..shape
+        },
+    );
+    assert!(e.contains("depth 4"), "{e}");
+    let e = run(vec![None; 3], k::conv3d::ConvShape { co: 9, ..shape });
+    assert!(e.contains("weights"), "{e}");
+    let e = k::conv3d::conv3d_bf16(
+        &d,
+        &[None; 3],
+        wb.slice(),
+        bb.slice(),
+        ob.slice().sub(0, 100).unwrap(),
+        shape,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("out holds 100"), "{e}");
+}
+
+#[test]
+fn conv3d_code_is_tensor_core_code_without_spills() {
+    crate::kernels::tensor_core_code(
+        "conv3d",
+        "conv3d_bf16_",
+        6,
+        &["conv3d_bf16_c8", "conv3d_bf16_c2"],
+    );
+}
