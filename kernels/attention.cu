@@ -47,11 +47,18 @@
 //                           are not 16-byte aligned: N = 16, 32, 64, 128 (4 warps, BN 64,
 //                           4-byte cp.async, Q in registers) and 256 (BN 32, Q re-read from
 //                           shared memory to stay within the register file)
+//   flash_attn_qk384_v192_bn32 / _bn16   head_dim 257..384 (the VAE mid-block's single head of
+//                           384 channels): Q·Kᵀ over the whole head, V and O split into two
+//                           launches of ≤ 192 columns, so the O accumulator is 96 floats per
+//                           thread, not 192 (S is computed twice: 1.5× the FLOPs of one pass);
+//                           Q re-read from shared memory, 4 warps, 16-byte copies (aligned
+//                           operands only). 50,176 + 2 × (K 25,088 + V 12,800) = 125,952 B
+//                           (bn32: sm_80, sm_90) or 88,064 B (bn16: sm_86/89)
 // Register budget (255 per thread; per thread: O = HD/2 f32, S = BN/2 f32, Q fragments HD/4
 // words), ptxas sm_90a / sm_80: hd128_bn64 198 / 206 (256 threads: 50.7K of the SM's 64K
 // registers, one block per SM), hd128_bn32 182 / 184, hd64_bn128 198 / 202, any_hd16 84 / 92,
 // any_hd32 102 / 109, any_hd64 142 / 144, any_hd128 198 / 206, any_hd256 233 / 231 (Q not in
-// registers: 64 words saved). No spills and no stack frame (tested). Not yet measured on a
+// registers: 64 words saved), qk384_v192_bn32 204 / 205, qk384_v192_bn16 180 / 186. No spills and no stack frame (tested). Not yet measured on a
 // GPU: the tile choices follow FlashAttention-2's for sm_80 and wait for gpu-check's numbers
 // (bench/attention_gpu.py).
 #include "common/reel_cuda.cuh"
@@ -61,9 +68,10 @@ typedef __nv_bfloat16 bf16;
 
 namespace flash {
 
-template <int HD_, int WARPS_, int BN_, int CHUNK_, bool Q_REGS_>
+template <int HD_, int HDV_, int WARPS_, int BN_, int CHUNK_, bool Q_REGS_>
 struct Config {
-  static constexpr int HD = HD_;          // padded head dim
+  static constexpr int HD = HD_;          // padded head dim of Q and K
+  static constexpr int HDV = HDV_;        // padded columns of V and O per launch
   static constexpr int WARPS = WARPS_;
   static constexpr int BM = 16 * WARPS_;  // query rows per block
   static constexpr int BN = BN_;          // keys per tile
@@ -71,26 +79,30 @@ struct Config {
   static constexpr bool Q_REGS = Q_REGS_;
   static constexpr int THREADS = 32 * WARPS_;
   static constexpr int LD = HD + 8;  // shared row stride (elements): rows 16 bytes apart mod 128
+  static constexpr int LDV = HDV + 8;
   static constexpr int Q_ELEMS = BM * LD;
-  static constexpr int KV_ELEMS = BN * LD;
-  static constexpr int SMEM_BYTES = (Q_ELEMS + 4 * KV_ELEMS) * 2;
-  static_assert(HD % 16 == 0 && BN % 16 == 0 && HD <= 256, "tiles of 16");
+  static constexpr int K_ELEMS = BN * LD;
+  static constexpr int V_ELEMS = BN * LDV;
+  static constexpr int STAGE_ELEMS = K_ELEMS + V_ELEMS;
+  static constexpr int SMEM_BYTES = (Q_ELEMS + 2 * STAGE_ELEMS) * 2;
+  static_assert(HD % 16 == 0 && HDV % 16 == 0 && BN % 16 == 0 && HDV <= HD && HD <= 384, "tiles of 16");
+  static_assert(Q_REGS_ ? HD <= 256 : true, "Q fragments of HD > 256 do not fit in registers");
   static_assert(CHUNK == 4 || CHUNK == 16, "cp.async of 4 or 16 bytes");
 };
 
 // Copies `ROWS` rows of `head_dim` elements (row r at g + r·row_stride) into shared memory
-// [ROWS][LD], zero-filling columns head_dim..HD and rows valid_rows..ROWS.
-template <class C, int ROWS>
+// [ROWS][W + 8], zero-filling columns head_dim..W and rows valid_rows..ROWS.
+template <class C, int ROWS, int W>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long row_stride, int valid_rows,
                                           int head_dim) {
   constexpr int EPC = C::CHUNK / 2;  // elements per copy
-  constexpr int CPR = C::HD / EPC;   // copies per row
+  constexpr int CPR = W / EPC;       // copies per row
   for (int i = threadIdx.x; i < ROWS * CPR; i += C::THREADS) {
     const int r = i / CPR, c = (i % CPR) * EPC;
     const int valid = r < valid_rows ? max(0, min(EPC, head_dim - c)) : 0;
     // A zero-fill copy reads nothing, but its source must still be a valid-looking address.
     const bf16* src = valid > 0 ? g + r * row_stride + c : g;
-    cp_async_zfill<C::CHUNK>(s + r * C::LD + c, src, static_cast<unsigned>(valid * 2));
+    cp_async_zfill<C::CHUNK>(s + r * (W + 8) + c, src, static_cast<unsigned>(valid * 2));
   }
 }
 
@@ -107,10 +119,10 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
                                         float* __restrict__ lse, long long q_row, long long k_row,
                                         long long v_row, long long o_row, long long q_batch,
                                         long long k_batch, long long v_batch, long long o_batch, int lq,
-                                        int lk, int head_dim, float scale_log2) {
+                                        int lk, int head_dim, int v_dim, float scale_log2) {
   REEL_DYNAMIC_SHARED(bf16, smem);
   bf16* const sq = smem;
-  bf16* const skv = smem + C::Q_ELEMS;  // stage s: K at skv + 2s·KV_ELEMS, V after it
+  bf16* const skv = smem + C::Q_ELEMS;  // stage s: K at skv + s·STAGE_ELEMS, V after it
   const int m0 = blockIdx.x * C::BM, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const bf16* qb = q + b * q_batch + m0 * q_row + h * head_dim;
@@ -119,13 +131,13 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
   const int tiles = (lk + C::BN - 1) / C::BN;
 
   // Q and the first K/V tile: one group.
-  load_tile<C, C::BM>(sq, qb, q_row, lq - m0, head_dim);
-  load_tile<C, C::BN>(skv, kb, k_row, lk, head_dim);
-  load_tile<C, C::BN>(skv + C::KV_ELEMS, vb, v_row, lk, head_dim);
+  load_tile<C, C::BM, C::HD>(sq, qb, q_row, lq - m0, head_dim);
+  load_tile<C, C::BN, C::HD>(skv, kb, k_row, lk, head_dim);
+  load_tile<C, C::BN, C::HDV>(skv + C::K_ELEMS, vb, v_row, lk, v_dim);
   cp_async_commit();
 
-  float acc[C::HD / 8][4];  // O: n-tile of 8 columns × (row g: 2 columns, row g+8: 2 columns)
-  for (int n = 0; n < C::HD / 8; ++n)
+  float acc[C::HDV / 8][4];  // O: n-tile of 8 columns × (row g: 2 columns, row g+8: 2 columns)
+  for (int n = 0; n < C::HDV / 8; ++n)
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, rows g and g+8
   float row_sum[2] = {0.0f, 0.0f};            // this thread's part of the denominator
@@ -135,18 +147,18 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < tiles) {
-      bf16* next = skv + 2 * (stage ^ 1) * C::KV_ELEMS;
+      bf16* next = skv + (stage ^ 1) * C::STAGE_ELEMS;
       const long long key0 = static_cast<long long>(j + 1) * C::BN;
-      load_tile<C, C::BN>(next, kb + key0 * k_row, k_row, lk - (j + 1) * C::BN, head_dim);
-      load_tile<C, C::BN>(next + C::KV_ELEMS, vb + key0 * v_row, v_row, lk - (j + 1) * C::BN, head_dim);
+      load_tile<C, C::BN, C::HD>(next, kb + key0 * k_row, k_row, lk - (j + 1) * C::BN, head_dim);
+      load_tile<C, C::BN, C::HDV>(next + C::K_ELEMS, vb + key0 * v_row, v_row, lk - (j + 1) * C::BN, v_dim);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const bf16* sk = skv + 2 * stage * C::KV_ELEMS;
-    const bf16* sv = sk + C::KV_ELEMS;
+    const bf16* sk = skv + stage * C::STAGE_ELEMS;
+    const bf16* sv = sk + C::K_ELEMS;
     if (C::Q_REGS && j == 0)
       for (int kc = 0; kc < C::HD / 16; ++kc) ldmatrix<4, false>(qf[C::Q_REGS ? kc : 0], q_warp + kc * 16);
 
@@ -193,7 +205,7 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
           sum += s[n][i];
         }
       row_sum[r] = row_sum[r] * corr + sum;
-      for (int n = 0; n < C::HD / 8; ++n) {
+      for (int n = 0; n < C::HDV / 8; ++n) {
         acc[n][2 * r] *= corr;
         acc[n][2 * r + 1] *= corr;
       }
@@ -203,11 +215,11 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
       const uint32_t a[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
                              pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
                              pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-      for (int nt = 0; nt < C::HD / 16; ++nt) {
+      for (int nt = 0; nt < C::HDV / 16; ++nt) {
         // Transposed matrices (keys 0-7, dims 0-7), (keys 8-15, dims 0-7), (keys 0-7, dims
         // 8-15), (keys 8-15, dims 8-15) of V: the B fragments of two n-tiles of O.
         uint32_t vf[4];
-        ldmatrix<4, true>(vf, sv + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::LD + nt * 16 + (lane / 16) * 8);
+        ldmatrix<4, true>(vf, sv + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::LDV + nt * 16 + (lane / 16) * 8);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
         mma_m16n8k16_bf16(acc[2 * nt], a, b0, acc[2 * nt]);
         mma_m16n8k16_bf16(acc[2 * nt + 1], a, b1, acc[2 * nt + 1]);
@@ -226,9 +238,9 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     if (row >= lq) continue;
     const float inv = 1.0f / row_sum[r];
     bf16* orow = o + b * o_batch + row * o_row + h * head_dim;
-    for (int n = 0; n < C::HD / 8; ++n) {
+    for (int n = 0; n < C::HDV / 8; ++n) {
       const int col = n * 8 + 2 * t;
-      if (col < head_dim) {
+      if (col < v_dim) {
         const __nv_bfloat162 p = __floats2bfloat162_rn(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
         memcpy(orow + col, &p, 4);
       }
@@ -241,18 +253,21 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
 }  // namespace flash
 
 // The exported variants (see the header). Parameters: q, k, v, o, lse (may be null), the
-// row strides and batch strides of q, k, v, o (elements), lq, lk, head_dim, and
-// scale·log2(e). Grid (⌈Lq/BM⌉, heads, batch), 32·WARPS threads, Config::SMEM_BYTES of
-// dynamic shared memory.
-#define REEL_FLASH_VARIANT(name, HD, WARPS, BN, CHUNK, QREGS)                                                     \
+// row strides and batch strides of q, k, v, o (elements), lq, lk, head_dim (of Q and K; head
+// h at columns h·head_dim of every operand), v_dim (the columns of V and O this launch
+// covers: head_dim, or half of it for the split variants, v and o then pointing at the
+// half), and scale·log2(e). Grid (⌈Lq/BM⌉, heads, batch), 32·WARPS threads,
+// Config::SMEM_BYTES of dynamic shared memory.
+#define REEL_FLASH_VARIANT_V(name, HD, HDV, WARPS, BN, CHUNK, QREGS)                                             \
   extern "C" __global__ void __launch_bounds__(32 * WARPS, 1)                                                    \
       name(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, long long q_row, long long k_row,   \
            long long v_row, long long o_row, long long q_batch, long long k_batch, long long v_batch,            \
-           long long o_batch, int lq, int lk, int head_dim, float scale_log2) {                                 \
-    flash::forward<flash::Config<HD, WARPS, BN, CHUNK, QREGS>>(q, k, v, o, lse, q_row, k_row, v_row, o_row,      \
-                                                               q_batch, k_batch, v_batch, o_batch, lq, lk,       \
-                                                               head_dim, scale_log2);                           \
+           long long o_batch, int lq, int lk, int head_dim, int v_dim, float scale_log2) {                      \
+    flash::forward<flash::Config<HD, HDV, WARPS, BN, CHUNK, QREGS>>(q, k, v, o, lse, q_row, k_row, v_row, o_row, \
+                                                                    q_batch, k_batch, v_batch, o_batch, lq, lk,  \
+                                                                    head_dim, v_dim, scale_log2);               \
   }
+#define REEL_FLASH_VARIANT(name, HD, WARPS, BN, CHUNK, QREGS) REEL_FLASH_VARIANT_V(name, HD, HD, WARPS, BN, CHUNK, QREGS)
 
 REEL_FLASH_VARIANT(flash_attn_hd128_bn64, 128, 8, 64, 16, true)
 REEL_EMU_EXPORT(flash_attn_hd128_bn64)
@@ -270,3 +285,7 @@ REEL_FLASH_VARIANT(flash_attn_any_hd128, 128, 4, 64, 4, true)
 REEL_EMU_EXPORT(flash_attn_any_hd128)
 REEL_FLASH_VARIANT(flash_attn_any_hd256, 256, 4, 32, 4, false)
 REEL_EMU_EXPORT(flash_attn_any_hd256)
+REEL_FLASH_VARIANT_V(flash_attn_qk384_v192_bn32, 384, 192, 4, 32, 16, false)
+REEL_EMU_EXPORT(flash_attn_qk384_v192_bn32)
+REEL_FLASH_VARIANT_V(flash_attn_qk384_v192_bn16, 384, 192, 4, 16, 16, false)
+REEL_EMU_EXPORT(flash_attn_qk384_v192_bn16)

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 type Bf = half::bf16;
 
 /// Shared memory of a variant: a Q tile of 16·warps rows and two stages of K and V tiles
-/// of `bn` rows, each row hd + 8 bf16 (16 bytes of padding against bank conflicts).
-const fn smem(hd: u32, warps: u32, bn: u32) -> u32 {
-    (16 * warps + 4 * bn) * (hd + 8) * 2
+/// of `bn` rows, each row of Q and K hd + 8 bf16 (16 bytes of padding against bank
+/// conflicts), each row of V hdv + 8.
+const fn smem(hd: u32, hdv: u32, warps: u32, bn: u32) -> u32 {
+    ((16 * warps + 2 * bn) * (hd + 8) + 2 * bn * (hdv + 8)) * 2
 }
 
 kernels! {
@@ -21,42 +22,67 @@ kernels! {
         q: DevPtr, k: DevPtr, v: DevPtr, o: DevPtr, lse: DevPtr,
         q_row: i64, k_row: i64, v_row: i64, o_row: i64,
         q_batch: i64, k_batch: i64, v_batch: i64, o_batch: i64,
-        lq: i32, lk: i32, head_dim: i32, scale_log2: f32,
+        lq: i32, lk: i32, head_dim: i32, v_dim: i32, scale_log2: f32,
     }
-    HD128_BN64 = flash_attn_hd128_bn64 [opt_in = smem(128, 8, 64)] (FlashArgs);
-    HD128_BN32 = flash_attn_hd128_bn32 [opt_in = smem(128, 8, 32)] (FlashArgs);
-    HD64_BN128 = flash_attn_hd64_bn128 [opt_in = smem(64, 8, 128)] (FlashArgs);
-    ANY16 = flash_attn_any_hd16 [opt_in = smem(16, 4, 64)] (FlashArgs);
-    ANY32 = flash_attn_any_hd32 [opt_in = smem(32, 4, 64)] (FlashArgs);
-    ANY64 = flash_attn_any_hd64 [opt_in = smem(64, 4, 64)] (FlashArgs);
-    ANY128 = flash_attn_any_hd128 [opt_in = smem(128, 4, 64)] (FlashArgs);
-    ANY256 = flash_attn_any_hd256 [opt_in = smem(256, 4, 32)] (FlashArgs);
+    HD128_BN64 = flash_attn_hd128_bn64 [opt_in = smem(128, 128, 8, 64)] (FlashArgs);
+    HD128_BN32 = flash_attn_hd128_bn32 [opt_in = smem(128, 128, 8, 32)] (FlashArgs);
+    HD64_BN128 = flash_attn_hd64_bn128 [opt_in = smem(64, 64, 8, 128)] (FlashArgs);
+    ANY16 = flash_attn_any_hd16 [opt_in = smem(16, 16, 4, 64)] (FlashArgs);
+    ANY32 = flash_attn_any_hd32 [opt_in = smem(32, 32, 4, 64)] (FlashArgs);
+    ANY64 = flash_attn_any_hd64 [opt_in = smem(64, 64, 4, 64)] (FlashArgs);
+    ANY128 = flash_attn_any_hd128 [opt_in = smem(128, 128, 4, 64)] (FlashArgs);
+    ANY256 = flash_attn_any_hd256 [opt_in = smem(256, 256, 4, 32)] (FlashArgs);
+    QK384_BN32 = flash_attn_qk384_v192_bn32 [opt_in = smem(384, 192, 4, 32)] (FlashArgs);
+    QK384_BN16 = flash_attn_qk384_v192_bn16 [opt_in = smem(384, 192, 4, 16)] (FlashArgs);
 }
 
-/// A variant: its kernel, padded head dim, warps (16 query rows each) and keys per tile.
+/// A variant: its kernel, padded head dim, padded V/O columns per launch, warps (16 query
+/// rows each) and keys per tile.
 struct Variant {
     kernel: &'static Kernel<FlashArgs>,
     hd: u32,
+    hdv: u32,
     warps: u32,
     bn: u32,
 }
+
+/// head_dim 257..=384 with V and O in two launches of half the columns (≤ 192 each).
+const SPLIT: [Variant; 2] = [
+    Variant {
+        kernel: &QK384_BN32,
+        hd: 384,
+        hdv: 192,
+        warps: 4,
+        bn: 32,
+    },
+    Variant {
+        kernel: &QK384_BN16,
+        hd: 384,
+        hdv: 192,
+        warps: 4,
+        bn: 16,
+    },
+];
 
 const SPECIAL: [Variant; 3] = [
     Variant {
         kernel: &HD128_BN64,
         hd: 128,
+        hdv: 128,
         warps: 8,
         bn: 64,
     },
     Variant {
         kernel: &HD128_BN32,
         hd: 128,
+        hdv: 128,
         warps: 8,
         bn: 32,
     },
     Variant {
         kernel: &HD64_BN128,
         hd: 64,
+        hdv: 64,
         warps: 8,
         bn: 128,
     },
@@ -66,30 +92,35 @@ const GENERIC: [Variant; 5] = [
     Variant {
         kernel: &ANY16,
         hd: 16,
+        hdv: 16,
         warps: 4,
         bn: 64,
     },
     Variant {
         kernel: &ANY32,
         hd: 32,
+        hdv: 32,
         warps: 4,
         bn: 64,
     },
     Variant {
         kernel: &ANY64,
         hd: 64,
+        hdv: 64,
         warps: 4,
         bn: 64,
     },
     Variant {
         kernel: &ANY128,
         hd: 128,
+        hdv: 128,
         warps: 4,
         bn: 64,
     },
     Variant {
         kernel: &ANY256,
         hd: 256,
+        hdv: 256,
         warps: 4,
         bn: 32,
     },
@@ -158,9 +189,16 @@ pub fn flash_attention<'a>(
     if s.batch == 0 || s.heads == 0 || s.lq == 0 || s.lk == 0 {
         return bad(format!("empty shape {s:?}"));
     }
-    if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 256 {
+    if s.head_dim == 0 || s.head_dim % 2 != 0 || s.head_dim > 384 {
         return bad(format!(
-            "head_dim {} must be even and at most 256",
+            "head_dim {} must be even and at most 384",
+            s.head_dim
+        ));
+    }
+    let split = s.head_dim > 256;
+    if split && s.head_dim % 16 != 0 {
+        return bad(format!(
+            "head_dim {} above 256 must be a multiple of 16 (V and O run in two halves of whole 16-byte copies)",
             s.head_dim
         ));
     }
@@ -235,12 +273,25 @@ pub fn flash_attention<'a>(
         .all(|(p, v)| p.0 % 16 == 0 && v.row_stride % 8 == 0 && v.batch_stride % 8 == 0);
     let arch = dev.arch()?;
     let fits = |v: &&Variant| v.kernel.shared_opt_in <= arch.max_shared_per_block;
+    if split && !aligned16 {
+        return bad(format!(
+            "head_dim {} above 256 needs q, k, v and o 16-byte aligned with strides of multiples of 8 elements",
+            s.head_dim
+        ));
+    }
     let special = SPECIAL
         .iter()
-        .filter(|v| aligned16 && v.hd as usize == s.head_dim)
+        .chain(&SPLIT)
+        .filter(|v| aligned16 && (v.hd as usize == s.head_dim || (split && v.hd == 384)))
         .find(fits);
     let variant = match special {
         Some(v) => v,
+        None if split => {
+            return bad(format!(
+                "no variant for head_dim {} fits {arch}'s shared memory",
+                s.head_dim
+            ))
+        }
         None => GENERIC
             .iter()
             .filter(|v| v.hd as usize >= s.head_dim)
@@ -275,6 +326,7 @@ pub fn flash_attention<'a>(
         lq: i32_of(s.lq, "lq")?,
         lk: i32_of(s.lk, "lk")?,
         head_dim: s.head_dim as i32,
+        v_dim: if split { s.head_dim / 2 } else { s.head_dim } as i32,
         scale_log2: s.scale * std::f32::consts::LOG2_E,
     };
     let bm = 16 * variant.warps as usize;
@@ -291,20 +343,33 @@ pub fn flash_attention<'a>(
     };
     debug_assert_eq!(
         variant.kernel.shared_opt_in,
-        smem(variant.hd, variant.warps, variant.bn)
+        smem(variant.hd, variant.hdv, variant.warps, variant.bn)
     );
+    // The useful FLOPs (a split launch recomputes S: its Q·Kᵀ is not counted twice).
     let flops = 4 * (s.batch * s.heads * s.lq * s.lk * s.head_dim) as u64;
-    // SAFETY: every operand covers what the kernel touches (last_element checked against
-    // each buffer's length), O's blocks write disjoint rows (checked), lse holds
-    // batch·heads·lq floats (checked), and the alignment the variant's copies need holds.
-    unsafe {
-        dev.launch_counted(
-            variant.kernel,
-            l,
-            &mut a,
-            crate::profile::Op::Attention,
-            flops,
-        )?
-    };
+    let halves = if split { 2 } else { 1 };
+    for half in 0..halves {
+        if half == 1 {
+            // V and O columns head_dim/2.. of every head (16-byte aligned: head_dim % 16 == 0).
+            let off = 2 * (s.head_dim / 2);
+            a.v = vp.offset(off);
+            a.o = op.offset(off);
+            a.lse = DevPtr::NULL; // written by the first half
+        }
+        // SAFETY: every operand covers what the kernel touches (last_element checked against
+        // each buffer's length; a split launch reads V and writes O at columns
+        // half·v_dim .. (half + 1)·v_dim ≤ head_dim of each head), O's blocks write disjoint
+        // rows (checked), lse holds batch·heads·lq floats (checked), and the alignment the
+        // variant's copies need holds (checked: aligned16 for SPECIAL and SPLIT).
+        unsafe {
+            dev.launch_counted(
+                variant.kernel,
+                l,
+                &mut a,
+                crate::profile::Op::Attention,
+                flops / halves,
+            )?
+        };
+    }
     Ok(variant.kernel.name)
 }

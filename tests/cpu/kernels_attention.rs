@@ -280,6 +280,15 @@ fn flash_attention_matches_cpu_on_odd_shapes_and_every_head_dim() {
         // Up to 256.
         (case(1, 1, 200, 20, 33, Separate), "flash_attn_any_hd256"),
         (case(1, 2, 256, 17, 40, Separate), "flash_attn_any_hd256"),
+        // Above 256 (the VAE mid-block's single head of 384): V and O in two halves.
+        (
+            Case {
+                sigma: 3.0,
+                ..case(2, 1, 384, 70, 45, Separate)
+            },
+            "flash_attn_qk384_v192_bn32",
+        ),
+        (case(1, 2, 320, 40, 40, Fused), "flash_attn_qk384_v192_bn32"),
     ];
     for (i, (c, variant)) in cases.iter().enumerate() {
         let got = c.check(&d, 10 + i as u64);
@@ -419,6 +428,28 @@ fn flash_attention_rejects_what_it_cannot_run() {
         },
     );
     assert!(e.contains("head_dim 258"), "{e}");
+    // Above 256 only with 16-byte aligned operands.
+    let xw = up(&d, &vec![bf16::ZERO; 400]);
+    let ow = Buf::filled(&d, 400, bf16::ZERO).unwrap();
+    let wide = AttnView::packed(2, 384, 1);
+    let e = k::flash_attention(
+        &d,
+        (&xw, wide),
+        (&xw, wide),
+        (&xw, wide),
+        (&ow, wide),
+        None,
+        FlashShape {
+            head_dim: 384,
+            heads: 1,
+            lq: 1,
+            lk: 1,
+            ..s
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("16-byte aligned"), "{e}");
     let e = run(view, AttnView::packed(0, 16, 10), FlashShape { lq: 5, ..s });
     assert!(e.contains("overlapping"), "{e}");
     let e = run(view, view, FlashShape { lk: 0, ..s });
@@ -506,12 +537,13 @@ fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
     crate::kernels::tensor_core_code(
         "attention",
         "flash_attn_",
-        16, // 8 variants × 2 targets
+        20, // 10 variants × 2 targets
         &[
             "flash_attn_hd128_bn64",
             "flash_attn_hd128_bn32",
             "flash_attn_hd64_bn128",
             "flash_attn_any_hd32",
+            "flash_attn_qk384_v192_bn32",
         ],
     );
 }
