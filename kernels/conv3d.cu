@@ -8,7 +8,13 @@
 // reads input frames t·st .. t·st + kt − 1:
 //   out[t][y][x][o] = bias[o] + Σ_{dt,dy,dx,i} W[o][dt][dy][dx][i] ·
 //                     in_{t·st+dt}[y·sh + dy − pad_top][x·sw + dx − pad_left][i]
-// with zeros outside the frame. W is [co][kt·kh·kw·ci] (tap-major, channels inner; the
+// with zeros outside the frame, plus an optional residual (the resnet's shortcut, the
+// attention block's input) read in the output's layout. Two reads are folded into the
+// loads: the decoder's nearest 2× upsampling (`up`: in_t[y][x] is the stored frame's
+// pixel [y/2][x/2], so the 4× larger upsampled frames never exist) and the temporal
+// upsample's frame shuffle (`ld`: the elements between pixels; the time conv's
+// [T][h][w][2·c] output is read as 2T frames of c channels at pointers base + t·frame +
+// half·c with ld = 2·c). W is [co][kt·kh·kw·ci] (tap-major, channels inner; the
 // launcher's device layout). Per output frame this is a GEMM with M = h_out·w_out pixels,
 // N = co, K = kt·kh·kw·ci, walked tap by tap in steps of BK channels: the A tile is BM
 // pixels' channels c0..c0+BK at one tap (gathered from the input with zero fill for the
@@ -34,7 +40,9 @@ constexpr int STAGE_ELEMS = (BM + BN) * LD;
 constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2;
 
 struct Geometry {
-  int h, w, ci, co;            // input frame size, channels
+  int h, w, ci, co;            // input frame size (after the upsampling), channels
+  int ld;                      // elements from one input pixel to the next (≥ ci)
+  int up;                      // 1: the frames hold (h/2)·(w/2) pixels, read 2× upsampled
   int kt, kh, kw, st, sh, sw;  // kernel and strides
   int pad_top, pad_left;
   int h_out, w_out;
@@ -85,7 +93,8 @@ __device__ __forceinline__ void load_step(bf16* sa, bf16* sw, const Window& win,
     const int yy = y * g.sh + dy - g.pad_top, xx = x * g.sw + dx - g.pad_left;
     const bool inside = p < m && frame != nullptr && yy >= 0 && yy < g.h && xx >= 0 && xx < g.w;
     const int valid = inside ? max(0, min(EPC, g.ci - (c0 + c))) : 0;
-    const bf16* src = valid > 0 ? frame + (static_cast<long long>(yy) * g.w + xx) * g.ci + c0 + c : w;
+    const long long pix = static_cast<long long>(yy >> g.up) * (g.w >> g.up) + (xx >> g.up);
+    const bf16* src = valid > 0 ? frame + pix * g.ld + c0 + c : w;
     copy<CHUNK>(sa + r * LD + c, src, valid);
   }
   const long long kall = static_cast<long long>(g.kt) * g.kh * g.kw * g.ci;
@@ -99,8 +108,8 @@ __device__ __forceinline__ void load_step(bf16* sa, bf16* sw, const Window& win,
 
 template <int CHUNK>
 __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ w,
-                                    const float* __restrict__ bias, bf16* __restrict__ out, long long out_frame,
-                                    const Geometry& g) {
+                                    const float* __restrict__ bias, const bf16* res, bf16* __restrict__ out,
+                                    long long out_frame, const Geometry& g) {
   REEL_DYNAMIC_SHARED(bf16, smem);
   const int t = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
@@ -151,6 +160,7 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
   cp_async_wait<0>();
   const int m = g.h_out * g.w_out;
   bf16* o = out + t * out_frame;
+  const bf16* rt = res != nullptr ? res + t * out_frame : nullptr;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -159,27 +169,33 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
       for (int e = 0; e < 4; ++e) {
         const int row = m0 + wm + i * 16 + gq + (e >= 2 ? 8 : 0);
         const int col = n0 + wn + j * 8 + 2 * tq + (e & 1);
-        if (row < m && col < g.co) o[static_cast<long long>(row) * g.co + col] = __float2bfloat16(acc[i][j][e] + bias[col]);
+        if (row < m && col < g.co) {
+          const long long at = static_cast<long long>(row) * g.co + col;
+          float v = acc[i][j][e] + bias[col];
+          if (rt != nullptr) v += __bfloat162float(rt[at]);
+          o[at] = __float2bfloat16(v);
+        }
       }
 }
 
 }  // namespace conv
 
 // Parameters: 8 input frame pointers (null: zeros; those past the sequence unused), the
-// weights [co][kt·kh·kw·ci], bias [co] f32, out (frame t at out + t·out_frame), then the
-// geometry. Grid (⌈co/64⌉, ⌈h_out·w_out/64⌉, t_out), 128 threads, conv::SMEM_BYTES.
+// weights [co][kt·kh·kw·ci], bias [co] f32, res (null, or a residual added to the output, in
+// out's layout), out (frame t at out + t·out_frame), then the geometry. Grid (⌈co/64⌉,
+// ⌈h_out·w_out/64⌉, t_out), 128 threads, conv::SMEM_BYTES.
 #define REEL_CONV_VARIANT(name, CHUNK)                                                                            \
   extern "C" __global__ void __launch_bounds__(conv::THREADS, 1)                                                 \
       name(const bf16* f0, const bf16* f1, const bf16* f2, const bf16* f3, const bf16* f4, const bf16* f5,       \
-           const bf16* f6, const bf16* f7, const bf16* w, const float* bias, bf16* out, long long out_frame,      \
-           int h, int wd, int ci, int co, int kt, int kh, int kw, int st, int sh, int sw, int pad_top,          \
-           int pad_left, int h_out, int w_out) {                                                                 \
+           const bf16* f6, const bf16* f7, const bf16* w, const float* bias, const bf16* res, bf16* out,          \
+           long long out_frame, int h, int wd, int ci, int co, int ld, int up, int kt, int kh, int kw, int st,    \
+           int sh, int sw, int pad_top, int pad_left, int h_out, int w_out) {                                    \
     const bf16* frames[8] = {f0, f1, f2, f3, f4, f5, f6, f7};                                                    \
-    const conv::Geometry g{h, wd, ci, co, kt, kh, kw, st, sh, sw, pad_top, pad_left, h_out, w_out,              \
-                           (ci + conv::BK - 1) / conv::BK};                                                      \
+    const conv::Geometry g{h, wd, ci, co, ld, up, kt, kh, kw, st, sh, sw, pad_top, pad_left,                      \
+                           h_out, w_out, (ci + conv::BK - 1) / conv::BK};                                        \
     const int t0 = blockIdx.z * st;                                                                              \
     const conv::Window win{conv::pick(frames, t0), conv::pick(frames, t0 + 1), conv::pick(frames, t0 + 2)};     \
-    conv::run<CHUNK>(win, w, bias, out, out_frame, g);                                                       \
+    conv::run<CHUNK>(win, w, bias, res, out, out_frame, g);                                                       \
   }
 
 REEL_CONV_VARIANT(conv3d_bf16_c8, 16)

@@ -14,8 +14,9 @@ kernels! {
     module "conv3d";
     @args ConvArgs {
         f0: DevPtr, f1: DevPtr, f2: DevPtr, f3: DevPtr, f4: DevPtr, f5: DevPtr, f6: DevPtr, f7: DevPtr,
-        w: DevPtr, bias: DevPtr, out: DevPtr, out_frame: i64,
-        h: i32, wd: i32, ci: i32, co: i32, kt: i32, kh: i32, kw: i32, st: i32, sh: i32, sw: i32,
+        w: DevPtr, bias: DevPtr, res: DevPtr, out: DevPtr, out_frame: i64,
+        h: i32, wd: i32, ci: i32, co: i32, ld: i32, up: i32,
+        kt: i32, kh: i32, kw: i32, st: i32, sh: i32, sw: i32,
         pad_top: i32, pad_left: i32, h_out: i32, w_out: i32,
     }
     C8 = conv3d_bf16_c8 (ConvArgs);
@@ -23,9 +24,11 @@ kernels! {
     C1 = conv3d_bf16_c1 (ConvArgs);
 }
 
-/// A convolution's geometry: input frames h × w × ci, co outputs, kernel (kt, kh, kw),
-/// strides (st, sh, sw), spatial padding [top, bottom, left, right] (no padding in time:
-/// causal zeros and cache frames are entries of the frame table).
+/// A convolution's geometry: input frames of h × w pixels of ci channels, `ld` elements
+/// apart (ci, or more for frames interleaved in a wider buffer), read 2× upsampled when `up`
+/// (nearest: the convolution sees 2h × 2w), co outputs, kernel (kt, kh, kw), strides (st,
+/// sh, sw), spatial padding [top, bottom, left, right] of the (upsampled) frame (no padding
+/// in time: causal zeros and cache frames are entries of the frame table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvShape {
     pub h: usize,
@@ -35,18 +38,49 @@ pub struct ConvShape {
     pub k: [usize; 3],
     pub stride: [usize; 3],
     pub pad: [usize; 4],
+    pub ld: usize,
+    pub up: bool,
 }
 
 impl ConvShape {
+    /// Packed frames (ld = ci), no upsampling.
+    pub fn new(
+        (h, w, ci, co): (usize, usize, usize, usize),
+        k: [usize; 3],
+        stride: [usize; 3],
+        pad: [usize; 4],
+    ) -> Self {
+        ConvShape {
+            h,
+            w,
+            ci,
+            co,
+            k,
+            stride,
+            pad,
+            ld: ci,
+            up: false,
+        }
+    }
+
+    /// The frame the convolution sees: (h, w), doubled when upsampling.
+    pub fn seen(&self) -> (usize, usize) {
+        let f = if self.up { 2 } else { 1 };
+        (self.h * f, self.w * f)
+    }
+
+    /// Elements a stored input frame spans.
+    pub fn frame_span(&self) -> usize {
+        (self.h * self.w).saturating_sub(1) * self.ld + self.ci
+    }
+
     /// (t_out, h_out, w_out) for `frames` input frames.
     pub fn out_size(&self, frames: usize) -> Result<(usize, usize, usize)> {
         let [kt, kh, kw] = self.k;
         let [st, sh, sw] = self.stride;
-        let (hp, wp) = (
-            self.h + self.pad[0] + self.pad[1],
-            self.w + self.pad[2] + self.pad[3],
-        );
-        if [kt, kh, kw, st, sh, sw, self.ci, self.co, self.h, self.w].contains(&0)
+        let (h, w) = self.seen();
+        let (hp, wp) = (h + self.pad[0] + self.pad[1], w + self.pad[2] + self.pad[3]);
+        if [kt, kh, kw, st, sh, sw, self.ci, self.co, h, w].contains(&0)
             || frames < kt
             || hp < kh
             || wp < kw
@@ -78,53 +112,69 @@ pub fn device_weights(weight: &[f32], co: usize, ci: usize, k: [usize; 3]) -> Ve
     out
 }
 
-/// out (frame t at t·h_out·w_out·co, channel-last) = conv(frames) + bias, with the device
-/// weights of [`device_weights`]. Returns (t_out, h_out, w_out) and the variant.
+/// out (frame t at t·h_out·w_out·co, channel-last) = conv(frames) + bias (+ res, in out's
+/// layout), with the device weights of [`device_weights`]. Returns (t_out, h_out, w_out)
+/// and the variant.
 pub fn conv3d_bf16<'a>(
     dev: &KernelDevice,
     frames: &[Option<DevSlice<'a, Bf>>],
     weights: DevSlice<'a, Bf>,
     bias: DevSlice<'a, f32>,
+    res: Option<DevSlice<'a, Bf>>,
     out: DevSlice<'a, Bf>,
     s: ConvShape,
 ) -> Result<((usize, usize, usize), &'static str)> {
     const K: &str = "conv3d";
+    let bad = |m: String| Err(Error::invalid(format!("{K}: {m}")));
     if frames.len() > 8 {
-        return Err(Error::invalid(format!(
-            "{K}: {} input frames; at most 8 per launch",
+        return bad(format!(
+            "{} input frames; at most 8 per launch",
             frames.len()
-        )));
+        ));
     }
     if s.k[0] > 3 {
-        return Err(Error::invalid(format!(
-            "{K}: kernel depth {} > 3 (the kernel holds 3 frames per output frame)",
+        return bad(format!(
+            "kernel depth {} > 3 (the kernel holds 3 frames per output frame)",
             s.k[0]
-        )));
+        ));
+    }
+    if s.ld < s.ci {
+        return bad(format!("pixel stride {} below the {} channels", s.ld, s.ci));
     }
     let (t_out, h_out, w_out) = s.out_size(frames.len())?;
     let kvol = s.k.iter().product::<usize>();
-    let frame_len = s.h * s.w * s.ci;
-    if frames.iter().flatten().any(|f| f.len() != frame_len) {
-        return Err(Error::invalid(format!(
-            "{K}: every frame must hold {}x{}x{} values",
-            s.h, s.w, s.ci
-        )));
+    let span = s.frame_span();
+    if frames.iter().flatten().any(|f| f.len() < span) {
+        return bad(format!(
+            "every frame must hold {}x{}x{} values ({span} elements at pixel stride {})",
+            s.h, s.w, s.ci, s.ld
+        ));
     }
     if weights.len() != s.co * kvol * s.ci || bias.len() != s.co {
-        return Err(Error::invalid(format!(
-            "{K}: weights [{}, {kvol}·{}] and bias [{}] expected",
+        return bad(format!(
+            "weights [{}, {kvol}·{}] and bias [{}] expected",
             s.co, s.ci, s.co
-        )));
+        ));
     }
     let out_frame = h_out * w_out * s.co;
-    if out.len() < t_out * out_frame {
-        return Err(Error::invalid(format!(
-            "{K}: out holds {} values, {t_out} frames of {h_out}x{w_out}x{} need {}",
+    let out_len = t_out * out_frame;
+    if out.len() < out_len {
+        return bad(format!(
+            "out holds {} values, {t_out} frames of {h_out}x{w_out}x{} need {out_len}",
             out.len(),
-            s.co,
-            t_out * out_frame
-        )));
+            s.co
+        ));
     }
+    let rp = match res {
+        Some(r) if r.len() < out_len => {
+            return bad(format!(
+                "the residual holds {} values, the output {out_len}",
+                r.len()
+            ))
+        }
+        Some(r) => r.addr(dev, K)?,
+        None => DevPtr::NULL,
+    };
     let mut ptrs = [DevPtr::NULL; 8];
     for (p, f) in ptrs.iter_mut().zip(frames) {
         if let Some(f) = f {
@@ -138,9 +188,12 @@ pub fn conv3d_bf16<'a>(
         .filter(|p| p.0 != 0)
         .map(|p| p.0)
         .collect::<Vec<_>>();
-    let kernel: &Kernel<ConvArgs> = if s.ci % 8 == 0 && all.iter().all(|p| p % 16 == 0) {
+    let aligned = |elems: usize| {
+        s.ci % elems == 0 && s.ld % elems == 0 && all.iter().all(|p| p % (2 * elems as u64) == 0)
+    };
+    let kernel: &Kernel<ConvArgs> = if aligned(8) {
         &C8
-    } else if s.ci % 2 == 0 && all.iter().all(|p| p % 4 == 0) {
+    } else if aligned(2) {
         &C2
     } else {
         &C1
@@ -148,6 +201,7 @@ pub fn conv3d_bf16<'a>(
     let i = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::invalid(format!("{K}: {what} = {v} too large")))
     };
+    let (h_seen, w_seen) = s.seen();
     let mut a = ConvArgs {
         f0: ptrs[0],
         f1: ptrs[1],
@@ -159,12 +213,15 @@ pub fn conv3d_bf16<'a>(
         f7: ptrs[7],
         w: wp,
         bias: bp,
+        res: rp,
         out: op,
         out_frame: out_frame as i64,
-        h: i(s.h, "h")?,
-        wd: i(s.w, "w")?,
+        h: i(h_seen, "h")?,
+        wd: i(w_seen, "w")?,
         ci: i(s.ci, "ci")?,
         co: i(s.co, "co")?,
+        ld: i(s.ld, "ld")?,
+        up: s.up as i32,
         kt: i(s.k[0], "kt")?,
         kh: i(s.k[1], "kh")?,
         kw: i(s.k[2], "kw")?,
@@ -186,10 +243,12 @@ pub fn conv3d_bf16<'a>(
         block: super::Dim3::x(128),
         shared: SMEM,
     };
-    let flops = 2 * (t_out * h_out * w_out * s.co * kvol * s.ci) as u64;
-    // SAFETY: every frame holds h·w·ci values (checked), the launch reads frames
-    // t·st .. t·st + kt − 1 < frames.len() ≤ 8 (out_size), weights and bias as checked, and
-    // writes t_out frames of out (checked).
+    let flops = 2 * (out_len * kvol * s.ci) as u64;
+    // SAFETY: every frame spans (h·w − 1)·ld + ci values (checked; the upsampled read maps
+    // pixel (y, x) of the 2h × 2w frame to (y/2, x/2) of the stored one), the launch reads
+    // frames t·st .. t·st + kt − 1 < frames.len() ≤ 8 (out_size), weights, bias and the
+    // residual as checked, and writes t_out frames of out (checked); the copies' alignment
+    // holds for the variant chosen.
     unsafe { dev.launch_counted(kernel, l, &mut a, crate::profile::Op::VaeConv, flops)? };
     Ok(((t_out, h_out, w_out), kernel.name))
 }

@@ -5,7 +5,7 @@
 //! position, channels and pixels off the tiles, and the launcher's errors.
 
 use half::bf16;
-use reel::cpu::conv::{conv3d, ConvWeights};
+use reel::cpu::conv::{conv3d, upsample2x, ConvWeights, Frames};
 use reel::kernels::{self as k, Buf, DevSlice};
 use reel::tensor::rel_l2;
 
@@ -25,6 +25,13 @@ struct Case {
     zeros: u32,
     /// Elements before every operand (odd: only the any-alignment variant applies).
     offset: usize,
+    /// The frames read 2× upsampled (h and w are the stored frames').
+    up: bool,
+    /// The frames stored as the second half of pixels of 2·ci channels (ld = 2·ci: the
+    /// temporal upsample's interleaved output).
+    interleaved: bool,
+    /// A residual added to the output.
+    res: bool,
 }
 
 fn case(h: usize, w: usize, ci: usize, co: usize) -> Case {
@@ -39,6 +46,9 @@ fn case(h: usize, w: usize, ci: usize, co: usize) -> Case {
         frames: 4,
         zeros: 0b11, // the causal padding of a first chunk
         offset: 0,
+        up: false,
+        interleaved: false,
+        res: false,
     }
 }
 
@@ -62,23 +72,36 @@ impl Case {
         let bias = vals(co, seed + 101);
         let pre = vec![bf16::from_f32(5.0); self.offset];
         let with_pre = |v: &[bf16]| [&pre[..], v].concat();
+        // Interleaved: pixel p of the frame at [p][ci..2ci) of a [h·w][2ci] buffer whose
+        // first halves are junk (the frame's slice starts ci elements in).
+        let stored = |f: &[bf16]| -> Vec<bf16> {
+            if !self.interleaved {
+                return with_pre(f);
+            }
+            let junk = bf16::from_f32(-9.0);
+            let mut v = pre.clone();
+            for px in f.chunks(ci) {
+                v.extend(std::iter::repeat_n(junk, ci));
+                v.extend_from_slice(px);
+            }
+            v
+        };
+        let lead = if self.interleaved { ci } else { 0 };
         let bufs: Vec<Option<Buf<bf16>>> = inputs
             .iter()
-            .map(|f| f.as_ref().map(|f| up(&d, &with_pre(f))))
+            .map(|f| f.as_ref().map(|f| up(&d, &stored(f))))
             .collect();
         let dw = bf16s(&k::conv3d::device_weights(&f32s(&wt), co, ci, self.k));
         let (wb, bb) = (up(&d, &with_pre(&dw)), up(&d, &bias));
         let shape = k::conv3d::ConvShape {
-            h,
-            w,
-            ci,
-            co,
-            k: self.k,
-            stride: self.stride,
-            pad: self.pad,
+            ld: if self.interleaved { 2 * ci } else { ci },
+            up: self.up,
+            ..k::conv3d::ConvShape::new((h, w, ci, co), self.k, self.stride, self.pad)
         };
         let (t_out, h_out, w_out) = shape.out_size(self.frames).unwrap();
         let out_len = t_out * h_out * w_out * co;
+        let res = bf16s(&vals(out_len, seed + 102));
+        let rb = up(&d, &res);
         let poison = bf16::from_bits(0x7fc1);
         let ob = Buf::filled(&d, self.offset + out_len + 7, poison).unwrap();
         fn sub(s: DevSlice<'_, bf16>, off: usize) -> DevSlice<'_, bf16> {
@@ -86,13 +109,14 @@ impl Case {
         }
         let frames: Vec<Option<DevSlice<'_, bf16>>> = bufs
             .iter()
-            .map(|b| b.as_ref().map(|b| sub(b.slice(), self.offset)))
+            .map(|b| b.as_ref().map(|b| sub(b.slice(), self.offset + lead)))
             .collect();
         let (dims, variant) = k::conv3d::conv3d_bf16(
             &d,
             &frames,
             sub(wb.slice(), self.offset),
             bb.slice(),
+            self.res.then(|| rb.slice()),
             ob.slice().sub(self.offset, out_len).unwrap(),
             shape,
         )
@@ -115,12 +139,35 @@ impl Case {
             got.iter().all(|v| v.is_finite()),
             "{self:?} ({variant}): unwritten outputs"
         );
-        let f32_inputs: Vec<Option<Vec<f32>>> =
-            inputs.iter().map(|f| f.as_ref().map(|f| f32s(f))).collect();
+        let (hs, ws) = shape.seen();
+        let f32_inputs: Vec<Option<Vec<f32>>> = inputs
+            .iter()
+            .map(|f| {
+                f.as_ref().map(|f| {
+                    let fr = Frames {
+                        t: 1,
+                        h,
+                        w,
+                        c: ci,
+                        data: f32s(f),
+                    };
+                    if self.up {
+                        upsample2x(&fr).data
+                    } else {
+                        fr.data
+                    }
+                })
+            })
+            .collect();
         let refs: Vec<Option<&[f32]>> = f32_inputs.iter().map(|f| f.as_deref()).collect();
         let cw = ConvWeights::new(&f32s(&wt), &bias, co, ci, self.k);
-        let want = conv3d(&refs, h, w, &cw, self.stride, self.pad);
+        let mut want = conv3d(&refs, hs, ws, &cw, self.stride, self.pad);
         assert_eq!((want.t, want.h, want.w), (t_out, h_out, w_out));
+        if self.res {
+            for (o, r) in want.data.iter_mut().zip(&res) {
+                *o += r.to_f32();
+            }
+        }
         let w64: Vec<f64> = want.data.iter().map(|&v| v as f64).collect();
         let naive: Vec<f32> = want
             .data
@@ -219,6 +266,38 @@ fn conv3d_matches_cpu_in_every_variant_and_vae_shape() {
             },
             "conv3d_bf16_c2",
         ),
+        // The decoder's upsampling conv: 3×3 on 2× nearest-upsampled frames, read from
+        // interleaved frames (the temporal upsample's output), with a residual.
+        (
+            Case {
+                k: [1, 3, 3],
+                frames: 4,
+                zeros: 0,
+                up: true,
+                interleaved: true,
+                res: true,
+                ..case(5, 7, 16, 8)
+            },
+            "conv3d_bf16_c8",
+        ),
+        (
+            Case {
+                k: [1, 3, 3],
+                frames: 2,
+                zeros: 0,
+                up: true,
+                ..case(6, 3, 12, 20)
+            },
+            "conv3d_bf16_c2",
+        ),
+        // A resnet's second conv with the shortcut fused.
+        (
+            Case {
+                res: true,
+                ..case(7, 5, 24, 24)
+            },
+            "conv3d_bf16_c8",
+        ),
     ];
     for (i, (c, want)) in checks.iter().enumerate() {
         let got = c.check(i as u64 * 1000);
@@ -233,17 +312,9 @@ fn conv3d_rejects_bad_shapes_by_name() {
     let wb: Buf<bf16> = Buf::filled(&d, 8 * 27 * 8, bf16::ZERO).unwrap();
     let bb: Buf<f32> = Buf::filled(&d, 8, 0.0).unwrap();
     let ob: Buf<bf16> = Buf::filled(&d, 4 * 4 * 8 * 8, bf16::ZERO).unwrap();
-    let shape = k::conv3d::ConvShape {
-        h: 4,
-        w: 4,
-        ci: 8,
-        co: 8,
-        k: [3, 3, 3],
-        stride: [1, 1, 1],
-        pad: [1; 4],
-    };
+    let shape = k::conv3d::ConvShape::new((4, 4, 8, 8), [3, 3, 3], [1, 1, 1], [1; 4]);
     let run = |frames: Vec<Option<DevSlice<'_, bf16>>>, s: k::conv3d::ConvShape| {
-        k::conv3d::conv3d_bf16(&d, &frames, wb.slice(), bb.slice(), ob.slice(), s)
+        k::conv3d::conv3d_bf16(&d, &frames, wb.slice(), bb.slice(), None, ob.slice(), s)
             .unwrap_err()
             .to_string()
     };
@@ -271,12 +342,27 @@ fn conv3d_rejects_bad_shapes_by_name() {
         &[None; 3],
         wb.slice(),
         bb.slice(),
+        None,
         ob.slice().sub(0, 100).unwrap(),
         shape,
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("out holds 100"), "{e}");
+    let e = k::conv3d::conv3d_bf16(
+        &d,
+        &[None; 3],
+        wb.slice(),
+        bb.slice(),
+        Some(f.slice().sub(0, 100).unwrap()),
+        ob.slice(),
+        shape,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("residual holds 100"), "{e}");
+    let e = run(vec![None; 3], k::conv3d::ConvShape { ld: 4, ..shape });
+    assert!(e.contains("pixel stride 4"), "{e}");
 }
 
 #[test]
