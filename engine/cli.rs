@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::error::{Error, Result};
 use crate::io::{write_f32, TensorFile};
 use crate::models::wan_dit::WanDit;
+use crate::models::wan_vae::{gpu::Coding, CollectSink};
 
 #[derive(Debug, Parser)]
 #[command(name = "reel", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("REEL_GIT_COMMIT"), ")"), about = "Text-to-video diffusion transformer inference (Wan2.1)")]
@@ -358,10 +359,9 @@ pub fn component_on(
 ) -> Result<Vec<f64>> {
     // The model is loaded before the input is opened, so a bad --model is reported first.
     let open = || TensorFile::open(input);
-    if let (Some(dev), false) = (dev, kind == ComponentKind::Dit) {
+    if let (Some(dev), ComponentKind::TextEncoder) = (dev, kind) {
         return Err(Error::invalid(format!(
-            "--device {}: only the DiT component runs on a kernel device so far (the VAE and the text encoder \
-             arrive with their device forwards)",
+            "--device {}: the text encoder does not run on a kernel device yet (it arrives with its device forward)",
             dev.describe()
         )));
     }
@@ -427,15 +427,31 @@ pub fn component_on(
         ComponentKind::VaeEncode => {
             let vae = crate::models::wan_vae::WanVae::load(model)?;
             let x = open()?.tensor("sample")?;
-            (
-                "latent_mean",
-                timed("vae encode", repeat, || vae.encode(&x))?,
-            )
+            let out = match dev {
+                Some(dev) => {
+                    let w = vae.upload(dev, Coding::Encode)?;
+                    timed("vae encode", repeat, || vae.encode_on(dev, &w, &x))?
+                }
+                None => timed("vae encode", repeat, || vae.encode(&x))?,
+            };
+            ("latent_mean", out)
         }
         ComponentKind::VaeDecode => {
             let vae = crate::models::wan_vae::WanVae::load(model)?;
             let z = open()?.tensor("latents")?;
-            ("decoded", timed("vae decode", repeat, || vae.decode(&z))?)
+            let b = z.shape().first().copied().unwrap_or(0);
+            let out = match dev {
+                Some(dev) => {
+                    let w = vae.upload(dev, Coding::Decode)?;
+                    timed("vae decode", repeat, || {
+                        let mut sink = CollectSink::new(b);
+                        vae.decode_on(dev, &w, &z, &mut sink)?;
+                        sink.into_tensor()
+                    })?
+                }
+                None => timed("vae decode", repeat, || vae.decode(&z))?,
+            };
+            ("decoded", out)
         }
     };
     write_f32(output, &[(name, &out)])?;

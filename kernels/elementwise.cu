@@ -104,3 +104,21 @@ extern "C" __global__ void fill_normal_bf16(__nv_bfloat16* x, long long n, unsig
   fill_normal(x, n, seed, mean, std);
 }
 REEL_EMU_EXPORT(fill_normal_bf16)
+
+// dst[0..n) = src[0..n) in bytes, 16 at a time when both are 16-byte aligned and n is a
+// multiple of 16, else 1 at a time; grid-stride. A device-to-device copy that is a kernel
+// (so it runs on emu as on cuda, and in a captured graph); the VAE's causal caches are
+// refreshed with it. The buffers must not overlap.
+extern "C" __global__ void copy_bytes(unsigned char* __restrict__ dst, const unsigned char* __restrict__ src,
+                                      long long n) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | (uintptr_t)n) % 16 == 0) {
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    for (long long i = i0; i < n / 16; i += stride) d[i] = s[i];
+  } else {
+    for (long long i = i0; i < n; i += stride) dst[i] = src[i];
+  }
+}
+REEL_EMU_EXPORT(copy_bytes)

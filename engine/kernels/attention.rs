@@ -153,7 +153,7 @@ impl AttnView {
 pub struct FlashShape {
     pub batch: usize,
     pub heads: usize,
-    /// Even, at most 256.
+    /// Even, at most 384 (above 256: a multiple of 16, operands 16-byte aligned).
     pub head_dim: usize,
     pub lq: usize,
     pub lk: usize,

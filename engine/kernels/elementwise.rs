@@ -17,6 +17,39 @@ kernels! {
     /// Philox normals (random weights on the device).
     FILL_NORMAL_F32 = fill_normal_f32(FillNormalArgs);
     FILL_NORMAL_BF16 = fill_normal_bf16(FillNormalArgs);
+    /// Device-to-device copy as a kernel.
+    COPY = copy_bytes(CopyArgs { dst: DevPtr, src: DevPtr, n: i64 });
+}
+
+/// dst = src (same length, not overlapping), on the device's stream: a kernel, so it runs
+/// on emu as on cuda and inside captured graphs.
+pub fn copy<'a, T: super::Elem>(
+    dev: &KernelDevice,
+    src: impl Into<DevSlice<'a, T>>,
+    dst: impl Into<DevSlice<'a, T>>,
+) -> Result<()> {
+    let (src, dst) = (src.into(), dst.into());
+    const K: &str = "copy";
+    same_len(K, src.len(), dst.len())?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    let bytes = src.len() * std::mem::size_of::<T>();
+    let (s, d) = (src.addr(dev, K)?, dst.addr(dev, K)?);
+    if s.0 < d.0 + bytes as u64 && d.0 < s.0 + bytes as u64 {
+        return Err(Error::invalid(format!(
+            "{K}: source and destination overlap"
+        )));
+    }
+    let mut a = CopyArgs {
+        dst: d,
+        src: s,
+        n: bytes as i64,
+    };
+    let l = Launch::x((bytes as u64).div_ceil(16 * 256).clamp(1, 2048) as u32, 256);
+    // SAFETY: src and dst hold `bytes` bytes each on dev and do not overlap (checked); the
+    // kernel touches bytes < n only.
+    unsafe { dev.launch(&COPY, l, &mut a) }
 }
 
 /// y = gelu_tanh(x) elementwise (f32).

@@ -23,7 +23,7 @@ kernels! {
         rows: i32, d: i32, head_dim: i32, tokens: i32, eps: f32, row_stride: i64,
     });
     /// The VAE's channel RMS norm (+ SiLU), in place, one block per row.
-    CHANNEL_RMS = channel_rms_silu_bf16(ChannelRmsArgs { x: DevPtr, gamma: DevPtr, rows: i32, c: i32, silu: i32 });
+    CHANNEL_RMS = channel_rms_silu_bf16(ChannelRmsArgs { x: DevPtr, y: DevPtr, gamma: DevPtr, rows: i32, c: i32, silu: i32 });
     RESIDUAL = residual_gate_bf16(ResidualArgs {
         x: DevPtr, y: DevPtr, bias: DevPtr, gate: DevPtr, rows: i32, d: i32, rows_per_group: i32,
     });
@@ -206,31 +206,44 @@ pub fn rms_norm_rope_rows_bf16<'a>(
     unsafe { dev.launch(&RMS_ROPE, Launch::x(grid, row_block(d / 2)), &mut a) }
 }
 
-/// In place on channel-last x: [rows, c] bf16: x / max(‖x‖, 1e-12)·√c·γ, then SiLU when
+/// The VAE's channel RMS norm of x: [rows, c] into y (which may be x), with SiLU when
 /// `silu`. The bf16 twin of [`crate::cpu::channel_rms_norm`].
 pub fn channel_rms_silu_bf16<'a>(
     dev: &KernelDevice,
     x: impl Into<DevSlice<'a, Bf>>,
+    y: impl Into<DevSlice<'a, Bf>>,
     c: usize,
     gamma: impl Into<DevSlice<'a, f32>>,
     silu: bool,
 ) -> Result<()> {
-    let x = x.into();
-    let gamma = gamma.into();
+    let (x, y, gamma) = (x.into(), y.into(), gamma.into());
     const K: &str = "channel_rms_silu_bf16";
-    let (rows, grid) = rows_of(x.len(), c, K)?;
+    let (rows, _) = rows_of(x.len(), c, K)?;
+    same_len(K, x.len(), y.len())?;
     if gamma.len() != c {
         return Err(Error::invalid(format!("{K}: gamma must have {c} entries")));
     }
     let mut a = ChannelRmsArgs {
         x: x.addr(dev, K)?,
+        y: y.addr(dev, K)?,
         gamma: gamma.addr(dev, K)?,
         rows: len_i32(rows, "rows")?,
         c: len_i32(c, "c")?,
         silu: silu as i32,
     };
-    // SAFETY: x holds rows·c elements and gamma c (checked); one block per row.
-    unsafe { dev.launch(&CHANNEL_RMS, Launch::x(grid, row_block(c)), &mut a) }
+    let grid = u32::try_from(rows.div_ceil(8).max(1))
+        .map_err(|_| Error::invalid(format!("{K}: too many rows")))?;
+    // SAFETY: x and y hold rows·c elements and gamma c (checked); warp w of block b owns
+    // row 8b + w, rows past `rows` return.
+    unsafe {
+        dev.launch_counted(
+            &CHANNEL_RMS,
+            Launch::x(grid, 256),
+            &mut a,
+            crate::profile::Op::Elementwise,
+            0,
+        )
+    }
 }
 
 /// x += (y + bias)·gate[row / rows_per_group] on [rows, d] bf16. The bf16 twin of

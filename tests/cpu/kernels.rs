@@ -229,14 +229,17 @@ fn rms_norm_rope_bf16_matches_cpu() {
 
 #[test]
 fn channel_rms_silu_bf16_matches_cpu() {
-    for (rows, c) in [(37usize, 8usize), (5, 96), (3, 384)] {
+    // Odd c (bf16 singles), rows not a multiple of the block's 8, in place and not.
+    for (rows, c) in [(37usize, 8usize), (5, 96), (3, 384), (11, 3), (9, 70)] {
         let x = bf16s(&vals(rows * c, c as u64));
         let gamma: Vec<f32> = vals(c, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
-        for silu in [true, false] {
+        for (silu, in_place) in [(true, false), (false, true), (true, true)] {
             let dv = dev();
-            let mut gb = up(&dv, &x);
-            k::channel_rms_silu_bf16(&dv, &mut gb, c, &up(&dv, &gamma), silu).unwrap();
-            let got = down(&gb);
+            let xb = up(&dv, &x);
+            let yb = Buf::filled(&dv, rows * c, half::bf16::from_bits(0x7fc1)).unwrap();
+            let out = if in_place { &xb } else { &yb };
+            k::channel_rms_silu_bf16(&dv, &xb, out, c, &up(&dv, &gamma), silu).unwrap();
+            let got = down(out);
             let mut want = f32s(&x);
             reel::cpu::channel_rms_norm(&mut want, c, &gamma, silu);
             check_bf16(&format!("channel_rms c={c} silu={silu}"), &got, &want);

@@ -22,6 +22,8 @@ use crate::models::{read_json, resolve_component};
 use crate::tensor::Tensor;
 use crate::weights::{TensorEntry, WeightStore};
 
+pub mod gpu;
+
 pub const CLASS_NAME: &str = "AutoencoderKLWan";
 
 /// Frames a causal convolution keeps from the previous chunk (diffusers' CACHE_T).
@@ -482,6 +484,17 @@ impl WanVae {
         })
     }
 
+    /// The layer structure of a config with placeholder tensors (names and shapes, no
+    /// data): what the device forward walks, also for weights that exist only on a device.
+    fn parts_of(config: &WanVaeConfig) -> Result<Parts> {
+        let mut b = Builder {
+            store: None,
+            seen: Vec::new(),
+            slots: Vec::new(),
+        };
+        Self::build(config, &mut b)
+    }
+
     /// Every weight a config needs, (name, shape).
     pub fn weight_specs(config: &WanVaeConfig) -> Vec<(String, Vec<usize>)> {
         let mut b = Builder {
@@ -871,17 +884,7 @@ impl WanVae {
     pub fn encode(&self, sample: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         let [b, f, h, w] = self.check_video(sample.shape(), c.in_channels, "encoder", "sample")?;
-        if (f - 1) % 4 != 0 {
-            return Err(Error::invalid(format!(
-                "sample has {f} frames; the VAE encodes 1 + 4k frames (1, 5, 9, ..., 81)"
-            )));
-        }
-        let s = c.spatial_factor();
-        if h % s != 0 || w % s != 0 {
-            return Err(Error::invalid(format!(
-                "sample is {h}x{w} (HxW); both must be multiples of {s}"
-            )));
-        }
+        check_encode_size(c, f, h, w)?;
         let z = c.z_dim;
         let mut outs = Vec::with_capacity(b);
         for bi in 0..b {
@@ -941,6 +944,22 @@ impl WanVae {
         self.decode_to(latents, &mut sink)?;
         sink.into_tensor()
     }
+}
+
+/// What the encoder takes: 1 + 4k frames whose sides are multiples of the spatial factor.
+fn check_encode_size(c: &WanVaeConfig, f: usize, h: usize, w: usize) -> Result<()> {
+    if (f - 1) % 4 != 0 {
+        return Err(Error::invalid(format!(
+            "sample has {f} frames; the VAE encodes 1 + 4k frames (1, 5, 9, ..., 81)"
+        )));
+    }
+    let s = c.spatial_factor();
+    if h % s != 0 || w % s != 0 {
+        return Err(Error::invalid(format!(
+            "sample is {h}x{w} (HxW); both must be multiples of {s}"
+        )));
+    }
+    Ok(())
 }
 
 /// Frames t0..t1 of sample `b` of a [B, C, T, H, W] tensor, channel-last.
