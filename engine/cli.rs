@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::error::{Error, Result};
 use crate::io::{write_f32, TensorFile};
 use crate::models::wan_dit::WanDit;
-use crate::models::wan_vae::{gpu::Coding, CollectSink};
+use crate::models::wan_vae::gpu::{self as vae_gpu, Coding};
+use crate::models::wan_vae::CollectSink;
 
 #[derive(Debug, Parser)]
 #[command(name = "reel", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("REEL_GIT_COMMIT"), ")"), about = "Text-to-video diffusion transformer inference (Wan2.1)")]
@@ -429,7 +430,7 @@ pub fn component_on(
             let x = open()?.tensor("sample")?;
             let out = match dev {
                 Some(dev) => {
-                    let w = vae.upload(dev, Coding::Encode)?;
+                    let w = vae.upload(dev, Coding::Encode, vae_gpu::dtype_from_env()?)?;
                     timed("vae encode", repeat, || vae.encode_on(dev, &w, &x))?
                 }
                 None => timed("vae encode", repeat, || vae.encode(&x))?,
@@ -442,7 +443,7 @@ pub fn component_on(
             let b = z.shape().first().copied().unwrap_or(0);
             let out = match dev {
                 Some(dev) => {
-                    let w = vae.upload(dev, Coding::Decode)?;
+                    let w = vae.upload(dev, Coding::Decode, vae_gpu::dtype_from_env()?)?;
                     timed("vae decode", repeat, || {
                         let mut sink = CollectSink::new(b);
                         vae.decode_on(dev, &w, &z, &mut sink)?;

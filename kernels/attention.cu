@@ -68,8 +68,9 @@ typedef __nv_bfloat16 bf16;
 
 namespace flash {
 
-template <int HD_, int HDV_, int WARPS_, int BN_, int CHUNK_, bool Q_REGS_>
+template <class T_, int HD_, int HDV_, int WARPS_, int BN_, int CHUNK_, bool Q_REGS_>
 struct Config {
+  typedef T_ T;                           // storage: __nv_bfloat16 or __half
   static constexpr int HD = HD_;          // padded head dim of Q and K
   static constexpr int HDV = HDV_;        // padded columns of V and O per launch
   static constexpr int WARPS = WARPS_;
@@ -93,41 +94,43 @@ struct Config {
 // Copies `ROWS` rows of `head_dim` elements (row r at g + r·row_stride) into shared memory
 // [ROWS][W + 8], zero-filling columns head_dim..W and rows valid_rows..ROWS.
 template <class C, int ROWS, int W>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long row_stride, int valid_rows,
-                                          int head_dim) {
+__device__ __forceinline__ void load_tile(typename C::T* s, const typename C::T* g, long long row_stride,
+                                          int valid_rows, int head_dim) {
   constexpr int EPC = C::CHUNK / 2;  // elements per copy
   constexpr int CPR = W / EPC;       // copies per row
   for (int i = threadIdx.x; i < ROWS * CPR; i += C::THREADS) {
     const int r = i / CPR, c = (i % CPR) * EPC;
     const int valid = r < valid_rows ? max(0, min(EPC, head_dim - c)) : 0;
     // A zero-fill copy reads nothing, but its source must still be a valid-looking address.
-    const bf16* src = valid > 0 ? g + r * row_stride + c : g;
+    const typename C::T* src = valid > 0 ? g + r * row_stride + c : g;
     cp_async_zfill<C::CHUNK>(s + r * (W + 8) + c, src, static_cast<unsigned>(valid * 2));
   }
 }
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+template <class T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  const typename Num<T>::T2 p = Num<T>::pair(lo, hi);
   uint32_t u;
   memcpy(&u, &p, 4);
   return u;
 }
 
-template <class C>
-__device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                        const bf16* __restrict__ v, bf16* __restrict__ o,
+template <class C, class T = typename C::T>
+__device__ __forceinline__ void forward(const T* __restrict__ q, const T* __restrict__ k,
+                                        const T* __restrict__ v, T* __restrict__ o,
                                         float* __restrict__ lse, long long q_row, long long k_row,
                                         long long v_row, long long o_row, long long q_batch,
                                         long long k_batch, long long v_batch, long long o_batch, int lq,
                                         int lk, int head_dim, int v_dim, float scale_log2) {
-  REEL_DYNAMIC_SHARED(bf16, smem);
-  bf16* const sq = smem;
-  bf16* const skv = smem + C::Q_ELEMS;  // stage s: K at skv + s·STAGE_ELEMS, V after it
+  REEL_DYNAMIC_SHARED(unsigned char, smem_bytes);  // one declaration for every storage type
+  T* const smem = reinterpret_cast<T*>(smem_bytes);
+  T* const sq = smem;
+  T* const skv = smem + C::Q_ELEMS;  // stage s: K at skv + s·STAGE_ELEMS, V after it
   const int m0 = blockIdx.x * C::BM, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const bf16* qb = q + b * q_batch + m0 * q_row + h * head_dim;
-  const bf16* kb = k + b * k_batch + h * head_dim;
-  const bf16* vb = v + b * v_batch + h * head_dim;
+  const T* qb = q + b * q_batch + m0 * q_row + h * head_dim;
+  const T* kb = k + b * k_batch + h * head_dim;
+  const T* vb = v + b * v_batch + h * head_dim;
   const int tiles = (lk + C::BN - 1) / C::BN;
 
   // Q and the first K/V tile: one group.
@@ -142,12 +145,12 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, rows g and g+8
   float row_sum[2] = {0.0f, 0.0f};            // this thread's part of the denominator
   uint32_t qf[C::Q_REGS ? C::HD / 16 : 1][4];
-  const bf16* q_warp = sq + (warp * 16 + lane % 16) * C::LD + (lane / 16) * 8;
+  const T* q_warp = sq + (warp * 16 + lane % 16) * C::LD + (lane / 16) * 8;
 
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < tiles) {
-      bf16* next = skv + (stage ^ 1) * C::STAGE_ELEMS;
+      T* next = skv + (stage ^ 1) * C::STAGE_ELEMS;
       const long long key0 = static_cast<long long>(j + 1) * C::BN;
       load_tile<C, C::BN, C::HD>(next, kb + key0 * k_row, k_row, lk - (j + 1) * C::BN, head_dim);
       load_tile<C, C::BN, C::HDV>(next + C::K_ELEMS, vb + key0 * v_row, v_row, lk - (j + 1) * C::BN, v_dim);
@@ -157,8 +160,8 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
       cp_async_wait<0>();
     }
     __syncthreads();
-    const bf16* sk = skv + stage * C::STAGE_ELEMS;
-    const bf16* sv = sk + C::K_ELEMS;
+    const T* sk = skv + stage * C::STAGE_ELEMS;
+    const T* sv = sk + C::K_ELEMS;
     if (C::Q_REGS && j == 0)
       for (int kc = 0; kc < C::HD / 16; ++kc) ldmatrix<4, false>(qf[C::Q_REGS ? kc : 0], q_warp + kc * 16);
 
@@ -179,8 +182,8 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
         uint32_t kf[4];
         ldmatrix<4, false>(kf, sk + (nt * 16 + lane % 8 + (lane / 16) * 8) * C::LD + kc * 16 + ((lane / 8) % 2) * 8);
         const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-        mma_m16n8k16_bf16(s[2 * nt], a, b0, s[2 * nt]);
-        mma_m16n8k16_bf16(s[2 * nt + 1], a, b1, s[2 * nt + 1]);
+        mma_m16n8k16<T>(s[2 * nt], a, b0, s[2 * nt]);
+        mma_m16n8k16<T>(s[2 * nt + 1], a, b1, s[2 * nt + 1]);
       }
     }
     // Keys past Lk (the last tile's zero rows) take no part.
@@ -212,17 +215,17 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     }
     // O += P·V: P (bf16) from two n-tiles of S is the A fragment of one k-step of 16 keys.
     for (int kc = 0; kc < C::BN / 16; ++kc) {
-      const uint32_t a[4] = {pack_bf16(s[2 * kc][0], s[2 * kc][1]), pack_bf16(s[2 * kc][2], s[2 * kc][3]),
-                             pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                             pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+      const uint32_t a[4] = {pack<T>(s[2 * kc][0], s[2 * kc][1]), pack<T>(s[2 * kc][2], s[2 * kc][3]),
+                             pack<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                             pack<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
       for (int nt = 0; nt < C::HDV / 16; ++nt) {
         // Transposed matrices (keys 0-7, dims 0-7), (keys 8-15, dims 0-7), (keys 0-7, dims
         // 8-15), (keys 8-15, dims 8-15) of V: the B fragments of two n-tiles of O.
         uint32_t vf[4];
         ldmatrix<4, true>(vf, sv + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::LDV + nt * 16 + (lane / 16) * 8);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-        mma_m16n8k16_bf16(acc[2 * nt], a, b0, acc[2 * nt]);
-        mma_m16n8k16_bf16(acc[2 * nt + 1], a, b1, acc[2 * nt + 1]);
+        mma_m16n8k16<T>(acc[2 * nt], a, b0, acc[2 * nt]);
+        mma_m16n8k16<T>(acc[2 * nt + 1], a, b1, acc[2 * nt + 1]);
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration's copies
@@ -237,11 +240,11 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     const int row = m0 + warp * 16 + g + 8 * r;
     if (row >= lq) continue;
     const float inv = 1.0f / row_sum[r];
-    bf16* orow = o + b * o_batch + row * o_row + h * head_dim;
+    T* orow = o + b * o_batch + row * o_row + h * head_dim;
     for (int n = 0; n < C::HDV / 8; ++n) {
       const int col = n * 8 + 2 * t;
       if (col < v_dim) {
-        const __nv_bfloat162 p = __floats2bfloat162_rn(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+        const typename Num<T>::T2 p = Num<T>::pair(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
         memcpy(orow + col, &p, 4);
       }
     }
@@ -258,15 +261,18 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
 // covers: head_dim, or half of it for the split variants, v and o then pointing at the
 // half), and scale·log2(e). Grid (⌈Lq/BM⌉, heads, batch), 32·WARPS threads,
 // Config::SMEM_BYTES of dynamic shared memory.
-#define REEL_FLASH_VARIANT_V(name, HD, HDV, WARPS, BN, CHUNK, QREGS)                                             \
+#define REEL_FLASH_VARIANT_T(name, T, HD, HDV, WARPS, BN, CHUNK, QREGS)                                         \
   extern "C" __global__ void __launch_bounds__(32 * WARPS, 1)                                                    \
-      name(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, long long q_row, long long k_row,   \
-           long long v_row, long long o_row, long long q_batch, long long k_batch, long long v_batch,            \
-           long long o_batch, int lq, int lk, int head_dim, int v_dim, float scale_log2) {                      \
-    flash::forward<flash::Config<HD, HDV, WARPS, BN, CHUNK, QREGS>>(q, k, v, o, lse, q_row, k_row, v_row, o_row, \
-                                                                    q_batch, k_batch, v_batch, o_batch, lq, lk,  \
-                                                                    head_dim, v_dim, scale_log2);               \
+      name(const T* q, const T* k, const T* v, T* o, float* lse, long long q_row, long long k_row, long long v_row, \
+           long long o_row, long long q_batch, long long k_batch, long long v_batch, long long o_batch, int lq,    \
+           int lk, int head_dim, int v_dim, float scale_log2) {                                                  \
+    flash::forward<flash::Config<T, HD, HDV, WARPS, BN, CHUNK, QREGS>>(q, k, v, o, lse, q_row, k_row, v_row,     \
+                                                                       o_row, q_batch, k_batch, v_batch,         \
+                                                                       o_batch, lq, lk, head_dim, v_dim,         \
+                                                                       scale_log2);                              \
   }
+#define REEL_FLASH_VARIANT_V(name, HD, HDV, WARPS, BN, CHUNK, QREGS) \
+  REEL_FLASH_VARIANT_T(name, bf16, HD, HDV, WARPS, BN, CHUNK, QREGS)
 #define REEL_FLASH_VARIANT(name, HD, WARPS, BN, CHUNK, QREGS) REEL_FLASH_VARIANT_V(name, HD, HD, WARPS, BN, CHUNK, QREGS)
 
 REEL_FLASH_VARIANT(flash_attn_hd128_bn64, 128, 8, 64, 16, true)
@@ -289,3 +295,14 @@ REEL_FLASH_VARIANT_V(flash_attn_qk384_v192_bn32, 384, 192, 4, 32, 16, false)
 REEL_EMU_EXPORT(flash_attn_qk384_v192_bn32)
 REEL_FLASH_VARIANT_V(flash_attn_qk384_v192_bn16, 384, 192, 4, 16, 16, false)
 REEL_EMU_EXPORT(flash_attn_qk384_v192_bn16)
+// f16 storage (the VAE's mid-block attention runs in f16: see engine/models/wan_vae/gpu.rs).
+REEL_FLASH_VARIANT_T(flash_attn_f16_any_hd32, __half, 32, 32, 4, 64, 4, true)
+REEL_EMU_EXPORT(flash_attn_f16_any_hd32)
+REEL_FLASH_VARIANT_T(flash_attn_f16_any_hd128, __half, 128, 128, 4, 64, 4, true)
+REEL_EMU_EXPORT(flash_attn_f16_any_hd128)
+REEL_FLASH_VARIANT_T(flash_attn_f16_any_hd256, __half, 256, 256, 4, 32, 4, false)
+REEL_EMU_EXPORT(flash_attn_f16_any_hd256)
+REEL_FLASH_VARIANT_T(flash_attn_f16_qk384_v192_bn32, __half, 384, 192, 4, 32, 16, false)
+REEL_EMU_EXPORT(flash_attn_f16_qk384_v192_bn32)
+REEL_FLASH_VARIANT_T(flash_attn_f16_qk384_v192_bn16, __half, 384, 192, 4, 16, 16, false)
+REEL_EMU_EXPORT(flash_attn_f16_qk384_v192_bn16)

@@ -52,13 +52,15 @@ struct Geometry {
 // The (at most 3) input frames one output frame reads, held in registers: the launch's 8
 // pointers are selected once per block with compile-time indices (an array indexed at run
 // time would live in local memory).
+template <class T>
 struct Window {
-  const bf16 *f0, *f1, *f2;
-  __device__ __forceinline__ const bf16* at(int dt) const { return dt == 0 ? f0 : (dt == 1 ? f1 : f2); }
+  const T *f0, *f1, *f2;
+  __device__ __forceinline__ const T* at(int dt) const { return dt == 0 ? f0 : (dt == 1 ? f1 : f2); }
 };
 
-__device__ __forceinline__ const bf16* pick(const bf16* const (&all)[8], int i) {
-  const bf16* r = nullptr;
+template <class T>
+__device__ __forceinline__ const T* pick(const T* const (&all)[8], int i) {
+  const T* r = nullptr;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
     if (i == j) r = all[j];
@@ -67,24 +69,24 @@ __device__ __forceinline__ const bf16* pick(const bf16* const (&all)[8], int i) 
 
 // Copies `bytes` (2, 4 or 16) of which the first `src_bytes` from src, zeros after. CHUNK 2:
 // a plain synchronous copy (no alignment beyond 2 bytes).
-template <int CHUNK>
-__device__ __forceinline__ void copy(bf16* dst, const bf16* src, int src_elems) {
+template <class T, int CHUNK>
+__device__ __forceinline__ void copy(T* dst, const T* src, int src_elems) {
   if constexpr (CHUNK == 2) {
-    *dst = src_elems > 0 ? *src : __float2bfloat16(0.0f);
+    *dst = src_elems > 0 ? *src : Num<T>::from(0.0f);
   } else {
     cp_async_zfill<CHUNK>(dst, src, static_cast<unsigned>(src_elems * 2));
   }
 }
 
 // K step s (tap s / csteps, channels (s % csteps)·BK ..) of output frame t into a stage.
-template <int CHUNK>
-__device__ __forceinline__ void load_step(bf16* sa, bf16* sw, const Window& win, const bf16* w,
+template <class T, int CHUNK>
+__device__ __forceinline__ void load_step(T* sa, T* sw, const Window<T>& win, const T* w,
                                           const Geometry& g, int m0, int n0, int s) {
   constexpr int EPC = CHUNK / 2;
   constexpr int CPR = BK / EPC;
   const int tap = s / g.csteps, c0 = (s % g.csteps) * BK;
   const int dt = tap / (g.kh * g.kw), dy = (tap / g.kw) % g.kh, dx = tap % g.kw;
-  const bf16* frame = win.at(dt);
+  const T* frame = win.at(dt);
   const int m = g.h_out * g.w_out;
   for (int i = threadIdx.x; i < BM * CPR; i += THREADS) {
     const int r = i / CPR, c = (i % CPR) * EPC;
@@ -94,23 +96,24 @@ __device__ __forceinline__ void load_step(bf16* sa, bf16* sw, const Window& win,
     const bool inside = p < m && frame != nullptr && yy >= 0 && yy < g.h && xx >= 0 && xx < g.w;
     const int valid = inside ? max(0, min(EPC, g.ci - (c0 + c))) : 0;
     const long long pix = static_cast<long long>(yy >> g.up) * (g.w >> g.up) + (xx >> g.up);
-    const bf16* src = valid > 0 ? frame + pix * g.ld + c0 + c : w;
-    copy<CHUNK>(sa + r * LD + c, src, valid);
+    const T* src = valid > 0 ? frame + pix * g.ld + c0 + c : w;
+    copy<T, CHUNK>(sa + r * LD + c, src, valid);
   }
   const long long kall = static_cast<long long>(g.kt) * g.kh * g.kw * g.ci;
   for (int i = threadIdx.x; i < BN * CPR; i += THREADS) {
     const int r = i / CPR, c = (i % CPR) * EPC;
     const int valid = n0 + r < g.co ? max(0, min(EPC, g.ci - (c0 + c))) : 0;
-    const bf16* src = valid > 0 ? w + (n0 + r) * kall + static_cast<long long>(tap) * g.ci + c0 + c : w;
-    copy<CHUNK>(sw + r * LD + c, src, valid);
+    const T* src = valid > 0 ? w + (n0 + r) * kall + static_cast<long long>(tap) * g.ci + c0 + c : w;
+    copy<T, CHUNK>(sw + r * LD + c, src, valid);
   }
 }
 
-template <int CHUNK>
-__device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ w,
-                                    const float* __restrict__ bias, const bf16* res, bf16* __restrict__ out,
+template <class T, int CHUNK>
+__device__ __forceinline__ void run(const Window<T>& win, const T* __restrict__ w,
+                                    const float* __restrict__ bias, const T* res, T* __restrict__ out,
                                     long long out_frame, const Geometry& g) {
-  REEL_DYNAMIC_SHARED(bf16, smem);
+  REEL_DYNAMIC_SHARED(unsigned char, smem_bytes);  // one declaration for every storage type
+  T* const smem = reinterpret_cast<T*>(smem_bytes);
   const int t = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
   const int wm = (warp / WN) * WTM, wn = (warp % WN) * WTN;
@@ -119,7 +122,7 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
   auto stage_w = [&](int s) { return smem + s * STAGE_ELEMS + BM * LD; };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ksteps) load_step<CHUNK>(stage_a(s), stage_w(s), win, w, g, m0, n0, s);
+    if (s < ksteps) load_step<T, CHUNK>(stage_a(s), stage_w(s), win, w, g, m0, n0, s);
     cp_async_commit();
   }
   float acc[MT][NT][4];
@@ -134,10 +137,10 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
     __syncthreads();
     const int next = ks + STAGES - 1;
     if (next < ksteps)
-      load_step<CHUNK>(stage_a(next % STAGES), stage_w(next % STAGES), win, w, g, m0, n0, next);
+      load_step<T, CHUNK>(stage_a(next % STAGES), stage_w(next % STAGES), win, w, g, m0, n0, next);
     cp_async_commit();
-    const bf16* sa = stage_a(ks % STAGES);
-    const bf16* sw = stage_w(ks % STAGES);
+    const T* sa = stage_a(ks % STAGES);
+    const T* sw = stage_w(ks % STAGES);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       uint32_t af[MT][4];
@@ -151,16 +154,16 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
-          mma_m16n8k16_bf16(acc[i][j], af[i], b0, acc[i][j]);
-          mma_m16n8k16_bf16(acc[i][j + 1], af[i], b1, acc[i][j + 1]);
+          mma_m16n8k16<T>(acc[i][j], af[i], b0, acc[i][j]);
+          mma_m16n8k16<T>(acc[i][j + 1], af[i], b1, acc[i][j + 1]);
         }
       }
     }
   }
   cp_async_wait<0>();
   const int m = g.h_out * g.w_out;
-  bf16* o = out + t * out_frame;
-  const bf16* rt = res != nullptr ? res + t * out_frame : nullptr;
+  T* o = out + t * out_frame;
+  const T* rt = res != nullptr ? res + t * out_frame : nullptr;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -172,8 +175,8 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
         if (row < m && col < g.co) {
           const long long at = static_cast<long long>(row) * g.co + col;
           float v = acc[i][j][e] + bias[col];
-          if (rt != nullptr) v += __bfloat162float(rt[at]);
-          o[at] = __float2bfloat16(v);
+          if (rt != nullptr) v += Num<T>::to(rt[at]);
+          o[at] = Num<T>::from(v);
         }
       }
 }
@@ -184,23 +187,29 @@ __device__ __forceinline__ void run(const Window& win, const bf16* __restrict__ 
 // weights [co][kt·kh·kw·ci], bias [co] f32, res (null, or a residual added to the output, in
 // out's layout), out (frame t at out + t·out_frame), then the geometry. Grid (⌈co/64⌉,
 // ⌈h_out·w_out/64⌉, t_out), 128 threads, conv::SMEM_BYTES.
-#define REEL_CONV_VARIANT(name, CHUNK)                                                                            \
+#define REEL_CONV_VARIANT(name, T, CHUNK)                                                                         \
   extern "C" __global__ void __launch_bounds__(conv::THREADS, 1)                                                 \
-      name(const bf16* f0, const bf16* f1, const bf16* f2, const bf16* f3, const bf16* f4, const bf16* f5,       \
-           const bf16* f6, const bf16* f7, const bf16* w, const float* bias, const bf16* res, bf16* out,          \
-           long long out_frame, int h, int wd, int ci, int co, int ld, int up, int kt, int kh, int kw, int st,    \
-           int sh, int sw, int pad_top, int pad_left, int h_out, int w_out) {                                    \
-    const bf16* frames[8] = {f0, f1, f2, f3, f4, f5, f6, f7};                                                    \
+      name(const T* f0, const T* f1, const T* f2, const T* f3, const T* f4, const T* f5, const T* f6, const T* f7, \
+           const T* w, const float* bias, const T* res, T* out, long long out_frame, int h, int wd, int ci, int co, \
+           int ld, int up, int kt, int kh, int kw, int st, int sh, int sw, int pad_top, int pad_left, int h_out,    \
+           int w_out) {                                                                                          \
+    const T* frames[8] = {f0, f1, f2, f3, f4, f5, f6, f7};                                                       \
     const conv::Geometry g{h, wd, ci, co, ld, up, kt, kh, kw, st, sh, sw, pad_top, pad_left,                      \
                            h_out, w_out, (ci + conv::BK - 1) / conv::BK};                                        \
     const int t0 = blockIdx.z * st;                                                                              \
-    const conv::Window win{conv::pick(frames, t0), conv::pick(frames, t0 + 1), conv::pick(frames, t0 + 2)};     \
-    conv::run<CHUNK>(win, w, bias, res, out, out_frame, g);                                                       \
+    const conv::Window<T> win{conv::pick(frames, t0), conv::pick(frames, t0 + 1), conv::pick(frames, t0 + 2)};  \
+    conv::run<T, CHUNK>(win, w, bias, res, out, out_frame, g);                                                   \
   }
 
-REEL_CONV_VARIANT(conv3d_bf16_c8, 16)
+REEL_CONV_VARIANT(conv3d_bf16_c8, bf16, 16)
 REEL_EMU_EXPORT(conv3d_bf16_c8)
-REEL_CONV_VARIANT(conv3d_bf16_c2, 4)
+REEL_CONV_VARIANT(conv3d_bf16_c2, bf16, 4)
 REEL_EMU_EXPORT(conv3d_bf16_c2)
-REEL_CONV_VARIANT(conv3d_bf16_c1, 2)
+REEL_CONV_VARIANT(conv3d_bf16_c1, bf16, 2)
 REEL_EMU_EXPORT(conv3d_bf16_c1)
+REEL_CONV_VARIANT(conv3d_f16_c8, __half, 16)
+REEL_EMU_EXPORT(conv3d_f16_c8)
+REEL_CONV_VARIANT(conv3d_f16_c2, __half, 4)
+REEL_EMU_EXPORT(conv3d_f16_c2)
+REEL_CONV_VARIANT(conv3d_f16_c1, __half, 2)
+REEL_EMU_EXPORT(conv3d_f16_c1)

@@ -78,6 +78,7 @@ __device__ __forceinline__ void philox4x32_10(unsigned c[4], unsigned k0, unsign
 }
 __device__ __forceinline__ void store_value(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
 template <class T>
 __device__ __forceinline__ void fill_normal(T* x, long long n, unsigned long long seed, float mean, float std) {
   for (long long blk = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; blk * 4 < n;
@@ -104,6 +105,10 @@ extern "C" __global__ void fill_normal_bf16(__nv_bfloat16* x, long long n, unsig
   fill_normal(x, n, seed, mean, std);
 }
 REEL_EMU_EXPORT(fill_normal_bf16)
+extern "C" __global__ void fill_normal_f16(__half* x, long long n, unsigned long long seed, float mean, float std) {
+  fill_normal(x, n, seed, mean, std);
+}
+REEL_EMU_EXPORT(fill_normal_f16)
 
 // dst[0..n) = src[0..n) in bytes, 16 at a time when both are 16-byte aligned and n is a
 // multiple of 16, else 1 at a time; grid-stride. A device-to-device copy that is a kernel

@@ -100,26 +100,28 @@ extern "C" __global__ void rms_norm_rope_bf16(bf16* __restrict__ x, const float*
 REEL_EMU_EXPORT(rms_norm_rope_bf16)
 
 // The VAE's channel RMS norm, y = x / max(‖x‖₂, 1e-12)·√c·γ, fused with SiLU when `silu`,
-// on channel-last [rows, c] bf16 (y may be x). A row is c ≤ a few hundred channels (96 to
-// 384 in Wan's VAE, 400K rows per frame at 480p), so one warp per row, 8 rows per block:
-// the sum of squares is a shuffle reduction, with no shared memory and no block barrier.
-// Rows of even c on 4-byte boundaries are read and written as bf16 pairs.
-extern "C" __global__ void channel_rms_silu_bf16(const bf16* x, bf16* y, const float* __restrict__ gamma, int rows,
-                                                 int c, int silu) {
+// on channel-last [rows, c] (bf16 or f16; y may be x). A row is c ≤ a few hundred channels
+// (96 to 384 in Wan's VAE, 400K rows per frame at 480p), so one warp per row, 8 rows per
+// block: the sum of squares is a shuffle reduction, with no shared memory and no block
+// barrier. Rows of even c on 4-byte boundaries are read and written as pairs.
+template <class T>
+__device__ __forceinline__ void channel_rms_silu(const T* x, T* y, const float* __restrict__ gamma, int rows, int c,
+                                                 int silu) {
+  typedef typename Num<T>::T2 T2;
   const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const bf16* xr = x + (size_t)row * c;
-  bf16* yr = y + (size_t)row * c;
+  const T* xr = x + (size_t)row * c;
+  T* yr = y + (size_t)row * c;
   const bool pairs = c % 2 == 0 && (reinterpret_cast<uintptr_t>(x) % 4) == 0 && (reinterpret_cast<uintptr_t>(y) % 4) == 0;
   float q = 0.0f;
   if (pairs) {
     for (int i = 2 * lane; i < c; i += 64) {
-      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr + i));
+      const float2 v = Num<T>::unpair(*reinterpret_cast<const T2*>(xr + i));
       q += v.x * v.x + v.y * v.y;
     }
   } else {
     for (int i = lane; i < c; i += 32) {
-      const float v = __bfloat162float(xr[i]);
+      const float v = Num<T>::to(xr[i]);
       q += v * v;
     }
   }
@@ -131,14 +133,23 @@ extern "C" __global__ void channel_rms_silu_bf16(const bf16* x, bf16* y, const f
   };
   if (pairs) {
     for (int i = 2 * lane; i < c; i += 64) {
-      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr + i));
-      *reinterpret_cast<__nv_bfloat162*>(yr + i) = __floats2bfloat162_rn(f(v.x, i), f(v.y, i + 1));
+      const float2 v = Num<T>::unpair(*reinterpret_cast<const T2*>(xr + i));
+      *reinterpret_cast<T2*>(yr + i) = Num<T>::pair(f(v.x, i), f(v.y, i + 1));
     }
   } else {
-    for (int i = lane; i < c; i += 32) yr[i] = __float2bfloat16(f(__bfloat162float(xr[i]), i));
+    for (int i = lane; i < c; i += 32) yr[i] = Num<T>::from(f(Num<T>::to(xr[i]), i));
   }
 }
+extern "C" __global__ void channel_rms_silu_bf16(const bf16* x, bf16* y, const float* __restrict__ gamma, int rows,
+                                                 int c, int silu) {
+  channel_rms_silu(x, y, gamma, rows, c, silu);
+}
+extern "C" __global__ void channel_rms_silu_f16(const __half* x, __half* y, const float* __restrict__ gamma, int rows,
+                                                int c, int silu) {
+  channel_rms_silu(x, y, gamma, rows, c, silu);
+}
 REEL_EMU_EXPORT(channel_rms_silu_bf16)
+REEL_EMU_EXPORT(channel_rms_silu_f16)
 
 // The gated residual of a Wan block: x += (y + bias)·gate[g], g = row / rows_per_group;
 // bias and gate may be null. x, y: [rows, d] bf16; bias: [d], gate: [groups, d] f32.

@@ -12,14 +12,24 @@ use crate::kernels::{DevSlice, DeviceMem, KernelDevice, Recorder};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WDtype {
     Bf16,
+    F16,
     F32,
 }
 
 impl WDtype {
     pub fn size(self) -> usize {
         match self {
-            WDtype::Bf16 => 2,
+            WDtype::Bf16 | WDtype::F16 => 2,
             WDtype::F32 => 4,
+        }
+    }
+
+    /// The 16-bit type T is stored as.
+    pub fn half<T: crate::kernels::Half>() -> Self {
+        if T::F16 {
+            WDtype::F16
+        } else {
+            WDtype::Bf16
         }
     }
 }
@@ -119,6 +129,10 @@ impl DeviceWeights {
                     let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
                     mem.write(e.offset, &h)?
                 }
+                WDtype::F16 => {
+                    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                    mem.write(e.offset, &h)?
+                }
             }
         }
         Ok(DeviceWeights {
@@ -146,6 +160,13 @@ impl DeviceWeights {
                 WDtype::Bf16 => {
                     crate::kernels::fill_normal(dev, w.bf16(&s.name)?, seed, 0.0, 0.02)?
                 }
+                WDtype::F16 => crate::kernels::fill_normal(
+                    dev,
+                    w.half::<half::f16>(&s.name)?,
+                    seed,
+                    0.0,
+                    0.02,
+                )?,
                 WDtype::F32 => crate::kernels::fill_normal(dev, w.f32(&s.name)?, seed, 0.0, 0.02)?,
             }
         }
@@ -161,6 +182,11 @@ impl DeviceWeights {
     /// Bytes on the device.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The dtype of tensor `name`, if there is one.
+    pub fn dtype_of(&self, name: &str) -> Option<WDtype> {
+        self.entries.get(name).map(|e| e.dtype)
     }
 
     fn entry(&self, name: &str, dtype: WDtype) -> Result<Entry> {
@@ -189,6 +215,11 @@ impl DeviceWeights {
     /// A bf16 matrix.
     pub fn bf16(&self, name: &str) -> Result<DevSlice<'_, half::bf16>> {
         Ok(self.slice(self.entry(name, WDtype::Bf16)?))
+    }
+
+    /// A 16-bit tensor of type T (bf16 or f16).
+    pub fn half<T: crate::kernels::Half>(&self, name: &str) -> Result<DevSlice<'_, T>> {
+        Ok(self.slice(self.entry(name, WDtype::half::<T>())?))
     }
 
     /// An f32 vector.

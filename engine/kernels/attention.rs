@@ -4,10 +4,9 @@
 //! algorithm, the variants and why QK-RMSNorm + RoPE stays a separate pass
 //! ([`super::rms_norm_rope_bf16`]). CPU reference: [`crate::cpu::attention`].
 
-use super::{kernels, DevPtr, DevSlice, Kernel, KernelDevice, Launch};
+use super::{kernels, DevPtr, DevSlice, Half, Kernel, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
-type Bf = half::bf16;
 
 /// Shared memory of a variant: a Q tile of 16·warps rows and two stages of K and V tiles
 /// of `bn` rows, each row of Q and K hd + 8 bf16 (16 bytes of padding against bank
@@ -34,7 +33,33 @@ kernels! {
     ANY256 = flash_attn_any_hd256 [opt_in = smem(256, 256, 4, 32)] (FlashArgs);
     QK384_BN32 = flash_attn_qk384_v192_bn32 [opt_in = smem(384, 192, 4, 32)] (FlashArgs);
     QK384_BN16 = flash_attn_qk384_v192_bn16 [opt_in = smem(384, 192, 4, 16)] (FlashArgs);
+    F16_ANY32 = flash_attn_f16_any_hd32 [opt_in = smem(32, 32, 4, 64)] (FlashArgs);
+    F16_ANY128 = flash_attn_f16_any_hd128 [opt_in = smem(128, 128, 4, 64)] (FlashArgs);
+    F16_ANY256 = flash_attn_f16_any_hd256 [opt_in = smem(256, 256, 4, 32)] (FlashArgs);
+    F16_QK384_BN32 = flash_attn_f16_qk384_v192_bn32 [opt_in = smem(384, 192, 4, 32)] (FlashArgs);
+    F16_QK384_BN16 = flash_attn_f16_qk384_v192_bn16 [opt_in = smem(384, 192, 4, 16)] (FlashArgs);
 }
+
+const fn variant(kernel: &'static Kernel<FlashArgs>, hd: u32, hdv: u32, warps: u32, bn: u32) -> Variant {
+    Variant {
+        kernel,
+        hd,
+        hdv,
+        warps,
+        bn,
+    }
+}
+
+/// f16 storage (the VAE): the generic path and the split path only.
+const F16_GENERIC: [Variant; 3] = [
+    variant(&F16_ANY32, 32, 32, 4, 64),
+    variant(&F16_ANY128, 128, 128, 4, 64),
+    variant(&F16_ANY256, 256, 256, 4, 32),
+];
+const F16_SPLIT: [Variant; 2] = [
+    variant(&F16_QK384_BN32, 384, 192, 4, 32),
+    variant(&F16_QK384_BN16, 384, 192, 4, 16),
+];
 
 /// A variant: its kernel, padded head dim, padded V/O columns per launch, warps (16 query
 /// rows each) and keys per tile.
@@ -173,14 +198,15 @@ fn last_element(view: AttnView, s: &FlashShape, rows: usize) -> Option<usize> {
 /// out = softmax(scale·Q·Kᵀ)·V per (sample, head), no mask; `lse` (when given, f32
 /// [batch, heads, lq]) gets each row's log-sum-exp of scale·q·k in natural log. Returns the
 /// kernel variant that ran (specialised head_dim 64/128 when every operand is 16-byte
-/// aligned, else the generic path for any even head_dim ≤ 256).
+/// aligned, else the generic path for any even head_dim ≤ 256; above 256 the split path).
+/// bf16 or f16 storage (f16: the generic and split paths).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attention<'a>(
+pub fn flash_attention<'a, T: Half>(
     dev: &KernelDevice,
-    q: (impl Into<DevSlice<'a, Bf>>, AttnView),
-    k: (impl Into<DevSlice<'a, Bf>>, AttnView),
-    v: (impl Into<DevSlice<'a, Bf>>, AttnView),
-    o: (impl Into<DevSlice<'a, Bf>>, AttnView),
+    q: (impl Into<DevSlice<'a, T>>, AttnView),
+    k: (impl Into<DevSlice<'a, T>>, AttnView),
+    v: (impl Into<DevSlice<'a, T>>, AttnView),
+    o: (impl Into<DevSlice<'a, T>>, AttnView),
     lse: Option<DevSlice<'a, f32>>,
     s: FlashShape,
 ) -> Result<&'static str> {
@@ -252,7 +278,7 @@ pub fn flash_attention<'a>(
             ));
         }
     }
-    let ptr = |b: DevSlice<'a, Bf>, view: AttnView, name: &str| -> Result<DevPtr> {
+    let ptr = |b: DevSlice<'a, T>, view: AttnView, name: &str| -> Result<DevPtr> {
         Ok(b.addr(dev, &format!("{K} {name}"))?.offset(2 * view.offset))
     };
     let (qp, kp, vp, op) = (
@@ -279,9 +305,14 @@ pub fn flash_attention<'a>(
             s.head_dim
         ));
     }
-    let special = SPECIAL
+    let (special, generic, splits): (&[Variant], &[Variant], &[Variant]) = if T::F16 {
+        (&[], &F16_GENERIC, &F16_SPLIT)
+    } else {
+        (&SPECIAL, &GENERIC, &SPLIT)
+    };
+    let special = special
         .iter()
-        .chain(&SPLIT)
+        .chain(splits)
         .filter(|v| aligned16 && (v.hd as usize == s.head_dim || (split && v.hd == 384)))
         .find(fits);
     let variant = match special {
@@ -292,7 +323,7 @@ pub fn flash_attention<'a>(
                 s.head_dim
             ))
         }
-        None => GENERIC
+        None => generic
             .iter()
             .filter(|v| v.hd as usize >= s.head_dim)
             .find(fits)

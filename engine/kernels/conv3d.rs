@@ -2,10 +2,9 @@
 //! cores, over a table of channel-last bf16 frames (None: a frame of zeros), bias fused.
 //! CPU reference: [`crate::cpu::conv::conv3d`].
 
-use super::{kernels, DevPtr, DevSlice, Kernel, KernelDevice, Launch};
+use super::{kernels, DevPtr, DevSlice, Half, Kernel, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
-type Bf = half::bf16;
 
 /// conv::SMEM_BYTES: 3 stages of (64 + 64) rows of 40 bf16.
 const SMEM: u32 = 3 * (64 + 64) * (32 + 8) * 2;
@@ -22,6 +21,9 @@ kernels! {
     C8 = conv3d_bf16_c8 (ConvArgs);
     C2 = conv3d_bf16_c2 (ConvArgs);
     C1 = conv3d_bf16_c1 (ConvArgs);
+    F16_C8 = conv3d_f16_c8 (ConvArgs);
+    F16_C2 = conv3d_f16_c2 (ConvArgs);
+    F16_C1 = conv3d_f16_c1 (ConvArgs);
 }
 
 /// A convolution's geometry: input frames of h × w pixels of ci channels, `ld` elements
@@ -115,13 +117,13 @@ pub fn device_weights(weight: &[f32], co: usize, ci: usize, k: [usize; 3]) -> Ve
 /// out (frame t at t·h_out·w_out·co, channel-last) = conv(frames) + bias (+ res, in out's
 /// layout), with the device weights of [`device_weights`]. Returns (t_out, h_out, w_out)
 /// and the variant.
-pub fn conv3d_bf16<'a>(
+pub fn conv3d<'a, T: Half>(
     dev: &KernelDevice,
-    frames: &[Option<DevSlice<'a, Bf>>],
-    weights: DevSlice<'a, Bf>,
+    frames: &[Option<DevSlice<'a, T>>],
+    weights: DevSlice<'a, T>,
     bias: DevSlice<'a, f32>,
-    res: Option<DevSlice<'a, Bf>>,
-    out: DevSlice<'a, Bf>,
+    res: Option<DevSlice<'a, T>>,
+    out: DevSlice<'a, T>,
     s: ConvShape,
 ) -> Result<((usize, usize, usize), &'static str)> {
     const K: &str = "conv3d";
@@ -191,12 +193,17 @@ pub fn conv3d_bf16<'a>(
     let aligned = |elems: usize| {
         s.ci % elems == 0 && s.ld % elems == 0 && all.iter().all(|p| p % (2 * elems as u64) == 0)
     };
-    let kernel: &Kernel<ConvArgs> = if aligned(8) {
-        &C8
-    } else if aligned(2) {
-        &C2
+    let [c8, c2, c1]: [&Kernel<ConvArgs>; 3] = if T::F16 {
+        [&F16_C8, &F16_C2, &F16_C1]
     } else {
-        &C1
+        [&C8, &C2, &C1]
+    };
+    let kernel = if aligned(8) {
+        c8
+    } else if aligned(2) {
+        c2
+    } else {
+        c1
     };
     let i = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::invalid(format!("{K}: {what} = {v} too large")))

@@ -17,6 +17,7 @@ kernels! {
     /// Philox normals (random weights on the device).
     FILL_NORMAL_F32 = fill_normal_f32(FillNormalArgs);
     FILL_NORMAL_BF16 = fill_normal_bf16(FillNormalArgs);
+    FILL_NORMAL_F16 = fill_normal_f16(FillNormalArgs);
     /// Device-to-device copy as a kernel.
     COPY = copy_bytes(CopyArgs { dst: DevPtr, src: DevPtr, n: i64 });
 }
@@ -100,9 +101,31 @@ pub fn fill_hash_bf16<'a>(
     unsafe { dev.launch(&FILL_HASH, l, &mut a) }
 }
 
+#[doc(hidden)]
+pub enum FillKind {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Element types [`fill_normal`] writes.
+pub trait Fill: super::Elem {
+    #[doc(hidden)]
+    const KIND: FillKind;
+}
+impl Fill for f32 {
+    const KIND: FillKind = FillKind::F32;
+}
+impl Fill for half::bf16 {
+    const KIND: FillKind = FillKind::Bf16;
+}
+impl Fill for half::f16 {
+    const KIND: FillKind = FillKind::F16;
+}
+
 /// Fills x with mean + std·N(0, 1) from Philox4x32-10 (engine/rng.rs's mapping, Box-Muller
 /// in f32 on the device): random weights made where they are used.
-pub fn fill_normal<'a, T: super::gemm::GemmOut>(
+pub fn fill_normal<'a, T: Fill>(
     dev: &KernelDevice,
     x: impl Into<DevSlice<'a, T>>,
     seed: u64,
@@ -122,10 +145,10 @@ pub fn fill_normal<'a, T: super::gemm::GemmOut>(
         (x.len() as u64).div_ceil(4 * 256).clamp(1, 65535) as u32,
         256,
     );
-    let k = if T::F32 {
-        &FILL_NORMAL_F32
-    } else {
-        &FILL_NORMAL_BF16
+    let k = match T::KIND {
+        FillKind::F32 => &FILL_NORMAL_F32,
+        FillKind::Bf16 => &FILL_NORMAL_BF16,
+        FillKind::F16 => &FILL_NORMAL_F16,
     };
     // SAFETY: the kernel writes x[i] for i < n = x.len().
     unsafe { dev.launch(k, l, &mut a) }

@@ -26,6 +26,32 @@ impl Elem for u8 {}
 impl Elem for half::bf16 {}
 impl Elem for half::f16 {}
 
+/// The 16-bit storage types tensor-core kernels are compiled for (bf16 and f16; f32 math).
+pub trait Half: Elem + Copy + PartialEq + std::fmt::Debug {
+    /// Which of the two (kernel variants are chosen by it).
+    const F16: bool;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+impl Half for half::bf16 {
+    const F16: bool = false;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+impl Half for half::f16 {
+    const F16: bool = true;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
 /// The alignment of every allocation (cudaMalloc gives at least 256 bytes).
 pub const ALIGN: usize = 256;
 

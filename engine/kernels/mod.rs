@@ -37,7 +37,7 @@ pub use self::gemm::{gemm, Act};
 pub use attention::{flash_attention, AttnView, FlashShape};
 pub use elementwise::*;
 pub(crate) use mem::MEASURE_KEY;
-pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, ALIGN};
+pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, Half, ALIGN};
 pub use norm::*;
 pub use selftest::*;
 

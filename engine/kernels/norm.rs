@@ -11,6 +11,7 @@ type Bf = half::bf16;
 
 kernels! {
     module "norm";
+    @args ChannelRmsArgs { x: DevPtr, y: DevPtr, gamma: DevPtr, rows: i32, c: i32, silu: i32 }
     /// LayerNorm + adaLN modulation, one block per row.
     LAYERNORM = layernorm_modulate_bf16(LayerNormArgs {
         x: DevPtr, y: DevPtr, mul: DevPtr, add: DevPtr, rows: i32, d: i32, rows_per_group: i32, eps: f32,
@@ -22,8 +23,9 @@ kernels! {
         x: DevPtr, bias: DevPtr, weight: DevPtr, cos_t: DevPtr, sin_t: DevPtr,
         rows: i32, d: i32, head_dim: i32, tokens: i32, eps: f32, row_stride: i64,
     });
-    /// The VAE's channel RMS norm (+ SiLU), in place, one block per row.
-    CHANNEL_RMS = channel_rms_silu_bf16(ChannelRmsArgs { x: DevPtr, y: DevPtr, gamma: DevPtr, rows: i32, c: i32, silu: i32 });
+    /// The VAE's channel RMS norm (+ SiLU), a warp per row.
+    CHANNEL_RMS = channel_rms_silu_bf16(ChannelRmsArgs);
+    CHANNEL_RMS_F16 = channel_rms_silu_f16(ChannelRmsArgs);
     RESIDUAL = residual_gate_bf16(ResidualArgs {
         x: DevPtr, y: DevPtr, bias: DevPtr, gate: DevPtr, rows: i32, d: i32, rows_per_group: i32,
     });
@@ -207,17 +209,17 @@ pub fn rms_norm_rope_rows_bf16<'a>(
 }
 
 /// The VAE's channel RMS norm of x: [rows, c] into y (which may be x), with SiLU when
-/// `silu`. The bf16 twin of [`crate::cpu::channel_rms_norm`].
-pub fn channel_rms_silu_bf16<'a>(
+/// `silu`; bf16 or f16. The twin of [`crate::cpu::channel_rms_norm`].
+pub fn channel_rms_silu<'a, T: super::Half>(
     dev: &KernelDevice,
-    x: impl Into<DevSlice<'a, Bf>>,
-    y: impl Into<DevSlice<'a, Bf>>,
+    x: impl Into<DevSlice<'a, T>>,
+    y: impl Into<DevSlice<'a, T>>,
     c: usize,
     gamma: impl Into<DevSlice<'a, f32>>,
     silu: bool,
 ) -> Result<()> {
     let (x, y, gamma) = (x.into(), y.into(), gamma.into());
-    const K: &str = "channel_rms_silu_bf16";
+    const K: &str = "channel_rms_silu";
     let (rows, _) = rows_of(x.len(), c, K)?;
     same_len(K, x.len(), y.len())?;
     if gamma.len() != c {
@@ -237,7 +239,7 @@ pub fn channel_rms_silu_bf16<'a>(
     // row 8b + w, rows past `rows` return.
     unsafe {
         dev.launch_counted(
-            &CHANNEL_RMS,
+            if T::F16 { &CHANNEL_RMS_F16 } else { &CHANNEL_RMS },
             Launch::x(grid, 256),
             &mut a,
             crate::profile::Op::Elementwise,

@@ -160,6 +160,13 @@ inline __half __float2half(float f) {
   // Subnormal: units of 2^-24, rounded to nearest even (the default rounding mode).
   return __half{static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(af * 16777216.0f)))};
 }
+inline __half __float2half_rn(float f) { return __float2half(f); }
+// A pair of f16 (x the low half).
+struct __align__(4) __half2 {
+  __half x, y;
+};
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half(a), __float2half(b)}; }
+inline float2 __half22float2(__half2 v) { return {__half2float(v.x), __half2float(v.y)}; }
 
 // Warp-collective operations, through the emulator's per-warp exchange.
 namespace reel_emu_detail {
@@ -301,6 +308,7 @@ inline int param_layout(void (*)(P...), reel_emu::ParamInfo* out, int cap) {
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <type_traits>
 #include <string.h>
 #define REEL_SHARED_ALIGNED(align, type, name, dims) __shared__ __align__(align) type name dims
 #define REEL_SHARED(type, name, dims) __shared__ type name dims
@@ -317,3 +325,25 @@ __device__ __forceinline__ void named_barrier_sync(unsigned id, unsigned threads
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 #endif
 }
+
+// Storage types kernels are written over (bf16 or f16, f32 math): Num<T>::to / from convert
+// one value, pair / unpair two (as packed in a 32-bit register, low element first).
+template <class T>
+struct Num;
+template <>
+struct Num<__nv_bfloat16> {
+  typedef __nv_bfloat162 T2;
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float f) { return __float2bfloat16(f); }
+  static __device__ __forceinline__ T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ float2 unpair(T2 v) { return __bfloat1622float2(v); }
+};
+template <>
+struct Num<__half> {
+  typedef __half2 T2;
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float f) { return __float2half_rn(f); }
+  static __device__ __forceinline__ T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ float2 unpair(T2 v) { return __half22float2(v); }
+};
+

@@ -16,6 +16,8 @@
 namespace reel_emu_detail {
 inline float bf16_lo(uint32_t r) { return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(r & 0xffffu)}); }
 inline float bf16_hi(uint32_t r) { return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(r >> 16)}); }
+inline float f16_lo(uint32_t r) { return __half2float(__half{static_cast<uint16_t>(r & 0xffffu)}); }
+inline float f16_hi(uint32_t r) { return __half2float(__half{static_cast<uint16_t>(r >> 16)}); }
 struct MmaSlot {
   uint32_t a[4];
   uint32_t b[2];
@@ -26,19 +28,43 @@ inline uint32_t mma_reg(const unsigned char* slots, int lane, int reg) {
   std::memcpy(&r, slots + lane * reel_emu::kSlotBytes + 4 * reg, 4);
   return r;
 }
-// Row `row` of A and column `col` of B (16 values each) from the warp's fragments.
+// Row `row` of A and column `col` of B (16 values each) from the warp's fragments, of bf16
+// (F16 false) or f16 elements.
+template <bool F16>
 inline void mma_a_row(const unsigned char* slots, int row, float out[16]) {
   for (int k = 0; k < 16; k += 2) {
     const uint32_t r = mma_reg(slots, (row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0));
-    out[k] = bf16_lo(r);
-    out[k + 1] = bf16_hi(r);
+    out[k] = F16 ? f16_lo(r) : bf16_lo(r);
+    out[k + 1] = F16 ? f16_hi(r) : bf16_hi(r);
   }
 }
+template <bool F16>
 inline void mma_b_col(const unsigned char* slots, int col, float out[16]) {
   for (int k = 0; k < 16; k += 2) {
     const uint32_t r = mma_reg(slots, col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0));
-    out[k] = bf16_lo(r);
-    out[k + 1] = bf16_hi(r);
+    out[k] = F16 ? f16_lo(r) : bf16_lo(r);
+    out[k + 1] = F16 ? f16_hi(r) : bf16_hi(r);
+  }
+}
+// The warp's m16n8k16 product (every lane computes its own four results).
+template <bool F16>
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  MmaSlot mine;
+  std::memcpy(mine.a, a, sizeof mine.a);
+  std::memcpy(mine.b, b, sizeof mine.b);
+  const unsigned char* slots = reel_emu::warp_exchange(&mine, sizeof mine, 0xffffffffu);
+  const int lane = static_cast<int>(reel_emu::lane_id()), g = lane / 4, t = lane % 4;
+  float arow[2][16], bcol[2][16];
+  for (int h = 0; h < 2; ++h) {
+    mma_a_row<F16>(slots, g + 8 * h, arow[h]);
+    mma_b_col<F16>(slots, 2 * t + h, bcol[h]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const float* ar = arow[i >= 2 ? 1 : 0];
+    const float* bc = bcol[i & 1];
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];
+    d[i] = acc;
   }
 }
 }  // namespace reel_emu_detail
@@ -48,23 +74,7 @@ inline void mma_b_col(const unsigned char* slots, int col, float out[16]) {
 __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2],
                                                   const float c[4]) {
 #ifdef REEL_EMU
-  reel_emu_detail::MmaSlot mine;
-  std::memcpy(mine.a, a, sizeof mine.a);
-  std::memcpy(mine.b, b, sizeof mine.b);
-  const unsigned char* slots = reel_emu::warp_exchange(&mine, sizeof mine, 0xffffffffu);
-  const int lane = static_cast<int>(reel_emu::lane_id()), g = lane / 4, t = lane % 4;
-  float arow[2][16], bcol[2][16];
-  for (int h = 0; h < 2; ++h) {
-    reel_emu_detail::mma_a_row(slots, g + 8 * h, arow[h]);
-    reel_emu_detail::mma_b_col(slots, 2 * t + h, bcol[h]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    const float* ar = arow[i >= 2 ? 1 : 0];
-    const float* bc = bcol[i & 1];
-    float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];
-    d[i] = acc;
-  }
+  reel_emu_detail::mma_m16n8k16<false>(d, a, b, c);
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -73,6 +83,32 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
         "f"(c[3]));
 #endif
+}
+
+// The same with f16 inputs (same fragment layouts).
+__device__ __forceinline__ void mma_m16n8k16_f16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                                 const float c[4]) {
+#ifdef REEL_EMU
+  reel_emu_detail::mma_m16n8k16<true>(d, a, b, c);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+        "f"(c[3]));
+#endif
+}
+
+// m16n8k16 over storage type T (__nv_bfloat16 or __half).
+template <class T>
+__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                             const float c[4]) {
+  if constexpr (std::is_same<T, __half>::value) {
+    mma_m16n8k16_f16(d, a, b, c);
+  } else {
+    mma_m16n8k16_bf16(d, a, b, c);
+  }
 }
 
 // ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16: lanes 8i..8i+7 give the row addresses

@@ -161,6 +161,11 @@ fn layernorm_modulate_bf16_matches_cpu_within_bf16_rounding() {
 /// bf16 kernel vs the f32 CPU oracle on the same (bf16) inputs: relative L2 ≤ 1e-2 and no
 /// worse than 2× the naive bf16 reference (the oracle rounded to bf16).
 fn check_bf16(name: &str, got: &[half::bf16], want: &[f32]) {
+    check_half(name, got, want)
+}
+
+/// `got` within twice the error of rounding `want` to T (and 1e-2).
+fn check_half<T: reel::kernels::Half>(name: &str, got: &[T], want: &[f32]) {
     let g: Vec<f32> = got.iter().map(|v| v.to_f32()).collect();
     assert!(
         g.iter().all(|v| v.is_finite()),
@@ -169,7 +174,7 @@ fn check_bf16(name: &str, got: &[half::bf16], want: &[f32]) {
     let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
     let naive: Vec<f32> = want
         .iter()
-        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .map(|&v| T::from_f32(v).to_f32())
         .collect();
     let (err, naive_err) = (
         reel::tensor::rel_l2(&g, &w64),
@@ -177,7 +182,7 @@ fn check_bf16(name: &str, got: &[half::bf16], want: &[f32]) {
     );
     assert!(
         err <= 1e-2 && err <= 2.0 * naive_err.max(1e-7),
-        "{name}: rel L2 {err:.3e} (naive bf16 {naive_err:.3e})"
+        "{name}: rel L2 {err:.3e} (rounding to storage {naive_err:.3e})"
     );
 }
 
@@ -227,24 +232,36 @@ fn rms_norm_rope_bf16_matches_cpu() {
     }
 }
 
-#[test]
-fn channel_rms_silu_bf16_matches_cpu() {
-    // Odd c (bf16 singles), rows not a multiple of the block's 8, in place and not.
+fn channel_rms_silu_matches_cpu<T: reel::kernels::Half>() {
+    // Odd c (16-bit singles), rows not a multiple of the block's 8, in place and not.
     for (rows, c) in [(37usize, 8usize), (5, 96), (3, 384), (11, 3), (9, 70)] {
-        let x = bf16s(&vals(rows * c, c as u64));
+        let x: Vec<T> = vals(rows * c, c as u64)
+            .iter()
+            .map(|&v| T::from_f32(v))
+            .collect();
         let gamma: Vec<f32> = vals(c, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
         for (silu, in_place) in [(true, false), (false, true), (true, true)] {
             let dv = dev();
             let xb = up(&dv, &x);
-            let yb = Buf::filled(&dv, rows * c, half::bf16::from_bits(0x7fc1)).unwrap();
+            let yb = Buf::filled(&dv, rows * c, T::from_f32(f32::NAN)).unwrap();
             let out = if in_place { &xb } else { &yb };
-            k::channel_rms_silu_bf16(&dv, &xb, out, c, &up(&dv, &gamma), silu).unwrap();
+            k::channel_rms_silu(&dv, &xb, out, c, &up(&dv, &gamma), silu).unwrap();
             let got = down(out);
-            let mut want = f32s(&x);
+            let mut want: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
             reel::cpu::channel_rms_norm(&mut want, c, &gamma, silu);
-            check_bf16(&format!("channel_rms c={c} silu={silu}"), &got, &want);
+            check_half(&format!("channel_rms c={c} silu={silu}"), &got, &want);
         }
     }
+}
+
+#[test]
+fn channel_rms_silu_bf16_matches_cpu() {
+    channel_rms_silu_matches_cpu::<half::bf16>()
+}
+
+#[test]
+fn channel_rms_silu_f16_matches_cpu() {
+    channel_rms_silu_matches_cpu::<half::f16>()
 }
 
 #[test]
@@ -486,7 +503,13 @@ pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: 
                 .split("arch = ")
                 .find(|s| s.starts_with(arch) && s.contains(&format!("code for {arch}")))
                 .unwrap_or_else(|| panic!("{name}: no {arch} SASS"));
-            let hmma = section.matches("HMMA.16816.F32.BF16").count();
+            // bf16 kernels: HMMA.16816.F32.BF16; f16 ones: HMMA.16816.F32 without a suffix.
+            let bf = section.matches("HMMA.16816.F32.BF16").count();
+            let hmma = if name.contains("_f16_") {
+                section.matches("HMMA.16816.F32").count() - bf
+            } else {
+                bf
+            };
             let ldsm = section.matches("LDSM.16.M").count();
             let async_copies = section.matches("LDGSTS").count();
             assert!(

@@ -222,6 +222,52 @@ impl Case {
     }
 }
 
+impl Case {
+    /// The f16 build (separate buffers): the bf16 inputs converted (exact in f16 at these
+    /// magnitudes but for values under 6e-5), O back as f32, and the variant.
+    fn check_f16(&self, d: &KernelDevice, seed: u64) -> &'static str {
+        use half::f16;
+        assert_eq!(self.layout, Layout::Separate);
+        let x = self.inputs(seed);
+        let (want, _) = self.reference(&x);
+        let w = self.heads * self.hd;
+        let to16 = |v: &[bf16]| -> Vec<f16> { v.iter().map(|b| f16::from_f32(b.to_f32())).collect() };
+        let (qb, kb, vb) = (up(d, &to16(&x.q)), up(d, &to16(&x.k)), up(d, &to16(&x.v)));
+        let mut ob = Buf::filled(d, self.batch * self.lq * w, f16::NAN).unwrap();
+        let view = |rows| AttnView::packed(0, w, rows);
+        let variant = k::flash_attention(
+            d,
+            (&qb, view(self.lq)),
+            (&kb, view(self.lk)),
+            (&vb, view(self.lk)),
+            (&mut ob, view(self.lq)),
+            None,
+            FlashShape {
+                batch: self.batch,
+                heads: self.heads,
+                head_dim: self.hd,
+                lq: self.lq,
+                lk: self.lk,
+                scale: self.scale(),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{self:?} f16: {e}"));
+        let got: Vec<f32> = down(&ob).iter().map(|v| v.to_f32()).collect();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{self:?} ({variant}): unwritten or non-finite outputs"
+        );
+        let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        let naive: Vec<f32> = want.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let (err, naive_err) = (rel_l2(&got, &w64), rel_l2(&naive, &w64));
+        assert!(
+            err <= 2e-3 && err <= 3.0 * naive_err.max(1e-6),
+            "{self:?} ({variant}): rel L2 {err:.3e} (naive f16 {naive_err:.3e})"
+        );
+        variant
+    }
+}
+
 fn case(batch: usize, heads: usize, hd: usize, lq: usize, lk: usize, layout: Layout) -> Case {
     Case {
         batch,
@@ -292,6 +338,38 @@ fn flash_attention_matches_cpu_on_odd_shapes_and_every_head_dim() {
     ];
     for (i, (c, variant)) in cases.iter().enumerate() {
         let got = c.check(&d, 10 + i as u64);
+        if d.arch().unwrap().max_shared_per_block >= 104_448 {
+            assert_eq!(got, *variant, "{c:?}");
+        }
+    }
+}
+
+/// The f16 variants (the VAE's storage type): the generic path at every head_dim bucket and
+/// the split variant above 256.
+#[test]
+fn flash_attention_f16_matches_cpu() {
+    let d = dev();
+    use Layout::*;
+    let cases = [
+        (case(2, 3, 24, 37, 53, Separate), "flash_attn_f16_any_hd32"),
+        (
+            Case {
+                sigma: 3.0,
+                ..case(1, 2, 128, 70, 45, Separate)
+            },
+            "flash_attn_f16_any_hd128",
+        ),
+        (case(1, 1, 200, 20, 33, Separate), "flash_attn_f16_any_hd256"),
+        (
+            Case {
+                sigma: 3.0,
+                ..case(1, 1, 384, 70, 45, Separate)
+            },
+            "flash_attn_f16_qk384_v192_bn32",
+        ),
+    ];
+    for (i, (c, variant)) in cases.iter().enumerate() {
+        let got = c.check_f16(&d, 50 + i as u64);
         if d.arch().unwrap().max_shared_per_block >= 104_448 {
             assert_eq!(got, *variant, "{c:?}");
         }
@@ -537,13 +615,14 @@ fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
     crate::kernels::tensor_core_code(
         "attention",
         "flash_attn_",
-        20, // 10 variants × 2 targets
+        30, // 10 bf16 + 5 f16 variants × 2 targets
         &[
             "flash_attn_hd128_bn64",
             "flash_attn_hd128_bn32",
             "flash_attn_hd64_bn128",
             "flash_attn_any_hd32",
             "flash_attn_qk384_v192_bn32",
+            "flash_attn_f16_any_hd128",
         ],
     );
 }

@@ -6,10 +6,18 @@
 
 use half::bf16;
 use reel::cpu::conv::{conv3d, upsample2x, ConvWeights, Frames};
-use reel::kernels::{self as k, Buf, DevSlice};
+use reel::kernels::{self as k, Buf, DevSlice, Half};
 use reel::tensor::rel_l2;
 
-use crate::kernels::{bf16s, dev, down, f32s, up, vals};
+use crate::kernels::{dev, down, up, vals};
+
+fn hs<T: Half>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+fn fs<T: Half>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -53,32 +61,32 @@ fn case(h: usize, w: usize, ci: usize, co: usize) -> Case {
 }
 
 impl Case {
-    fn check(&self, seed: u64) -> &'static str {
+    fn check<T: Half>(&self, seed: u64) -> &'static str {
         let d = dev();
         let (h, w, ci, co) = (self.h, self.w, self.ci, self.co);
         let kvol: usize = self.k.iter().product();
         let fl = h * w * ci;
-        let inputs: Vec<Option<Vec<bf16>>> = (0..self.frames)
-            .map(|i| (self.zeros >> i & 1 == 0).then(|| bf16s(&vals(fl, seed + i as u64))))
+        let inputs: Vec<Option<Vec<T>>> = (0..self.frames)
+            .map(|i| (self.zeros >> i & 1 == 0).then(|| hs::<T>(&vals(fl, seed + i as u64))))
             .collect();
         // Weights scaled so outputs are O(1) whatever the fan-in.
         let scale = 1.0 / ((ci * kvol) as f32).sqrt() / 3.0;
-        let wt = bf16s(
+        let wt = hs::<T>(
             &vals(co * ci * kvol, seed + 100)
                 .iter()
                 .map(|v| v * scale)
                 .collect::<Vec<_>>(),
         );
         let bias = vals(co, seed + 101);
-        let pre = vec![bf16::from_f32(5.0); self.offset];
-        let with_pre = |v: &[bf16]| [&pre[..], v].concat();
+        let pre = vec![T::from_f32(5.0); self.offset];
+        let with_pre = |v: &[T]| [&pre[..], v].concat();
         // Interleaved: pixel p of the frame at [p][ci..2ci) of a [h·w][2ci] buffer whose
         // first halves are junk (the frame's slice starts ci elements in).
-        let stored = |f: &[bf16]| -> Vec<bf16> {
+        let stored = |f: &[T]| -> Vec<T> {
             if !self.interleaved {
                 return with_pre(f);
             }
-            let junk = bf16::from_f32(-9.0);
+            let junk = T::from_f32(-9.0);
             let mut v = pre.clone();
             for px in f.chunks(ci) {
                 v.extend(std::iter::repeat_n(junk, ci));
@@ -87,11 +95,11 @@ impl Case {
             v
         };
         let lead = if self.interleaved { ci } else { 0 };
-        let bufs: Vec<Option<Buf<bf16>>> = inputs
+        let bufs: Vec<Option<Buf<T>>> = inputs
             .iter()
             .map(|f| f.as_ref().map(|f| up(&d, &stored(f))))
             .collect();
-        let dw = bf16s(&k::conv3d::device_weights(&f32s(&wt), co, ci, self.k));
+        let dw = hs::<T>(&k::conv3d::device_weights(&fs(&wt), co, ci, self.k));
         let (wb, bb) = (up(&d, &with_pre(&dw)), up(&d, &bias));
         let shape = k::conv3d::ConvShape {
             ld: if self.interleaved { 2 * ci } else { ci },
@@ -100,18 +108,18 @@ impl Case {
         };
         let (t_out, h_out, w_out) = shape.out_size(self.frames).unwrap();
         let out_len = t_out * h_out * w_out * co;
-        let res = bf16s(&vals(out_len, seed + 102));
+        let res = hs::<T>(&vals(out_len, seed + 102));
         let rb = up(&d, &res);
-        let poison = bf16::from_bits(0x7fc1);
+        let poison = T::from_f32(f32::NAN);
         let ob = Buf::filled(&d, self.offset + out_len + 7, poison).unwrap();
-        fn sub(s: DevSlice<'_, bf16>, off: usize) -> DevSlice<'_, bf16> {
+        fn sub<T: Half>(s: DevSlice<'_, T>, off: usize) -> DevSlice<'_, T> {
             s.sub(off, s.len() - off).unwrap()
         }
-        let frames: Vec<Option<DevSlice<'_, bf16>>> = bufs
+        let frames: Vec<Option<DevSlice<'_, T>>> = bufs
             .iter()
             .map(|b| b.as_ref().map(|b| sub(b.slice(), self.offset + lead)))
             .collect();
-        let (dims, variant) = k::conv3d::conv3d_bf16(
+        let (dims, variant) = k::conv3d::conv3d(
             &d,
             &frames,
             sub(wb.slice(), self.offset),
@@ -128,13 +136,9 @@ impl Case {
             .chain(&all[self.offset + out_len..])
             .enumerate()
         {
-            assert_eq!(
-                v.to_bits(),
-                poison.to_bits(),
-                "{self:?}: wrote outside out ({i})"
-            );
+            assert!(v.to_f32().is_nan(), "{self:?}: wrote outside out ({i})");
         }
-        let got = f32s(&all[self.offset..][..out_len]);
+        let got = fs(&all[self.offset..][..out_len]);
         assert!(
             got.iter().all(|v| v.is_finite()),
             "{self:?} ({variant}): unwritten outputs"
@@ -149,7 +153,7 @@ impl Case {
                         h,
                         w,
                         c: ci,
-                        data: f32s(f),
+                        data: fs(f),
                     };
                     if self.up {
                         upsample2x(&fr).data
@@ -160,7 +164,7 @@ impl Case {
             })
             .collect();
         let refs: Vec<Option<&[f32]>> = f32_inputs.iter().map(|f| f.as_deref()).collect();
-        let cw = ConvWeights::new(&f32s(&wt), &bias, co, ci, self.k);
+        let cw = ConvWeights::new(&fs(&wt), &bias, co, ci, self.k);
         let mut want = conv3d(&refs, hs, ws, &cw, self.stride, self.pad);
         assert_eq!((want.t, want.h, want.w), (t_out, h_out, w_out));
         if self.res {
@@ -172,12 +176,12 @@ impl Case {
         let naive: Vec<f32> = want
             .data
             .iter()
-            .map(|&v| bf16::from_f32(v).to_f32())
+            .map(|&v| T::from_f32(v).to_f32())
             .collect();
         let (err, naive_err) = (rel_l2(&got, &w64), rel_l2(&naive, &w64));
         assert!(
             err <= 2.0 * naive_err.max(1e-7),
-            "{self:?} ({variant}): rel L2 {err:.3e} (bf16 rounding {naive_err:.3e})"
+            "{self:?} ({variant}): rel L2 {err:.3e} (rounding to storage {naive_err:.3e})"
         );
         variant
     }
@@ -300,7 +304,58 @@ fn conv3d_matches_cpu_in_every_variant_and_vae_shape() {
         ),
     ];
     for (i, (c, want)) in checks.iter().enumerate() {
-        let got = c.check(i as u64 * 1000);
+        let got = c.check::<bf16>(i as u64 * 1000);
+        assert_eq!(got, *want, "{c:?}: variant");
+    }
+}
+
+/// The f16 build of every variant (the VAE's default storage) on the same shapes' kinds.
+#[test]
+fn conv3d_f16_matches_cpu_in_every_variant() {
+    let checks: Vec<(Case, &str)> = vec![
+        (case(5, 7, 40, 24), "conv3d_f16_c8"),
+        (
+            Case {
+                zeros: 0b1,
+                ..case(9, 11, 12, 70)
+            },
+            "conv3d_f16_c2",
+        ),
+        (
+            Case {
+                frames: 8,
+                zeros: 0,
+                ..case(6, 5, 3, 16)
+            },
+            "conv3d_f16_c1",
+        ),
+        (
+            Case {
+                k: [1, 3, 3],
+                frames: 4,
+                zeros: 0,
+                up: true,
+                interleaved: true,
+                res: true,
+                ..case(5, 7, 16, 8)
+            },
+            "conv3d_f16_c8",
+        ),
+        (
+            Case {
+                k: [3, 1, 1],
+                stride: [2, 1, 1],
+                pad: [0; 4],
+                frames: 7,
+                zeros: 0,
+                offset: 1,
+                ..case(3, 5, 16, 32)
+            },
+            "conv3d_f16_c1",
+        ),
+    ];
+    for (i, (c, want)) in checks.iter().enumerate() {
+        let got = c.check::<half::f16>(i as u64 * 1000 + 7);
         assert_eq!(got, *want, "{c:?}: variant");
     }
 }
@@ -314,7 +369,7 @@ fn conv3d_rejects_bad_shapes_by_name() {
     let ob: Buf<bf16> = Buf::filled(&d, 4 * 4 * 8 * 8, bf16::ZERO).unwrap();
     let shape = k::conv3d::ConvShape::new((4, 4, 8, 8), [3, 3, 3], [1, 1, 1], [1; 4]);
     let run = |frames: Vec<Option<DevSlice<'_, bf16>>>, s: k::conv3d::ConvShape| {
-        k::conv3d::conv3d_bf16(&d, &frames, wb.slice(), bb.slice(), None, ob.slice(), s)
+        k::conv3d::conv3d(&d, &frames, wb.slice(), bb.slice(), None, ob.slice(), s)
             .unwrap_err()
             .to_string()
     };
@@ -337,7 +392,7 @@ fn conv3d_rejects_bad_shapes_by_name() {
     assert!(e.contains("depth 4"), "{e}");
     let e = run(vec![None; 3], k::conv3d::ConvShape { co: 9, ..shape });
     assert!(e.contains("weights"), "{e}");
-    let e = k::conv3d::conv3d_bf16(
+    let e = k::conv3d::conv3d(
         &d,
         &[None; 3],
         wb.slice(),
@@ -349,7 +404,7 @@ fn conv3d_rejects_bad_shapes_by_name() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("out holds 100"), "{e}");
-    let e = k::conv3d::conv3d_bf16(
+    let e = k::conv3d::conv3d(
         &d,
         &[None; 3],
         wb.slice(),
@@ -369,8 +424,8 @@ fn conv3d_rejects_bad_shapes_by_name() {
 fn conv3d_code_is_tensor_core_code_without_spills() {
     crate::kernels::tensor_core_code(
         "conv3d",
-        "conv3d_bf16_",
-        6,
-        &["conv3d_bf16_c8", "conv3d_bf16_c2"],
+        "conv3d_",
+        12, // 3 variants × 2 types × 2 targets
+        &["conv3d_bf16_c8", "conv3d_bf16_c2", "conv3d_f16_c8"],
     );
 }

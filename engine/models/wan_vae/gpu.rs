@@ -3,8 +3,9 @@
 //! does (decode: one latent frame per chunk; encode: the first frame, then 4 at a time).
 //! What differs:
 //!
-//! - activations are bf16 channel-last frames (f32 accumulation in every kernel); the
-//!   convolutions are conv3d.cu's implicit GEMM, the norms `channel_rms_silu_bf16`, the
+//! - activations are f16 (or bf16) channel-last frames, f32 accumulation in every kernel
+//!   (see [`DEFAULT_DTYPE`] for why f16); the convolutions are conv3d.cu's implicit GEMM,
+//!   the norms `channel_rms_silu`, the
 //!   mid-block's per-frame single-head attention the flash kernel (head_dim up to 384);
 //! - nothing is concatenated or shuffled: a causal convolution gets its input as a table of
 //!   frame pointers (its cache's frames, then the chunk's; a missing cache frame is a null
@@ -20,15 +21,15 @@
 //! (the first chunk: 1 frame in, and the temporal upsamplers pass it through undoubled) and
 //! "next" (every later chunk). A new sample forgets the caches' contents, not their memory.
 
-use half::bf16;
+use half::f16;
 
 use super::{
     AttnBlock, Coder, Conv, Frames, Layer, Parts, ResBlock, Resample, WanVae, WanVaeConfig,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Ctx, DeviceWeights, MemoryPlan, View, WDtype, WeightSpec};
-use crate::kernels::conv3d::{conv3d_bf16, device_weights, ConvShape};
-use crate::kernels::{self as k, Arch, AttnView, FlashShape, KernelDevice};
+use crate::kernels::conv3d::{conv3d, device_weights, ConvShape};
+use crate::kernels::{self as k, Arch, AttnView, FlashShape, Half, KernelDevice};
 use crate::weights::TensorEntry;
 
 /// Encoder or decoder.
@@ -39,7 +40,7 @@ pub enum Coding {
 }
 
 /// One device tensor: a convolution's weights in the kernel's layout ([co][kt·kh·kw][ci]
-/// bf16), or an f32 vector (biases, norm gammas).
+/// f16 or bf16), or an f32 vector (biases, norm gammas).
 enum DevTensor<'a> {
     ConvWeight(&'a Conv),
     Vector(&'a TensorEntry),
@@ -100,12 +101,12 @@ fn tensors<'a>(
     v
 }
 
-fn spec(t: &DevTensor) -> WeightSpec {
+fn spec(t: &DevTensor, dtype: WDtype) -> WeightSpec {
     match t {
         DevTensor::ConvWeight(c) => WeightSpec {
             name: c.w.name.clone(),
             len: c.co * c.ci * c.k.iter().product::<usize>(),
-            dtype: WDtype::Bf16,
+            dtype,
         },
         DevTensor::Vector(e) => WeightSpec {
             name: e.name.clone(),
@@ -115,28 +116,80 @@ fn spec(t: &DevTensor) -> WeightSpec {
     }
 }
 
-/// The device tensors of a config for one direction, named as in the checkpoint.
-pub fn device_weight_specs(config: &WanVaeConfig, coding: Coding) -> Result<Vec<WeightSpec>> {
+/// The storage type of the VAE's activations and convolution weights on a device unless
+/// asked otherwise: f16. diffusers runs the Wan VAE in f32; bf16's 8-bit mantissa, rounded
+/// at every one of the decoder's ~30 layers, drifts up to 2e-2 from it on the golden cases,
+/// f16's 11 bits stay within 1e-2 (activations stay far inside f16's range: the norms keep
+/// them near unit scale, and every kernel accumulates in f32).
+pub const DEFAULT_DTYPE: WDtype = WDtype::F16;
+
+/// The VAE's storage type from `REEL_VAE_DTYPE` (`f16` or `bf16`), else [`DEFAULT_DTYPE`].
+pub fn dtype_from_env() -> Result<WDtype> {
+    match std::env::var("REEL_VAE_DTYPE") {
+        Err(_) => Ok(DEFAULT_DTYPE),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "" => Ok(DEFAULT_DTYPE),
+            "f16" | "fp16" | "float16" => Ok(WDtype::F16),
+            "bf16" | "bfloat16" => Ok(WDtype::Bf16),
+            other => Err(Error::invalid(format!(
+                "REEL_VAE_DTYPE={other}: the VAE on a device stores f16 or bf16"
+            ))),
+        },
+    }
+}
+
+fn check_dtype(dtype: WDtype) -> Result<()> {
+    match dtype {
+        WDtype::F16 | WDtype::Bf16 => Ok(()),
+        WDtype::F32 => Err(Error::invalid(
+            "the VAE on a kernel device stores f16 or bf16, not f32",
+        )),
+    }
+}
+
+/// The device tensors of a config for one direction, named as in the checkpoint; the
+/// convolution weights in `dtype` (f16 or bf16).
+pub fn device_weight_specs(
+    config: &WanVaeConfig,
+    coding: Coding,
+    dtype: WDtype,
+) -> Result<Vec<WeightSpec>> {
+    check_dtype(dtype)?;
     let (e, d, q, p) = WanVae::parts_of(config)?;
-    Ok(tensors((&e, &d, &q, &p), coding).iter().map(spec).collect())
+    Ok(tensors((&e, &d, &q, &p), coding)
+        .iter()
+        .map(|t| spec(t, dtype))
+        .collect())
+}
+
+/// The first convolution a direction runs (its weights' dtype is the session's).
+fn first_conv(parts: (&Coder, &Coder, &Conv, &Conv), coding: Coding) -> String {
+    match coding {
+        Coding::Encode => parts.0.conv_in.w.name.clone(),
+        Coding::Decode => parts.3.w.name.clone(),
+    }
 }
 
 impl WanVae {
-    /// Uploads the weights one direction uses (convolutions in the kernel's layout, bf16).
-    pub fn upload(&self, dev: &KernelDevice, coding: Coding) -> Result<DeviceWeights> {
-        let ts = tensors(
-            (
-                &self.encoder,
-                &self.decoder,
-                &self.quant_conv,
-                &self.post_quant_conv,
-            ),
-            coding,
-        );
-        let specs: Vec<WeightSpec> = ts.iter().map(spec).collect();
+    fn parts(&self) -> (&Coder, &Coder, &Conv, &Conv) {
+        (
+            &self.encoder,
+            &self.decoder,
+            &self.quant_conv,
+            &self.post_quant_conv,
+        )
+    }
+
+    /// Uploads the weights one direction uses: convolutions in the kernel's layout in
+    /// `dtype` (f16 or bf16, [`DEFAULT_DTYPE`] unless there is a reason), which the
+    /// activations then use too; biases and norm gammas f32.
+    pub fn upload(&self, dev: &KernelDevice, coding: Coding, dtype: WDtype) -> Result<DeviceWeights> {
+        check_dtype(dtype)?;
+        let ts = tensors(self.parts(), coding);
+        let specs: Vec<WeightSpec> = ts.iter().map(|t| spec(t, dtype)).collect();
         let mut by_name = std::collections::HashMap::new();
         for t in &ts {
-            by_name.insert(spec(t).name, t);
+            by_name.insert(spec(t, dtype).name, t);
         }
         DeviceWeights::upload(dev, &specs, |s| {
             Ok(match by_name.get(&s.name) {
@@ -157,9 +210,36 @@ impl WanVae {
         latents: &crate::Tensor,
         sink: &mut dyn super::FrameSink,
     ) -> Result<()> {
+        match self.weights_dtype(w, Coding::Decode)? {
+            WDtype::Bf16 => self.decode_as::<half::bf16>(dev, w, latents, sink),
+            _ => self.decode_as::<f16>(dev, w, latents, sink),
+        }
+    }
+
+    /// The storage type of weights uploaded for `coding`.
+    fn weights_dtype(&self, w: &DeviceWeights, coding: Coding) -> Result<WDtype> {
+        let name = first_conv(self.parts(), coding);
+        w.dtype_of(&name).ok_or_else(|| {
+            Error::invalid(format!(
+                "these device weights have no {name}: upload them for the VAE {}",
+                match coding {
+                    Coding::Encode => "encoder",
+                    Coding::Decode => "decoder",
+                }
+            ))
+        })
+    }
+
+    fn decode_as<T: Half>(
+        &self,
+        dev: &KernelDevice,
+        w: &DeviceWeights,
+        latents: &crate::Tensor,
+        sink: &mut dyn super::FrameSink,
+    ) -> Result<()> {
         let c = &self.config;
         let [b, t, h, wd] = self.check_video(latents.shape(), c.z_dim, "decoder", "latents")?;
-        let mut session = VaeSession::new(dev, c, Coding::Decode, (h, wd))?;
+        let mut session = VaeSession::<T>::new(dev, c, Coding::Decode, (h, wd))?;
         for bi in 0..b {
             session.reset();
             for i in 0..t {
@@ -178,10 +258,22 @@ impl WanVae {
         w: &DeviceWeights,
         sample: &crate::Tensor,
     ) -> Result<crate::Tensor> {
+        match self.weights_dtype(w, Coding::Encode)? {
+            WDtype::Bf16 => self.encode_as::<half::bf16>(dev, w, sample),
+            _ => self.encode_as::<f16>(dev, w, sample),
+        }
+    }
+
+    fn encode_as<T: Half>(
+        &self,
+        dev: &KernelDevice,
+        w: &DeviceWeights,
+        sample: &crate::Tensor,
+    ) -> Result<crate::Tensor> {
         let c = &self.config;
         let [b, f, h, wd] = self.check_video(sample.shape(), c.in_channels, "encoder", "sample")?;
         super::check_encode_size(c, f, h, wd)?;
-        let mut session = VaeSession::new(dev, c, Coding::Encode, (h, wd))?;
+        let mut session = VaeSession::<T>::new(dev, c, Coding::Encode, (h, wd))?;
         let mut outs = Vec::with_capacity(b);
         for bi in 0..b {
             session.reset();
@@ -203,24 +295,24 @@ impl WanVae {
 
 /// Packed channel-last frames on the device: [t][h][w][c].
 #[derive(Debug, Clone, Copy)]
-struct Seq {
-    v: View<bf16>,
+struct Seq<T: Half> {
+    v: View<T>,
     t: usize,
     h: usize,
     w: usize,
     c: usize,
 }
 
-impl Seq {
+impl<T: Half> Seq<T> {
     fn frame_len(&self) -> usize {
         self.h * self.w * self.c
     }
 
-    fn frame(&self, i: usize) -> Result<View<bf16>> {
+    fn frame(&self, i: usize) -> Result<View<T>> {
         self.v.sub(i * self.frame_len(), self.frame_len())
     }
 
-    fn frames(&self) -> Result<Vec<Option<View<bf16>>>> {
+    fn frames(&self) -> Result<Vec<Option<View<T>>>> {
         (0..self.t).map(|i| self.frame(i).map(Some)).collect()
     }
 }
@@ -229,8 +321,8 @@ impl Seq {
 /// of the cached sequence (None: a zero frame, or nothing yet — the same to a causal
 /// convolution, which pads with zeros).
 #[derive(Debug, Clone)]
-struct Slot {
-    bufs: Vec<View<bf16>>,
+struct Slot<T: Half> {
+    bufs: Vec<View<T>>,
     held: [Option<usize>; 2],
     /// The temporal upsampler has passed its first chunk (Wan's "Rep").
     started: bool,
@@ -238,13 +330,13 @@ struct Slot {
 
 /// Every cache of one coder; `sizes` (frame elements and frames per slot) are learnt by a
 /// first measuring pass in which each slot asks for its buffers when first used.
-struct Caches {
+struct Caches<T: Half> {
     names: Vec<String>,
-    slots: Vec<Option<Slot>>,
+    slots: Vec<Option<Slot<T>>>,
     sizes: Vec<Option<(usize, usize)>>,
 }
 
-impl Caches {
+impl<T: Half> Caches<T> {
     fn new(names: &[String]) -> Self {
         Caches {
             names: names.to_vec(),
@@ -265,9 +357,9 @@ impl Caches {
         Ok(c)
     }
 
-    fn buffers(ctx: &mut Ctx, name: &str, elems: usize, n: usize) -> Result<Slot> {
+    fn buffers(ctx: &mut Ctx, name: &str, elems: usize, n: usize) -> Result<Slot<T>> {
         let bufs = (0..n)
-            .map(|j| ctx.persistent::<bf16>(&format!("cache {name} {j}"), elems))
+            .map(|j| ctx.persistent::<T>(&format!("cache {name} {j}"), elems))
             .collect::<Result<Vec<_>>>()?;
         Ok(Slot {
             bufs,
@@ -286,17 +378,17 @@ impl Caches {
 }
 
 /// One chunk's forward: the context, the weights and the caches.
-struct Run<'a> {
+struct Run<'a, T: Half> {
     ctx: &'a mut Ctx,
     w: &'a DeviceWeights,
-    caches: &'a mut Caches,
+    caches: &'a mut Caches<T>,
 }
 
 fn prefix(c: &Conv) -> &str {
     c.w.name.strip_suffix(".weight").unwrap_or(&c.w.name)
 }
 
-impl Run<'_> {
+impl<T: Half> Run<'_, T> {
     /// The slot of a causal convolution, with buffers of `elems` (`n` frames).
     fn slot(&mut self, conv: &Conv, elems: usize, n: usize) -> Result<usize> {
         let i = conv
@@ -325,14 +417,14 @@ impl Run<'_> {
         Ok(i)
     }
 
-    fn slot_mut(&mut self, i: usize) -> Result<&mut Slot> {
+    fn slot_mut(&mut self, i: usize) -> Result<&mut Slot<T>> {
         self.caches.slots[i]
             .as_mut()
             .ok_or_else(|| Error::invalid("internal: cache without buffers"))
     }
 
     /// The cached frames of slot i, as entries of a frame table.
-    fn held(&mut self, i: usize) -> Result<Vec<Option<View<bf16>>>> {
+    fn held(&mut self, i: usize) -> Result<Vec<Option<View<T>>>> {
         let s = self.slot_mut(i)?;
         Ok(s.held.iter().map(|h| h.map(|j| s.bufs[j])).collect())
     }
@@ -343,12 +435,12 @@ impl Run<'_> {
     fn conv(
         &mut self,
         cv: &Conv,
-        frames: &[Option<View<bf16>>],
+        frames: &[Option<View<T>>],
         (h, w): (usize, usize),
         ld: usize,
         up: bool,
-        res: Option<View<bf16>>,
-    ) -> Result<Seq> {
+        res: Option<View<T>>,
+    ) -> Result<Seq<T>> {
         let shape = ConvShape {
             ld,
             up,
@@ -358,10 +450,10 @@ impl Run<'_> {
             .out_size(frames.len())
             .map_err(|e| Error::invalid(format!("{}: {e}", prefix(cv))))?;
         let fl = ho * wo * cv.co;
-        let out = self.ctx.temp::<bf16>(prefix(cv), t * fl)?;
+        let out = self.ctx.temp::<T>(prefix(cv), t * fl)?;
         let (kt, st) = (cv.k[0], cv.stride[0]);
         let per = (8 - kt) / st + 1; // output frames per launch
-        let (wv, bv) = (self.w.bf16(&cv.w.name)?, self.w.f32(&cv.b.name)?);
+        let (wv, bv) = (self.w.half::<T>(&cv.w.name)?, self.w.f32(&cv.b.name)?);
         for g in (0..t).step_by(per) {
             let n = per.min(t - g);
             let ins: Vec<_> = frames[g * st..g * st + (n - 1) * st + kt]
@@ -373,10 +465,10 @@ impl Run<'_> {
                 None => None,
             };
             let o = self.ctx.slice(out.sub(g * fl, n * fl)?);
-            conv3d_bf16(self.ctx.dev(), &ins, wv, bv, r, o, shape)
+            conv3d(self.ctx.dev(), &ins, wv, bv, r, o, shape)
                 .map_err(|e| Error::invalid(format!("{}: {e}", prefix(cv))))?;
         }
-        Ok(Seq {
+        Ok(Seq::<T> {
             v: out,
             t,
             h: ho,
@@ -386,13 +478,13 @@ impl Run<'_> {
     }
 
     /// conv over packed frames.
-    fn conv_seq(&mut self, cv: &Conv, x: Seq, res: Option<View<bf16>>) -> Result<Seq> {
+    fn conv_seq(&mut self, cv: &Conv, x: Seq<T>, res: Option<View<T>>) -> Result<Seq<T>> {
         self.conv(cv, &x.frames()?, (x.h, x.w), x.c, false, res)
     }
 
     /// A cached causal convolution (time padding 2): the cache's two frames, then x's;
     /// the cache then keeps the last two frames of that sequence.
-    fn cached_conv(&mut self, cv: &Conv, x: Seq, res: Option<View<bf16>>) -> Result<Seq> {
+    fn cached_conv(&mut self, cv: &Conv, x: Seq<T>, res: Option<View<T>>) -> Result<Seq<T>> {
         let i = self.slot(cv, x.frame_len(), 2)?;
         let mut frames = self.held(i)?;
         frames.extend(x.frames()?);
@@ -402,7 +494,7 @@ impl Run<'_> {
     }
 
     /// The cache of slot i becomes the last two frames of (cache, x).
-    fn keep_last_two(&mut self, i: usize, x: Seq) -> Result<()> {
+    fn keep_last_two(&mut self, i: usize, x: Seq<T>) -> Result<()> {
         let held = self.slot_mut(i)?.held;
         let (src, held_new): (Vec<(usize, usize)>, [Option<usize>; 2]) = if x.t >= 2 {
             (vec![(x.t - 2, 0), (x.t - 1, 1)], [Some(0), Some(1)])
@@ -421,16 +513,16 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn norm(&mut self, x: Seq, gamma: &TensorEntry, silu: bool, in_place: bool) -> Result<Seq> {
+    fn norm(&mut self, x: Seq<T>, gamma: &TensorEntry, silu: bool, in_place: bool) -> Result<Seq<T>> {
         let y = if in_place {
             x
         } else {
             Seq {
-                v: self.ctx.temp::<bf16>(&gamma.name, x.v.len())?,
+                v: self.ctx.temp::<T>(&gamma.name, x.v.len())?,
                 ..x
             }
         };
-        k::channel_rms_silu_bf16(
+        k::channel_rms_silu(
             self.ctx.dev(),
             self.ctx.slice(x.v),
             self.ctx.slice(y.v),
@@ -441,7 +533,7 @@ impl Run<'_> {
         Ok(y)
     }
 
-    fn res_block(&mut self, r: &ResBlock, x: Seq) -> Result<Seq> {
+    fn res_block(&mut self, r: &ResBlock, x: Seq<T>) -> Result<Seq<T>> {
         let shortcut = match &r.shortcut {
             Some(s) => self.conv_seq(s, x, None)?,
             None => x,
@@ -453,13 +545,13 @@ impl Run<'_> {
     }
 
     /// Single-head self-attention over each frame's pixels (no causal state).
-    fn attn_block(&mut self, a: &AttnBlock, x: Seq) -> Result<Seq> {
+    fn attn_block(&mut self, a: &AttnBlock, x: Seq<T>) -> Result<Seq<T>> {
         let c = x.c;
         let px = x.h * x.w;
         let n = self.norm(x, &a.norm, false, false)?;
         let qkv = self.conv_seq(&a.qkv, n, None)?; // [T, px, 3c]
         let o = Seq {
-            v: self.ctx.temp::<bf16>("attention", x.v.len())?,
+            v: self.ctx.temp::<T>("attention", x.v.len())?,
             ..x
         };
         let view = |off: usize| AttnView::packed(off, 3 * c, px);
@@ -483,7 +575,7 @@ impl Run<'_> {
         self.conv_seq(&a.proj, o, Some(x.v))
     }
 
-    fn resample(&mut self, r: &Resample, x: Seq) -> Result<Seq> {
+    fn resample(&mut self, r: &Resample, x: Seq<T>) -> Result<Seq<T>> {
         match r {
             Resample::Up2d { conv } => self.conv(conv, &x.frames()?, (x.h, x.w), x.c, true, None),
             Resample::Down2d { conv } => self.conv_seq(conv, x, None),
@@ -533,7 +625,7 @@ impl Run<'_> {
         }
     }
 
-    fn coder(&mut self, coder: &Coder, x: Seq) -> Result<Seq> {
+    fn coder(&mut self, coder: &Coder, x: Seq<T>) -> Result<Seq<T>> {
         let mut x = self.cached_conv(&coder.conv_in, x, None)?;
         for layer in &coder.layers {
             x = match layer {
@@ -546,17 +638,17 @@ impl Run<'_> {
         self.cached_conv(&coder.conv_out, x, None)
     }
 
-    /// One chunk: `input` channel-last bf16 frames (t × h × w × c) → the result on the
+    /// One chunk: `input` channel-last frames (t × h × w × c) → the result on the
     /// device.
     fn chunk(
         &mut self,
         parts: &Parts,
         coding: Coding,
-        input: &[bf16],
+        input: &[T],
         dims: [usize; 4],
-    ) -> Result<Seq> {
+    ) -> Result<Seq<T>> {
         let [t, h, w, c] = dims;
-        let v = self.ctx.temp::<bf16>("input", input.len())?;
+        let v = self.ctx.temp::<T>("input", input.len())?;
         self.ctx.upload(v, input)?;
         let x = Seq { v, t, h, w, c };
         let (encoder, decoder, quant, post_quant) = parts;
@@ -591,20 +683,20 @@ fn coder_of(parts: &Parts, coding: Coding) -> &Coder {
 /// The memory plan of a decode (latent frames of h × w) or an encode (frames of h × w
 /// pixels) on `arch`: the caches, then one first and one later chunk, measured without
 /// running anything. Returns the plan and the caches' sizes.
-fn measure(
+fn measure<T: Half>(
     c: &WanVaeConfig,
     coding: Coding,
     hw: (usize, usize),
     arch: Arch,
 ) -> Result<(MemoryPlan, Vec<Option<(usize, usize)>>)> {
     let parts = WanVae::parts_of(c)?;
-    let w = DeviceWeights::measure(&device_weight_specs(c, coding)?)?;
+    let w = DeviceWeights::measure(&device_weight_specs(c, coding, WDtype::half::<T>())?)?;
     let names = &coder_of(&parts, coding).slots;
-    let chunks = |ctx: &mut Ctx, caches: &mut Caches| -> Result<()> {
+    let chunks = |ctx: &mut Ctx, caches: &mut Caches<T>| -> Result<()> {
         for (phase, first) in [("first", true), ("next", false)] {
             ctx.phase(phase)?;
             let dims = chunk_dims(c, coding, hw, first);
-            let input = vec![bf16::ZERO; dims.iter().product()];
+            let input = vec![T::from_f32(0.0); dims.iter().product()];
             let mut run = Run { ctx, w: &w, caches };
             let y = run.chunk(&parts, coding, &input, dims)?;
             ctx.download(y.v)?;
@@ -626,29 +718,30 @@ fn measure(
 }
 
 /// The memory plan of a decode of latents with h × w frames (or an encode of h × w pixel
-/// frames) on `arch`.
+/// frames) on `arch` (f16 and bf16 take the same bytes).
 pub fn plan(
     c: &WanVaeConfig,
     coding: Coding,
     hw: (usize, usize),
     arch: Arch,
 ) -> Result<MemoryPlan> {
-    Ok(measure(c, coding, hw, arch)?.0)
+    Ok(measure::<f16>(c, coding, hw, arch)?.0)
 }
 
-/// A VAE direction on a device for one frame size: the plan, its allocations and the caches.
-pub struct VaeSession {
+/// A VAE direction on a device for one frame size, activations stored as T (f16 or bf16,
+/// as the weights): the plan, its allocations and the caches.
+pub struct VaeSession<T: Half> {
     config: WanVaeConfig,
     parts: Parts,
     coding: Coding,
     hw: (usize, usize),
     plan: MemoryPlan,
     ctx: Ctx,
-    caches: Caches,
+    caches: Caches<T>,
     chunks: usize,
 }
 
-impl VaeSession {
+impl<T: Half> VaeSession<T> {
     /// Plans `coding` at `hw` (latent frames for a decode, pixels for an encode) for `dev`
     /// and allocates what the plan says.
     pub fn new(
@@ -657,7 +750,7 @@ impl VaeSession {
         coding: Coding,
         hw: (usize, usize),
     ) -> Result<Self> {
-        let (plan, sizes) = measure(c, coding, hw, dev.arch()?)?;
+        let (plan, sizes) = measure::<T>(c, coding, hw, dev.arch()?)?;
         let parts = WanVae::parts_of(c)?;
         let mut ctx = Ctx::run(dev.clone(), plan.clone())?;
         ctx.phase("caches")?;
@@ -701,7 +794,7 @@ impl VaeSession {
                 self.chunks, x.t, x.h, x.w, x.c
             )));
         }
-        let input: Vec<bf16> = x.data.iter().map(|&v| bf16::from_f32(v)).collect();
+        let input: Vec<T> = x.data.iter().map(|&v| T::from_f32(v)).collect();
         self.ctx.phase(if first { "first" } else { "next" })?;
         let _range = self.ctx.range(match self.coding {
             Coding::Decode => "VAE decode chunk",
