@@ -360,12 +360,6 @@ pub fn component_on(
 ) -> Result<Vec<f64>> {
     // The model is loaded before the input is opened, so a bad --model is reported first.
     let open = || TensorFile::open(input);
-    if let (Some(dev), ComponentKind::TextEncoder) = (dev, kind) {
-        return Err(Error::invalid(format!(
-            "--device {}: the text encoder does not run on a kernel device yet (it arrives with its device forward)",
-            dev.describe()
-        )));
-    }
     let (name, (out, seconds)) = match kind {
         ComponentKind::Dit if dev.is_some() => {
             let dev = dev.expect("matched Some");
@@ -419,11 +413,24 @@ pub fn component_on(
                     input.display()
                 )));
             }
-            let run = || encoder.forward(&ids, &mask, shape[0], shape[1]);
-            (
-                "last_hidden_state",
-                timed("text encoder forward", repeat, run)?,
-            )
+            let out = match dev {
+                Some(dev) => {
+                    let w = encoder.upload(dev, crate::models::umt5::gpu::dtype_from_env()?)?;
+                    let shape = crate::models::umt5::gpu::TextShape {
+                        batch: shape[0],
+                        len: shape[1],
+                    };
+                    let mut session =
+                        crate::models::umt5::gpu::Umt5Session::new(dev, &encoder, shape)?;
+                    timed("text encoder forward", repeat, || {
+                        session.encode(&encoder, &w, &ids, &mask)
+                    })?
+                }
+                None => timed("text encoder forward", repeat, || {
+                    encoder.forward(&ids, &mask, shape[0], shape[1])
+                })?,
+            };
+            ("last_hidden_state", out)
         }
         ComponentKind::VaeEncode => {
             let vae = crate::models::wan_vae::WanVae::load(model)?;

@@ -68,9 +68,10 @@ typedef __nv_bfloat16 bf16;
 
 namespace flash {
 
-template <class T_, int HD_, int HDV_, int WARPS_, int BN_, int CHUNK_, bool Q_REGS_>
+template <class T_, int HD_, int HDV_, int WARPS_, int BN_, int CHUNK_, bool Q_REGS_, bool BIAS_ = false>
 struct Config {
   typedef T_ T;                           // storage: __nv_bfloat16 or __half
+  static constexpr bool BIAS = BIAS_;     // additive relative-position and key biases (umT5)
   static constexpr int HD = HD_;          // padded head dim of Q and K
   static constexpr int HDV = HDV_;        // padded columns of V and O per launch
   static constexpr int WARPS = WARPS_;
@@ -121,7 +122,8 @@ __device__ __forceinline__ void forward(const T* __restrict__ q, const T* __rest
                                         float* __restrict__ lse, long long q_row, long long k_row,
                                         long long v_row, long long o_row, long long q_batch,
                                         long long k_batch, long long v_batch, long long o_batch, int lq,
-                                        int lk, int head_dim, int v_dim, float scale_log2) {
+                                        int lk, int head_dim, int v_dim, float scale_log2,
+                                        const float* __restrict__ rel_bias, const float* __restrict__ key_bias) {
   REEL_DYNAMIC_SHARED(unsigned char, smem_bytes);  // one declaration for every storage type
   T* const smem = reinterpret_cast<T*>(smem_bytes);
   T* const sq = smem;
@@ -186,6 +188,22 @@ __device__ __forceinline__ void forward(const T* __restrict__ q, const T* __rest
         mma_m16n8k16<T>(s[2 * nt + 1], a, b1, s[2 * nt + 1]);
       }
     }
+    // Biased variants: s·scale + rel_bias[h][key − query] + key_bias[b][key], into the log2
+    // domain here, so the softmax below multiplies by 1.
+    float sl = scale_log2;
+    if constexpr (C::BIAS) {
+      const float* rb = rel_bias + static_cast<long long>(h) * (lq + lk - 1) + (lq - 1);
+      const float* kbias = key_bias + static_cast<long long>(b) * lk;
+      for (int n = 0; n < C::BN / 8; ++n)
+        for (int i = 0; i < 4; ++i) {
+          const int row = m0 + warp * 16 + g + 8 * (i >> 1), col = j * C::BN + n * 8 + 2 * t + (i & 1);
+          if (col < lk) {
+            const float bias = kbias[col] + (row < lq ? rb[col - row] : 0.0f);
+            s[n][i] = s[n][i] * scale_log2 + bias * 1.4426950409f;
+          }
+        }
+      sl = 1.0f;
+    }
     // Keys past Lk (the last tile's zero rows) take no part.
     if ((j + 1) * C::BN > lk) {
       for (int n = 0; n < C::BN / 8; ++n)
@@ -198,13 +216,13 @@ __device__ __forceinline__ void forward(const T* __restrict__ q, const T* __rest
       for (int n = 0; n < C::BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[r], mx * scale_log2);
+      const float m_new = fmaxf(row_max[r], mx * sl);
       const float corr = exp2f(row_max[r] - m_new);  // 0 on the first tile (−∞)
       row_max[r] = m_new;
       float sum = 0.0f;
       for (int n = 0; n < C::BN / 8; ++n)
         for (int i = 2 * r; i < 2 * r + 2; ++i) {
-          s[n][i] = exp2f(s[n][i] * scale_log2 - m_new);
+          s[n][i] = exp2f(s[n][i] * sl - m_new);
           sum += s[n][i];
         }
       row_sum[r] = row_sum[r] * corr + sum;
@@ -261,16 +279,17 @@ __device__ __forceinline__ void forward(const T* __restrict__ q, const T* __rest
 // covers: head_dim, or half of it for the split variants, v and o then pointing at the
 // half), and scale·log2(e). Grid (⌈Lq/BM⌉, heads, batch), 32·WARPS threads,
 // Config::SMEM_BYTES of dynamic shared memory.
-#define REEL_FLASH_VARIANT_T(name, T, HD, HDV, WARPS, BN, CHUNK, QREGS)                                         \
+#define REEL_FLASH_KERNEL(name, T, HD, HDV, WARPS, BN, CHUNK, QREGS, BIAS)                                      \
   extern "C" __global__ void __launch_bounds__(32 * WARPS, 1)                                                    \
       name(const T* q, const T* k, const T* v, T* o, float* lse, long long q_row, long long k_row, long long v_row, \
            long long o_row, long long q_batch, long long k_batch, long long v_batch, long long o_batch, int lq,    \
-           int lk, int head_dim, int v_dim, float scale_log2) {                                                  \
-    flash::forward<flash::Config<T, HD, HDV, WARPS, BN, CHUNK, QREGS>>(q, k, v, o, lse, q_row, k_row, v_row,     \
-                                                                       o_row, q_batch, k_batch, v_batch,         \
-                                                                       o_batch, lq, lk, head_dim, v_dim,         \
-                                                                       scale_log2);                              \
+           int lk, int head_dim, int v_dim, float scale_log2, const float* rel_bias, const float* key_bias) {   \
+    flash::forward<flash::Config<T, HD, HDV, WARPS, BN, CHUNK, QREGS, BIAS>>(                                   \
+        q, k, v, o, lse, q_row, k_row, v_row, o_row, q_batch, k_batch, v_batch, o_batch, lq, lk, head_dim, v_dim, \
+        scale_log2, rel_bias, key_bias);                                                                         \
   }
+#define REEL_FLASH_VARIANT_T(name, T, HD, HDV, WARPS, BN, CHUNK, QREGS) \
+  REEL_FLASH_KERNEL(name, T, HD, HDV, WARPS, BN, CHUNK, QREGS, false)
 #define REEL_FLASH_VARIANT_V(name, HD, HDV, WARPS, BN, CHUNK, QREGS) \
   REEL_FLASH_VARIANT_T(name, bf16, HD, HDV, WARPS, BN, CHUNK, QREGS)
 #define REEL_FLASH_VARIANT(name, HD, WARPS, BN, CHUNK, QREGS) REEL_FLASH_VARIANT_V(name, HD, HD, WARPS, BN, CHUNK, QREGS)
@@ -306,3 +325,27 @@ REEL_FLASH_VARIANT_T(flash_attn_f16_qk384_v192_bn32, __half, 384, 192, 4, 32, 16
 REEL_EMU_EXPORT(flash_attn_f16_qk384_v192_bn32)
 REEL_FLASH_VARIANT_T(flash_attn_f16_qk384_v192_bn16, __half, 384, 192, 4, 16, 16, false)
 REEL_EMU_EXPORT(flash_attn_f16_qk384_v192_bn16)
+// Additive biases (umT5's self-attention: a learned bias per head and relative position,
+// plus the padding mask as a per-key bias; T5 does not scale its logits), f16 (umT5's
+// default storage on a device) and bf16.
+#define REEL_FLASH_BIAS(name, T, HD, WARPS, BN, CHUNK) REEL_FLASH_KERNEL(name, T, HD, HD, WARPS, BN, CHUNK, true, true)
+REEL_FLASH_BIAS(flash_attn_bias_hd64_bn128, bf16, 64, 8, 128, 16)
+REEL_EMU_EXPORT(flash_attn_bias_hd64_bn128)
+REEL_FLASH_BIAS(flash_attn_bias_any_hd16, bf16, 16, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_bias_any_hd16)
+REEL_FLASH_BIAS(flash_attn_bias_any_hd32, bf16, 32, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_bias_any_hd32)
+REEL_FLASH_BIAS(flash_attn_bias_any_hd64, bf16, 64, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_bias_any_hd64)
+REEL_FLASH_BIAS(flash_attn_bias_any_hd128, bf16, 128, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_bias_any_hd128)
+REEL_FLASH_BIAS(flash_attn_f16_bias_hd64_bn128, __half, 64, 8, 128, 16)
+REEL_EMU_EXPORT(flash_attn_f16_bias_hd64_bn128)
+REEL_FLASH_BIAS(flash_attn_f16_bias_any_hd16, __half, 16, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_f16_bias_any_hd16)
+REEL_FLASH_BIAS(flash_attn_f16_bias_any_hd32, __half, 32, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_f16_bias_any_hd32)
+REEL_FLASH_BIAS(flash_attn_f16_bias_any_hd64, __half, 64, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_f16_bias_any_hd64)
+REEL_FLASH_BIAS(flash_attn_f16_bias_any_hd128, __half, 128, 4, 64, 4)
+REEL_EMU_EXPORT(flash_attn_f16_bias_any_hd128)

@@ -1,5 +1,5 @@
-// reel's own tensor-core GEMM: C[M, N] = act(A[M, K] · W[N, K]ᵀ + bias[N]), bf16 A and W, f32
-// accumulation, bf16 or f32 C. The layout of a linear layer (W is [out, in], row-major, as
+// reel's own tensor-core GEMM: C[M, N] = act(A[M, K] · W[N, K]ᵀ + bias[N]), bf16 (or f16) A
+// and W, f32 accumulation, C of the same 16-bit type or f32. The layout of a linear layer (W is [out, in], row-major, as
 // PyTorch stores it), so both operands are read along K. The GEMM of the emu device and the
 // fallback on cuda when cuBLASLt is missing. CPU reference: engine/cpu/linear.rs; launcher:
 // engine/kernels/gemm.rs.
@@ -19,6 +19,7 @@
 //   gemm_{bf16,f32}_64x64    BM 64, BN 64, BK 32, 4 warps (2 × 2, 32 × 32 each), 3 stages,
 //                            30,720 B: small M or N (the timestep MLP, tiny models, emu)
 //   gemm_{bf16,f32}_any      the 64 × 64 tiles with 4-byte copies: any even K, any alignment
+//   gemm_{f16,f16f32}_*      the same three with f16 A and W (f16 or f32 C)
 // Not yet measured on a GPU; cuBLASLt is the GEMM of the cuda device when present.
 #include "common/reel_cuda.cuh"
 #include "common/reel_mma.cuh"
@@ -42,14 +43,14 @@ struct Config {
 
 // Rows r0.. of a [rows, K] bf16 matrix (row stride ld), columns k0..k0+BK, into shared
 // [ROWS][LD]; rows past `rows` and columns past `k` are zero-filled.
-template <class C, int ROWS>
-__device__ __forceinline__ void load_rows(bf16* s, const bf16* g, long long ld, int r0, int rows, int k0, int k) {
+template <class C, int ROWS, class T>
+__device__ __forceinline__ void load_rows(T* s, const T* g, long long ld, int r0, int rows, int k0, int k) {
   constexpr int EPC = C::CHUNK / 2;
   constexpr int CPR = C::BK / EPC;
   for (int i = threadIdx.x; i < ROWS * CPR; i += C::THREADS) {
     const int r = i / CPR, c = (i % CPR) * EPC;
     const int valid = r0 + r < rows ? max(0, min(EPC, k - (k0 + c))) : 0;
-    const bf16* src = valid > 0 ? g + (r0 + r) * ld + k0 + c : g;
+    const T* src = valid > 0 ? g + (r0 + r) * ld + k0 + c : g;
     cp_async_zfill<C::CHUNK>(s + r * C::LD + c, src, static_cast<unsigned>(valid * 2));
   }
 }
@@ -61,12 +62,14 @@ __device__ __forceinline__ float gelu_tanh(float v) {
 
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(bf16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 
-template <class C, class Out>
-__device__ __forceinline__ void run(const bf16* __restrict__ a, const bf16* __restrict__ w,
+template <class C, class T, class Out>
+__device__ __forceinline__ void run(const T* __restrict__ a, const T* __restrict__ w,
                                     const float* __restrict__ bias, Out* __restrict__ c, int m, int n, int k,
                                     long long lda, long long ldw, long long ldc, int act) {
-  REEL_DYNAMIC_SHARED(bf16, smem);
+  REEL_DYNAMIC_SHARED(unsigned char, smem_bytes);  // one declaration for every storage type
+  T* const smem = reinterpret_cast<T*>(smem_bytes);
   const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int wm = (warp / C::WN) * C::WTM, wn = (warp % C::WN) * C::WTN;
@@ -99,8 +102,8 @@ __device__ __forceinline__ void run(const bf16* __restrict__ a, const bf16* __re
       load_rows<C, C::BN>(stage_w(next % C::STAGES), w, ldw, n0, n, next * C::BK, k);
     }
     cp_async_commit();  // possibly empty: keeps the group count the wait relies on
-    const bf16* sa = stage_a(kt % C::STAGES);
-    const bf16* sw = stage_w(kt % C::STAGES);
+    const T* sa = stage_a(kt % C::STAGES);
+    const T* sw = stage_w(kt % C::STAGES);
     #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 16) {
       uint32_t af[C::MT][4];
@@ -116,8 +119,8 @@ __device__ __forceinline__ void run(const bf16* __restrict__ a, const bf16* __re
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
         #pragma unroll
         for (int i = 0; i < C::MT; ++i) {
-          mma_m16n8k16_bf16(acc[i][j], af[i], b0, acc[i][j]);
-          mma_m16n8k16_bf16(acc[i][j + 1], af[i], b1, acc[i][j + 1]);
+          mma_m16n8k16<T>(acc[i][j], af[i], b0, acc[i][j]);
+          mma_m16n8k16<T>(acc[i][j + 1], af[i], b1, acc[i][j + 1]);
         }
       }
     }
@@ -145,12 +148,15 @@ __device__ __forceinline__ void run(const bf16* __restrict__ a, const bf16* __re
 // Parameters: a, w, bias (may be null), c, m, n, k, the row strides of a, w, c (elements),
 // act (0 none, 1 GELU-tanh). Grid (⌈N/BN⌉, ⌈M/BM⌉), 32·WM·WN threads,
 // Config::SMEM_BYTES of dynamic shared memory.
-#define REEL_GEMM_VARIANT(name, Out, BM, BN, BK, WM, WN, STAGES, CHUNK)                                        \
+#define REEL_GEMM_KERNEL(name, T, Out, BM, BN, BK, WM, WN, STAGES, CHUNK)                                      \
   extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                  \
-      name(const bf16* a, const bf16* w, const float* bias, Out* c, int m, int n, int k, long long lda,          \
-           long long ldw, long long ldc, int act) {                                                              \
-    gemm::run<gemm::Config<BM, BN, BK, WM, WN, STAGES, CHUNK>, Out>(a, w, bias, c, m, n, k, lda, ldw, ldc, act); \
+      name(const T* a, const T* w, const float* bias, Out* c, int m, int n, int k, long long lda, long long ldw,  \
+           long long ldc, int act) {                                                                             \
+    gemm::run<gemm::Config<BM, BN, BK, WM, WN, STAGES, CHUNK>, T, Out>(a, w, bias, c, m, n, k, lda, ldw, ldc,   \
+                                                                          act);                                  \
   }
+#define REEL_GEMM_VARIANT(name, Out, BM, BN, BK, WM, WN, STAGES, CHUNK) \
+  REEL_GEMM_KERNEL(name, bf16, Out, BM, BN, BK, WM, WN, STAGES, CHUNK)
 
 REEL_GEMM_VARIANT(gemm_bf16_128x128, bf16, 128, 128, 32, 2, 4, 3, 16)
 REEL_EMU_EXPORT(gemm_bf16_128x128)
@@ -164,3 +170,16 @@ REEL_GEMM_VARIANT(gemm_bf16_any, bf16, 64, 64, 32, 2, 2, 3, 4)
 REEL_EMU_EXPORT(gemm_bf16_any)
 REEL_GEMM_VARIANT(gemm_f32_any, float, 64, 64, 32, 2, 2, 3, 4)
 REEL_EMU_EXPORT(gemm_f32_any)
+// f16 A and W (umT5 on a device: see engine/models/umt5/gpu.rs), f16 or f32 C.
+REEL_GEMM_KERNEL(gemm_f16_128x128, __half, __half, 128, 128, 32, 2, 4, 3, 16)
+REEL_EMU_EXPORT(gemm_f16_128x128)
+REEL_GEMM_KERNEL(gemm_f16f32_128x128, __half, float, 128, 128, 32, 2, 4, 3, 16)
+REEL_EMU_EXPORT(gemm_f16f32_128x128)
+REEL_GEMM_KERNEL(gemm_f16_64x64, __half, __half, 64, 64, 32, 2, 2, 3, 16)
+REEL_EMU_EXPORT(gemm_f16_64x64)
+REEL_GEMM_KERNEL(gemm_f16f32_64x64, __half, float, 64, 64, 32, 2, 2, 3, 16)
+REEL_EMU_EXPORT(gemm_f16f32_64x64)
+REEL_GEMM_KERNEL(gemm_f16_any, __half, __half, 64, 64, 32, 2, 2, 3, 4)
+REEL_EMU_EXPORT(gemm_f16_any)
+REEL_GEMM_KERNEL(gemm_f16f32_any, __half, float, 64, 64, 32, 2, 2, 3, 4)
+REEL_EMU_EXPORT(gemm_f16f32_any)

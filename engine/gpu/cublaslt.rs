@@ -95,6 +95,8 @@ struct Key {
     lda: usize,
     ldw: usize,
     ldc: usize,
+    /// f16 inputs (else bf16).
+    f16: bool,
     out_f32: bool,
     bias: bool,
     gelu: bool,
@@ -168,7 +170,8 @@ impl CublasLt {
     /// algorithm for it, and reel's kernel runs).
     fn prepare(&self, key: Key) -> Result<Option<Prepared>> {
         use sys::cublasLtMatmulDescAttributes_t as D;
-        use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+        use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
+        let half = if key.f16 { CUDA_R_16F } else { CUDA_R_16BF };
         // SAFETY: every descriptor is created here and only used with this handle.
         unsafe {
             let desc =
@@ -204,10 +207,10 @@ impl CublasLt {
                 lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
                     .map_err(|e| lt_err("creating a matrix layout", e))
             };
-            let a = layout(CUDA_R_16BF, key.k, key.n, key.ldw)?;
-            let b = layout(CUDA_R_16BF, key.k, key.m, key.lda)?;
+            let a = layout(half, key.k, key.n, key.ldw)?;
+            let b = layout(half, key.k, key.m, key.lda)?;
             let d = layout(
-                if key.out_f32 { CUDA_R_32F } else { CUDA_R_16BF },
+                if key.out_f32 { CUDA_R_32F } else { half },
                 key.n,
                 key.m,
                 key.ldc,
@@ -249,15 +252,15 @@ impl CublasLt {
     /// for this shape (the caller runs reel's kernel). The operands were checked by the
     /// caller ([`crate::kernels::gemm`]'s rules).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm<O>(
+    pub fn gemm<T, O>(
         &self,
-        (a, lda): (DevSlice<'_, half::bf16>, usize),
-        (w, ldw): (DevSlice<'_, half::bf16>, usize),
+        (a, lda): (DevSlice<'_, T>, usize),
+        (w, ldw): (DevSlice<'_, T>, usize),
         bias: Option<DevSlice<'_, f32>>,
         (c, ldc): (DevSlice<'_, O>, usize),
         (m, n, k): (usize, usize, usize),
         act: Act,
-        out_f32: bool,
+        (f16, out_f32): (bool, bool),
     ) -> Result<bool> {
         let dev = KernelDevice::Cuda(self.cuda.clone());
         let key = Key {
@@ -267,6 +270,7 @@ impl CublasLt {
             lda,
             ldw,
             ldc,
+            f16,
             out_f32,
             bias: bias.is_some(),
             gelu: act == Act::GeluTanh,

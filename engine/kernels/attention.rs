@@ -7,7 +7,6 @@
 use super::{kernels, DevPtr, DevSlice, Half, Kernel, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
-
 /// Shared memory of a variant: a Q tile of 16·warps rows and two stages of K and V tiles
 /// of `bn` rows, each row of Q and K hd + 8 bf16 (16 bytes of padding against bank
 /// conflicts), each row of V hdv + 8.
@@ -22,6 +21,7 @@ kernels! {
         q_row: i64, k_row: i64, v_row: i64, o_row: i64,
         q_batch: i64, k_batch: i64, v_batch: i64, o_batch: i64,
         lq: i32, lk: i32, head_dim: i32, v_dim: i32, scale_log2: f32,
+        rel_bias: DevPtr, key_bias: DevPtr,
     }
     HD128_BN64 = flash_attn_hd128_bn64 [opt_in = smem(128, 128, 8, 64)] (FlashArgs);
     HD128_BN32 = flash_attn_hd128_bn32 [opt_in = smem(128, 128, 8, 32)] (FlashArgs);
@@ -38,9 +38,57 @@ kernels! {
     F16_ANY256 = flash_attn_f16_any_hd256 [opt_in = smem(256, 256, 4, 32)] (FlashArgs);
     F16_QK384_BN32 = flash_attn_f16_qk384_v192_bn32 [opt_in = smem(384, 192, 4, 32)] (FlashArgs);
     F16_QK384_BN16 = flash_attn_f16_qk384_v192_bn16 [opt_in = smem(384, 192, 4, 16)] (FlashArgs);
+    BIAS_HD64_BN128 = flash_attn_bias_hd64_bn128 [opt_in = smem(64, 64, 8, 128)] (FlashArgs);
+    BIAS_ANY16 = flash_attn_bias_any_hd16 [opt_in = smem(16, 16, 4, 64)] (FlashArgs);
+    BIAS_ANY32 = flash_attn_bias_any_hd32 [opt_in = smem(32, 32, 4, 64)] (FlashArgs);
+    BIAS_ANY64 = flash_attn_bias_any_hd64 [opt_in = smem(64, 64, 4, 64)] (FlashArgs);
+    BIAS_ANY128 = flash_attn_bias_any_hd128 [opt_in = smem(128, 128, 4, 64)] (FlashArgs);
+    F16_BIAS_HD64_BN128 = flash_attn_f16_bias_hd64_bn128 [opt_in = smem(64, 64, 8, 128)] (FlashArgs);
+    F16_BIAS_ANY16 = flash_attn_f16_bias_any_hd16 [opt_in = smem(16, 16, 4, 64)] (FlashArgs);
+    F16_BIAS_ANY32 = flash_attn_f16_bias_any_hd32 [opt_in = smem(32, 32, 4, 64)] (FlashArgs);
+    F16_BIAS_ANY64 = flash_attn_f16_bias_any_hd64 [opt_in = smem(64, 64, 4, 64)] (FlashArgs);
+    F16_BIAS_ANY128 = flash_attn_f16_bias_any_hd128 [opt_in = smem(128, 128, 4, 64)] (FlashArgs);
 }
 
-const fn variant(kernel: &'static Kernel<FlashArgs>, hd: u32, hdv: u32, warps: u32, bn: u32) -> Variant {
+/// Additive biases (head_dim ≤ 128): umT5's self-attention.
+const BIAS_SPECIAL: [Variant; 1] = [variant(&BIAS_HD64_BN128, 64, 64, 8, 128)];
+const F16_BIAS_SPECIAL: [Variant; 1] = [variant(&F16_BIAS_HD64_BN128, 64, 64, 8, 128)];
+const F16_BIAS_GENERIC: [Variant; 4] = [
+    variant(&F16_BIAS_ANY16, 16, 16, 4, 64),
+    variant(&F16_BIAS_ANY32, 32, 32, 4, 64),
+    variant(&F16_BIAS_ANY64, 64, 64, 4, 64),
+    variant(&F16_BIAS_ANY128, 128, 128, 4, 64),
+];
+const BIAS_GENERIC: [Variant; 4] = [
+    variant(&BIAS_ANY16, 16, 16, 4, 64),
+    variant(&BIAS_ANY32, 32, 32, 4, 64),
+    variant(&BIAS_ANY64, 64, 64, 4, 64),
+    variant(&BIAS_ANY128, 128, 128, 4, 64),
+];
+
+/// Additive score biases for [`flash_attention_biased`]: score(b, h, i, j) =
+/// scale·q_i·k_j + rel[h, j − i + lq − 1] + key[b, j].
+#[derive(Debug, Clone, Copy)]
+pub struct AttnBias<'a> {
+    /// f32 [heads, lq + lk − 1]: a bias per head and relative position j − i (T5's
+    /// bucketed table, expanded on the host).
+    pub rel: DevSlice<'a, f32>,
+    /// f32 [batch, lk]: a bias per key (0 for tokens, [`MASKED`] for padding).
+    pub key: DevSlice<'a, f32>,
+}
+
+/// The key bias of a masked key: large enough that its weight is exactly 0 next to any
+/// unmasked key, finite so that a row whose keys are all masked averages them (as
+/// transformers' finfo.min mask does) instead of dividing 0 by 0.
+pub const MASKED: f32 = -1.0e30;
+
+const fn variant(
+    kernel: &'static Kernel<FlashArgs>,
+    hd: u32,
+    hdv: u32,
+    warps: u32,
+    bn: u32,
+) -> Variant {
     Variant {
         kernel,
         hd,
@@ -200,7 +248,6 @@ fn last_element(view: AttnView, s: &FlashShape, rows: usize) -> Option<usize> {
 /// kernel variant that ran (specialised head_dim 64/128 when every operand is 16-byte
 /// aligned, else the generic path for any even head_dim ≤ 256; above 256 the split path).
 /// bf16 or f16 storage (f16: the generic and split paths).
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attention<'a, T: Half>(
     dev: &KernelDevice,
     q: (impl Into<DevSlice<'a, T>>, AttnView),
@@ -209,6 +256,35 @@ pub fn flash_attention<'a, T: Half>(
     o: (impl Into<DevSlice<'a, T>>, AttnView),
     lse: Option<DevSlice<'a, f32>>,
     s: FlashShape,
+) -> Result<&'static str> {
+    let ops = [q.0.into(), k.0.into(), v.0.into(), o.0.into()];
+    launch(dev, ops, [q.1, k.1, v.1, o.1], lse, s, None)
+}
+
+/// [`flash_attention`] with additive score biases (see [`AttnBias`]), bf16 or f16,
+/// head_dim ≤ 128: the specialised head_dim 64 variant when every operand is 16-byte
+/// aligned, else the generic path. umT5's self-attention (scale 1, a relative-position bias
+/// per head, the padding mask as a key bias).
+pub fn flash_attention_biased<'a, T: Half>(
+    dev: &KernelDevice,
+    q: (impl Into<DevSlice<'a, T>>, AttnView),
+    k: (impl Into<DevSlice<'a, T>>, AttnView),
+    v: (impl Into<DevSlice<'a, T>>, AttnView),
+    o: (impl Into<DevSlice<'a, T>>, AttnView),
+    s: FlashShape,
+    bias: AttnBias<'a>,
+) -> Result<&'static str> {
+    let ops = [q.0.into(), k.0.into(), v.0.into(), o.0.into()];
+    launch(dev, ops, [q.1, k.1, v.1, o.1], None, s, Some(bias))
+}
+
+fn launch<'a, T: Half>(
+    dev: &KernelDevice,
+    [qb, kb, vb, ob]: [DevSlice<'a, T>; 4],
+    [qv, kv, vv, ov]: [AttnView; 4],
+    lse: Option<DevSlice<'a, f32>>,
+    s: FlashShape,
+    bias: Option<AttnBias<'a>>,
 ) -> Result<&'static str> {
     const K: &str = "flash_attention";
     let bad = |m: String| Err(Error::invalid(format!("{K}: {m}")));
@@ -231,10 +307,26 @@ pub fn flash_attention<'a, T: Half>(
     if !s.scale.is_finite() {
         return bad(format!("scale {} is not finite", s.scale));
     }
-    let (qb, qv) = (q.0.into(), q.1);
-    let (kb, kv) = (k.0.into(), k.1);
-    let (vb, vv) = (v.0.into(), v.1);
-    let (ob, ov) = (o.0.into(), o.1);
+    if let Some(bias) = &bias {
+        if s.head_dim > 128 {
+            return bad(format!(
+                "biased attention takes head_dim ≤ 128, not {}",
+                s.head_dim
+            ));
+        }
+        let rel = s.heads * (s.lq + s.lk - 1);
+        if bias.rel.len() < rel || bias.key.len() < s.batch * s.lk {
+            return bad(format!(
+                "bias: rel holds {} floats (needs [{}, {}]), key {} (needs [{}, {}])",
+                bias.rel.len(),
+                s.heads,
+                s.lq + s.lk - 1,
+                bias.key.len(),
+                s.batch,
+                s.lk
+            ));
+        }
+    }
     let ops: [(&str, usize, AttnView, usize); 4] = [
         ("q", qb.len(), qv, s.lq),
         ("k", kb.len(), kv, s.lk),
@@ -305,7 +397,13 @@ pub fn flash_attention<'a, T: Half>(
             s.head_dim
         ));
     }
-    let (special, generic, splits): (&[Variant], &[Variant], &[Variant]) = if T::F16 {
+    let (special, generic, splits): (&[Variant], &[Variant], &[Variant]) = if bias.is_some() {
+        if T::F16 {
+            (&F16_BIAS_SPECIAL, &F16_BIAS_GENERIC, &[])
+        } else {
+            (&BIAS_SPECIAL, &BIAS_GENERIC, &[])
+        }
+    } else if T::F16 {
         (&[], &F16_GENERIC, &F16_SPLIT)
     } else {
         (&SPECIAL, &GENERIC, &SPLIT)
@@ -359,6 +457,14 @@ pub fn flash_attention<'a, T: Half>(
         head_dim: s.head_dim as i32,
         v_dim: if split { s.head_dim / 2 } else { s.head_dim } as i32,
         scale_log2: s.scale * std::f32::consts::LOG2_E,
+        rel_bias: match &bias {
+            Some(b) => b.rel.addr(dev, "flash_attention rel bias")?,
+            None => DevPtr::NULL,
+        },
+        key_bias: match &bias {
+            Some(b) => b.key.addr(dev, "flash_attention key bias")?,
+            None => DevPtr::NULL,
+        },
     };
     let bm = 16 * variant.warps as usize;
     let grid_x = u32::try_from(s.lq.div_ceil(bm))
@@ -391,7 +497,8 @@ pub fn flash_attention<'a, T: Half>(
         // each buffer's length; a split launch reads V and writes O at columns
         // half·v_dim .. (half + 1)·v_dim ≤ head_dim of each head), O's blocks write disjoint
         // rows (checked), lse holds batch·heads·lq floats (checked), and the alignment the
-        // variant's copies need holds (checked: aligned16 for SPECIAL and SPLIT).
+        // variant's copies need holds (checked: aligned16 for SPECIAL and SPLIT); a biased
+        // variant reads rel [heads, lq + lk − 1] and key [batch, lk] (lengths checked).
         unsafe {
             dev.launch_counted(
                 variant.kernel,

@@ -5,7 +5,6 @@
 use super::{kernels, DevPtr, DevSlice, Half, Kernel, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
-
 /// conv::SMEM_BYTES: 3 stages of (64 + 64) rows of 40 bf16.
 const SMEM: u32 = 3 * (64 + 64) * (32 + 8) * 2;
 

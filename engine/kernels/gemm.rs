@@ -1,9 +1,10 @@
 //! Launcher of kernels/gemm.cu: reel's tensor-core GEMM, C = act(A·Wᵀ + bias) with A
-//! [M, K] and W [N, K] bf16 (a linear layer's layout), f32 accumulation, bf16 or f32 C. The
+//! [M, K] and W [N, K] bf16 or f16 (a linear layer's layout), f32 accumulation, C f32 or of
+//! the inputs' type. The
 //! GEMM of the emu device and the fallback of the cuda device without cuBLASLt. CPU
 //! reference: [`crate::cpu::linear`].
 
-use super::{kernels, DevPtr, DevSlice, Kernel, KernelDevice, Launch};
+use super::{kernels, DevPtr, DevSlice, Half, Kernel, KernelDevice, Launch};
 use crate::error::{Error, Result};
 
 type Bf = half::bf16;
@@ -25,6 +26,12 @@ kernels! {
     F32_64 = gemm_f32_64x64 (GemmBf16Args);
     BF16_ANY = gemm_bf16_any (GemmBf16Args);
     F32_ANY = gemm_f32_any (GemmBf16Args);
+    F16_128 = gemm_f16_128x128 [opt_in = smem(128, 128, 3)] (GemmBf16Args);
+    F16F32_128 = gemm_f16f32_128x128 [opt_in = smem(128, 128, 3)] (GemmBf16Args);
+    F16_64 = gemm_f16_64x64 (GemmBf16Args);
+    F16F32_64 = gemm_f16f32_64x64 (GemmBf16Args);
+    F16_ANY = gemm_f16_any (GemmBf16Args);
+    F16F32_ANY = gemm_f16f32_any (GemmBf16Args);
 }
 
 /// What follows the product (in f32, after the bias).
@@ -35,16 +42,24 @@ pub enum Act {
     GeluTanh,
 }
 
-/// Output element types of the GEMM.
+/// Output element types of the GEMM: f32, or the inputs' 16-bit type.
 pub trait GemmOut: super::Elem {
     #[doc(hidden)]
     const F32: bool;
+    #[doc(hidden)]
+    const F16: bool;
 }
 impl GemmOut for f32 {
     const F32: bool = true;
+    const F16: bool = false;
 }
 impl GemmOut for Bf {
     const F32: bool = false;
+    const F16: bool = false;
+}
+impl GemmOut for half::f16 {
+    const F32: bool = false;
+    const F16: bool = true;
 }
 
 /// One operand: a slice and its row stride in elements (rows of K for A and W, of N for C).
@@ -53,10 +68,10 @@ pub type Mat<'a, T> = (DevSlice<'a, T>, usize);
 /// C[M, N] = act(A[M, K]·W[N, K]ᵀ + bias[N]). Row strides may exceed the row length (A a
 /// slice of a fused buffer, C the K part of a QKV output). Returns the variant that ran.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm<'a, O: GemmOut>(
+pub fn gemm<'a, T: Half, O: GemmOut>(
     dev: &KernelDevice,
-    a: Mat<'a, Bf>,
-    w: Mat<'a, Bf>,
+    a: Mat<'a, T>,
+    w: Mat<'a, T>,
     bias: Option<DevSlice<'a, f32>>,
     c: Mat<'a, O>,
     (m, n, k): (usize, usize, usize),
@@ -69,13 +84,19 @@ pub fn gemm<'a, O: GemmOut>(
     // 128 × 128 tiles when there are enough of them to fill a GPU's SMs; else 64 × 64 (less
     // padding for small M or N; and on emu every padded row costs emulated mma).
     let big = aligned16 && m >= 128 && n >= 128 && m.div_ceil(128) * n.div_ceil(128) >= 64;
-    let (kernel, tile): (&Kernel<GemmBf16Args>, u32) = match (O::F32, aligned16, big) {
-        (false, true, true) => (&BF16_128, 128),
-        (true, true, true) => (&F32_128, 128),
-        (false, true, false) => (&BF16_64, 64),
-        (true, true, false) => (&F32_64, 64),
-        (false, false, _) => (&BF16_ANY, 64),
-        (true, false, _) => (&F32_ANY, 64),
+    let (kernel, tile): (&Kernel<GemmBf16Args>, u32) = match (T::F16, O::F32, aligned16, big) {
+        (false, false, true, true) => (&BF16_128, 128),
+        (false, true, true, true) => (&F32_128, 128),
+        (false, false, true, false) => (&BF16_64, 64),
+        (false, true, true, false) => (&F32_64, 64),
+        (false, false, false, _) => (&BF16_ANY, 64),
+        (false, true, false, _) => (&F32_ANY, 64),
+        (true, false, true, true) => (&F16_128, 128),
+        (true, true, true, true) => (&F16F32_128, 128),
+        (true, false, true, false) => (&F16_64, 64),
+        (true, true, true, false) => (&F16F32_64, 64),
+        (true, false, false, _) => (&F16_ANY, 64),
+        (true, true, false, _) => (&F16F32_ANY, 64),
     };
     let i32_of = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::invalid(format!("{K}: {what} = {v} too large")))
@@ -112,10 +133,10 @@ pub fn gemm<'a, O: GemmOut>(
 
 /// The operand checks of [`gemm`] (shared with the cuBLASLt path): returns the addresses of
 /// A, W and C on `dev`.
-pub fn check<O: GemmOut>(
+pub fn check<T: Half, O: GemmOut>(
     dev: &KernelDevice,
-    a: Mat<'_, Bf>,
-    w: Mat<'_, Bf>,
+    a: Mat<'_, T>,
+    w: Mat<'_, T>,
     bias: Option<DevSlice<'_, f32>>,
     c: Mat<'_, O>,
     (m, n, k): (usize, usize, usize),
@@ -127,6 +148,9 @@ pub fn check<O: GemmOut>(
     }
     if k % 2 != 0 {
         return bad("K must be even (pairs of bf16 are copied)".into());
+    }
+    if !O::F32 && O::F16 != T::F16 {
+        return bad("a 16-bit C must have the inputs' type (bf16 with bf16, f16 with f16)".into());
     }
     let ((a, lda), (w, ldw), (c, ldc)) = (a, w, c);
     let need = |rows: usize, ld: usize, cols: usize| (rows - 1).checked_mul(ld)?.checked_add(cols);

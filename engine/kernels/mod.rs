@@ -32,14 +32,16 @@ mod mem;
 pub mod norm;
 pub mod probe;
 pub mod selftest;
+pub mod t5;
 
 pub use self::gemm::{gemm, Act};
-pub use attention::{flash_attention, AttnView, FlashShape};
+pub use attention::{flash_attention, flash_attention_biased, AttnBias, AttnView, FlashShape};
 pub use elementwise::*;
 pub(crate) use mem::MEASURE_KEY;
 pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, Half, ALIGN};
 pub use norm::*;
 pub use selftest::*;
+pub use t5::{t5_add_norm, t5_gated_gelu, NormOut};
 
 /// A kernels/*.cu file built by nvcc (build.rs).
 pub struct Fatbin {
@@ -707,6 +709,7 @@ pub fn param_layouts() -> Vec<KernelLayout> {
         norm::ALL,
         selftest::ALL,
         emu_checks::ALL,
+        t5::ALL,
         probe::ALL,
     ]
     .concat();

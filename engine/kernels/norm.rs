@@ -239,7 +239,11 @@ pub fn channel_rms_silu<'a, T: super::Half>(
     // row 8b + w, rows past `rows` return.
     unsafe {
         dev.launch_counted(
-            if T::F16 { &CHANNEL_RMS_F16 } else { &CHANNEL_RMS },
+            if T::F16 {
+                &CHANNEL_RMS_F16
+            } else {
+                &CHANNEL_RMS
+            },
             Launch::x(grid, 256),
             &mut a,
             crate::profile::Op::Elementwise,

@@ -346,4 +346,12 @@ struct Num<__half> {
   static __device__ __forceinline__ T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ __forceinline__ float2 unpair(T2 v) { return __half22float2(v); }
 };
+template <>
+struct Num<float> {
+  typedef float2 T2;
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float f) { return f; }
+  static __device__ __forceinline__ T2 pair(float a, float b) { return make_float2(a, b); }
+  static __device__ __forceinline__ float2 unpair(T2 v) { return v; }
+};
 

@@ -172,10 +172,7 @@ fn check_half<T: reel::kernels::Half>(name: &str, got: &[T], want: &[f32]) {
         "{name}: unwritten or non-finite outputs"
     );
     let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
-    let naive: Vec<f32> = want
-        .iter()
-        .map(|&v| T::from_f32(v).to_f32())
-        .collect();
+    let naive: Vec<f32> = want.iter().map(|&v| T::from_f32(v).to_f32()).collect();
     let (err, naive_err) = (
         reel::tensor::rel_l2(&g, &w64),
         reel::tensor::rel_l2(&naive, &w64),
@@ -505,7 +502,7 @@ pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: 
                 .unwrap_or_else(|| panic!("{name}: no {arch} SASS"));
             // bf16 kernels: HMMA.16816.F32.BF16; f16 ones: HMMA.16816.F32 without a suffix.
             let bf = section.matches("HMMA.16816.F32.BF16").count();
-            let hmma = if name.contains("_f16_") {
+            let hmma = if name.contains("_f16") {
                 section.matches("HMMA.16816.F32").count() - bf
             } else {
                 bf

@@ -231,7 +231,8 @@ impl Case {
         let x = self.inputs(seed);
         let (want, _) = self.reference(&x);
         let w = self.heads * self.hd;
-        let to16 = |v: &[bf16]| -> Vec<f16> { v.iter().map(|b| f16::from_f32(b.to_f32())).collect() };
+        let to16 =
+            |v: &[bf16]| -> Vec<f16> { v.iter().map(|b| f16::from_f32(b.to_f32())).collect() };
         let (qb, kb, vb) = (up(d, &to16(&x.q)), up(d, &to16(&x.k)), up(d, &to16(&x.v)));
         let mut ob = Buf::filled(d, self.batch * self.lq * w, f16::NAN).unwrap();
         let view = |rows| AttnView::packed(0, w, rows);
@@ -359,7 +360,10 @@ fn flash_attention_f16_matches_cpu() {
             },
             "flash_attn_f16_any_hd128",
         ),
-        (case(1, 1, 200, 20, 33, Separate), "flash_attn_f16_any_hd256"),
+        (
+            case(1, 1, 200, 20, 33, Separate),
+            "flash_attn_f16_any_hd256",
+        ),
         (
             Case {
                 sigma: 3.0,
@@ -615,7 +619,7 @@ fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
     crate::kernels::tensor_core_code(
         "attention",
         "flash_attn_",
-        30, // 10 bf16 + 5 f16 variants × 2 targets
+        50, // 10 bf16 + 5 f16 + 10 biased (bf16, f16) variants × 2 targets
         &[
             "flash_attn_hd128_bn64",
             "flash_attn_hd128_bn32",
@@ -623,6 +627,8 @@ fn flash_attention_builds_to_tensor_core_code_without_spills_or_stack() {
             "flash_attn_any_hd32",
             "flash_attn_qk384_v192_bn32",
             "flash_attn_f16_any_hd128",
+            "flash_attn_bias_hd64_bn128",
+            "flash_attn_f16_bias_hd64_bn128",
         ],
     );
 }
@@ -693,4 +699,123 @@ fn kernel_bench_inputs_and_samples_follow_the_documented_rules() {
         "sampled outputs differ from the reference by {err:.3e}"
     );
     assert_eq!(r.flops, 4 * 2 * 2 * 70 * 45 * 32);
+}
+
+/// The additive-bias variants (umT5's self-attention) against cpu::attention_biased: a
+/// relative-position bias per head and offset, padding keys masked, scale 1 and T5-sized
+/// logits, in the fused layout; odd lengths, one sample whose keys are all masked but one,
+/// and the specialised head_dim 64 variant.
+#[test]
+fn flash_attention_biased_matches_cpu() {
+    use reel::cpu::AttnBias as CpuBias;
+    use reel::kernels::attention::MASKED;
+    let d = dev();
+    for (i, (heads, hd, l, valid, want_variant)) in [
+        (
+            3usize,
+            8usize,
+            37usize,
+            [30usize, 37],
+            "flash_attn_bias_any_hd16",
+        ),
+        (2, 16, 70, [1, 55], "flash_attn_bias_any_hd16"),
+        (2, 64, 150, [150, 97], "flash_attn_bias_hd64_bn128"),
+        (1, 32, 20, [20, 3], "flash_attn_bias_any_hd32"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let batch = 2;
+        let w = heads * hd;
+        let seed = 300 + i as u64;
+        let q = bf16s(&vals(batch * l * w, seed));
+        let k = bf16s(&vals(batch * l * w, seed + 1));
+        let v = bf16s(&vals(batch * l * w, seed + 2));
+        // A table over 16 buckets of relative position (clamped offsets), values up to ±4.
+        let nb = 16usize;
+        let table: Vec<f32> = vals(nb * heads, seed + 3).iter().map(|x| 4.0 * x).collect();
+        let bucket = |rel: i64| (rel.clamp(-7, 8) + 7) as usize;
+        let buckets: Vec<u16> = (0..l)
+            .flat_map(|qi| (0..l).map(move |kj| bucket(kj as i64 - qi as i64) as u16))
+            .collect();
+        let key: Vec<f32> = (0..batch)
+            .flat_map(|b| (0..l).map(move |j| if j < valid[b] { 0.0 } else { MASKED }))
+            .collect();
+        let mut rel = Vec::with_capacity(heads * (2 * l - 1));
+        for h in 0..heads {
+            for o in 0..2 * l - 1 {
+                rel.push(table[bucket(o as i64 - (l as i64 - 1)) * heads + h]);
+            }
+        }
+        let mut want = vec![0.0f32; batch * l * w];
+        reel::cpu::attention_biased(
+            &f32s(&q),
+            &f32s(&k),
+            &f32s(&v),
+            &mut want,
+            AttnShape {
+                batch,
+                heads,
+                head_dim: hd,
+                lq: l,
+                lk: l,
+                q_stride: w,
+                kv_stride: w,
+                out_stride: w,
+                scale: 1.0,
+            },
+            &CpuBias {
+                buckets: &buckets,
+                table: &table,
+                key_mask: Some(&key),
+            },
+        );
+        // Fused [B·L, 3w] QKV as the projection writes it.
+        let mut qkv = Vec::with_capacity(batch * l * 3 * w);
+        for r in 0..batch * l {
+            qkv.extend_from_slice(&q[r * w..][..w]);
+            qkv.extend_from_slice(&k[r * w..][..w]);
+            qkv.extend_from_slice(&v[r * w..][..w]);
+        }
+        let qkv = up(&d, &qkv);
+        let mut ob = Buf::filled(&d, batch * l * w, bf16::from_bits(0x7fc1)).unwrap();
+        let (rb, kb) = (up(&d, &rel), up(&d, &key));
+        let view = |col| AttnView::packed(col, 3 * w, l);
+        let variant = k::flash_attention_biased(
+            &d,
+            (&qkv, view(0)),
+            (&qkv, view(w)),
+            (&qkv, view(2 * w)),
+            (&mut ob, AttnView::packed(0, w, l)),
+            FlashShape {
+                batch,
+                heads,
+                head_dim: hd,
+                lq: l,
+                lk: l,
+                scale: 1.0,
+            },
+            k::AttnBias {
+                rel: rb.slice(),
+                key: kb.slice(),
+            },
+        )
+        .unwrap_or_else(|e| panic!("case {i}: {e}"));
+        let got = f32s(&down(&ob));
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "case {i}: unwritten outputs"
+        );
+        let w64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+        let naive: Vec<f32> = want.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        let (err, naive_err) = (rel_l2(&got, &w64), rel_l2(&naive, &w64));
+        eprintln!("biased case {i} ({variant}): rel L2 {err:.3e} (bf16 rounding {naive_err:.3e})");
+        assert!(
+            err <= 1e-2 && err <= 2.0 * naive_err.max(1e-6),
+            "case {i} ({variant}): rel L2 {err:.3e} (bf16 rounding {naive_err:.3e})"
+        );
+        if d.arch().unwrap().max_shared_per_block >= 104_448 {
+            assert_eq!(variant, want_variant, "case {i}");
+        }
+    }
 }

@@ -173,11 +173,7 @@ impl Case {
             }
         }
         let w64: Vec<f64> = want.data.iter().map(|&v| v as f64).collect();
-        let naive: Vec<f32> = want
-            .data
-            .iter()
-            .map(|&v| T::from_f32(v).to_f32())
-            .collect();
+        let naive: Vec<f32> = want.data.iter().map(|&v| T::from_f32(v).to_f32()).collect();
         let (err, naive_err) = (rel_l2(&got, &w64), rel_l2(&naive, &w64));
         assert!(
             err <= 2.0 * naive_err.max(1e-7),

@@ -263,8 +263,13 @@ fn gemm_builds_to_tensor_core_code_without_spills_or_stack() {
     crate::kernels::tensor_core_code(
         "gemm",
         "gemm_",
-        12, // 6 variants × 2 targets
-        &["gemm_bf16_128x128", "gemm_f32_64x64", "gemm_bf16_any"],
+        24, // 6 bf16 + 6 f16 variants × 2 targets
+        &[
+            "gemm_bf16_128x128",
+            "gemm_f32_64x64",
+            "gemm_bf16_any",
+            "gemm_f16f32_128x128",
+        ],
     );
 }
 

@@ -11,6 +11,7 @@ mod kernels;
 mod kernels_attention;
 mod kernels_conv;
 mod kernels_gemm;
+mod kernels_t5;
 mod pipeline;
 mod plan;
 mod serve;

@@ -183,7 +183,12 @@ impl WanVae {
     /// Uploads the weights one direction uses: convolutions in the kernel's layout in
     /// `dtype` (f16 or bf16, [`DEFAULT_DTYPE`] unless there is a reason), which the
     /// activations then use too; biases and norm gammas f32.
-    pub fn upload(&self, dev: &KernelDevice, coding: Coding, dtype: WDtype) -> Result<DeviceWeights> {
+    pub fn upload(
+        &self,
+        dev: &KernelDevice,
+        coding: Coding,
+        dtype: WDtype,
+    ) -> Result<DeviceWeights> {
         check_dtype(dtype)?;
         let ts = tensors(self.parts(), coding);
         let specs: Vec<WeightSpec> = ts.iter().map(|t| spec(t, dtype)).collect();
@@ -513,7 +518,13 @@ impl<T: Half> Run<'_, T> {
         Ok(())
     }
 
-    fn norm(&mut self, x: Seq<T>, gamma: &TensorEntry, silu: bool, in_place: bool) -> Result<Seq<T>> {
+    fn norm(
+        &mut self,
+        x: Seq<T>,
+        gamma: &TensorEntry,
+        silu: bool,
+        in_place: bool,
+    ) -> Result<Seq<T>> {
         let y = if in_place {
             x
         } else {

@@ -19,6 +19,8 @@ use crate::models::{read_json, resolve_component};
 use crate::tensor::Tensor;
 use crate::weights::{TensorEntry, WeightStore};
 
+pub mod gpu;
+
 pub const CLASS_NAME: &str = "UMT5EncoderModel";
 
 /// config.json of a UMT5EncoderModel (transformers' UMT5Config defaults).
@@ -271,10 +273,15 @@ impl Umt5Encoder {
         Ok(())
     }
 
-    /// last_hidden_state [B, L, D] for ids, mask: [B, L] (mask 1 = token, 0 = padding).
-    pub fn forward(&self, ids: &[i64], mask: &[i64], batch: usize, len: usize) -> Result<Tensor> {
+    /// The embedding rows of ids, mask: [B, L], after checking them (sizes, vocabulary).
+    fn check_inputs(
+        &self,
+        ids: &[i64],
+        mask: &[i64],
+        batch: usize,
+        len: usize,
+    ) -> Result<Vec<usize>> {
         let c = &self.config;
-        let (d, inner, f, heads) = (c.d_model, c.inner_dim(), c.d_ff, c.num_heads);
         if batch == 0 || len == 0 || ids.len() != batch * len || mask.len() != batch * len {
             return Err(Error::invalid(format!(
                 "input_ids and attention_mask must both be [B, L] with B, L > 0 (got {} and {} values for [{batch}, {len}])",
@@ -287,8 +294,7 @@ impl Umt5Encoder {
                 "sequence of {len} tokens is too long"
             )));
         }
-        let rows: Vec<usize> = ids
-            .iter()
+        ids.iter()
             .map(|&t| {
                 usize::try_from(t)
                     .ok()
@@ -300,7 +306,14 @@ impl Umt5Encoder {
                         ))
                     })
             })
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+
+    /// last_hidden_state [B, L, D] for ids, mask: [B, L] (mask 1 = token, 0 = padding).
+    pub fn forward(&self, ids: &[i64], mask: &[i64], batch: usize, len: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let (d, inner, f, heads) = (c.d_model, c.inner_dim(), c.d_ff, c.num_heads);
+        let rows = self.check_inputs(ids, mask, batch, len)?;
         let bl = batch * len;
         let mut h = self.store.f32_rows(&self.embed, &rows)?; // [B·L, D]
 
