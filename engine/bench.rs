@@ -83,6 +83,12 @@ pub struct BenchReport {
     pub ops: Vec<OpReport>,
     pub text_seconds: Option<f64>,
     pub vae_decode_seconds: Option<f64>,
+    /// On a kernel device: the text encoder's and the VAE decode's TFLOP/s (FLOPs counted
+    /// by the launchers in an untimed run, over the median time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_tflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae_decode_tflops: Option<f64>,
     pub commit: String,
 }
 
@@ -257,13 +263,15 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         ops,
         text_seconds,
         vae_decode_seconds,
+        text_tflops: None,
+        vae_decode_tflops: None,
         commit: env!("REEL_GIT_COMMIT").into(),
     })
 }
 
 /// The DiT step on a kernel device: weights uploaded from the model folder, or made on the
 /// device (`--random-weights`, Philox: the 14B preset needs no download and no host copy),
-/// random prompt embeddings (the text encoder has no device forward yet), latents through
+/// random prompt embeddings (`--text` times the text encoder on its own), latents through
 /// one planned [`DitSession`] per shape (on cuda its step replayed as a CUDA graph);
 /// `--profile` runs the step launch by launch and times each: CUDA events on cuda, the
 /// host clock on emu.
@@ -271,12 +279,6 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
     use crate::gpu::DeviceWeights;
     use crate::models::wan_dit::gpu::{device_weight_specs, DitSession, DitShape};
     use crate::models::wan_dit::WanDitConfig;
-    if args.vae || args.text {
-        return Err(Error::invalid(
-            "--vae and --text: the VAE and the text encoder have no device forward yet; the device bench times \
-             the DiT step",
-        ));
-    }
     let presets = crate::generate::PRESETS;
     let (config, name, demo, weights): (WanDitConfig, String, bool, DeviceWeights) = match args
         .model
@@ -365,6 +367,27 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
     }
     let ops_snapshot = crate::profile::snapshot();
     crate::profile::enable(false);
+    // --text, --vae: the text encoder (both prompts) and the decode of this video, on the
+    // device, the presets' real configs with random weights (or the folder's configs).
+    let (text, vae) = if args.text || args.vae {
+        let (tc, vc) = crate::plan::side_configs(args.model.as_deref())?;
+        let text = match args.text {
+            true => Some(bench_text_device(dev, &tc, args.steps)?),
+            false => None,
+        };
+        let vae = match args.vae {
+            true => Some(bench_vae_device(
+                dev,
+                &vc,
+                (shape.frames, shape.height, shape.width),
+                args.steps,
+            )?),
+            false => None,
+        };
+        (text, vae)
+    } else {
+        (None, None)
+    };
     secs.sort_by(|a, b| a.total_cmp(b));
     let median = percentile(&secs, 50.0);
     let flops = WanDit::flops_of(&config, passes, grid, MAX_SEQUENCE_LENGTH);
@@ -423,10 +446,103 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
             (weights.bytes() + session.plan().arena_bytes + session.plan().persistent_bytes) as u64,
         ),
         ops,
-        text_seconds: None,
-        vae_decode_seconds: None,
+        text_seconds: text.map(|t| t.0),
+        vae_decode_seconds: vae.map(|t| t.0),
+        text_tflops: text.map(|t| t.1),
+        vae_decode_tflops: vae.map(|t| t.1),
         commit: env!("REEL_GIT_COMMIT").into(),
     })
+}
+
+/// Times `run` on a kernel device: one untimed run with the launchers' FLOP counters on,
+/// then `repeat` timed runs; (median seconds, TFLOP/s).
+fn time_device(repeat: usize, mut run: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    crate::profile::enable(true);
+    let counted = run();
+    let flops: u64 = crate::profile::snapshot().iter().map(|o| o.3).sum();
+    crate::profile::enable(false);
+    counted?;
+    let mut secs = Vec::with_capacity(repeat);
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        run()?;
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    secs.sort_by(|a, b| a.total_cmp(b));
+    let median = percentile(&secs, 50.0);
+    Ok((median, flops as f64 / median / 1e12))
+}
+
+/// umT5 on the device for both prompts (2 × 512 tokens, the second half padding): random
+/// weights and relative-position biases made here, so a preset needs no checkpoint.
+fn bench_text_device(
+    dev: &crate::kernels::KernelDevice,
+    c: &crate::models::umt5::Umt5Config,
+    repeat: usize,
+) -> Result<(f64, f64)> {
+    use crate::models::umt5::gpu::{self as tg, TextShape, Umt5Session};
+    let shape = TextShape {
+        batch: 2,
+        len: MAX_SEQUENCE_LENGTH,
+    };
+    let w = crate::gpu::DeviceWeights::random(
+        dev,
+        &tg::device_weight_specs(c, tg::dtype_from_env()?),
+        1,
+    )?;
+    let span = c.num_heads * (2 * shape.len - 1);
+    let biases: Vec<Vec<f32>> = (0..c.num_layers)
+        .map(|l| crate::rng::gaussian(10 + l as u64, span))
+        .collect();
+    let mut session = Umt5Session::with_biases(dev, c, shape, &biases)?;
+    let emb = crate::rng::gaussian(2, shape.batch * shape.len * c.d_model);
+    let mask: Vec<i64> = (0..shape.batch * shape.len)
+        .map(|i| (i % shape.len < shape.len / 2) as i64)
+        .collect();
+    time_device(repeat, || {
+        session.encode_embedded(&w, &emb, &mask).map(|_| ())
+    })
+}
+
+/// The VAE decode of `latent_frames` latent frames of h × w on the device, chunk by chunk
+/// as a generation decodes (random weights made on the device, random latents).
+fn bench_vae_device(
+    dev: &crate::kernels::KernelDevice,
+    c: &crate::models::wan_vae::WanVaeConfig,
+    (latent_frames, h, w): (usize, usize, usize),
+    repeat: usize,
+) -> Result<(f64, f64)> {
+    use crate::models::wan_vae::gpu::{self as vg, Coding, VaeSession};
+    let dtype = vg::dtype_from_env()?;
+    let weights = crate::gpu::DeviceWeights::random(
+        dev,
+        &vg::device_weight_specs(c, Coding::Decode, dtype)?,
+        2,
+    )?;
+    let frame = crate::cpu::conv::Frames {
+        t: 1,
+        h,
+        w,
+        c: c.z_dim,
+        data: crate::rng::gaussian(3, h * w * c.z_dim),
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let mut session = VaeSession::<$t>::new(dev, c, Coding::Decode, (h, w))?;
+            time_device(repeat, || {
+                session.reset();
+                for _ in 0..latent_frames {
+                    session.chunk(&weights, &frame)?;
+                }
+                Ok(())
+            })
+        }};
+    }
+    if dtype == crate::gpu::WDtype::Bf16 {
+        run!(half::bf16)
+    } else {
+        run!(half::f16)
+    }
 }
 
 /// The human-readable table.
@@ -464,10 +580,13 @@ pub fn render(r: &BenchReport) -> String {
             .unwrap_or_else(|| "-".into())
     );
     if r.text_seconds.is_some() || r.vae_decode_seconds.is_some() {
+        let tf = |t: Option<f64>| t.map(|t| format!(" ({t:.2} TFLOP/s)")).unwrap_or_default();
         s += &format!(
-            "  text encode {}   vae decode {}\n",
+            "  text encode {}{}   vae decode {}{}\n",
             opt(r.text_seconds, "s"),
-            opt(r.vae_decode_seconds, "s")
+            tf(r.text_tflops),
+            opt(r.vae_decode_seconds, "s"),
+            tf(r.vae_decode_tflops)
         );
     }
     if !r.ops.is_empty() {

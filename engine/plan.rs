@@ -3,10 +3,15 @@
 //! [`crate::gpu::ctx`]): weights on the device, the persistent buffers of a prompt, the arena
 //! of one denoising step with both guidance passes batched (B = 2: one read of the weights
 //! per step and larger GEMMs, for the activations of one more sample), the ten largest
-//! buffers, and whether it fits the device memory.
+//! buffers, and whether it fits the device memory. The umT5 text encoder (both prompts, 512
+//! tokens each) and the VAE decoder (chunk by chunk, its causal caches persistent) are
+//! planned the same way, and the plan decides whether the text encoder stays resident
+//! beside the DiT and the VAE or is freed before the DiT's weights are uploaded.
 //!
-//! The text encoder and the VAE run on the cpu until their device forwards land (issue 16);
-//! their device weights are listed, not yet planned.
+//! Stages of a generation: text (umT5 encodes, its arena), denoise (the DiT's persistent
+//! buffers and arena), decode (the DiT's latents kept, the VAE's arena and caches). With the
+//! encoder resident the peak is every weight plus the largest stage; freed, it is the
+//! larger of (umT5 weights + its arena) and (DiT + VAE weights + the larger later stage).
 
 use serde::Serialize;
 
@@ -14,9 +19,12 @@ use crate::error::{Error, Result};
 use crate::generate::{parse_size, PRESETS};
 use crate::gpu::{DeviceWeights, MemoryPlan};
 use crate::kernels::{Arch, KernelDevice};
-use crate::models::umt5::{Umt5Config, Umt5Encoder};
+use crate::models::umt5::gpu::{self as text_gpu, TextShape};
+use crate::models::umt5::Umt5Config;
 use crate::models::wan_dit::gpu::{device_weight_specs, plan as dit_plan, DitShape};
 use crate::models::wan_dit::WanDitConfig;
+use crate::models::wan_vae::gpu::{self as vae_gpu, Coding};
+use crate::models::wan_vae::WanVaeConfig;
 use crate::models::{embedded, read_json, resolve_component};
 
 /// What `reel plan` was asked.
@@ -61,8 +69,16 @@ pub struct PlanReport {
     pub dit_arena_bytes: usize,
     /// reel's GEMM needs none; cuBLASLt's is planned with its issue.
     pub gemm_workspace_bytes: usize,
-    /// umT5 weights in bf16 (its device forward arrives with issue 16: not in the peak).
+    /// umT5 on the device: 16-bit matrices and f32 norms (the embedding stays on the host).
     pub text_encoder_weights_bytes: usize,
+    /// Its arena and persistent bytes for both prompts of 512 tokens.
+    pub text_encoder_run_bytes: usize,
+    /// The VAE decoder's weights, and its arena plus persistent causal caches.
+    pub vae_weights_bytes: usize,
+    pub vae_run_bytes: usize,
+    /// Whether the text encoder stays on the device for the whole generation (else it is
+    /// freed before the DiT's weights are uploaded).
+    pub text_encoder_resident: bool,
     pub peak_bytes: usize,
     pub fits: bool,
     pub largest: Vec<BufferLine>,
@@ -70,6 +86,24 @@ pub struct PlanReport {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// The umT5 and VAE configs beside the DiT's: the presets' real ones, else the folder's.
+pub(crate) fn side_configs(model: Option<&str>) -> Result<(Umt5Config, WanVaeConfig)> {
+    let dir = match model {
+        None => embedded::ensure()?,
+        Some(name) if PRESETS.contains(&name) && !std::path::Path::new(name).exists() => {
+            return Ok((Umt5Config::umt5_xxl(), WanVaeConfig::default()))
+        }
+        Some(dir) => std::path::PathBuf::from(dir),
+    };
+    let text = resolve_component(&dir, "text_encoder", &[crate::models::umt5::CLASS_NAME])?;
+    let tc: Umt5Config = read_json(&text.join("config.json"))?;
+    tc.validate(&text.join("config.json"))?;
+    let vae = resolve_component(&dir, "vae", &[crate::models::wan_vae::CLASS_NAME])?;
+    let vc: WanVaeConfig = read_json(&vae.join("config.json"))?;
+    vc.validate(&vae.join("config.json"))?;
+    Ok((tc, vc))
+}
 
 fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool)> {
     match model {
@@ -129,10 +163,24 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
     let (arch, mem, source) = device_facts(a)?;
     let p: MemoryPlan = dit_plan(&c, shape, arch)?;
     let weights = DeviceWeights::bytes_of(&device_weight_specs(&c))?;
-    let umt5: usize = Umt5Encoder::weight_specs(&Umt5Config::umt5_xxl())
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() * 2)
-        .sum();
+    let (tc, vc) = side_configs(a.model.as_deref())?;
+    let text_w = text_gpu::weight_bytes(&tc)?;
+    let tp = text_gpu::plan(
+        &tc,
+        TextShape {
+            batch: 2,
+            len: crate::text::MAX_SEQUENCE_LENGTH,
+        },
+        arch,
+    )?;
+    let text_run = tp.arena_bytes + tp.persistent_bytes;
+    let vae_w = DeviceWeights::bytes_of(&vae_gpu::device_weight_specs(
+        &vc,
+        Coding::Decode,
+        vae_gpu::DEFAULT_DTYPE,
+    )?)?;
+    let vp = vae_gpu::plan(&vc, Coding::Decode, (shape.height, shape.width), arch)?;
+    let vae_run = vp.arena_bytes + vp.persistent_bytes;
     let phase = |n: &str| {
         p.phases
             .iter()
@@ -140,7 +188,17 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
             .map(|i| p.phase_peaks[i])
             .unwrap_or(0)
     };
-    let peak = weights + p.persistent_bytes + p.arena_bytes;
+    // The stages (see the module docs); the DiT's persistent buffers stay through the decode.
+    let denoise = p.persistent_bytes + p.arena_bytes;
+    let decode = p.persistent_bytes + vae_run;
+    let resident = text_w + weights + vae_w + text_run.max(denoise).max(decode);
+    let freed = (text_w + text_run).max(weights + vae_w + denoise.max(decode));
+    let text_encoder_resident = (resident as u64) <= mem;
+    let peak = if text_encoder_resident {
+        resident
+    } else {
+        freed
+    };
     let step_index = p.phases.iter().position(|x| x == "step").unwrap_or(0);
     Ok(PlanReport {
         model: name,
@@ -160,7 +218,11 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         dit_step_arena_bytes: phase("step"),
         dit_arena_bytes: p.arena_bytes,
         gemm_workspace_bytes: 0,
-        text_encoder_weights_bytes: umt5,
+        text_encoder_weights_bytes: text_w,
+        text_encoder_run_bytes: text_run,
+        vae_weights_bytes: vae_w,
+        vae_run_bytes: vae_run,
+        text_encoder_resident,
         peak_bytes: peak,
         fits: (peak as u64) <= mem,
         largest: p
@@ -260,10 +322,20 @@ pub fn render(r: &PlanReport) -> String {
         gib(r.gemm_workspace_bytes)
     );
     s += &format!(
-        "  text encoder       {} of bf16 weights, freed before the DiT loads (its device plan arrives with issue 16)\n",
-        gib(r.text_encoder_weights_bytes)
+        "  text encoder       {} of weights (f16 matrices; the embedding stays on the host) + {} to encode both prompts: {}\n",
+        gib(r.text_encoder_weights_bytes),
+        gib(r.text_encoder_run_bytes),
+        if r.text_encoder_resident {
+            "stays resident"
+        } else {
+            "freed before the DiT's weights are uploaded"
+        }
     );
-    s += "  VAE decode chunk   runs on the cpu until its device forward lands (issue 16)\n";
+    s += &format!(
+        "  VAE decode         {} of weights + {} (one latent frame's arena and every causal cache: the same for any length)\n",
+        gib(r.vae_weights_bytes),
+        gib(r.vae_run_bytes)
+    );
     s += &format!(
         "  peak               {}: {}\n",
         gib(r.peak_bytes),

@@ -9,9 +9,11 @@
 #   3. the kernel tests on emu with the same binary (wall time beside the GPU's)
 #   4. flash attention and the GEMMs beside torch's SDPA and matmul on the same inputs
 #      (bench/kernels_gpu.py)
-#   5. DiT component parity on cuda against the golden data
-#   6. benchmarks: `reel bench --device cuda` for the 1.3B at 480p and the 14B at 720p
-#      (random weights made on the device; s/step), torch's SDPA and cuBLAS baselines
+#   5. DiT, VAE (every golden case and frame count) and umT5 parity on cuda against the
+#      golden data
+#   6. benchmarks: `reel bench --device cuda` for the 1.3B at 480p with umT5-XXL and the VAE
+#      decode of its 81 frames, the 14B at 720p with its decode (random weights made on the
+#      device; s/step, s and TFLOP/s), torch's SDPA and cuBLAS baselines
 #   7. the kernel tests under compute-sanitizer (memcheck, racecheck, synccheck) when it is
 #      there
 # Sections run in that order, most important first; one that would start after the time
@@ -117,11 +119,19 @@ run "Kernel and wrapper tests on $DEVICE" 90 env REEL_TEST_DEVICE=$DEVICE "$T" k
 run "Kernel, wrapper and emulator tests on emu (same binary: wall time for comparison)" 60 env REEL_TEST_DEVICE=emu "$T" kernels wrappers:: emu:: --test-threads=2
 run "DiT component parity on $DEVICE (golden cases vs diffusers)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" dit_device --nocapture --test-threads=1
 if [ $DRY = 1 ]; then
+  # The VAE's emu parity runs in cargo test already (minutes on emu): the text encoder here.
+  run "umT5 parity on emu (golden cases)" 60 env REEL_TEST_DEVICE=emu "$T" device_text --nocapture --test-threads=1
+else
+  run "VAE (every golden case and frame count) and umT5 parity on $DEVICE" 90 env REEL_TEST_DEVICE=$DEVICE "$T" device_vae device_text --include-ignored --nocapture --test-threads=1
+fi
+if [ $DRY = 1 ]; then
   run "reel bench --device emu (embedded model)" 60 "$CARRY/reel" bench --device emu --steps 1 --warmup 1
 else
   # s/step of the DiT with both guidance passes, weights made on the device (no download).
-  run "reel bench --device cuda: Wan2.1 1.3B, 832x480 x 81 frames" 120 "$CARRY/reel" bench --device cuda \
-    --model wan2.1-t2v-1.3b --random-weights --size 832x480 --frames 81 --steps 3 --warmup 1 --json -
+  # --text: umT5-XXL on both prompts (2 x 512 tokens); --vae: the decode of the 81 frames
+  # (random weights, f16 storage), each in seconds and TFLOP/s.
+  run "reel bench --device cuda: Wan2.1 1.3B, 832x480 x 81 frames, umT5-XXL, VAE decode" 180 "$CARRY/reel" bench --device cuda \
+    --model wan2.1-t2v-1.3b --random-weights --size 832x480 --frames 81 --steps 3 --warmup 1 --text --vae --json -
   run "reel bench --device cuda --profile: 1.3B per-op times" 90 "$CARRY/reel" bench --device cuda \
     --model wan2.1-t2v-1.3b --random-weights --size 832x480 --frames 81 --steps 1 --warmup 1 --profile
 fi
@@ -133,8 +143,8 @@ else
   run "Flash attention (no torch with CUDA here: reel alone)" 90 "$CARRY/reel" kernel-bench attention --device cuda --tokens 32760 --heads 12
 fi
 if [ $DRY = 0 ]; then
-  run "reel bench --device cuda: Wan2.1 14B, 1280x720 x 81 frames" 150 "$CARRY/reel" bench --device cuda \
-    --model wan2.1-t2v-14b --random-weights --size 1280x720 --frames 81 --steps 1 --warmup 1 --json -
+  run "reel bench --device cuda: Wan2.1 14B, 1280x720 x 81 frames, VAE decode" 200 "$CARRY/reel" bench --device cuda \
+    --model wan2.1-t2v-14b --random-weights --size 1280x720 --frames 81 --steps 1 --warmup 1 --vae --json -
 fi
 run "reel bench (cpu device, embedded model)" 60 "$CARRY/reel" bench --json -
 if [ $DRY = 1 ]; then

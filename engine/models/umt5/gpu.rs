@@ -388,11 +388,31 @@ impl Umt5Session {
     /// Plans `shape` for `dev`, allocates what the plan says and uploads the encoder's
     /// relative-position biases.
     pub fn new(dev: &KernelDevice, enc: &Umt5Encoder, shape: TextShape) -> Result<Self> {
-        let c = &enc.config;
+        check_shape(&enc.config, shape)?;
+        Self::with_biases(dev, &enc.config, shape, &enc.rel_biases(shape.len)?)
+    }
+
+    /// [`Umt5Session::new`] from a config and the relative-position biases of every layer,
+    /// [heads, 2·len − 1] each (a benchmark's random ones, without a checkpoint).
+    pub fn with_biases(
+        dev: &KernelDevice,
+        c: &Umt5Config,
+        shape: TextShape,
+        biases: &[Vec<f32>],
+    ) -> Result<Self> {
         let plan = plan(c, shape, dev.arch()?)?;
+        let span = c.num_heads * (2 * shape.len - 1);
+        if biases.len() != c.num_layers || biases.iter().any(|b| b.len() != span) {
+            return Err(Error::invalid(format!(
+                "umT5 session: {} bias tables, want {} of [{}, {}]",
+                biases.len(),
+                c.num_layers,
+                c.num_heads,
+                2 * shape.len - 1
+            )));
+        }
         let mut ctx = Ctx::run(dev.clone(), plan.clone())?;
-        let biases = enc.rel_biases(shape.len)?;
-        let rel = bias_phase(&mut ctx, c, shape, Some(&biases))?;
+        let rel = bias_phase(&mut ctx, c, shape, Some(biases))?;
         Ok(Umt5Session {
             config: c.clone(),
             shape,
@@ -429,6 +449,27 @@ impl Umt5Session {
         }
         let rows = enc.check_inputs(ids, mask, batch, len)?;
         let embedded = enc.store.f32_rows(&enc.embed, &rows)?;
+        let out = self.encode_embedded(w, &embedded, mask)?;
+        crate::Tensor::new(vec![batch, len, self.config.d_model], out)
+    }
+
+    /// The forward from embedded tokens [B·L, D] (f32) and the mask [B, L] (1 = token):
+    /// last_hidden_state [B·L, D] on the host.
+    pub fn encode_embedded(
+        &mut self,
+        w: &DeviceWeights,
+        embedded: &[f32],
+        mask: &[i64],
+    ) -> Result<Vec<f32>> {
+        let TextShape { batch, len } = self.shape;
+        if embedded.len() != batch * len * self.config.d_model || mask.len() != batch * len {
+            return Err(Error::invalid(format!(
+                "umT5 encode: {} embedded values and {} mask values for [{batch}, {len}, {}]",
+                embedded.len(),
+                mask.len(),
+                self.config.d_model
+            )));
+        }
         let key_bias: Vec<f32> = mask
             .iter()
             .map(|&m| if m > 0 { 0.0 } else { MASKED })
@@ -438,10 +479,10 @@ impl Umt5Session {
         let (ctx, c, s, rel) = (&mut self.ctx, &self.config, self.shape, &self.rel);
         let out = match dtype {
             Some(WDtype::Bf16) => {
-                encode_phase::<half::bf16>(ctx, c, w, s, rel, &embedded, &key_bias)?
+                encode_phase::<half::bf16>(ctx, c, w, s, rel, embedded, &key_bias)?
             }
-            Some(WDtype::F16) => encode_phase::<f16>(ctx, c, w, s, rel, &embedded, &key_bias)?,
-            _ if c.num_layers == 0 => encode_phase::<f16>(ctx, c, w, s, rel, &embedded, &key_bias)?,
+            Some(WDtype::F16) => encode_phase::<f16>(ctx, c, w, s, rel, embedded, &key_bias)?,
+            _ if c.num_layers == 0 => encode_phase::<f16>(ctx, c, w, s, rel, embedded, &key_bias)?,
             _ => {
                 return Err(Error::invalid(
                     "these device weights are not umT5's (upload them with Umt5Encoder::upload)",
@@ -456,6 +497,6 @@ impl Umt5Session {
                 if dtype == Some(WDtype::F16) { " f16" } else { "" }
             )));
         }
-        crate::Tensor::new(vec![batch, len, self.config.d_model], out)
+        Ok(out)
     }
 }
