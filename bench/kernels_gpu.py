@@ -14,7 +14,12 @@ GEMM: the Wan2.1 DiT's GEMMs (1.3B at 480p, 14B at 720p, one guidance pass of to
 reel's runtime GEMM (cuBLASLt where loaded) and reel's own kernel, beside torch.matmul on
 the same inputs, TFLOP/s from 2·M·N·K.
 
-    python3 bench/kernels_gpu.py --reel carry/reel [--op attention|gemm|all] [--max-seconds 150]
+Conv3d: the 480p Wan VAE decoder's largest causal convolutions (one decode chunk: 2 cached +
+4 frames, 3x3x3, spatial padding 1) through `reel kernel-bench conv3d` beside torch's conv3d
+(cuDNN, bf16; the faster of the NCDHW and channels-last-3d layouts), TFLOP/s from
+2·T_out·H·W·co·ci·27.
+
+    python3 bench/kernels_gpu.py --reel carry/reel [--op attention|gemm|conv|all] [--skip OP] [--max-seconds 150]
 """
 import argparse
 import json
@@ -134,6 +139,60 @@ GEMM_SHAPES = [
 ]
 
 
+# (H, W, ci, co) of the 480p decoder's causal 3x3x3 convolutions, largest first: the
+# full-resolution resnets (96 channels), half (192), quarter (384) and the latent-size
+# mid-block (384 at 60x104).
+CONV_SHAPES = [(480, 832, 96, 96), (240, 416, 192, 192), (120, 208, 384, 384), (60, 104, 384, 384)]
+CONV_FRAMES, CONV_KT = 6, 3
+
+
+def conv_section(torch, args, start):
+    print("| H x W | ci -> co | reel kernel | reel ms | reel TFLOP/s | torch ms | torch TFLOP/s | reel / torch speed | rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    failed = False
+    torch.backends.cudnn.benchmark = True
+    for h, w, ci, co in CONV_SHAPES:
+        if time.time() - start > args.max_seconds:
+            print(f"(stopped before {w}x{h} {ci}->{co}: --max-seconds {args.max_seconds})")
+            break
+        t_out = CONV_FRAMES - CONV_KT + 1
+        flops = 2 * t_out * h * w * co * ci * CONV_KT * 9
+        try:
+            r = reel_json([args.reel, "kernel-bench", "conv3d", "--device", "cuda", "--height", str(h), "--width", str(w),
+                           "--ci", str(ci), "--co", str(co), "--frames", str(CONV_FRAMES), "--kt", str(CONV_KT),
+                           "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--json", "-"])
+            dev = torch.device("cuda")
+            x = fill_hash(torch, CONV_FRAMES * h * w * ci, r["seed"], dev).view(CONV_FRAMES, h, w, ci)
+            if [f32(v) for v in x.flatten()[:8].float().tolist()] != [f32(v) for v in r["q_first"]]:
+                raise RuntimeError("inputs differ from reel's")
+            wt = fill_hash(torch, co * CONV_KT * 9 * ci, (r["seed"] + 1) & MASK, dev,
+                           scale=1.0 / (ci * CONV_KT * 9) ** 0.5).view(co, CONV_KT, 3, 3, ci)
+            wt = wt.permute(0, 4, 1, 2, 3).contiguous()  # [co, ci, kt, 3, 3]
+            xt = x.permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # [1, ci, T, H, W]
+            del x
+            conv = torch.nn.functional.conv3d
+            best, out = None, None
+            for fmt in (torch.contiguous_format, torch.channels_last_3d):
+                xf, wf = xt.contiguous(memory_format=fmt), wt.contiguous(memory_format=fmt)
+                t, o = timed(torch, lambda: conv(xf, wf, padding=(0, 1, 1)), args.repeat, args.warmup)
+                if best is None or t < best:
+                    best, out = t, o
+                del xf, wf
+            flat = out[0].permute(1, 2, 3, 0).reshape(-1)  # [T_out, H, W, co] like reel's
+            pos = sample_positions(flat.numel(), len(r["sample"]))
+            sample = flat[torch.tensor(pos, device=dev)].float().tolist()
+            del xt, wt, out, flat
+            torch.cuda.empty_cache()
+        except Exception as e:
+            print(f"| {w}x{h} | {ci} -> {co} | error: {e} |")
+            failed = True
+            continue
+        tr = r["seconds"]["median"]
+        print(f"| {w}x{h} | {ci} -> {co} | {r['kernel']} | {tr * 1e3:.2f} | {flops / tr / 1e12:.1f} | {best * 1e3:.2f} | "
+              f"{flops / best / 1e12:.1f} | {best / tr:.2f} | {rel_l2(r['sample'], sample):.2e} |", flush=True)
+    return failed
+
+
 def gemm_section(torch, args, start):
     print("| M | N | K | reel GEMM | reel ms | reel TFLOP/s | reel kernel ms | reel kernel TFLOP/s | torch ms | torch TFLOP/s | rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -201,7 +260,9 @@ def attention_section(torch, args, start):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reel", default="carry/reel")
-    ap.add_argument("--op", choices=["attention", "gemm", "all"], default="all")
+    ap.add_argument("--op", choices=["attention", "gemm", "conv", "all"], default="all")
+    ap.add_argument("--skip", action="append", default=[], choices=["attention", "gemm", "conv"],
+                    help="with --op all: leave this section out (repeatable)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=150.0, help="start no shape after this")
@@ -214,10 +275,13 @@ def main():
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
     start = time.time()
     failed = False
-    if args.op in ("attention", "all"):
+    if args.op == "attention" or (args.op == "all" and "attention" not in args.skip):
         print("\nFlash attention (head_dim 128):\n")
         failed |= attention_section(torch, args, start)
-    if args.op in ("gemm", "all"):
+    if args.op == "conv" or (args.op == "all" and "conv" not in args.skip):
+        print("\nConv3d (the 480p VAE decoder's causal 3x3x3 convolutions, bf16):\n")
+        failed |= conv_section(torch, args, start)
+    if args.op == "gemm" or (args.op == "all" and "gemm" not in args.skip):
         print("\nGEMM (bf16 in and out, C = A·Wᵀ):\n")
         failed |= gemm_section(torch, args, start)
     sys.exit(1 if failed else 0)

@@ -39,6 +39,8 @@ pub enum KernelOp {
     Attention,
     /// The runtime's GEMM (cuBLASLt where loaded, else kernels/gemm.cu).
     Gemm,
+    /// The VAE's causal convolution (kernels/conv3d.cu), bf16.
+    Conv3d,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -200,6 +202,22 @@ pub enum Command {
         /// GEMM: reel's kernel even where cuBLASLt is loaded.
         #[arg(long)]
         reel_kernel: bool,
+        /// conv3d: frame height and width (pixels; padding 1 keeps them).
+        #[arg(long, default_value_t = 480)]
+        height: usize,
+        #[arg(long, default_value_t = 832)]
+        width: usize,
+        /// conv3d: input and output channels.
+        #[arg(long, default_value_t = 96)]
+        ci: usize,
+        #[arg(long, default_value_t = 96)]
+        co: usize,
+        /// conv3d: input frames (a decode chunk: 2 cached + 4) and the kernel's depth (3 or
+        /// 1; 3×3 spatial either way).
+        #[arg(long, default_value_t = 6)]
+        frames: usize,
+        #[arg(long, default_value_t = 3)]
+        kt: usize,
         /// Untimed runs first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
@@ -616,6 +634,12 @@ pub fn run(cli: Cli) -> Result<String> {
             n,
             k,
             reel_kernel,
+            height,
+            width,
+            ci,
+            co,
+            frames,
+            kt,
             warmup,
             repeat,
             seed,
@@ -659,6 +683,27 @@ pub fn run(cli: Cli) -> Result<String> {
                     (
                         serde_json::to_value(&r),
                         crate::kernel_bench::render_gemm(&r),
+                    )
+                }
+                KernelOp::Conv3d => {
+                    let r = crate::kernel_bench::conv3d(
+                        &dev,
+                        &crate::kernel_bench::ConvBenchArgs {
+                            height,
+                            width,
+                            ci,
+                            co,
+                            frames,
+                            kt,
+                            warmup,
+                            repeat,
+                            seed,
+                            samples,
+                        },
+                    )?;
+                    (
+                        serde_json::to_value(&r),
+                        crate::kernel_bench::render_conv(&r),
                     )
                 }
             };

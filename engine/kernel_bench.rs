@@ -1,4 +1,4 @@
-//! `reel kernel-bench attention|gemm`: one kernel timed alone on a kernel device, for the GPU benchmarks
+//! `reel kernel-bench attention|gemm|conv3d`: one kernel timed alone on a kernel device, for the GPU benchmarks
 //! that put reel's kernels beside torch's on the same GPU in the same run
 //! (bench/kernels_gpu.py, run by tools/gpu-check.sh). The inputs are made on the device
 //! by a hash any other program can reproduce (`fill_hash_bf16`), and the report carries a
@@ -275,6 +275,163 @@ pub fn render(r: &AttnBenchReport) -> String {
         r.lq,
         r.lk,
         r.head_dim,
+        r.device,
+        r.kernel,
+        r.seconds.median * 1e3,
+        r.seconds.p10 * 1e3,
+        r.seconds.p90 * 1e3,
+        r.tflops
+    )
+}
+
+/// What `reel kernel-bench conv3d` measures: the VAE's causal convolution over `frames`
+/// channel-last bf16 frames of height × width × ci (no null frames: a chunk with its cache),
+/// a kt × 3 × 3 kernel, spatial padding 1, to frames − kt + 1 output frames of co channels.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvBenchArgs {
+    pub height: usize,
+    pub width: usize,
+    pub ci: usize,
+    pub co: usize,
+    pub frames: usize,
+    pub kt: usize,
+    pub warmup: usize,
+    pub repeat: usize,
+    pub seed: u32,
+    pub samples: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvBenchReport {
+    pub op: &'static str,
+    pub kernel: &'static str,
+    pub device: String,
+    pub height: usize,
+    pub width: usize,
+    pub ci: usize,
+    pub co: usize,
+    pub frames: usize,
+    pub kt: usize,
+    pub warmup: usize,
+    pub repeat: usize,
+    pub seconds: Percentiles,
+    /// 2·T_out·H·W·co·ci·kt·9.
+    pub flops: u64,
+    pub tflops: f64,
+    /// The input is fill_hash_bf16 (seed, scale 1), [frames, H, W, ci] channel-last; the
+    /// weights fill_hash_bf16 (seed + 1, scale 1/√(ci·kt·9)) in the kernel's layout
+    /// [co][kt][3][3][ci]; the bias zero.
+    pub seed: u32,
+    /// The input's first 8 values.
+    pub q_first: Vec<f32>,
+    /// The output [T_out, H, W, co] at positions lowbias32(i ^ 0x5eed) mod len, i < samples.
+    pub sample: Vec<f32>,
+    pub commit: &'static str,
+}
+
+/// Times conv3d on `dev` (see [`ConvBenchArgs`]).
+pub fn conv3d(dev: &KernelDevice, a: &ConvBenchArgs) -> Result<ConvBenchReport> {
+    use crate::kernels::conv3d::{conv3d as conv, ConvShape};
+    if a.repeat == 0 || a.height == 0 || a.width == 0 || a.ci == 0 || a.co == 0 {
+        return Err(Error::invalid(
+            "kernel-bench conv3d: --height, --width, --ci, --co and --repeat must be positive",
+        ));
+    }
+    if !(a.kt == 1 || a.kt == 3) || a.frames < a.kt || a.frames > 8 {
+        return Err(Error::invalid(format!(
+            "kernel-bench conv3d: --kt {} must be 1 or 3 and --frames {} between it and 8",
+            a.kt, a.frames
+        )));
+    }
+    let fl = a.height * a.width * a.ci;
+    let kvol = a.kt * 9;
+    let x = Buf::uninit(dev, a.frames * fl)?;
+    k::fill_hash_bf16(dev, &x, a.seed, 1.0)?;
+    let w = Buf::uninit(dev, a.co * kvol * a.ci)?;
+    k::fill_hash_bf16(
+        dev,
+        &w,
+        a.seed.wrapping_add(1),
+        1.0 / ((a.ci * kvol) as f32).sqrt(),
+    )?;
+    let bias = Buf::filled(dev, a.co, 0.0f32)?;
+    let shape = ConvShape::new(
+        (a.height, a.width, a.ci, a.co),
+        [a.kt, 3, 3],
+        [1, 1, 1],
+        [1, 1, 1, 1],
+    );
+    let (t_out, ho, wo) = shape
+        .out_size(a.frames)
+        .map_err(|e| Error::invalid(format!("kernel-bench conv3d: {e}")))?;
+    let out = Buf::filled(dev, t_out * ho * wo * a.co, half::bf16::from_bits(0x7fc1))?;
+    let frames: Vec<Option<_>> = (0..a.frames)
+        .map(|i| x.slice().sub(i * fl, fl).map(Some))
+        .collect::<Result<_>>()?;
+    let run = || {
+        conv(
+            dev,
+            &frames,
+            w.slice(),
+            bias.slice(),
+            None,
+            out.slice(),
+            shape,
+        )
+    };
+    let mut kernel = "";
+    for _ in 0..a.warmup {
+        kernel = run()?.1;
+    }
+    let mut times = Vec::with_capacity(a.repeat);
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        kernel = run()?.1;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 50.0);
+    let flops = 2 * (t_out * ho * wo * a.co * a.ci * kvol) as u64;
+    let o = out.download()?;
+    Ok(ConvBenchReport {
+        op: "conv3d",
+        kernel,
+        device: dev.describe(),
+        height: a.height,
+        width: a.width,
+        ci: a.ci,
+        co: a.co,
+        frames: a.frames,
+        kt: a.kt,
+        warmup: a.warmup,
+        repeat: a.repeat,
+        seconds: Percentiles {
+            median,
+            p10: percentile(&times, 10.0),
+            p90: percentile(&times, 90.0),
+        },
+        flops,
+        tflops: flops as f64 / median / 1e12,
+        seed: a.seed,
+        q_first: x.download()?.iter().take(8).map(|v| v.to_f32()).collect(),
+        sample: sample_positions(o.len(), a.samples)
+            .into_iter()
+            .map(|i| o[i].to_f32())
+            .collect(),
+        commit: env!("REEL_GIT_COMMIT"),
+    })
+}
+
+/// One line for people.
+pub fn render_conv(r: &ConvBenchReport) -> String {
+    format!(
+        "conv3d {}x3x3 {}x{} {}→{} channels, {} frames in, on {} ({}): median {:.3} ms (p10 {:.3}, p90 {:.3}), {:.1} TFLOP/s\n",
+        r.kt,
+        r.width,
+        r.height,
+        r.ci,
+        r.co,
+        r.frames,
         r.device,
         r.kernel,
         r.seconds.median * 1e3,

@@ -138,7 +138,8 @@ fi
 if [ $DRY = 1 ]; then
   run "Flash attention (emulator time: no speed claim)" 60 "$CARRY/reel" kernel-bench attention --device emu --tokens 256 --heads 2 --repeat 2 --warmup 1
 elif python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  run "Flash attention and GEMM: reel beside torch SDPA and matmul (bench/kernels_gpu.py)" 170 python3 bench/kernels_gpu.py --reel "$CARRY/reel" --max-seconds 130
+  run "Flash attention and GEMM: reel beside torch SDPA and matmul (bench/kernels_gpu.py)" 170 python3 bench/kernels_gpu.py --reel "$CARRY/reel" --skip conv --max-seconds 130
+  run "VAE conv3d: reel beside torch conv3d (cuDNN) on the 480p decoder's largest layers" 90 python3 bench/kernels_gpu.py --op conv --reel "$CARRY/reel" --max-seconds 60
 else
   run "Flash attention (no torch with CUDA here: reel alone)" 90 "$CARRY/reel" kernel-bench attention --device cuda --tokens 32760 --heads 12
 fi

@@ -425,3 +425,50 @@ fn conv3d_code_is_tensor_core_code_without_spills() {
         &["conv3d_bf16_c8", "conv3d_bf16_c2", "conv3d_f16_c8"],
     );
 }
+
+/// `reel kernel-bench conv3d` builds its inputs by the rule bench/kernels_gpu.py repeats
+/// (input and weights from the hash, weights in the kernel's layout) and samples its output
+/// at the documented positions: checked against the CPU convolution of the same values.
+#[test]
+fn conv3d_kernel_bench_follows_the_documented_rules() {
+    let d = dev();
+    let a = reel::kernel_bench::ConvBenchArgs {
+        height: 5,
+        width: 9,
+        ci: 16,
+        co: 24,
+        frames: 5,
+        kt: 3,
+        warmup: 0,
+        repeat: 1,
+        seed: 7,
+        samples: 64,
+    };
+    let r = reel::kernel_bench::conv3d(&d, &a).unwrap();
+    let (fl, kvol) = (a.height * a.width * a.ci, a.kt * 9);
+    let hashed = |n: usize, seed: u32, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| k::hash_value(i as u32, seed, scale).to_f32())
+            .collect()
+    };
+    let x = hashed(a.frames * fl, 7, 1.0);
+    assert_eq!(r.q_first, x[..8]);
+    // The kernel's layout [co][kt][3][3][ci] back to PyTorch's [co][ci][kt][3][3].
+    let wk = hashed(a.co * kvol * a.ci, 8, 1.0 / ((a.ci * kvol) as f32).sqrt());
+    let mut wt = vec![0.0f32; wk.len()];
+    for o in 0..a.co {
+        for tap in 0..kvol {
+            for i in 0..a.ci {
+                wt[(o * a.ci + i) * kvol + tap] = wk[(o * kvol + tap) * a.ci + i];
+            }
+        }
+    }
+    let frames: Vec<Option<&[f32]>> = x.chunks(fl).map(Some).collect();
+    let cw = ConvWeights::new(&wt, &vec![0.0; a.co], a.co, a.ci, [a.kt, 3, 3]);
+    let want = conv3d(&frames, a.height, a.width, &cw, [1, 1, 1], [1, 1, 1, 1]);
+    let pos = reel::kernel_bench::sample_positions(want.data.len(), 64);
+    let want: Vec<f64> = pos.iter().map(|&p| want.data[p] as f64).collect();
+    let err = rel_l2(&r.sample, &want);
+    assert!(err < 1e-2, "sampled outputs: rel L2 {err:.3e}");
+    assert_eq!(r.flops, 2 * 3 * 5 * 9 * 24 * 16 * 27);
+}
