@@ -333,12 +333,15 @@ struct Slot<T: Half> {
     started: bool,
 }
 
+/// Per cache slot: (elements per frame, frames), once known.
+type CacheSizes = Vec<Option<(usize, usize)>>;
+
 /// Every cache of one coder; `sizes` (frame elements and frames per slot) are learnt by a
 /// first measuring pass in which each slot asks for its buffers when first used.
 struct Caches<T: Half> {
     names: Vec<String>,
     slots: Vec<Option<Slot<T>>>,
-    sizes: Vec<Option<(usize, usize)>>,
+    sizes: CacheSizes,
 }
 
 impl<T: Half> Caches<T> {
@@ -699,7 +702,7 @@ fn measure<T: Half>(
     coding: Coding,
     hw: (usize, usize),
     arch: Arch,
-) -> Result<(MemoryPlan, Vec<Option<(usize, usize)>>)> {
+) -> Result<(MemoryPlan, CacheSizes)> {
     let parts = WanVae::parts_of(c)?;
     let w = DeviceWeights::measure(&device_weight_specs(c, coding, WDtype::half::<T>())?)?;
     let names = &coder_of(&parts, coding).slots;
