@@ -371,9 +371,10 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
     // device, the presets' real configs with random weights (or the folder's configs).
     let (text, vae) = if args.text || args.vae {
         let (tc, vc) = crate::plan::side_configs(args.model.as_deref())?;
-        let text = match args.text {
-            true => Some(bench_text_device(dev, &tc, args.steps)?),
-            false => None,
+        let text = match (args.text, &tc) {
+            (true, Some(tc)) => Some(bench_text_device(dev, tc, args.steps)?),
+            (true, None) => return Err(Error::invalid("--text: this model has no text encoder")),
+            (false, _) => None,
         };
         let vae = match args.vae {
             true => Some(bench_vae_device(

@@ -102,8 +102,10 @@ pub enum Command {
         /// Videos per prompt, with seeds seed, seed+1, ...
         #[arg(long, default_value_t = 1)]
         count: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
+        /// auto (cuda when a GPU and driver are usable, else cpu; the log says which), cpu,
+        /// cuda, cuda:N or emu (the SIMT emulator: slow, for checking).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Start from `latents` in this safetensors file instead of seeded noise.
         #[arg(long)]
         init_latents: Option<PathBuf>,
@@ -297,6 +299,43 @@ pub enum Command {
         #[arg(long)]
         json: Option<String>,
     },
+}
+
+/// `--device auto|cpu|cuda|cuda:N|emu` → the kernel device (None: the cpu). auto takes
+/// cuda:0 when the driver loads, kernels were built for it and a GPU answers, else the cpu,
+/// and says which.
+pub fn resolve_device(spec: &str) -> Result<Option<crate::kernels::KernelDevice>> {
+    match spec.trim() {
+        "cpu" => Ok(None),
+        "auto" => {
+            if crate::cuda::driver_present() && !crate::kernels::FATBINS.is_empty() {
+                match crate::kernels::KernelDevice::cuda(0) {
+                    Ok(d) => {
+                        tracing::info!("--device auto: {}", d.describe());
+                        return Ok(Some(d));
+                    }
+                    Err(e) => tracing::info!("--device auto: no usable GPU ({e}): the cpu"),
+                }
+            } else {
+                tracing::info!(
+                    "--device auto: no CUDA driver{}: the cpu",
+                    if crate::kernels::FATBINS.is_empty() {
+                        " or no kernels built for it"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(None)
+        }
+        other => crate::kernels::KernelDevice::parse(other)
+            .map(Some)
+            .map_err(|e| {
+                Error::invalid(format!(
+                    "--device {other}: expected auto, cpu, cuda, cuda:N or emu ({e})"
+                ))
+            }),
+    }
 }
 
 /// The kernel device for `--device` (None: the cpu).
@@ -537,7 +576,7 @@ pub fn run(cli: Cli) -> Result<String> {
             fps,
             output,
         } => {
-            check_device(device)?;
+            let device = resolve_device(&device)?;
             let args = crate::generate::GenerateArgs {
                 model,
                 random_weights,
@@ -560,6 +599,7 @@ pub fn run(cli: Cli) -> Result<String> {
                 output,
                 fps,
                 quiet: cli.quiet,
+                device,
             };
             let written = crate::generate::generate(&args)?;
             Ok(written.iter().map(|s| format!("{}\n", s.output)).collect())

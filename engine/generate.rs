@@ -40,6 +40,8 @@ pub struct GenerateArgs {
     pub output: String,
     pub fps: u32,
     pub quiet: bool,
+    /// The kernel device every stage runs on (None: the cpu).
+    pub device: Option<crate::kernels::KernelDevice>,
 }
 
 pub const PRESETS: [&str; 2] = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"];
@@ -201,6 +203,13 @@ pub struct Sidecar {
     pub fps: u32,
     pub reel_version: String,
     pub timings: Timings,
+    /// Where it ran: "cpu", or the kernel device (with the GPU's name on cuda).
+    pub device: String,
+    /// On a kernel device: the driver and the plan's peak bytes (weights, arenas, caches).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_peak_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -391,8 +400,7 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     }
 
     let started = Instant::now();
-    let (pipe, model_name, embedded_model) = load_model(args)?;
-    let load_seconds = started.elapsed().as_secs_f64();
+    let (mut pipe, model_name, embedded_model) = load_model(args)?;
     let size = requested.unwrap_or(if embedded_model {
         embedded::DEFAULT_SIZE
     } else {
@@ -413,6 +421,41 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     } else {
         5.0
     });
+    // On a kernel device: the plan first (refused with its numbers before any GPU work),
+    // then the weights go up once for every video of the command.
+    let mut plan_peak_bytes = None;
+    if let Some(dev) = &args.device {
+        let (w, h) = size;
+        let report = crate::plan::plan(&crate::plan::PlanArgs {
+            model: Some(pipe.root.display().to_string()),
+            size: Some(format!("{w}x{h}")),
+            frames: Some(frames),
+            device_memory_gib: None,
+            arch: None,
+        })?;
+        if !report.fits {
+            return Err(Error::invalid(format!(
+                "--device {}: {w}x{h} x {frames} frames needs {:.2} GiB on the device (DiT {:.2} + umT5 {:.2} + VAE {:.2} GiB of weights, arenas and caches) and {:.2} GiB are {}; use a smaller --size or --frames (reel plan shows the breakdown)",
+                dev.describe(),
+                report.peak_bytes as f64 / (1u64 << 30) as f64,
+                report.dit_weights_bytes as f64 / (1u64 << 30) as f64,
+                report.text_encoder_weights_bytes as f64 / (1u64 << 30) as f64,
+                report.vae_weights_bytes as f64 / (1u64 << 30) as f64,
+                report.device_memory_bytes as f64 / (1u64 << 30) as f64,
+                report.device_memory_source
+            )));
+        }
+        tracing::info!(
+            "running on {} (plan peak {:.2} GiB of {:.2} GiB, {})",
+            dev.describe(),
+            report.peak_bytes as f64 / (1u64 << 30) as f64,
+            report.device_memory_bytes as f64 / (1u64 << 30) as f64,
+            report.device_memory_source
+        );
+        plan_peak_bytes = Some(report.peak_bytes as u64);
+        pipe.to_device(dev.clone())?;
+    }
+    let load_seconds = started.elapsed().as_secs_f64();
     let embeds_file = args
         .prompt_embeds
         .as_ref()
@@ -465,6 +508,7 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
             cond,
             init_latents: init_latents.clone(),
             thumbnail: None,
+            plan_peak_bytes,
         };
         let progress = if args.quiet {
             indicatif::ProgressBar::hidden()
@@ -511,6 +555,8 @@ pub struct Render {
     pub init_latents: Option<Tensor>,
     /// Also write the first frame as a PNG here.
     pub thumbnail: Option<PathBuf>,
+    /// On a kernel device: the plan's peak (recorded in the sidecar).
+    pub plan_peak_bytes: Option<u64>,
 }
 
 /// Makes one video: checks the request against the model, estimates memory, conditions,
@@ -681,6 +727,17 @@ pub fn render(
             env!("REEL_GIT_COMMIT")
         ),
         timings,
+        device: match pipe.kernel_device() {
+            Some(d) => d.describe(),
+            None => "cpu".into(),
+        },
+        driver: match pipe.kernel_device() {
+            Some(crate::kernels::KernelDevice::Cuda(_)) => {
+                crate::cuda::driver_version().map(|(a, b)| format!("CUDA {a}.{b}"))
+            }
+            _ => None,
+        },
+        plan_peak_bytes: job.plan_peak_bytes,
     };
     let text = serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
     let sp = sidecar_path(&job.output);

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cpu::conv::Frames;
 use crate::error::{Error, Result};
+use crate::gpu::DeviceWeights;
+use crate::kernels::KernelDevice;
 use crate::models::wan_dit::WanDit;
 use crate::models::wan_vae::{FrameSink, WanVae};
 use crate::sampler::{Sampler, SchedulerConfig};
@@ -20,6 +22,17 @@ pub struct Pipeline {
     pub vae: WanVae,
     pub text: Option<TextEncoder>,
     pub scheduler: SchedulerConfig,
+    /// Set by [`Pipeline::to_device`]: every stage then runs on that kernel device.
+    pub device: Option<OnDevice>,
+}
+
+/// A pipeline's weights on a kernel device (cuda or emu): the DiT's, the VAE decoder's
+/// and the text encoder's when there is one.
+pub struct OnDevice {
+    pub dev: KernelDevice,
+    pub dit: DeviceWeights,
+    pub vae: DeviceWeights,
+    pub text: Option<DeviceWeights>,
 }
 
 /// Conditioning for one batch: [B, L, text_dim] each.
@@ -74,7 +87,35 @@ impl Pipeline {
             vae,
             text,
             scheduler,
+            device: None,
         })
+    }
+
+    /// Uploads the weights to `dev` (the DiT's in bf16, the VAE decoder's and umT5's in
+    /// their device dtypes); from then on every stage runs there.
+    pub fn to_device(&mut self, dev: KernelDevice) -> Result<()> {
+        use crate::models::umt5::gpu as tg;
+        use crate::models::wan_vae::gpu as vg;
+        let dit = self.dit.upload(&dev)?;
+        let vae = self
+            .vae
+            .upload(&dev, vg::Coding::Decode, vg::dtype_from_env()?)?;
+        let text = match &self.text {
+            Some(t) => Some(t.encoder.upload(&dev, tg::dtype_from_env()?)?),
+            None => None,
+        };
+        self.device = Some(OnDevice {
+            dev,
+            dit,
+            vae,
+            text,
+        });
+        Ok(())
+    }
+
+    /// The device the stages run on (None: the cpu).
+    pub fn kernel_device(&self) -> Option<&KernelDevice> {
+        self.device.as_ref().map(|d| &d.dev)
     }
 
     /// Prompt embeddings for `prompts` and, with guidance, `negative` (one per prompt; ""
@@ -92,9 +133,22 @@ impl Pipeline {
                 self.root.display()
             ))
         })?;
-        let prompt_embeds = text.encode_prompts(prompts, max_len)?;
+        let encode = |p: &[&str]| -> Result<Tensor> {
+            match &self.device {
+                None => text.encode_prompts(p, max_len),
+                Some(d) => {
+                    let w = d.text.as_ref().ok_or_else(|| {
+                        Error::invalid("internal: the text encoder's weights are not on the device")
+                    })?;
+                    text.encode_prompts_with(p, max_len, &mut |ids, mask, b, l| {
+                        text.encoder.forward_on(&d.dev, w, ids, mask, b, l)
+                    })
+                }
+            }
+        };
+        let prompt_embeds = encode(prompts)?;
         let negative_prompt_embeds = if guidance > 1.0 {
-            Some(text.encode_prompts(negative, max_len)?)
+            Some(encode(negative)?)
         } else {
             None
         };
@@ -160,8 +214,9 @@ impl Pipeline {
             None => cond.prompt_embeds.clone(),
         };
         let passes = if uncond.is_some() { 2 } else { 1 };
-        // The text's cross-attention K/V are the same at every step: made once.
-        let text_kv = self.dit.text_kv(&ctx)?;
+        // The text's cross-attention K/V are the same at every step: made once (on a device:
+        // the session's text phase, its K/V persistent).
+        let mut forward = self.dit_stepper(&ctx, latents.shape(), passes)?;
         let steps = sampler.timesteps().to_vec();
         for (i, &t) in steps.iter().enumerate() {
             let x = if passes == 2 {
@@ -169,22 +224,56 @@ impl Pipeline {
             } else {
                 latents.clone()
             };
-            let ts = Tensor::new(vec![passes * b], vec![t; passes * b])?;
-            let out = self.dit.forward_kv(&x, &ts, &text_kv)?;
+            let out = forward(&x, &vec![t; passes * b])?;
             let n = latents.numel();
             let pred: Vec<f32> = if passes == 2 {
-                let (c, u) = out.data().split_at(n);
+                let (c, u) = out.split_at(n);
                 u.iter()
                     .zip(c)
                     .map(|(&u, &c)| u + guidance * (c - u))
                     .collect()
             } else {
-                out.into_data()
+                out
             };
             sampler.step(&pred, latents.data_mut())?;
             on_step(i + 1, steps.len())?;
         }
         Ok(latents)
+    }
+
+    /// The DiT's forward for one step on `passes`·B samples of `shape` with the text `ctx`
+    /// [passes·B, L, text_dim]: x, timesteps → the flow prediction (f32, as x).
+    #[allow(clippy::type_complexity)]
+    fn dit_stepper<'a>(
+        &'a self,
+        ctx: &Tensor,
+        shape: &[usize],
+        passes: usize,
+    ) -> Result<Box<dyn FnMut(&Tensor, &[f32]) -> Result<Vec<f32>> + 'a>> {
+        match &self.device {
+            None => {
+                let text_kv = self.dit.text_kv(ctx)?;
+                Ok(Box::new(move |x: &Tensor, ts: &[f32]| {
+                    let ts = Tensor::new(vec![ts.len()], ts.to_vec())?;
+                    Ok(self.dit.forward_kv(x, &ts, &text_kv)?.into_data())
+                }))
+            }
+            Some(d) => {
+                use crate::models::wan_dit::gpu::{DitSession, DitShape};
+                let dshape = DitShape {
+                    batch: passes * shape[0],
+                    frames: shape[2],
+                    height: shape[3],
+                    width: shape[4],
+                    text_len: ctx.shape()[1],
+                };
+                let mut session = DitSession::new(&d.dev, &self.dit.config, dshape)?;
+                session.set_text(&d.dit, ctx.data())?;
+                Ok(Box::new(move |x: &Tensor, ts: &[f32]| {
+                    session.step(&d.dit, x.data(), ts)
+                }))
+            }
+        }
     }
 
     /// De-normalizes latents with the VAE's latents_mean/std (latents / (1/std) + mean, as
@@ -199,7 +288,10 @@ impl Pipeline {
             let inv_std = 1.0 / c.latents_std[ch];
             *v = *v / inv_std + c.latents_mean[ch];
         }
-        self.vae.decode_to(&z, sink)
+        match &self.device {
+            None => self.vae.decode_to(&z, sink),
+            Some(d) => self.vae.decode_on(&d.dev, &d.vae, &z, sink),
+        }
     }
 }
 

@@ -87,18 +87,24 @@ pub struct PlanReport {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The umT5 and VAE configs beside the DiT's: the presets' real ones, else the folder's.
-pub(crate) fn side_configs(model: Option<&str>) -> Result<(Umt5Config, WanVaeConfig)> {
+/// The umT5 and VAE configs beside the DiT's: the presets' real ones, else the folder's
+/// (umT5 None: a folder without text_encoder/, run with given prompt embeddings).
+pub(crate) fn side_configs(model: Option<&str>) -> Result<(Option<Umt5Config>, WanVaeConfig)> {
     let dir = match model {
         None => embedded::ensure()?,
         Some(name) if PRESETS.contains(&name) && !std::path::Path::new(name).exists() => {
-            return Ok((Umt5Config::umt5_xxl(), WanVaeConfig::default()))
+            return Ok((Some(Umt5Config::umt5_xxl()), WanVaeConfig::default()))
         }
         Some(dir) => std::path::PathBuf::from(dir),
     };
-    let text = resolve_component(&dir, "text_encoder", &[crate::models::umt5::CLASS_NAME])?;
-    let tc: Umt5Config = read_json(&text.join("config.json"))?;
-    tc.validate(&text.join("config.json"))?;
+    let tc = if dir.join("text_encoder").join("config.json").is_file() {
+        let text = resolve_component(&dir, "text_encoder", &[crate::models::umt5::CLASS_NAME])?;
+        let tc: Umt5Config = read_json(&text.join("config.json"))?;
+        tc.validate(&text.join("config.json"))?;
+        Some(tc)
+    } else {
+        None
+    };
     let vae = resolve_component(&dir, "vae", &[crate::models::wan_vae::CLASS_NAME])?;
     let vc: WanVaeConfig = read_json(&vae.join("config.json"))?;
     vc.validate(&vae.join("config.json"))?;
@@ -164,16 +170,23 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
     let p: MemoryPlan = dit_plan(&c, shape, arch)?;
     let weights = DeviceWeights::bytes_of(&device_weight_specs(&c))?;
     let (tc, vc) = side_configs(a.model.as_deref())?;
-    let text_w = text_gpu::weight_bytes(&tc)?;
-    let tp = text_gpu::plan(
-        &tc,
-        TextShape {
-            batch: 2,
-            len: crate::text::MAX_SEQUENCE_LENGTH,
-        },
-        arch,
-    )?;
-    let text_run = tp.arena_bytes + tp.persistent_bytes;
+    let (text_w, text_run) = match &tc {
+        Some(tc) => {
+            let tp = text_gpu::plan(
+                tc,
+                TextShape {
+                    batch: 2,
+                    len: crate::text::MAX_SEQUENCE_LENGTH,
+                },
+                arch,
+            )?;
+            (
+                text_gpu::weight_bytes(tc)?,
+                tp.arena_bytes + tp.persistent_bytes,
+            )
+        }
+        None => (0, 0),
+    };
     let vae_w = DeviceWeights::bytes_of(&vae_gpu::device_weight_specs(
         &vc,
         Coding::Decode,

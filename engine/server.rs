@@ -333,6 +333,7 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             cond: None,
             init_latents: None,
             thumbnail: Some(shared.thumb_path(&id)),
+            plan_peak_bytes: None,
         };
         let progress = indicatif::ProgressBar::hidden();
         let mut last = std::time::Instant::now();

@@ -123,6 +123,7 @@ if [ $DRY = 1 ]; then
   run "umT5 parity on emu (golden cases)" 60 env REEL_TEST_DEVICE=emu "$T" device_text --nocapture --test-threads=1
 else
   run "VAE (every golden case and frame count) and umT5 parity on $DEVICE" 90 env REEL_TEST_DEVICE=$DEVICE "$T" device_vae device_text --include-ignored --nocapture --test-threads=1
+  run "reel generate --device $DEVICE: the golden pipeline vs diffusers, the demo model vs the cpu" 90 env REEL_TEST_DEVICE=$DEVICE "$T" generate_on_the_device generate_demo_on_device --include-ignored --nocapture --test-threads=1
 fi
 if [ $DRY = 1 ]; then
   run "reel bench --device emu (embedded model)" 60 "$CARRY/reel" bench --device emu --steps 1 --warmup 1

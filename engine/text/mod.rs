@@ -117,6 +117,9 @@ impl PromptTokenizer {
     }
 }
 
+/// An encoder forward: (ids, mask, batch, len) → last_hidden_state [batch, len, d_model].
+pub type EncoderForward<'a> = dyn FnMut(&[i64], &[i64], usize, usize) -> Result<Tensor> + 'a;
+
 /// The text side of a pipeline: tokenizer (optional: `reel component text-encoder` takes
 /// ids directly) and the umT5 encoder.
 pub struct TextEncoder {
@@ -153,15 +156,26 @@ impl TextEncoder {
     /// WanPipeline's `_get_t5_prompt_embeds`: tokenize to `max_len`, encode with the mask,
     /// keep each prompt's first seq_len vectors and zero the rest. Out: [B, max_len, d_model].
     pub fn encode_prompts(&self, prompts: &[&str], max_len: usize) -> Result<Tensor> {
+        self.encode_prompts_with(prompts, max_len, &mut |ids, mask, b, l| {
+            self.encoder.forward(ids, mask, b, l)
+        })
+    }
+
+    /// [`TextEncoder::encode_prompts`] with the encoder's forward given (ids, mask, batch,
+    /// len → last_hidden_state): the device pipeline passes its umT5 session.
+    pub fn encode_prompts_with(
+        &self,
+        prompts: &[&str],
+        max_len: usize,
+        forward: &mut EncoderForward<'_>,
+    ) -> Result<Tensor> {
         let tok = self.tokenizer.as_ref().ok_or_else(|| {
             Error::invalid(
                 "this pipeline has no tokenizer/tokenizer.json: pass prompt embeddings instead",
             )
         })?;
         let tokens = tok.encode(prompts, max_len)?;
-        let mut out = self
-            .encoder
-            .forward(&tokens.ids, &tokens.mask, tokens.batch, tokens.len)?;
+        let mut out = forward(&tokens.ids, &tokens.mask, tokens.batch, tokens.len)?;
         let d = self.encoder.config.d_model;
         let data = out.data_mut();
         for b in 0..tokens.batch {

@@ -142,13 +142,25 @@ fn bench_on_emu_times_the_device_dit_step() {
         ops.contains(&"gemm") && ops.contains(&"attention"),
         "{ops:?}"
     );
-    // What has no device forward yet is refused, not silently run on the cpu.
+    // --text and --vae time umT5 and the VAE decode on the device too (random weights made
+    // there), each with its TFLOP/s; a tiny size keeps the emulated decode short.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
-        .args(["bench", "--device", "emu", "--vae"])
+        .args([
+            "-q", "bench", "--device", "emu", "--steps", "1", "--warmup", "0", "--text", "--vae",
+            "--size", "16x16", "--frames", "1", "--json", "-",
+        ])
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--vae"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in [
+        "text_seconds",
+        "vae_decode_seconds",
+        "text_tflops",
+        "vae_decode_tflops",
+    ] {
+        assert!(j[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {j}");
+    }
 }
 
 #[test]
