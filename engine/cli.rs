@@ -86,6 +86,9 @@ pub enum Command {
         /// 1 + 4k frames (default 81; the embedded model: 17).
         #[arg(long)]
         frames: Option<usize>,
+        /// Whole seconds at 16 fps instead of --frames (frames = 16·N + 1: 60 → 961).
+        #[arg(long, conflicts_with = "frames")]
+        seconds: Option<usize>,
         /// Denoising steps (default 50; the embedded model: 8).
         #[arg(long)]
         steps: Option<usize>,
@@ -262,8 +265,14 @@ pub enum Command {
         /// Require `Authorization: Bearer KEY` on /v1 routes.
         #[arg(long, env = "REEL_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
+        /// auto, cpu, cuda, cuda:N or emu (see generate): one worker owns it and the loaded
+        /// model; each request's plan is checked at submission.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// GiB of device memory each job's plan must fit (default: the GPU's free memory at
+        /// start; 80 on emu).
+        #[arg(long)]
+        device_memory: Option<f64>,
     },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
@@ -345,21 +354,6 @@ fn kernel_device(device: Device) -> Result<Option<crate::kernels::KernelDevice>>
         Device::Emu => Some(crate::kernels::KernelDevice::Emu),
         Device::Cuda => Some(crate::kernels::KernelDevice::cuda(0)?),
     })
-}
-
-fn check_device(device: Device) -> Result<()> {
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda | Device::Emu => Err(Error::invalid(format!(
-            "--device {}: generation and serving run on the cpu until the whole pipeline is on the device; \
-             the DiT already runs there (reel component dit, reel bench --device)",
-            if device == Device::Cuda {
-                "cuda"
-            } else {
-                "emu"
-            }
-        ))),
-    }
 }
 
 /// Runs `forward` `repeat` times, timing each run; returns the last output and the seconds.
@@ -564,6 +558,7 @@ pub fn run(cli: Cli) -> Result<String> {
             negative_prompt,
             size,
             frames,
+            seconds,
             steps,
             guidance,
             shift,
@@ -584,7 +579,11 @@ pub fn run(cli: Cli) -> Result<String> {
                 prompts_file: prompts,
                 negative_prompt,
                 size,
-                frames,
+                frames: match seconds {
+                    Some(0) => return Err(Error::invalid("--seconds must be at least 1")),
+                    Some(n) => Some(16 * n + 1),
+                    None => frames,
+                },
                 steps,
                 guidance,
                 shift,
@@ -771,8 +770,9 @@ pub fn run(cli: Cli) -> Result<String> {
             max_disk_gb,
             api_key,
             device,
+            device_memory,
         } => {
-            check_device(device)?;
+            let device = resolve_device(&device)?;
             crate::server::serve(&crate::server::ServeArgs {
                 model,
                 random_weights,
@@ -782,6 +782,8 @@ pub fn run(cli: Cli) -> Result<String> {
                 keep_hours,
                 max_disk_gb,
                 api_key,
+                device,
+                device_memory_gib: device_memory,
             })?;
             Ok(String::new())
         }

@@ -46,6 +46,11 @@ pub struct ServeArgs {
     pub keep_hours: Option<f64>,
     pub max_disk_gb: Option<f64>,
     pub api_key: Option<String>,
+    /// The kernel device the worker runs every job on (None: the cpu).
+    pub device: Option<crate::kernels::KernelDevice>,
+    /// GiB of device memory each job's plan must fit (default: the GPU's free memory at
+    /// start; 80 on emu).
+    pub device_memory_gib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +140,49 @@ struct Shared {
     keep_hours: Option<f64>,
     max_disk_gb: Option<f64>,
     shutdown: AtomicBool,
+    /// On a kernel device: its description, the pipeline root (for each request's plan) and
+    /// the device memory the plans must fit (free memory when the server started, before
+    /// its weights went up).
+    device: Option<DeviceInfo>,
+}
+
+struct DeviceInfo {
+    dev: crate::kernels::KernelDevice,
+    root: String,
+    budget_bytes: u64,
+}
+
+impl DeviceInfo {
+    /// The plan of a request (size, frames) on this device: Ok(peak bytes) or a 400 naming
+    /// the field to change.
+    fn admit(
+        &self,
+        size: &str,
+        frames: usize,
+        seconds_given: bool,
+    ) -> std::result::Result<u64, Response> {
+        let field = if seconds_given { "seconds" } else { "size" };
+        let r = crate::plan::plan(&crate::plan::PlanArgs {
+            model: Some(self.root.clone()),
+            size: Some(size.to_string()),
+            frames: Some(frames),
+            device_memory_gib: Some(self.budget_bytes as f64 / (1u64 << 30) as f64),
+            arch: None,
+        })
+        .map_err(|e| bad(field, e.to_string()))?;
+        if !r.fits {
+            return Err(bad(
+                field,
+                format!(
+                    "{size} x {frames} frames needs {:.2} GiB on {} and it has {:.2} GiB: use a smaller `size` or fewer `seconds`",
+                    r.peak_bytes as f64 / (1u64 << 30) as f64,
+                    self.dev.describe(),
+                    self.budget_bytes as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
+        Ok(r.peak_bytes as u64)
+    }
 }
 
 fn now() -> u64 {
@@ -491,6 +539,9 @@ fn job_from_request(
             "`negative_prompt` is longer than 32,000 characters",
         ));
     }
+    if let Some(d) = &shared.device {
+        d.admit(size, frames, seconds_given.is_some())?;
+    }
     Ok(Job {
         id: new_id(),
         model,
@@ -794,8 +845,27 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
         .into_response()
 }
 
+/// (free, total) bytes of the server's cuda device, when it has one.
+fn device_memory(s: &Shared) -> Option<(usize, usize)> {
+    match &s.device.as_ref()?.dev {
+        crate::kernels::KernelDevice::Cuda(c) => c.memory_info().ok(),
+        _ => None,
+    }
+}
+
 async fn health(State(s): State<Arc<Shared>>) -> Response {
-    Json(json!({"status": "ok", "model": s.model_name})).into_response()
+    let mut v = json!({"status": "ok", "model": s.model_name});
+    v["device"] = match &s.device {
+        Some(d) => json!(d.dev.describe()),
+        None => json!("cpu"),
+    };
+    if let Some(d) = &s.device {
+        v["device_budget_bytes"] = json!(d.budget_bytes);
+    }
+    if let Some((free, total)) = device_memory(&s) {
+        v["device_memory"] = json!({"free_bytes": free, "total_bytes": total});
+    }
+    Json(v).into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -831,6 +901,24 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         "reel_step_seconds_count {}\n",
         s.steps.load(Ordering::Relaxed)
     );
+    t += "# HELP reel_device_info The device the worker runs on.\n# TYPE reel_device_info gauge\n";
+    let name = match &s.device {
+        Some(d) => d.dev.describe(),
+        None => "cpu".into(),
+    };
+    t += &format!(
+        "reel_device_info{{device=\"{}\"}} 1\n",
+        name.replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    if let Some(d) = &s.device {
+        t += "# HELP reel_device_budget_bytes Device memory a job's plan must fit.\n# TYPE reel_device_budget_bytes gauge\n";
+        t += &format!("reel_device_budget_bytes {}\n", d.budget_bytes);
+    }
+    if let Some((free, total)) = device_memory(&s) {
+        t += "# HELP reel_device_memory_bytes Device memory (cuda).\n# TYPE reel_device_memory_bytes gauge\n";
+        t += &format!("reel_device_memory_bytes{{kind=\"free\"}} {free}\n");
+        t += &format!("reel_device_memory_bytes{{kind=\"total\"}} {total}\n");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], t).into_response()
 }
 
@@ -878,11 +966,43 @@ impl Server {
             let d = args.data_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
-        let (pipe, model_name, embedded_model) = load_model(&GenerateArgs {
+        let (mut pipe, model_name, embedded_model) = load_model(&GenerateArgs {
             model: args.model.clone(),
             random_weights: args.random_weights,
             ..Default::default()
         })?;
+        // On a kernel device: the memory every job's plan must fit is what was free before
+        // the weights went up (cuda), or the plan's default (emu: 80 GiB assumed).
+        let device = match &args.device {
+            Some(dev) => {
+                let budget = match (args.device_memory_gib, dev) {
+                    (Some(g), _) if g.is_finite() && g > 0.0 => (g * (1u64 << 30) as f64) as u64,
+                    (Some(g), _) => {
+                        return Err(Error::invalid(format!(
+                            "--device-memory {g}: a positive number of GiB"
+                        )))
+                    }
+                    (None, crate::kernels::KernelDevice::Cuda(c)) => c
+                        .memory_info()
+                        .map(|(free, _)| free as u64)
+                        .map_err(|e| Error::Device(e.to_string()))?,
+                    (None, _) => 80u64 << 30,
+                };
+                let root = pipe.root.display().to_string();
+                pipe.to_device(dev.clone())?;
+                tracing::info!(
+                    "serving on {} ({:.2} GiB for each job's plan)",
+                    dev.describe(),
+                    budget as f64 / (1u64 << 30) as f64
+                );
+                Some(DeviceInfo {
+                    dev: dev.clone(),
+                    root,
+                    budget_bytes: budget,
+                })
+            }
+            None => None,
+        };
         let (tx, rx) = sync_channel(args.max_queue);
         let shared = Arc::new(Shared {
             jobs: Mutex::new(BTreeMap::new()),
@@ -897,6 +1017,7 @@ impl Server {
             keep_hours: args.keep_hours,
             max_disk_gb: args.max_disk_gb,
             shutdown: AtomicBool::new(false),
+            device,
         });
         // Restore: finished jobs as they were; unfinished ones failed (resubmit them).
         let jobs_dir = args.data_dir.join("jobs");

@@ -411,3 +411,34 @@ fn generate_demo_on_device_matches_cpu() {
         assert!(err <= bound, "{name}: {err:.3e}");
     }
 }
+
+/// --seconds N makes 16·N + 1 frames, as the server's `seconds` does.
+#[test]
+fn generate_seconds_sets_the_frame_count() {
+    let dir = scratch("gen-seconds");
+    let out = dir.join("s.y4m");
+    let o = reel()
+        .args([
+            "-q",
+            "generate",
+            "--seconds",
+            "1",
+            "--prompt",
+            "a red circle moving right",
+        ])
+        .args(["--size", "32x32", "--steps", "1", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("s.y4m.json")).unwrap()).unwrap();
+    assert_eq!(side["frames"], 17, "{side}");
+    let o = reel()
+        .args(["generate", "--seconds", "0", "--prompt", "x", "-o"])
+        .arg(dir.join("z.y4m"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--seconds"));
+}

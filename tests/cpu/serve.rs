@@ -88,6 +88,8 @@ fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
         keep_hours: None,
         max_disk_gb: None,
         api_key: api_key.map(str::to_string),
+        device: None,
+        device_memory_gib: None,
     })
     .unwrap()
 }
@@ -357,6 +359,8 @@ fn serve_retention_evicts_finished_jobs_over_the_disk_budget() {
         keep_hours: Some(24.0),
         max_disk_gb: Some(1e-12), // no room: every finished job is evicted
         api_key: None,
+        device: None,
+        device_memory_gib: None,
     })
     .unwrap();
     let addr = server.addr;
@@ -401,5 +405,59 @@ fn serve_warns_when_the_demo_model_runs_at_a_size_it_never_saw() {
     assert!(v.get("warning").is_none(), "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     wait_for(addr, &id, "completed");
+    server.stop();
+}
+
+/// `reel serve --device emu`: the worker runs jobs on the device (the video object completes,
+/// /health and /metrics name the device), and a request whose plan does not fit the device
+/// memory is refused at submission with a 400 naming `seconds` (or `size`).
+#[test]
+fn serve_on_a_device_plans_each_request_at_submission() {
+    let dir = scratch("serve-device");
+    let server = Server::start(&ServeArgs {
+        model: None,
+        random_weights: false,
+        addr: "127.0.0.1:0".into(),
+        data_dir: dir.clone(),
+        max_queue: 4,
+        keep_hours: None,
+        max_disk_gb: None,
+        api_key: None,
+        device: Some(reel::kernels::KernelDevice::Emu),
+        device_memory_gib: Some(0.05),
+    })
+    .unwrap();
+    let addr = server.addr;
+    let r = post_json(
+        addr,
+        &json!({"prompt": "x", "size": "1920x1080", "seconds": 60}),
+    );
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    let e = r.json();
+    assert_eq!(e["error"]["param"], "seconds", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("GiB"),
+        "{e}"
+    );
+    let r = post_json(
+        addr,
+        &json!({"prompt": "x", "size": "1920x1080", "frames": 5}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "size");
+    let id = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "size": "32x32", "frames": 1, "steps": 1}),
+    )
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for(addr, &id, "completed");
+    let h = http(addr, "GET", "/health", &[], b"").json();
+    assert!(h["device"].as_str().unwrap().starts_with("emu"), "{h}");
+    let m = String::from_utf8(http(addr, "GET", "/metrics", &[], b"").body).unwrap();
+    assert!(m.contains("reel_device_info{device=\"emu"), "{m}");
+    assert!(m.contains("reel_device_budget_bytes"), "{m}");
     server.stop();
 }
