@@ -89,6 +89,13 @@ pub struct BenchReport {
     pub text_tflops: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vae_decode_tflops: Option<f64>,
+    /// With --text and --vae on a kernel device: text + steps × the median step + decode
+    /// for one generation of `generation_steps` steps (50; the demo model: its 20), from
+    /// the parts measured here (not a timed end-to-end run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_estimate_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_steps: Option<usize>,
     pub commit: String,
 }
 
@@ -265,6 +272,8 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         vae_decode_seconds,
         text_tflops: None,
         vae_decode_tflops: None,
+        generation_estimate_seconds: None,
+        generation_steps: None,
         commit: env!("REEL_GIT_COMMIT").into(),
     })
 }
@@ -393,6 +402,7 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
     let median = percentile(&secs, 50.0);
     let flops = WanDit::flops_of(&config, passes, grid, MAX_SEQUENCE_LENGTH);
     let achieved = flops as f64 / median / 1e12;
+    let gen_steps = if demo { embedded::DEFAULT_STEPS } else { 50 };
     let (gpu, driver) = match dev {
         crate::kernels::KernelDevice::Cuda(c) => (
             Some(c.name().to_string()),
@@ -451,6 +461,11 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
         vae_decode_seconds: vae.map(|t| t.0),
         text_tflops: text.map(|t| t.1),
         vae_decode_tflops: vae.map(|t| t.1),
+        generation_estimate_seconds: match (text, vae) {
+            (Some(t), Some(v)) => Some(t.0 + gen_steps as f64 * median + v.0),
+            _ => None,
+        },
+        generation_steps: (text.is_some() && vae.is_some()).then_some(gen_steps),
         commit: env!("REEL_GIT_COMMIT").into(),
     })
 }
@@ -588,6 +603,11 @@ pub fn render(r: &BenchReport) -> String {
             tf(r.text_tflops),
             opt(r.vae_decode_seconds, "s"),
             tf(r.vae_decode_tflops)
+        );
+    }
+    if let (Some(e), Some(n)) = (r.generation_estimate_seconds, r.generation_steps) {
+        s += &format!(
+            "  one {n}-step generation ≈ {e:.2} s (text + {n} × step + decode, from the parts above)\n"
         );
     }
     if !r.ops.is_empty() {

@@ -158,8 +158,9 @@ pub enum Command {
         /// Untimed steps first.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
+        /// auto, cpu, cuda, cuda:N or emu (see generate).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// One DiT pass per step (no classifier-free guidance).
         #[arg(long)]
         no_cfg: bool,
@@ -635,7 +636,7 @@ pub fn run(cli: Cli) -> Result<String> {
             json,
         } => {
             let report = crate::bench::bench(&crate::bench::BenchArgs {
-                device: kernel_device(device)?,
+                device: resolve_device(&device)?,
                 model,
                 random_weights,
                 size,
