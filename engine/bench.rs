@@ -385,14 +385,15 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
             (true, None) => return Err(Error::invalid("--text: this model has no text encoder")),
             (false, _) => None,
         };
-        let vae = match args.vae {
-            true => Some(bench_vae_device(
+        let vae = match (args.vae, &vc) {
+            (true, Some(vc)) => Some(bench_vae_device(
                 dev,
-                &vc,
+                vc,
                 (shape.frames, shape.height, shape.width),
                 args.steps,
             )?),
-            false => None,
+            (true, None) => return Err(Error::invalid("--vae: this model has no vae/")),
+            (false, _) => None,
         };
         (text, vae)
     } else {

@@ -88,12 +88,15 @@ pub struct PlanReport {
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// The umT5 and VAE configs beside the DiT's: the presets' real ones, else the folder's
-/// (umT5 None: a folder without text_encoder/, run with given prompt embeddings).
-pub(crate) fn side_configs(model: Option<&str>) -> Result<(Option<Umt5Config>, WanVaeConfig)> {
+/// (None: a folder without text_encoder/ (run with given prompt embeddings) or without
+/// vae/ (a transformer folder planned alone)).
+pub(crate) fn side_configs(
+    model: Option<&str>,
+) -> Result<(Option<Umt5Config>, Option<WanVaeConfig>)> {
     let dir = match model {
         None => embedded::ensure()?,
         Some(name) if PRESETS.contains(&name) && !std::path::Path::new(name).exists() => {
-            return Ok((Some(Umt5Config::umt5_xxl()), WanVaeConfig::default()))
+            return Ok((Some(Umt5Config::umt5_xxl()), Some(WanVaeConfig::default())))
         }
         Some(dir) => std::path::PathBuf::from(dir),
     };
@@ -105,9 +108,14 @@ pub(crate) fn side_configs(model: Option<&str>) -> Result<(Option<Umt5Config>, W
     } else {
         None
     };
-    let vae = resolve_component(&dir, "vae", &[crate::models::wan_vae::CLASS_NAME])?;
-    let vc: WanVaeConfig = read_json(&vae.join("config.json"))?;
-    vc.validate(&vae.join("config.json"))?;
+    let vc = if dir.join("vae").join("config.json").is_file() {
+        let vae = resolve_component(&dir, "vae", &[crate::models::wan_vae::CLASS_NAME])?;
+        let vc: WanVaeConfig = read_json(&vae.join("config.json"))?;
+        vc.validate(&vae.join("config.json"))?;
+        Some(vc)
+    } else {
+        None
+    };
     Ok((tc, vc))
 }
 
@@ -187,13 +195,20 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         }
         None => (0, 0),
     };
-    let vae_w = DeviceWeights::bytes_of(&vae_gpu::device_weight_specs(
-        &vc,
-        Coding::Decode,
-        vae_gpu::DEFAULT_DTYPE,
-    )?)?;
-    let vp = vae_gpu::plan(&vc, Coding::Decode, (shape.height, shape.width), arch)?;
-    let vae_run = vp.arena_bytes + vp.persistent_bytes;
+    let (vae_w, vae_run) = match &vc {
+        Some(vc) => {
+            let vp = vae_gpu::plan(vc, Coding::Decode, (shape.height, shape.width), arch)?;
+            (
+                DeviceWeights::bytes_of(&vae_gpu::device_weight_specs(
+                    vc,
+                    Coding::Decode,
+                    vae_gpu::DEFAULT_DTYPE,
+                )?)?,
+                vp.arena_bytes + vp.persistent_bytes,
+            )
+        }
+        None => (0, 0),
+    };
     let phase = |n: &str| {
         p.phases
             .iter()
@@ -334,21 +349,29 @@ pub fn render(r: &PlanReport) -> String {
         "  GEMM workspace     {} (reel's GEMM needs none)\n",
         gib(r.gemm_workspace_bytes)
     );
-    s += &format!(
-        "  text encoder       {} of weights (f16 matrices; the embedding stays on the host) + {} to encode both prompts: {}\n",
-        gib(r.text_encoder_weights_bytes),
-        gib(r.text_encoder_run_bytes),
-        if r.text_encoder_resident {
-            "stays resident"
-        } else {
-            "freed before the DiT's weights are uploaded"
-        }
-    );
-    s += &format!(
-        "  VAE decode         {} of weights + {} (one latent frame's arena and every causal cache: the same for any length)\n",
-        gib(r.vae_weights_bytes),
-        gib(r.vae_run_bytes)
-    );
+    if r.text_encoder_weights_bytes == 0 {
+        s += "  text encoder       none in this folder (prompt embeddings given)\n";
+    } else {
+        s += &format!(
+            "  text encoder       {} of weights (f16 matrices; the embedding stays on the host) + {} to encode both prompts: {}\n",
+            gib(r.text_encoder_weights_bytes),
+            gib(r.text_encoder_run_bytes),
+            if r.text_encoder_resident {
+                "stays resident"
+            } else {
+                "freed before the DiT's weights are uploaded"
+            }
+        );
+    }
+    if r.vae_weights_bytes == 0 {
+        s += "  VAE decode         no vae/ in this folder\n";
+    } else {
+        s += &format!(
+            "  VAE decode         {} of weights + {} (one latent frame's arena and every causal cache: the same for any length)\n",
+            gib(r.vae_weights_bytes),
+            gib(r.vae_run_bytes)
+        );
+    }
     s += &format!(
         "  peak               {}: {}\n",
         gib(r.peak_bytes),

@@ -234,15 +234,17 @@ fn encode_phase<T: Half + k::NormOut + k::gemm::GemmOut>(
     ctx.upload(kb, key_bias)?;
     let dev = ctx.dev().clone();
     let n = ctx.temp::<T>("norm", bl * d)?;
-    k::t5_add_norm(
-        &dev,
-        ctx.slice(h),
-        None,
-        w.f32("l0.ln_attn")?,
-        ctx.slice(n),
-        d,
-        eps,
-    )?;
+    if !rel.is_empty() {
+        k::t5_add_norm(
+            &dev,
+            ctx.slice(h),
+            None,
+            w.f32("l0.ln_attn")?,
+            ctx.slice(n),
+            d,
+            eps,
+        )?;
+    }
     let shape = FlashShape {
         batch: s.batch,
         heads: c.num_heads,
