@@ -59,6 +59,27 @@ pub struct AttnBenchReport {
     pub commit: &'static str,
 }
 
+/// Runs `run` `warmup` times, then `repeat` timed times: the kernel that ran and the
+/// sorted seconds.
+fn time_runs(
+    warmup: usize,
+    repeat: usize,
+    mut run: impl FnMut() -> Result<&'static str>,
+) -> Result<(&'static str, Vec<f64>)> {
+    let mut kernel = "";
+    for _ in 0..warmup {
+        kernel = run()?;
+    }
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let t = Instant::now();
+        kernel = run()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((kernel, times))
+}
+
 /// The output positions reported in [`AttnBenchReport::sample`].
 pub fn sample_positions(len: usize, samples: usize) -> Vec<usize> {
     (0..samples as u32)
@@ -107,17 +128,7 @@ pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchRepor
             shape,
         )
     };
-    let mut kernel = "";
-    for _ in 0..a.warmup {
-        kernel = run(&mut o)?;
-    }
-    let mut times = Vec::with_capacity(a.repeat);
-    for _ in 0..a.repeat {
-        let t = Instant::now();
-        kernel = run(&mut o)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
+    let (kernel, times) = time_runs(a.warmup, a.repeat, || run(&mut o))?;
     let median = percentile(&times, 50.0);
     let flops = 4 * (a.batch * a.heads * a.tokens * lk * a.head_dim) as u64;
     let out = o.download()?;
@@ -210,17 +221,7 @@ pub fn gemm(dev: &KernelDevice, a: &GemmBenchArgs) -> Result<GemmBenchReport> {
             crate::gpu::gemm::gemm(dev, mats.0, mats.1, None, mats.2, (m, n, k), k::Act::None)
         }
     };
-    let mut kernel = "";
-    for _ in 0..a.warmup {
-        kernel = run()?;
-    }
-    let mut times = Vec::with_capacity(a.repeat);
-    for _ in 0..a.repeat {
-        let t = Instant::now();
-        kernel = run()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
+    let (kernel, times) = time_runs(a.warmup, a.repeat, run)?;
     let median = percentile(&times, 50.0);
     let flops = 2 * (m * n * k) as u64;
     let out = c.download()?;
@@ -379,17 +380,7 @@ pub fn conv3d(dev: &KernelDevice, a: &ConvBenchArgs) -> Result<ConvBenchReport> 
             shape,
         )
     };
-    let mut kernel = "";
-    for _ in 0..a.warmup {
-        kernel = run()?.1;
-    }
-    let mut times = Vec::with_capacity(a.repeat);
-    for _ in 0..a.repeat {
-        let t = Instant::now();
-        kernel = run()?.1;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
+    let (kernel, times) = time_runs(a.warmup, a.repeat, || run().map(|r| r.1))?;
     let median = percentile(&times, 50.0);
     let flops = 2 * (t_out * ho * wo * a.co * a.ci * kvol) as u64;
     let o = out.download()?;
