@@ -338,13 +338,16 @@ pub fn resolve_device(spec: &str) -> Result<Option<crate::kernels::KernelDevice>
             }
             Ok(None)
         }
-        other => crate::kernels::KernelDevice::parse(other)
-            .map(Some)
-            .map_err(|e| {
-                Error::invalid(format!(
-                    "--device {other}: expected auto, cpu, cuda, cuda:N or emu ({e})"
-                ))
-            }),
+        // A cuda spec that names a GPU the machine cannot give says why (no driver, no such
+        // GPU); anything else is not a device.
+        other if other == "emu" || other == "cuda" || other.starts_with("cuda:") => {
+            crate::kernels::KernelDevice::parse(other)
+                .map(Some)
+                .map_err(|e| Error::invalid(format!("--device {other}: {e}")))
+        }
+        other => Err(Error::invalid(format!(
+            "--device {other}: expected auto, cpu, cuda, cuda:N or emu"
+        ))),
     }
 }
 
