@@ -59,6 +59,15 @@ pub struct AttnBenchReport {
     pub commit: &'static str,
 }
 
+/// Median, p10 and p90 of sorted seconds.
+fn percentiles(sorted: &[f64]) -> Percentiles {
+    Percentiles {
+        median: percentile(sorted, 50.0),
+        p10: percentile(sorted, 10.0),
+        p90: percentile(sorted, 90.0),
+    }
+}
+
 /// Runs `run` `warmup` times, then `repeat` timed times: the kernel that ran and the
 /// sorted seconds.
 fn time_runs(
@@ -144,11 +153,7 @@ pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchRepor
         head_dim: a.head_dim,
         warmup: a.warmup,
         repeat: a.repeat,
-        seconds: Percentiles {
-            median,
-            p10: percentile(&times, 10.0),
-            p90: percentile(&times, 90.0),
-        },
+        seconds: percentiles(&times),
         flops,
         tflops: flops as f64 / median / 1e12,
         seed: a.seed,
@@ -234,11 +239,7 @@ pub fn gemm(dev: &KernelDevice, a: &GemmBenchArgs) -> Result<GemmBenchReport> {
         k,
         warmup: a.warmup,
         repeat: a.repeat,
-        seconds: Percentiles {
-            median,
-            p10: percentile(&times, 10.0),
-            p90: percentile(&times, 90.0),
-        },
+        seconds: percentiles(&times),
         flops,
         tflops: flops as f64 / median / 1e12,
         seed: a.seed,
@@ -396,11 +397,7 @@ pub fn conv3d(dev: &KernelDevice, a: &ConvBenchArgs) -> Result<ConvBenchReport> 
         kt: a.kt,
         warmup: a.warmup,
         repeat: a.repeat,
-        seconds: Percentiles {
-            median,
-            p10: percentile(&times, 10.0),
-            p90: percentile(&times, 90.0),
-        },
+        seconds: percentiles(&times),
         flops,
         tflops: flops as f64 / median / 1e12,
         seed: a.seed,

@@ -356,6 +356,26 @@ fn conv3d_f16_matches_cpu_in_every_variant() {
     }
 }
 
+/// Blocks in shuffled orders (REEL_EMU_SHUFFLE): a causal conv with a null frame and an
+/// upsampling conv with a residual, bf16 and f16.
+#[test]
+fn conv3d_under_shuffled_schedules() {
+    for seed in 0..2u64 {
+        k::set_emu_shuffle(Some(Some(seed)));
+        case(9, 11, 24, 70).check::<bf16>(500 + seed);
+        Case {
+            k: [1, 3, 3],
+            frames: 2,
+            zeros: 0,
+            up: true,
+            res: true,
+            ..case(6, 5, 16, 24)
+        }
+        .check::<half::f16>(600 + seed);
+    }
+    k::set_emu_shuffle(None);
+}
+
 #[test]
 fn conv3d_rejects_bad_shapes_by_name() {
     let d = dev();

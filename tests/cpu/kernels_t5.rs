@@ -29,7 +29,11 @@ fn close<T: Half>(name: &str, got: &[f32], want: &[f32]) {
 }
 
 /// x += y, then the T5 norm of x into out: against cpu::rms_norm_rope (no bias, no rope).
-fn add_norm_case<O: k::NormOut + Copy>(to_f32: fn(O) -> f32, tol_of: fn(&str, &[f32], &[f32])) {
+fn add_norm_case<O: k::NormOut + Copy>(
+    to_f32: fn(O) -> f32,
+    tol_of: fn(&str, &[f32], &[f32]),
+    poison: O,
+) {
     let d_ = dev();
     for (rows, d, with_y) in [(7usize, 48usize, true), (3, 1000, false), (5, 4096, true)] {
         let x = vals(rows * d, d as u64);
@@ -40,7 +44,7 @@ fn add_norm_case<O: k::NormOut + Copy>(to_f32: fn(O) -> f32, tol_of: fn(&str, &[
         let wt: Vec<f32> = vals(d, 9).iter().map(|v| 1.0 + 0.2 * v).collect();
         let xb = up(&d_, &x);
         let yb = up(&d_, &y);
-        let ob: Buf<O> = Buf::filled(&d_, rows * d, O::zeroed()).unwrap();
+        let ob: Buf<O> = Buf::filled(&d_, rows * d, poison).unwrap();
         k::t5_add_norm(
             &d_,
             &xb,
@@ -75,8 +79,8 @@ fn add_norm_case<O: k::NormOut + Copy>(to_f32: fn(O) -> f32, tol_of: fn(&str, &[
 
 #[test]
 fn t5_add_norm_matches_cpu_for_every_output_type() {
-    add_norm_case::<bf16>(|v| v.to_f32(), close::<bf16>);
-    add_norm_case::<f16>(|v| v.to_f32(), close::<f16>);
+    add_norm_case::<bf16>(|v| v.to_f32(), close::<bf16>, bf16::NAN);
+    add_norm_case::<f16>(|v| v.to_f32(), close::<f16>, f16::NAN);
     add_norm_case::<f32>(
         |v| v,
         |name, got, want| {
@@ -84,6 +88,7 @@ fn t5_add_norm_matches_cpu_for_every_output_type() {
             let err = rel_l2(got, &w64);
             assert!(err <= 1e-6, "{name}: rel L2 {err:.3e}");
         },
+        f32::NAN,
     );
 }
 
@@ -197,6 +202,22 @@ fn gemm_f16_matches_a_float64_product() {
 /// The f16 biased variants on umT5-like inputs against cpu::attention_biased.
 #[test]
 fn flash_attention_biased_f16_matches_cpu() {
+    biased_f16_cases();
+}
+
+/// The umT5 kernels with the emulator's blocks in shuffled orders.
+#[test]
+fn t5_kernels_under_shuffled_schedules() {
+    for seed in 0..2u64 {
+        k::set_emu_shuffle(Some(Some(seed)));
+        add_norm_case::<f16>(|v| v.to_f32(), close::<f16>, f16::NAN);
+        gated_gelu_case::<bf16>();
+        biased_f16_cases();
+    }
+    k::set_emu_shuffle(None);
+}
+
+fn biased_f16_cases() {
     use reel::cpu::{AttnBias as CpuBias, AttnShape};
     use reel::kernels::attention::MASKED;
     let d = dev();
