@@ -118,6 +118,7 @@ __device__ __forceinline__ void run(const Window<T>& win, const T* __restrict__ 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
   const int wm = (warp / WN) * WTM, wn = (warp % WN) * WTN;
   const int ksteps = g.kt * g.kh * g.kw * g.csteps;
+  const int m = g.h_out * g.w_out;
   auto stage_a = [&](int s) { return smem + s * STAGE_ELEMS; };
   auto stage_w = [&](int s) { return smem + s * STAGE_ELEMS + BM * LD; };
 #pragma unroll
@@ -141,27 +142,36 @@ __device__ __forceinline__ void run(const Window<T>& win, const T* __restrict__ 
     cp_async_commit();
     const T* sa = stage_a(ks % STAGES);
     const T* sw = stage_w(ks % STAGES);
+    const int kc = (ks % g.csteps) * BK;
+    // Work on zero fill is skipped: a 16-channel half of the step past ci (the tiny models'
+    // 12 and 24 channels), and a warp's 8-column fragments past co or 16-row fragments past
+    // the frame's pixels. The conditions are uniform over the block or the warp, and what is
+    // skipped would have added exact zeros or fed outputs never stored.
+    const bool warp_live = n0 + wn < g.co && m0 + wm < m;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
+      if (!warp_live || kc + kk >= g.ci) continue;
       uint32_t af[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i)
         ldmatrix<4, false>(af[i], sa + (wm + i * 16 + lane % 16) * LD + kk + (lane / 16) * 8);
 #pragma unroll
       for (int j = 0; j < NT; j += 2) {
+        if (n0 + wn + j * 8 >= g.co) continue;
+        const bool second = n0 + wn + (j + 1) * 8 < g.co;
         uint32_t bf[4];
         ldmatrix<4, false>(bf, sw + (wn + j * 8 + lane % 8 + (lane / 16) * 8) * LD + kk + ((lane / 8) % 2) * 8);
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
+          if (m0 + wm + i * 16 >= m) continue;
           mma_m16n8k16<T>(acc[i][j], af[i], b0, acc[i][j]);
-          mma_m16n8k16<T>(acc[i][j + 1], af[i], b1, acc[i][j + 1]);
+          if (second) mma_m16n8k16<T>(acc[i][j + 1], af[i], b1, acc[i][j + 1]);
         }
       }
     }
   }
   cp_async_wait<0>();
-  const int m = g.h_out * g.w_out;
   T* o = out + t * out_frame;
   const T* rt = res != nullptr ? res + t * out_frame : nullptr;
 #pragma unroll

@@ -136,7 +136,9 @@ inline float __half2float(__half h) {
   const uint32_t exp = (h.x >> 10) & 0x1fu, man = h.x & 0x3ffu;
   float f;
   if (exp == 0) {
-    f = std::ldexp(static_cast<float>(man), -24);  // zero or subnormal: exact
+    // Zero or subnormal: man · 2^-24, exact (man < 2^10); a multiply, not ldexp, which
+    // costs a library call per zero and zeros are common (padded channels).
+    f = static_cast<float>(man) * 5.9604644775390625e-08f;
     return sign ? -f : f;
   }
   const uint32_t u = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));

@@ -46,22 +46,33 @@ inline void mma_b_col(const unsigned char* slots, int col, float out[16]) {
     out[k + 1] = F16 ? f16_hi(r) : bf16_hi(r);
   }
 }
-// The warp's m16n8k16 product (every lane computes its own four results).
+// The warp's m16n8k16 product (every lane computes its own four results). The first lane to
+// read an exchange decodes the whole of A (16x16) and B (16x8) once into a per-OS-thread
+// cache keyed by the exchange's serial; the other lanes of the warp reuse it (the fibers of a
+// block share one OS thread, and a lane reads its exchange before its warp can open another).
+struct MmaOperands {
+  uint64_t serial = ~uint64_t{0};
+  float a[16][16];  // a[row][k]
+  float b[8][16];   // b[col][k]
+};
 template <bool F16>
 inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  thread_local MmaOperands cache[2];  // bf16 and f16 apart: one serial, two decodings
   MmaSlot mine;
   std::memcpy(mine.a, a, sizeof mine.a);
   std::memcpy(mine.b, b, sizeof mine.b);
-  const unsigned char* slots = reel_emu::warp_exchange(&mine, sizeof mine, 0xffffffffu);
-  const int lane = static_cast<int>(reel_emu::lane_id()), g = lane / 4, t = lane % 4;
-  float arow[2][16], bcol[2][16];
-  for (int h = 0; h < 2; ++h) {
-    mma_a_row<F16>(slots, g + 8 * h, arow[h]);
-    mma_b_col<F16>(slots, 2 * t + h, bcol[h]);
+  uint64_t serial;
+  const unsigned char* slots = reel_emu::warp_exchange(&mine, sizeof mine, 0xffffffffu, &serial);
+  MmaOperands& ops = cache[F16 ? 1 : 0];
+  if (ops.serial != serial) {
+    for (int row = 0; row < 16; ++row) mma_a_row<F16>(slots, row, ops.a[row]);
+    for (int col = 0; col < 8; ++col) mma_b_col<F16>(slots, col, ops.b[col]);
+    ops.serial = serial;
   }
+  const int lane = static_cast<int>(reel_emu::lane_id()), g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
-    const float* ar = arow[i >= 2 ? 1 : 0];
-    const float* bc = bcol[i & 1];
+    const float* ar = ops.a[g + (i >= 2 ? 8 : 0)];
+    const float* bc = ops.b[2 * t + (i & 1)];
     float acc = c[i];
     for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];
     d[i] = acc;

@@ -78,6 +78,7 @@ struct Copy {
 // yet to read.
 struct Exchange {
   unsigned need = 0, arrived = 0, readers = 0;
+  uint64_t serial = 0;  // unique per exchange on this OS thread (see warp_exchange)
   unsigned char slots[32][kSlotBytes];
 };
 
@@ -161,6 +162,7 @@ struct Emu {
   size_t window_cap = 0;
   size_t static_base = 0, static_used = 0;
   std::vector<std::pair<const void*, size_t>> statics;  // (site, offset)
+  uint64_t exchanges = 0;  // exchanges opened on this OS thread, for their serials
 
   ~Emu() { std::free(window); }
 };
@@ -603,6 +605,11 @@ bool in_shared(const void* p, size_t bytes) {
 }
 
 const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask) {
+  uint64_t serial;
+  return warp_exchange(mine, bytes, mask, &serial);
+}
+
+const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask, uint64_t* serial) {
   Fiber* f = g.cur;
   const unsigned w = f->linear / 32, lane = f->linear % 32;
   Warp& warp = g.warps[w];
@@ -630,6 +637,7 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask
     e->need = need;
     e->arrived = 0;
     e->readers = 0;
+    e->serial = ++g.exchanges;
     warp.open.push_back(e);
   }
   if (bytes != 0) std::memcpy(e->slots[lane], mine, bytes);
@@ -647,6 +655,7 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask
     leave(f);
   }
   f->held = e;
+  *serial = e->serial;
   return &e->slots[0][0];
 }
 

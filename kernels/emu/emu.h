@@ -92,6 +92,10 @@ bool in_shared(const void* p, size_t bytes);
 // pass the same mask (as CUDA requires); exchanges of disjoint masks may interleave.
 constexpr size_t kSlotBytes = 32;
 const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask);
+// The same, also giving the exchange's serial: unique among the exchanges of this OS thread,
+// so that what every lane derives from the same slots (the emulated mma's decoded operands)
+// can be computed by the first lane that reads them and reused by the others.
+const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned mask, uint64_t* serial);
 
 // cp.async: `bytes` (4, 8 or 16) from global `src` to shared `dst`, of which the first
 // `src_bytes` are read and the rest zero-filled. The destination is poisoned at once and the
