@@ -210,6 +210,10 @@ pub struct Sidecar {
     pub driver: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_peak_bytes: Option<u64>,
+    /// On a kernel device: the most device memory reel held at once while making this video
+    /// (weights included; what reel allocated, without the CUDA context's overhead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_peak_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -585,6 +589,9 @@ pub fn render(
     }
     let kind = job.sampler.unwrap_or(pipe.scheduler.kind());
     let shift = job.shift.unwrap_or(pipe.scheduler.default_shift());
+    if pipe.kernel_device().is_some() {
+        crate::kernels::reset_device_peak();
+    }
     let multiple = pipe.vae.config.spatial_factor()
         * pipe.dit.config.patch_size[1].max(pipe.dit.config.patch_size[2]);
     let (gw, gh) = (round_up(w, multiple), round_up(h, multiple));
@@ -738,6 +745,9 @@ pub fn render(
             _ => None,
         },
         plan_peak_bytes: job.plan_peak_bytes,
+        device_peak_bytes: pipe
+            .kernel_device()
+            .map(|_| crate::kernels::device_peak_bytes() as u64),
     };
     let text = serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
     let sp = sidecar_path(&job.output);

@@ -1,9 +1,12 @@
-//! Streaming decode: peak memory must not grow with the number of frames. A test binary of
-//! its own, because it counts every allocation of the process with a global allocator.
+//! Streaming decode and whole generations: peak memory must not grow with the number of
+//! frames beyond what the latent sequence itself takes. A test binary of its own, because it
+//! counts every allocation of the process with a global allocator (and its tests take turns:
+//! the counters are the process's).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
 
 use reel::cpu::conv::Frames;
 use reel::models::wan_vae::{FrameSink, WanVae};
@@ -45,6 +48,9 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
+
+/// One measuring test at a time.
+static TURN: Mutex<()> = Mutex::new(());
 
 /// Keeps nothing but a frame count and a checksum, as a video writer streaming to disk
 /// keeps nothing of the frames it has written.
@@ -90,6 +96,7 @@ fn peak_of_decode(vae: &WanVae, z: &Tensor, keep: bool) -> (usize, usize) {
 
 #[test]
 fn vae_streaming_decode_memory_does_not_grow_with_frames() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/vae_a");
     let vae = WanVae::load(&dir).unwrap();
     let (z2, z16) = (latents(2), latents(16));
@@ -116,4 +123,106 @@ fn vae_streaming_decode_memory_does_not_grow_with_frames() {
         "peak grew by {} B, more than the {extra_output} B of extra output kept",
         k16 - k2.min(k16)
     );
+}
+
+/// Runs `reel generate` (in process) on the embedded demo model and returns the peak bytes
+/// allocated above the level at its start, and the sidecar.
+fn peak_of_generation(frames: usize, out: &std::path::Path) -> (usize, reel::generate::Sidecar) {
+    let args = reel::generate::GenerateArgs {
+        prompt: Some("a red circle moving right".into()),
+        frames: Some(frames),
+        steps: Some(2),
+        count: 1,
+        fps: 16,
+        quiet: true,
+        output: out.to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    let base = CURRENT.load(Relaxed);
+    PEAK.store(base, Relaxed);
+    let mut side = reel::generate::generate(&args).unwrap();
+    (PEAK.load(Relaxed) - base, side.remove(0))
+}
+
+/// The peak of the decode alone of `frames` frames of (arbitrary) latents through the
+/// pipeline's de-normalisation and streaming VAE decoder, above the level at its start.
+fn peak_of_decode_phase(pipe: &reel::pipeline::Pipeline, frames: usize) -> usize {
+    let shape = pipe.latent_shape(1, frames, 64, 64);
+    let n = shape.iter().product();
+    let mut rng = reel::models::random::Normal::new(frames as u64);
+    let z = Tensor::new(shape.to_vec(), (0..n).map(|_| rng.sample()).collect()).unwrap();
+    let mut sink = Discard {
+        frames: 0,
+        sum: 0.0,
+        keep: false,
+        kept: Vec::new(),
+    };
+    let base = CURRENT.load(Relaxed);
+    PEAK.store(base, Relaxed);
+    pipe.decode_to(&z, &mut sink).unwrap();
+    assert_eq!(sink.frames, frames);
+    PEAK.load(Relaxed) - base
+}
+
+/// A 60-second video (961 frames) of the embedded demo model end to end on the cpu: the
+/// text encoder, the DiT over all 241 latent frames, the streaming decode into a .y4m. What
+/// grows with length is the latent sequence the DiT works on (a fixed number of token-wide
+/// rows of activations; the latents themselves); the decode holds the same whatever the
+/// length, and the decoded video (47 MB of f32 frames here) is never held.
+#[test]
+fn a_961_frame_generation_holds_memory_flat_in_length() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("reel-mem-961-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    peak_of_generation(5, &dir.join("warm.y4m")); // the thread pool, the model's first load
+    let (p_short, s_short) = peak_of_generation(161, &dir.join("short.y4m"));
+    let (p_long, s_long) = peak_of_generation(961, &dir.join("long.y4m"));
+    assert_eq!((s_short.frames, s_long.frames), (161, 961));
+    let (w, h) = (64usize, 64usize);
+    assert_eq!(s_long.size, format!("{w}x{h}"));
+    // The file holds every frame: a y4m header, then per frame "FRAME\n" and 4:4:4 planes.
+    let file = std::fs::metadata(dir.join("long.y4m")).unwrap().len() as usize;
+    let frame_bytes = "FRAME\n".len() + w * h * 3;
+    assert!(
+        file > 961 * frame_bytes && file < 961 * frame_bytes + 256,
+        "{file} bytes for 961 frames of {frame_bytes}"
+    );
+    // Latent tokens after the 2x2 patch: (T/4 + 1) frames of (h/16)·(w/16).
+    let tokens = |f: usize| ((f - 1) / 4 + 1) * (h / 16) * (w / 16);
+    let token_growth = tokens(961) - tokens(161);
+    // The demo DiT: width 128, FFN 384, two guidance passes. A per-token budget of 16 rows of
+    // the model width and 4 of the FFN's, f32, for each pass (measured: about 12 KB a token
+    // for both passes together).
+    let per_token = 2 * (16 * 128 + 4 * 384) * 4;
+    let decoded_growth = (961 - 161) * w * h * 3 * 4;
+    eprintln!(
+        "generation peak above baseline: {p_short} B at 161 frames, {p_long} B at 961; \
+         {token_growth} more latent tokens (budget {} B); the extra decoded video is {decoded_growth} B",
+        token_growth * per_token
+    );
+    let growth = p_long.saturating_sub(p_short);
+    assert!(
+        growth <= token_growth * per_token,
+        "the peak grew by {growth} B, more than the latent sequence's {} B",
+        token_growth * per_token
+    );
+    // The decode phase alone: flat (a little slack for the thread pool's bookkeeping).
+    let root = reel::models::embedded::ensure().unwrap();
+    let pipe = reel::pipeline::Pipeline::load(&root).unwrap();
+    peak_of_decode_phase(&pipe, 5);
+    let (d_short, d_long) = (
+        peak_of_decode_phase(&pipe, 161),
+        peak_of_decode_phase(&pipe, 961),
+    );
+    // What may grow: the de-normalised copy of the latents (z_dim f32 per latent pixel).
+    let latent_growth = (tokens(961) - tokens(161)) * 4 * pipe.vae.config.z_dim * 4;
+    eprintln!(
+        "decode peak above baseline: {d_short} B at 161 frames, {d_long} B at 961 \
+         (the latents grew by {latent_growth} B)"
+    );
+    assert!(
+        d_long <= d_short + latent_growth + (64 << 10),
+        "the decode's peak grew from {d_short} to {d_long} B with 800 more frames"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -11,6 +11,7 @@
 
 use std::alloc::Layout;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::{DevPtr, KernelDevice};
@@ -63,6 +64,34 @@ enum Owner {
     Cuda(Arc<Cuda>),
 }
 
+/// Bytes of kernel-device memory (cuda and emu) the process holds now, and the most it has
+/// held since the last [`reset_device_peak`]: every device allocation reel makes goes
+/// through [`DeviceMem`] (the runtime's arena, persistent buffers, weights, the VAE's and
+/// umT5's buffers, cuBLASLt's workspace), so these are what reel asked the device for,
+/// without the CUDA context's own overhead.
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Kernel-device bytes held now (all devices of the process together).
+pub fn device_bytes_in_use() -> usize {
+    IN_USE.load(Relaxed)
+}
+
+/// The most kernel-device bytes held at once since the last [`reset_device_peak`].
+pub fn device_peak_bytes() -> usize {
+    PEAK.load(Relaxed)
+}
+
+/// Starts a new peak from what is held now.
+pub fn reset_device_peak() {
+    PEAK.store(IN_USE.load(Relaxed), Relaxed);
+}
+
+fn count_alloc(bytes: usize) {
+    let now = IN_USE.fetch_add(bytes, Relaxed) + bytes;
+    PEAK.fetch_max(now, Relaxed);
+}
+
 /// Raw bytes on a kernel device, freed on drop.
 pub struct DeviceMem {
     ptr: u64,
@@ -89,17 +118,22 @@ impl DeviceMem {
                         "emu: out of host memory allocating {bytes} bytes"
                     )));
                 }
+                count_alloc(bytes);
                 Ok(DeviceMem {
                     ptr: p as u64,
                     bytes,
                     owner: Owner::Host(layout),
                 })
             }
-            KernelDevice::Cuda(c) => Ok(DeviceMem {
-                ptr: c.alloc(bytes).map_err(|e| Error::Device(e.to_string()))?,
-                bytes,
-                owner: Owner::Cuda(c.clone()),
-            }),
+            KernelDevice::Cuda(c) => {
+                let ptr = c.alloc(bytes).map_err(|e| Error::Device(e.to_string()))?;
+                count_alloc(bytes);
+                Ok(DeviceMem {
+                    ptr,
+                    bytes,
+                    owner: Owner::Cuda(c.clone()),
+                })
+            }
             KernelDevice::Measure(_) => Err(Error::invalid(
                 "measuring mode allocates nothing: persistent buffers are made on the real device",
             )),
@@ -182,6 +216,7 @@ impl DeviceMem {
 
 impl Drop for DeviceMem {
     fn drop(&mut self) {
+        IN_USE.fetch_sub(self.bytes, Relaxed);
         match &self.owner {
             // SAFETY: allocated with this layout by `new`, freed once.
             Owner::Host(layout) => unsafe { std::alloc::dealloc(self.ptr as *mut u8, *layout) },
