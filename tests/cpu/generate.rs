@@ -412,6 +412,60 @@ fn generate_demo_on_device_matches_cpu() {
     }
 }
 
+/// A 60-second video (961 frames, 241 latent frames) of the demo model end to end on the
+/// kernel device (emu in CI: 16x16, so that the emulated decode of 241 latent frames takes
+/// a minute or two): every frame reaches the file, and the device memory reel held (the
+/// sidecar's device_peak_bytes, from the allocation counters) stays within the plan, and
+/// grows from a 161-frame video by no more than the plan does (the DiT's token-wide
+/// buffers; the decode's memory is the same whatever the length).
+#[test]
+fn generate_961_frames_on_the_device_within_the_plan() {
+    let dir = scratch("gen-961-device");
+    let dev = crate::kernels::dev();
+    let run = |frames: usize, name: &str| {
+        let out = dir.join(name);
+        let side = reel::generate::generate(&GenerateArgs {
+            prompt: Some("a red circle moving right".into()),
+            size: Some("16x16".into()),
+            frames: Some(frames),
+            steps: Some(1),
+            count: 1,
+            fps: 16,
+            quiet: true,
+            output: out.to_string_lossy().into_owned(),
+            device: Some(dev.clone()),
+            ..Default::default()
+        })
+        .unwrap()
+        .remove(0);
+        let y4m = std::fs::read(&out).unwrap();
+        let frame = "FRAME\n".len() + 16 * 16 * 3;
+        assert_eq!(y4m.windows(6).filter(|w| w == b"FRAME\n").count(), frames);
+        assert!(y4m.len() >= frames * frame, "{} bytes", y4m.len());
+        assert_eq!(side.frames, frames);
+        let (plan, used) = (
+            side.plan_peak_bytes.unwrap(),
+            side.device_peak_bytes.unwrap(),
+        );
+        eprintln!(
+            "{frames} frames on {}: device peak {used} B, plan {plan} B ({:.1} s decode, {:.1} s/step)",
+            dev.describe(),
+            side.timings.decode_seconds,
+            side.timings.seconds_per_step
+        );
+        assert!(used <= plan, "{frames} frames: held {used} B, the plan said {plan} B");
+        (plan, used)
+    };
+    let (plan_short, used_short) = run(161, "short.y4m");
+    let (plan_long, used_long) = run(961, "long.y4m");
+    assert!(
+        used_long.saturating_sub(used_short) <= plan_long - plan_short,
+        "the device peak grew by {} B from 161 to 961 frames, the plan by {} B",
+        used_long.saturating_sub(used_short),
+        plan_long - plan_short
+    );
+}
+
 /// --seconds N makes 16·N + 1 frames, as the server's `seconds` does.
 #[test]
 fn generate_seconds_sets_the_frame_count() {
