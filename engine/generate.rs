@@ -457,7 +457,12 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
             report.device_memory_source
         );
         plan_peak_bytes = Some(report.peak_bytes as u64);
-        pipe.to_device(dev.clone())?;
+        if !report.text_encoder_resident {
+            tracing::info!(
+                "the text encoder does not fit beside the DiT and the VAE: it goes up for each video's prompts and is freed before their weights go up"
+            );
+        }
+        pipe.to_device(dev.clone(), report.text_encoder_resident)?;
     }
     let load_seconds = started.elapsed().as_secs_f64();
     let embeds_file = args
@@ -589,8 +594,8 @@ pub fn render(
     }
     let kind = job.sampler.unwrap_or(pipe.scheduler.kind());
     let shift = job.shift.unwrap_or(pipe.scheduler.default_shift());
-    if pipe.kernel_device().is_some() {
-        crate::kernels::reset_device_peak();
+    if let Some(m) = pipe.device_memory() {
+        m.reset_peak();
     }
     let multiple = pipe.vae.config.spatial_factor()
         * pipe.dit.config.patch_size[1].max(pipe.dit.config.patch_size[2]);
@@ -745,9 +750,7 @@ pub fn render(
             _ => None,
         },
         plan_peak_bytes: job.plan_peak_bytes,
-        device_peak_bytes: pipe
-            .kernel_device()
-            .map(|_| crate::kernels::device_peak_bytes() as u64),
+        device_peak_bytes: pipe.device_memory().map(|m| m.peak() as u64),
     };
     let text = serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
     let sp = sidecar_path(&job.output);

@@ -3,11 +3,12 @@
 //! decode into a frame sink.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::cpu::conv::Frames;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceWeights;
-use crate::kernels::KernelDevice;
+use crate::kernels::{KernelDevice, MemTracker, TrackGuard};
 use crate::models::wan_dit::WanDit;
 use crate::models::wan_vae::{FrameSink, WanVae};
 use crate::sampler::{Sampler, SchedulerConfig};
@@ -26,13 +27,33 @@ pub struct Pipeline {
     pub device: Option<OnDevice>,
 }
 
-/// A pipeline's weights on a kernel device (cuda or emu): the DiT's, the VAE decoder's
-/// and the text encoder's when there is one.
+/// A pipeline's weights on a kernel device (cuda or emu): the DiT's, the VAE decoder's and
+/// the text encoder's when there is one. Which of them are on the device follows the plan's
+/// decision ([`crate::plan::PlanReport::text_encoder_resident`]): resident, all three stay
+/// up together; otherwise the text encoder goes up for the prompts and is freed before the
+/// DiT's and the VAE's weights go up (and they are freed before it goes up again for the
+/// next video's prompts), so that the peak is the plan's.
 pub struct OnDevice {
     pub dev: KernelDevice,
-    pub dit: DeviceWeights,
-    pub vae: DeviceWeights,
-    pub text: Option<DeviceWeights>,
+    /// The device memory the pipeline holds (weights, sessions), counted apart from the
+    /// rest of the process.
+    pub memory: Arc<MemTracker>,
+    state: std::sync::Mutex<DeviceState>,
+}
+
+struct DeviceState {
+    text_resident: bool,
+    dit: Option<Arc<DeviceWeights>>,
+    vae: Option<Arc<DeviceWeights>>,
+    text: Option<Arc<DeviceWeights>>,
+}
+
+/// The two groups of weights a stage needs on the device.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Text,
+    /// The DiT and the VAE decoder (denoising, then decoding).
+    Video,
 }
 
 /// Conditioning for one batch: [B, L, text_dim] each.
@@ -91,26 +112,118 @@ impl Pipeline {
         })
     }
 
-    /// Uploads the weights to `dev` (the DiT's in bf16, the VAE decoder's and umT5's in
-    /// their device dtypes); from then on every stage runs there.
-    pub fn to_device(&mut self, dev: KernelDevice) -> Result<()> {
-        use crate::models::umt5::gpu as tg;
-        use crate::models::wan_vae::gpu as vg;
-        let dit = self.dit.upload(&dev)?;
-        let vae = self
-            .vae
-            .upload(&dev, vg::Coding::Decode, vg::dtype_from_env()?)?;
-        let text = match &self.text {
-            Some(t) => Some(t.encoder.upload(&dev, tg::dtype_from_env()?)?),
-            None => None,
-        };
+    /// Puts the pipeline on `dev` (the DiT's weights in bf16, the VAE decoder's and umT5's
+    /// in their device dtypes); from then on every stage runs there. `text_resident`: the
+    /// plan's decision (see [`OnDevice`]); the weights the first stage needs go up now.
+    pub fn to_device(&mut self, dev: KernelDevice, text_resident: bool) -> Result<()> {
         self.device = Some(OnDevice {
             dev,
-            dit,
-            vae,
-            text,
+            memory: MemTracker::new(),
+            state: std::sync::Mutex::new(DeviceState {
+                text_resident,
+                dit: None,
+                vae: None,
+                text: None,
+            }),
         });
+        if self.text.is_some() {
+            self.weights_for(Stage::Text)?;
+        }
+        if text_resident || self.text.is_none() {
+            self.weights_for(Stage::Video)?;
+        }
         Ok(())
+    }
+
+    /// Changes the text encoder's residency (the server plans each request): resident, the
+    /// missing weights go up at the next stage; not, the text encoder is freed now.
+    pub fn set_text_resident(&self, resident: bool) {
+        if let Some(d) = &self.device {
+            let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.text_resident = resident;
+            if !resident {
+                st.text = None;
+            }
+        }
+    }
+
+    /// Whether the text encoder stays on the device beside the DiT and the VAE.
+    pub fn text_resident(&self) -> Option<bool> {
+        let d = self.device.as_ref()?;
+        Some(
+            d.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .text_resident,
+        )
+    }
+
+    /// The device weights `stage` needs, uploaded if they are not there (after freeing the
+    /// other group's when the text encoder is not resident): (DiT, VAE) or (text, text).
+    fn weights_for(&self, stage: Stage) -> Result<(Arc<DeviceWeights>, Arc<DeviceWeights>)> {
+        use crate::models::umt5::gpu as tg;
+        use crate::models::wan_vae::gpu as vg;
+        let d = self
+            .device
+            .as_ref()
+            .ok_or_else(|| Error::invalid("internal: the pipeline is not on a device"))?;
+        let _track = d.memory.enter();
+        let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
+        match stage {
+            Stage::Text => {
+                let text = self
+                    .text
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("internal: the pipeline has no text encoder"))?;
+                if !st.text_resident {
+                    // Freed first: the plan's peak has the text encoder alone.
+                    st.dit = None;
+                    st.vae = None;
+                }
+                let t = match &st.text {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = Arc::new(text.encoder.upload(&d.dev, tg::dtype_from_env()?)?);
+                        st.text = Some(t.clone());
+                        t
+                    }
+                };
+                Ok((t.clone(), t))
+            }
+            Stage::Video => {
+                if !st.text_resident {
+                    st.text = None;
+                }
+                let dit = match &st.dit {
+                    Some(w) => w.clone(),
+                    None => {
+                        let w = Arc::new(self.dit.upload(&d.dev)?);
+                        st.dit = Some(w.clone());
+                        w
+                    }
+                };
+                let vae = match &st.vae {
+                    Some(w) => w.clone(),
+                    None => {
+                        let dtype = vg::dtype_from_env()?;
+                        let w = Arc::new(self.vae.upload(&d.dev, vg::Coding::Decode, dtype)?);
+                        st.vae = Some(w.clone());
+                        w
+                    }
+                };
+                Ok((dit, vae))
+            }
+        }
+    }
+
+    /// Charges this thread's device allocations to the pipeline's tracker (on a device).
+    fn track(&self) -> Option<TrackGuard> {
+        self.device.as_ref().map(|d| d.memory.enter())
+    }
+
+    /// The device memory the pipeline holds (None: on the cpu).
+    pub fn device_memory(&self) -> Option<&Arc<MemTracker>> {
+        self.device.as_ref().map(|d| &d.memory)
     }
 
     /// The device the stages run on (None: the cpu).
@@ -127,6 +240,7 @@ impl Pipeline {
         guidance: f32,
         max_len: usize,
     ) -> Result<Conditioning> {
+        let _track = self.track();
         let text = self.text.as_ref().ok_or_else(|| {
             Error::invalid(format!(
                 "{} has no text_encoder/: pass --prompt-embeds with `prompt_embeds` and `negative_prompt_embeds`",
@@ -137,11 +251,9 @@ impl Pipeline {
             match &self.device {
                 None => text.encode_prompts(p, max_len),
                 Some(d) => {
-                    let w = d.text.as_ref().ok_or_else(|| {
-                        Error::invalid("internal: the text encoder's weights are not on the device")
-                    })?;
+                    let (w, _) = self.weights_for(Stage::Text)?;
                     text.encode_prompts_with(p, max_len, &mut |ids, mask, b, l| {
-                        text.encoder.forward_on(&d.dev, w, ids, mask, b, l)
+                        text.encoder.forward_on(&d.dev, &w, ids, mask, b, l)
                     })
                 }
             }
@@ -184,6 +296,7 @@ impl Pipeline {
         sampler: &mut dyn Sampler,
         on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
+        let _track = self.track();
         let b = latents.shape()[0];
         if cond.prompt_embeds.shape().first() != Some(&b) {
             return Err(Error::invalid(format!(
@@ -267,10 +380,11 @@ impl Pipeline {
                     width: shape[4],
                     text_len: ctx.shape()[1],
                 };
+                let (dit, _) = self.weights_for(Stage::Video)?;
                 let mut session = DitSession::new(&d.dev, &self.dit.config, dshape)?;
-                session.set_text(&d.dit, ctx.data())?;
+                session.set_text(&dit, ctx.data())?;
                 Ok(Box::new(move |x: &Tensor, ts: &[f32]| {
-                    session.step(&d.dit, x.data(), ts)
+                    session.step(&dit, x.data(), ts)
                 }))
             }
         }
@@ -279,6 +393,7 @@ impl Pipeline {
     /// De-normalizes latents with the VAE's latents_mean/std (latents / (1/std) + mean, as
     /// diffusers computes it) and decodes them, streaming frames in [-1, 1] to `sink`.
     pub fn decode_to(&self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
+        let _track = self.track();
         let c = &self.vae.config;
         let s = latents.shape();
         let per_channel = s[2] * s[3] * s[4];
@@ -290,7 +405,10 @@ impl Pipeline {
         }
         match &self.device {
             None => self.vae.decode_to(&z, sink),
-            Some(d) => self.vae.decode_on(&d.dev, &d.vae, &z, sink),
+            Some(d) => {
+                let (_, vae) = self.weights_for(Stage::Video)?;
+                self.vae.decode_on(&d.dev, &vae, &z, sink)
+            }
         }
     }
 }

@@ -153,14 +153,14 @@ struct DeviceInfo {
 }
 
 impl DeviceInfo {
-    /// The plan of a request (size, frames) on this device: Ok(peak bytes) or a 400 naming
+    /// The plan of a request (size, frames) on this device: Ok(the plan) or a 400 naming
     /// the field to change.
     fn admit(
         &self,
         size: &str,
         frames: usize,
         seconds_given: bool,
-    ) -> std::result::Result<u64, Response> {
+    ) -> std::result::Result<crate::plan::PlanReport, Response> {
         let field = if seconds_given { "seconds" } else { "size" };
         let r = crate::plan::plan(&crate::plan::PlanArgs {
             model: Some(self.root.clone()),
@@ -181,7 +181,7 @@ impl DeviceInfo {
                 ),
             ));
         }
-        Ok(r.peak_bytes as u64)
+        Ok(r)
     }
 }
 
@@ -366,6 +366,21 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             tracing::warn!("job {id}: {w}");
         }
         let size = parse_size(&job.size).unwrap_or(embedded::DEFAULT_SIZE);
+        // The job's plan again (admitted at submission): whether the text encoder stays on
+        // the device beside the DiT for it, and its peak for the record.
+        let planned = match &shared.device {
+            Some(d) => match d.admit(&job.size, job.frames, false) {
+                Ok(r) => {
+                    pipe.set_text_resident(r.text_encoder_resident);
+                    Ok(Some(r.peak_bytes as u64))
+                }
+                Err(_) => Err(Error::invalid(format!(
+                    "{} x {} frames no longer fits the device",
+                    job.size, job.frames
+                ))),
+            },
+            None => Ok(None),
+        };
         let render_job = Render {
             prompt: Some(job.prompt.clone()),
             negative_prompt: job.negative_prompt.clone(),
@@ -381,31 +396,33 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             cond: None,
             init_latents: None,
             thumbnail: Some(shared.thumb_path(&id)),
-            plan_peak_bytes: None,
+            plan_peak_bytes: planned.as_ref().ok().copied().flatten(),
         };
         let progress = indicatif::ProgressBar::hidden();
         let mut last = std::time::Instant::now();
-        let result = render(
-            &pipe,
-            &shared.model_name,
-            &render_job,
-            0.0,
-            &progress,
-            &mut |step, steps| {
-                shared
-                    .step_nanos
-                    .fetch_add(last.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                shared.steps.fetch_add(1, Ordering::Relaxed);
-                last = std::time::Instant::now();
-                // Denoising is 90% of the progress bar; the decode the rest.
-                shared.update(&id, |j| j.progress = (90 * step / steps.max(1)) as u32);
-                if cancel.load(Ordering::SeqCst) || shared.shutdown.load(Ordering::SeqCst) {
-                    Err(Error::Interrupted)
-                } else {
-                    Ok(())
-                }
-            },
-        );
+        let result = planned.and_then(|_| {
+            render(
+                &pipe,
+                &shared.model_name,
+                &render_job,
+                0.0,
+                &progress,
+                &mut |step, steps| {
+                    shared
+                        .step_nanos
+                        .fetch_add(last.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    shared.steps.fetch_add(1, Ordering::Relaxed);
+                    last = std::time::Instant::now();
+                    // Denoising is 90% of the progress bar; the decode the rest.
+                    shared.update(&id, |j| j.progress = (90 * step / steps.max(1)) as u32);
+                    if cancel.load(Ordering::SeqCst) || shared.shutdown.load(Ordering::SeqCst) {
+                        Err(Error::Interrupted)
+                    } else {
+                        Ok(())
+                    }
+                },
+            )
+        });
         match result {
             Ok(_) => {
                 shared.update(&id, |j| {
@@ -989,7 +1006,24 @@ impl Server {
                     (None, _) => 80u64 << 30,
                 };
                 let root = pipe.root.display().to_string();
-                pipe.to_device(dev.clone())?;
+                // Weights up for the default video's plan; each job sets its own residency.
+                let (w, h) = if embedded_model {
+                    embedded::DEFAULT_SIZE
+                } else {
+                    (832, 480)
+                };
+                let first = crate::plan::plan(&crate::plan::PlanArgs {
+                    model: Some(root.clone()),
+                    size: Some(format!("{w}x{h}")),
+                    frames: Some(if embedded_model {
+                        embedded::DEFAULT_FRAMES
+                    } else {
+                        81
+                    }),
+                    device_memory_gib: Some(budget as f64 / (1u64 << 30) as f64),
+                    arch: None,
+                })?;
+                pipe.to_device(dev.clone(), first.text_encoder_resident)?;
                 tracing::info!(
                     "serving on {} ({:.2} GiB for each job's plan)",
                     dev.describe(),

@@ -87,9 +87,71 @@ pub fn reset_device_peak() {
     PEAK.store(IN_USE.load(Relaxed), Relaxed);
 }
 
-fn count_alloc(bytes: usize) {
+/// The device memory of one owner (a pipeline on a device), counted apart from the rest of
+/// the process: allocations made on a thread while its [`MemTracker::enter`] guard lives are
+/// charged to it, and released to it whichever thread frees them.
+#[derive(Debug, Default)]
+pub struct MemTracker {
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemTracker {
+    pub fn new() -> Arc<Self> {
+        Arc::new(MemTracker::default())
+    }
+
+    /// Bytes charged to this tracker and held now.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Relaxed)
+    }
+
+    /// The most held at once since the last [`reset_peak`](Self::reset_peak).
+    pub fn peak(&self) -> usize {
+        self.peak.load(Relaxed)
+    }
+
+    pub fn reset_peak(&self) {
+        self.peak.store(self.in_use.load(Relaxed), Relaxed);
+    }
+
+    /// Charges this thread's device allocations to the tracker until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> TrackGuard {
+        let prev = TRACKER.with(|t| t.replace(Some(self.clone())));
+        TrackGuard { prev }
+    }
+
+    fn charge(&self, bytes: usize) {
+        let now = self.in_use.fetch_add(bytes, Relaxed) + bytes;
+        self.peak.fetch_max(now, Relaxed);
+    }
+}
+
+/// Restores the thread's previous tracker (none, or an outer one) when dropped.
+pub struct TrackGuard {
+    prev: Option<Arc<MemTracker>>,
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        let prev = self.prev.take();
+        TRACKER.with(|t| *t.borrow_mut() = prev);
+    }
+}
+
+thread_local! {
+    static TRACKER: std::cell::RefCell<Option<Arc<MemTracker>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Counts an allocation process-wide and to the thread's tracker (returned, to release it to).
+fn count_alloc(bytes: usize) -> Option<Arc<MemTracker>> {
     let now = IN_USE.fetch_add(bytes, Relaxed) + bytes;
     PEAK.fetch_max(now, Relaxed);
+    let t = TRACKER.with(|t| t.borrow().clone());
+    if let Some(t) = &t {
+        t.charge(bytes);
+    }
+    t
 }
 
 /// Raw bytes on a kernel device, freed on drop.
@@ -97,6 +159,7 @@ pub struct DeviceMem {
     ptr: u64,
     bytes: usize,
     owner: Owner,
+    tracker: Option<Arc<MemTracker>>,
 }
 
 // SAFETY: the memory is reached only through raw pointers by kernels and by the
@@ -118,20 +181,20 @@ impl DeviceMem {
                         "emu: out of host memory allocating {bytes} bytes"
                     )));
                 }
-                count_alloc(bytes);
                 Ok(DeviceMem {
                     ptr: p as u64,
                     bytes,
                     owner: Owner::Host(layout),
+                    tracker: count_alloc(bytes),
                 })
             }
             KernelDevice::Cuda(c) => {
                 let ptr = c.alloc(bytes).map_err(|e| Error::Device(e.to_string()))?;
-                count_alloc(bytes);
                 Ok(DeviceMem {
                     ptr,
                     bytes,
                     owner: Owner::Cuda(c.clone()),
+                    tracker: count_alloc(bytes),
                 })
             }
             KernelDevice::Measure(_) => Err(Error::invalid(
@@ -217,6 +280,9 @@ impl DeviceMem {
 impl Drop for DeviceMem {
     fn drop(&mut self) {
         IN_USE.fetch_sub(self.bytes, Relaxed);
+        if let Some(t) = &self.tracker {
+            t.in_use.fetch_sub(self.bytes, Relaxed);
+        }
         match &self.owner {
             // SAFETY: allocated with this layout by `new`, freed once.
             Owner::Host(layout) => unsafe { std::alloc::dealloc(self.ptr as *mut u8, *layout) },

@@ -40,7 +40,7 @@ pub use elementwise::*;
 pub(crate) use mem::MEASURE_KEY;
 pub use mem::{
     device_bytes_in_use, device_peak_bytes, opt, reset_device_peak, Buf, DevSlice, DeviceMem, Elem,
-    Half, ALIGN,
+    Half, MemTracker, TrackGuard, ALIGN,
 };
 pub use norm::*;
 pub use selftest::*;

@@ -376,10 +376,9 @@ fn generate_ctrl_c_stops_cleanly_without_partial_output() {
 
 /// `reel generate --device` (REEL_TEST_DEVICE: emu by default) on the embedded demo model at
 /// its trained size and defaults against the same command on the cpu: video within 5e-2
-/// (measured on emu: 2.35e-2, latents 2.7e-2). Ignored in CI: 4 minutes on the emulator,
-/// 3.7 of them in the VAE decode of 17 frames; tools/gpu-check.sh runs it on the GPU.
+/// (measured on emu: 2.35e-2, latents 2.7e-2). 47 s on the emulator (most of it the VAE
+/// decode of 17 frames); tools/gpu-check.sh runs it on the GPU.
 #[test]
-#[ignore = "4 minutes on the emulator: run on a GPU by tools/gpu-check.sh"]
 fn generate_demo_on_device_matches_cpu() {
     let dir = scratch("gen-demo-device");
     let dev = crate::kernels::dev();
@@ -453,7 +452,10 @@ fn generate_961_frames_on_the_device_within_the_plan() {
             side.timings.decode_seconds,
             side.timings.seconds_per_step
         );
-        assert!(used <= plan, "{frames} frames: held {used} B, the plan said {plan} B");
+        assert!(
+            used <= plan,
+            "{frames} frames: held {used} B, the plan said {plan} B"
+        );
         (plan, used)
     };
     let (plan_short, used_short) = run(161, "short.y4m");

@@ -83,3 +83,71 @@ fn pipeline_unipc_matches_diffusers() {
 fn pipeline_euler_matches_diffusers() {
     check(SamplerKind::Euler);
 }
+
+/// On a kernel device the pipeline does what the plan decided: with room, the text encoder
+/// stays on the device beside the DiT and the VAE; on a budget that only the freed plan
+/// fits, the text encoder is freed before the DiT's and the VAE's weights go up (and up
+/// again for the next video's prompts). Either way the video is the same and the device
+/// memory the pipeline held stays within that plan's peak.
+#[test]
+fn device_pipeline_frees_the_text_encoder_when_the_plan_says_so() {
+    use reel::plan::{plan, PlanArgs};
+    let dev = crate::kernels::dev();
+    let root = reel::models::embedded::ensure().unwrap();
+    let (size, frames) = ("32x32", 5);
+    let plan_at = |gib: Option<f64>| {
+        plan(&PlanArgs {
+            model: Some(root.display().to_string()),
+            size: Some(size.into()),
+            frames: Some(frames),
+            device_memory_gib: gib,
+            arch: None,
+        })
+        .unwrap()
+    };
+    let roomy = plan_at(Some(80.0));
+    assert!(roomy.fits && roomy.text_encoder_resident, "{roomy:?}");
+    // One byte: nothing fits, and the peak reported is the freed plan's.
+    let freed_peak = plan_at(Some(1.0 / (1u64 << 30) as f64)).peak_bytes;
+    let tight = plan_at(Some(freed_peak as f64 / (1u64 << 30) as f64));
+    assert!(tight.fits && !tight.text_encoder_resident, "{tight:?}");
+    assert!(roomy.peak_bytes > tight.peak_bytes);
+
+    let run = |resident: bool| {
+        let mut pipe = Pipeline::load(&root).unwrap();
+        pipe.to_device(dev.clone(), resident).unwrap();
+        let memory = pipe.device_memory().unwrap().clone();
+        memory.reset_peak();
+        let mut video = Vec::new();
+        // Two videos, so that the freed text encoder goes up a second time.
+        for prompt in ["a red circle moving right", "a blue square moving up"] {
+            let cond = pipe.encode_prompts(&[prompt], &[""], 4.0, 512).unwrap();
+            let shape = pipe.latent_shape(1, frames, 32, 32);
+            let noise = reel::Tensor::new(
+                shape.to_vec(),
+                reel::rng::gaussian(3, shape.iter().product()),
+            )
+            .unwrap();
+            let mut sampler = build(&pipe.scheduler, SamplerKind::Unipc, 2, None).unwrap();
+            let latents = pipe
+                .denoise(noise, &cond, 4.0, sampler.as_mut(), &mut |_, _| Ok(()))
+                .unwrap();
+            let mut sink = CollectSink::new(1);
+            pipe.decode_to(&latents, &mut sink).unwrap();
+            video.extend_from_slice(sink.into_tensor().unwrap().data());
+        }
+        (video, memory.peak(), pipe.text_resident())
+    };
+    let (v_resident, held_resident, r) = run(true);
+    assert_eq!(r, Some(true));
+    let (v_freed, held_freed, r) = run(false);
+    assert_eq!(r, Some(false));
+    eprintln!(
+        "resident: held {held_resident} B (plan {}); freed: held {held_freed} B (plan {})",
+        roomy.peak_bytes, tight.peak_bytes
+    );
+    assert!(held_resident <= roomy.peak_bytes, "resident");
+    assert!(held_freed <= tight.peak_bytes, "freed");
+    assert!(held_freed < held_resident);
+    assert_eq!(v_resident, v_freed, "the same video either way");
+}
