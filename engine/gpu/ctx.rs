@@ -134,6 +134,8 @@ struct Request {
     created: usize,
 }
 
+// One State per Ctx (a session's lifetime): the size of its larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum State {
     Measuring {
         recorder: Arc<Recorder>,
