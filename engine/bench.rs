@@ -34,6 +34,8 @@ pub struct BenchArgs {
     pub no_cfg: bool,
     pub vae: bool,
     pub text: bool,
+    /// On a kernel device: one timed end-to-end generation (text, guided steps, decode).
+    pub generation: bool,
     pub profile: bool,
     /// Overrides the peak TFLOP/s the MFU is measured against.
     pub peak_tflops: Option<f64>,
@@ -96,6 +98,11 @@ pub struct BenchReport {
     pub generation_estimate_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation_steps: Option<usize>,
+    /// With --generation: the measured seconds of the whole generation (text encoder, every
+    /// step, decode; the weights made before the clock starts). step_seconds are then its
+    /// steps after the first `warmup`, and peak_memory_bytes the device memory it held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_seconds: Option<f64>,
     pub commit: String,
 }
 
@@ -122,10 +129,23 @@ impl FrameSink for Discard {
     }
 }
 
+impl Discard {
+    /// Takes frames as a writer would (their count back), keeping nothing.
+    fn take(&mut self, f: &crate::cpu::conv::Frames) -> Result<usize> {
+        self.push(0, f)?;
+        Ok(f.t)
+    }
+}
+
 /// Runs the benchmark.
 pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     if args.steps == 0 {
         return Err(Error::invalid("--steps must be at least 1"));
+    }
+    if args.generation && args.device.is_none() {
+        return Err(Error::invalid(
+            "--generation times a generation on a kernel device: pass --device cuda (or emu)",
+        ));
     }
     if let Some(dev) = &args.device {
         return bench_device(args, dev);
@@ -274,6 +294,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         vae_decode_tflops: None,
         generation_estimate_seconds: None,
         generation_steps: None,
+        generation_seconds: None,
         commit: env!("REEL_GIT_COMMIT").into(),
     })
 }
@@ -345,59 +366,93 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
     };
     let grid = shape.grid(&config);
     let tokens = shape.tokens(&config);
-    let mut session = DitSession::new(dev, &config, shape)?;
-    // Per-op times need the launches one by one: --profile runs the step without its graph.
-    session.set_eager(args.profile);
-    let text = crate::rng::gaussian(1, passes * MAX_SEQUENCE_LENGTH * config.text_dim);
-    session.set_text(&weights, &text)?;
-    let x = crate::rng::gaussian(
-        0,
-        passes * config.in_channels * shape.frames * shape.height * shape.width,
-    );
     let total = args.warmup + args.steps;
-    let mut secs = Vec::with_capacity(args.steps);
-    crate::profile::enable(false);
-    for i in 0..total {
-        if i == args.warmup && args.profile {
-            crate::profile::enable(true);
-        }
-        let t = 999.0 * (1.0 - i as f32 / total as f32);
-        let start = Instant::now();
-        let out = session.step(&weights, &x, &vec![t; passes])?;
-        if i >= args.warmup {
-            secs.push(start.elapsed().as_secs_f64());
-        }
-        if !out.iter().all(|v| v.is_finite()) {
-            return Err(Error::Device(format!(
-                "the DiT step on {} gave non-finite values",
-                dev.describe()
-            )));
-        }
-    }
-    let ops_snapshot = crate::profile::snapshot();
-    crate::profile::enable(false);
-    // --text, --vae: the text encoder (both prompts) and the decode of this video, on the
-    // device, the presets' real configs with random weights (or the folder's configs).
-    let (text, vae) = if args.text || args.vae {
+    let mut secs = Vec::with_capacity(total);
+    let mut ops_snapshot = Vec::new();
+    let mut generation_seconds = None;
+    // The device memory a generation holds beside the DiT's weights (made above).
+    let memory = crate::kernels::MemTracker::new();
+    let (text, vae, planned_bytes) = if args.generation {
+        let _track = memory.enter();
         let (tc, vc) = crate::plan::side_configs(args.model.as_deref())?;
-        let text = match (args.text, &tc) {
-            (true, Some(tc)) => Some(bench_text_device(dev, tc, args.steps)?),
-            (true, None) => return Err(Error::invalid("--text: this model has no text encoder")),
-            (false, _) => None,
+        let (tc, vc) = match (tc, vc) {
+            (Some(t), Some(v)) => (t, v),
+            _ => {
+                return Err(Error::invalid(
+                    "--generation needs a model with a text encoder and a vae/",
+                ))
+            }
         };
-        let vae = match (args.vae, &vc) {
-            (true, Some(vc)) => Some(bench_vae_device(
-                dev,
-                vc,
-                (shape.frames, shape.height, shape.width),
-                args.steps,
-            )?),
-            (true, None) => return Err(Error::invalid("--vae: this model has no vae/")),
-            (false, _) => None,
-        };
-        (text, vae)
+        if args.no_cfg {
+            return Err(Error::invalid(
+                "--generation runs with guidance (two passes a step): drop --no-cfg",
+            ));
+        }
+        let g = bench_generation_device(dev, &config, &weights, &tc, &vc, shape, args.steps)?;
+        generation_seconds = Some(g.total);
+        secs = g.steps[args.warmup.min(g.steps.len() - 1)..].to_vec();
+        (Some((g.text, f64::NAN)), Some((g.decode, f64::NAN)), None)
     } else {
-        (None, None)
+        let mut session = DitSession::new(dev, &config, shape)?;
+        // Per-op times need the launches one by one: --profile runs the step without its graph.
+        session.set_eager(args.profile);
+        let text = crate::rng::gaussian(1, passes * MAX_SEQUENCE_LENGTH * config.text_dim);
+        session.set_text(&weights, &text)?;
+        let x = crate::rng::gaussian(
+            0,
+            passes * config.in_channels * shape.frames * shape.height * shape.width,
+        );
+        crate::profile::enable(false);
+        for i in 0..total {
+            if i == args.warmup && args.profile {
+                crate::profile::enable(true);
+            }
+            let t = 999.0 * (1.0 - i as f32 / total as f32);
+            let start = Instant::now();
+            let out = session.step(&weights, &x, &vec![t; passes])?;
+            if i >= args.warmup {
+                secs.push(start.elapsed().as_secs_f64());
+            }
+            if !out.iter().all(|v| v.is_finite()) {
+                return Err(Error::Device(format!(
+                    "the DiT step on {} gave non-finite values",
+                    dev.describe()
+                )));
+            }
+        }
+        ops_snapshot = crate::profile::snapshot();
+        crate::profile::enable(false);
+        // The device memory the plan allocated, weights included (exact: nothing else is
+        // allocated on the device during a step).
+        let planned =
+            weights.bytes() + session.plan().arena_bytes + session.plan().persistent_bytes;
+        drop(session);
+        // --text, --vae: the text encoder (both prompts) and the decode of this video, on
+        // the device, the presets' real configs with random weights (or the folder's).
+        let (text, vae) = if args.text || args.vae {
+            let (tc, vc) = crate::plan::side_configs(args.model.as_deref())?;
+            let text = match (args.text, &tc) {
+                (true, Some(tc)) => Some(bench_text_device(dev, tc, args.steps)?),
+                (true, None) => {
+                    return Err(Error::invalid("--text: this model has no text encoder"))
+                }
+                (false, _) => None,
+            };
+            let vae = match (args.vae, &vc) {
+                (true, Some(vc)) => Some(bench_vae_device(
+                    dev,
+                    vc,
+                    (shape.frames, shape.height, shape.width),
+                    args.steps,
+                )?),
+                (true, None) => return Err(Error::invalid("--vae: this model has no vae/")),
+                (false, _) => None,
+            };
+            (text, vae)
+        } else {
+            (None, None)
+        };
+        (text, vae, Some(planned))
     };
     secs.sort_by(|a, b| a.total_cmp(b));
     let median = percentile(&secs, 50.0);
@@ -452,22 +507,154 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
         achieved_tflops: achieved,
         peak_tflops: peak,
         mfu: peak.map(|p| achieved / p),
-        // The device memory the plan allocated, weights included (exact: nothing else is
-        // allocated on the device during a step).
+        // Steps alone: what the plan allocated, weights included; --generation: the most
+        // device memory the generation held (weights, sessions; counted allocations).
         peak_memory_bytes: Some(
-            (weights.bytes() + session.plan().arena_bytes + session.plan().persistent_bytes) as u64,
+            planned_bytes.unwrap_or_else(|| weights.bytes() + memory.peak()) as u64,
         ),
         ops,
         text_seconds: text.map(|t| t.0),
         vae_decode_seconds: vae.map(|t| t.0),
-        text_tflops: text.map(|t| t.1),
-        vae_decode_tflops: vae.map(|t| t.1),
-        generation_estimate_seconds: match (text, vae) {
-            (Some(t), Some(v)) => Some(t.0 + gen_steps as f64 * median + v.0),
+        text_tflops: text.map(|t| t.1).filter(|t| t.is_finite()),
+        vae_decode_tflops: vae.map(|t| t.1).filter(|t| t.is_finite()),
+        generation_estimate_seconds: match (text, vae, generation_seconds) {
+            (Some(t), Some(v), None) => Some(t.0 + gen_steps as f64 * median + v.0),
             _ => None,
         },
-        generation_steps: (text.is_some() && vae.is_some()).then_some(gen_steps),
+        generation_steps: match generation_seconds {
+            Some(_) => Some(args.steps),
+            None => (text.is_some() && vae.is_some()).then_some(gen_steps),
+        },
+        generation_seconds,
         commit: env!("REEL_GIT_COMMIT").into(),
+    })
+}
+
+/// What one timed generation on a device took.
+struct GenerationTimes {
+    total: f64,
+    text: f64,
+    /// Every step, in order.
+    steps: Vec<f64>,
+    decode: f64,
+}
+
+/// One generation on a device, timed end to end as `reel generate` runs it: umT5 on the
+/// prompt and the negative prompt (random weights and tokens; 512 tokens each, the second
+/// half padding), the DiT's text phase, `steps` UniPC steps with guidance 5 (both passes in
+/// one batch; the sampler's state in f32 on the host), then the VAE decode of the final
+/// latents, de-normalised, latent frame by latent frame, each chunk's frames brought back to
+/// the host as a writer takes them. Weights are made on the device before the clock starts
+/// (loading is not part of a generation); sessions are made inside it, as each generation
+/// makes its own.
+fn bench_generation_device(
+    dev: &crate::kernels::KernelDevice,
+    config: &crate::models::wan_dit::WanDitConfig,
+    dit: &crate::gpu::DeviceWeights,
+    tc: &crate::models::umt5::Umt5Config,
+    vc: &crate::models::wan_vae::WanVaeConfig,
+    shape: crate::models::wan_dit::gpu::DitShape,
+    steps: usize,
+) -> Result<GenerationTimes> {
+    use crate::models::umt5::gpu::{self as tg, TextShape, Umt5Session};
+    use crate::models::wan_dit::gpu::DitSession;
+    use crate::models::wan_vae::gpu::{self as vg, Coding, VaeSession};
+    let guidance = 5.0f32;
+    let text_shape = TextShape {
+        batch: 2,
+        len: MAX_SEQUENCE_LENGTH,
+    };
+    let text_specs = tg::device_weight_specs(tc, tg::dtype_from_env()?);
+    let text_w = crate::gpu::DeviceWeights::random(dev, &text_specs, 1)?;
+    let vae_dtype = vg::dtype_from_env()?;
+    let vae_specs = vg::device_weight_specs(vc, Coding::Decode, vae_dtype)?;
+    let vae_w = crate::gpu::DeviceWeights::random(dev, &vae_specs, 2)?;
+    let span = tc.num_heads * (2 * text_shape.len - 1);
+    let biases: Vec<Vec<f32>> = (0..tc.num_layers)
+        .map(|l| crate::rng::gaussian(10 + l as u64, span))
+        .collect();
+    let emb = crate::rng::gaussian(2, text_shape.batch * text_shape.len * tc.d_model);
+    let mask: Vec<i64> = (0..text_shape.batch * text_shape.len)
+        .map(|i| (i % text_shape.len < text_shape.len / 2) as i64)
+        .collect();
+    let latent_len = config.in_channels * shape.frames * shape.height * shape.width;
+    let mut latents = crate::rng::gaussian(0, latent_len);
+    let mut sampler = sampler::build(
+        &crate::sampler::SchedulerConfig::default(),
+        sampler::SamplerKind::Unipc,
+        steps,
+        Some(3.0),
+    )?;
+    let timesteps = sampler.timesteps().to_vec();
+
+    let start = Instant::now();
+    let mut text_session = Umt5Session::with_biases(dev, tc, text_shape, &biases)?;
+    let ctx = text_session.encode_embedded(&text_w, &emb, &mask)?;
+    drop(text_session);
+    let text = start.elapsed().as_secs_f64();
+    let mut session = DitSession::new(dev, config, shape)?;
+    session.set_text(dit, &ctx)?;
+    let mut step_secs = Vec::with_capacity(steps);
+    let mut x = vec![0.0f32; 2 * latent_len];
+    for &t in &timesteps {
+        let t0 = Instant::now();
+        x[..latent_len].copy_from_slice(&latents);
+        x[latent_len..].copy_from_slice(&latents);
+        let out = session.step(dit, &x, &[t, t])?;
+        let (c, u) = out.split_at(latent_len);
+        let pred: Vec<f32> = u
+            .iter()
+            .zip(c)
+            .map(|(&u, &c)| u + guidance * (c - u))
+            .collect();
+        sampler.step(&pred, &mut latents)?;
+        step_secs.push(t0.elapsed().as_secs_f64());
+    }
+    drop(session);
+    if !latents.iter().all(|v| v.is_finite()) {
+        return Err(Error::Device(format!(
+            "the generation on {} gave non-finite latents",
+            dev.describe()
+        )));
+    }
+    let t_decode = Instant::now();
+    let per_channel = shape.frames * shape.height * shape.width;
+    for (i, v) in latents.iter_mut().enumerate() {
+        let ch = i / per_channel;
+        *v = *v * vc.latents_std[ch] + vc.latents_mean[ch];
+    }
+    let z = Tensor::new(
+        vec![1, vc.z_dim, shape.frames, shape.height, shape.width],
+        latents,
+    )?;
+    macro_rules! decode {
+        ($t:ty) => {{
+            let hw = (shape.height, shape.width);
+            let mut vae = VaeSession::<$t>::new(dev, vc, Coding::Decode, hw)?;
+            let mut frames = 0;
+            for i in 0..shape.frames {
+                let chunk = crate::models::wan_vae::to_frames_range(&z, 0, i, i + 1);
+                frames += Discard.take(&vae.chunk(&vae_w, &chunk)?)?;
+            }
+            frames
+        }};
+    }
+    let frames = if vae_dtype == crate::gpu::WDtype::Bf16 {
+        decode!(half::bf16)
+    } else {
+        decode!(half::f16)
+    };
+    let decode = t_decode.elapsed().as_secs_f64();
+    let total = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "generation on {}: {frames} frames in {total:.2} s",
+        dev.describe()
+    );
+    Ok(GenerationTimes {
+        total,
+        text,
+        steps: step_secs,
+        decode,
     })
 }
 
@@ -573,9 +760,16 @@ pub fn render(r: &BenchReport) -> String {
         "reel bench  {}  on {} ({} threads)  commit {}\n",
         r.model, r.device, r.cpu_threads, r.commit
     );
+    let steps = match r.generation_seconds {
+        Some(_) => format!(
+            "one generation of {} steps (the first {} left out of the step times)",
+            r.steps, r.warmup
+        ),
+        None => format!("{} steps after {} warm-up", r.steps, r.warmup),
+    };
     s += &format!(
-        "  {} x {} frames: {} video tokens x {} passes, {} text tokens; {} steps after {} warm-up\n",
-        r.size, r.frames, r.tokens, r.passes_per_step, r.text_tokens, r.steps, r.warmup
+        "  {} x {} frames: {} video tokens x {} passes, {} text tokens; {steps}\n",
+        r.size, r.frames, r.tokens, r.passes_per_step, r.text_tokens
     );
     s += &format!(
         "  step      median {:.4} s   p10 {:.4} s   p90 {:.4} s\n",
@@ -604,6 +798,11 @@ pub fn render(r: &BenchReport) -> String {
             tf(r.text_tflops),
             opt(r.vae_decode_seconds, "s"),
             tf(r.vae_decode_tflops)
+        );
+    }
+    if let (Some(g), Some(n)) = (r.generation_seconds, r.generation_steps) {
+        s += &format!(
+            "  one {n}-step generation: {g:.2} s measured end to end (text, steps, decode)\n"
         );
     }
     if let (Some(e), Some(n)) = (r.generation_estimate_seconds, r.generation_steps) {

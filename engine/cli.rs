@@ -170,6 +170,12 @@ pub enum Command {
         /// Also time the text encoder.
         #[arg(long)]
         text: bool,
+        /// On a kernel device: one timed generation end to end instead (umT5 on the prompt
+        /// and the negative prompt, --steps guided DiT steps with the UniPC sampler, the VAE
+        /// decode of the result; random weights made on the device), with its total and
+        /// per-stage seconds and the device memory it held.
+        #[arg(long)]
+        generation: bool,
         /// Per-op breakdown (GEMM, attention, norm/RoPE/elementwise, VAE conv).
         #[arg(long)]
         profile: bool,
@@ -634,6 +640,7 @@ pub fn run(cli: Cli) -> Result<String> {
             no_cfg,
             vae,
             text,
+            generation,
             profile,
             peak_tflops,
             json,
@@ -649,6 +656,7 @@ pub fn run(cli: Cli) -> Result<String> {
                 no_cfg,
                 vae,
                 text,
+                generation,
                 profile,
                 peak_tflops,
             })?;

@@ -163,6 +163,43 @@ fn bench_on_emu_times_the_device_dit_step() {
     }
 }
 
+/// --generation: one generation timed end to end on the device (text, guided steps,
+/// decode), its parts inside its total, the device memory it held above the DiT's weights;
+/// without a device, a clear error.
+#[test]
+fn bench_generation_times_a_whole_generation_on_the_device() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "-q", "bench", "--device", "emu", "--generation", "--steps", "3", "--warmup", "1",
+            "--size", "32x32", "--frames", "5", "--json", "-",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = |k: &str| j[k].as_f64().unwrap_or_else(|| panic!("{k}: {j}"));
+    assert_eq!(j["generation_steps"], 3, "{j}");
+    let (total, text, decode) = (
+        f("generation_seconds"),
+        f("text_seconds"),
+        f("vae_decode_seconds"),
+    );
+    // Two steps after the first in the percentiles; three steps in the total.
+    let p10 = j["step_seconds"]["p10"].as_f64().unwrap();
+    assert!(text > 0.0 && decode > 0.0 && p10 > 0.0, "{j}");
+    assert!(total >= text + decode + 2.0 * p10, "{j}");
+    assert!(j.get("generation_estimate_seconds").is_none(), "{j}");
+    // Weights of the three models and the sessions: more than the DiT's step alone holds.
+    assert!(j["peak_memory_bytes"].as_u64().unwrap() > 4 << 20, "{j}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args(["-q", "bench", "--generation"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--device"), "{err}");
+}
+
 #[test]
 fn bench_of_a_preset_makes_only_what_it_measures() {
     // The 1.3B preset's DiT (and VAE) without the text encoder: what `reel bench` makes

@@ -963,7 +963,7 @@ fn check_encode_size(c: &WanVaeConfig, f: usize, h: usize, w: usize) -> Result<(
 }
 
 /// Frames t0..t1 of sample `b` of a [B, C, T, H, W] tensor, channel-last.
-fn to_frames_range(x: &Tensor, b: usize, t0: usize, t1: usize) -> Frames {
+pub(crate) fn to_frames_range(x: &Tensor, b: usize, t0: usize, t1: usize) -> Frames {
     let s = x.shape();
     let (c, t, h, w) = (s[1], s[2], s[3], s[4]);
     let mut out = Frames::zeros(t1 - t0, h, w, c);
