@@ -170,8 +170,21 @@ fn bench_on_emu_times_the_device_dit_step() {
 fn bench_generation_times_a_whole_generation_on_the_device() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
         .args([
-            "-q", "bench", "--device", "emu", "--generation", "--steps", "3", "--warmup", "1",
-            "--size", "32x32", "--frames", "5", "--json", "-",
+            "-q",
+            "bench",
+            "--device",
+            "emu",
+            "--generation",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--size",
+            "32x32",
+            "--frames",
+            "5",
+            "--json",
+            "-",
         ])
         .output()
         .unwrap();
