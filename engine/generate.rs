@@ -171,11 +171,7 @@ impl FrameSink for CropSink<'_> {
             }
             let frame = RgbFrame { w, h, data: &buf };
             if let Some(path) = self.thumbnail.take() {
-                let file = std::fs::File::create(&path).map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                video::write_png(std::io::BufWriter::new(file), w, h, &frame.to_u8())?;
+                crate::io::write_atomic(&path, &video::png_bytes(w, h, &frame.to_u8())?)?;
             }
             self.writer.write(&frame)?;
             self.frames += 1;
@@ -347,6 +343,55 @@ pub(crate) fn load_model_with(
     }
 }
 
+/// Classifier-free guidance scales a run may use (≤ 1 skips the unconditional pass; Wan's
+/// own default is 5). The CLI and the server check the same ranges.
+pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=100.0;
+/// Flow shifts (Wan uses 3 at 480p and 5 at 720p; 1 is no shift).
+pub const SHIFT_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
+/// Denoising steps.
+pub const STEPS_RANGE: std::ops::RangeInclusive<usize> = 1..=1000;
+/// Frames per second of the written video.
+pub const FPS_RANGE: std::ops::RangeInclusive<u32> = 1..=240;
+
+/// Checks a run's parameters against the documented ranges (a missing one takes its
+/// default, which is in range). Err((parameter, reason)) names the parameter without any
+/// CLI or API decoration, so each front end words it its own way.
+pub fn check_ranges(
+    guidance: Option<f64>,
+    shift: Option<f64>,
+    steps: Option<usize>,
+    fps: Option<u32>,
+) -> std::result::Result<(), (&'static str, String)> {
+    fn range<T: PartialOrd + std::fmt::Display>(r: &std::ops::RangeInclusive<T>) -> String {
+        format!("from {} to {}", r.start(), r.end())
+    }
+    if let Some(g) = guidance.filter(|g| !GUIDANCE_RANGE.contains(g)) {
+        return Err((
+            "guidance",
+            format!("{g} is not a guidance scale {}", range(&GUIDANCE_RANGE)),
+        ));
+    }
+    if let Some(v) = shift.filter(|v| !SHIFT_RANGE.contains(v)) {
+        return Err((
+            "shift",
+            format!("{v} is not a flow shift {}", range(&SHIFT_RANGE)),
+        ));
+    }
+    if let Some(n) = steps.filter(|n| !STEPS_RANGE.contains(n)) {
+        return Err((
+            "steps",
+            format!("{n} is not a step count {}", range(&STEPS_RANGE)),
+        ));
+    }
+    if let Some(f) = fps.filter(|f| !FPS_RANGE.contains(f)) {
+        return Err((
+            "fps",
+            format!("{f} is not a frame rate {}", range(&FPS_RANGE)),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `reel generate`. Returns the sidecars of the videos written.
 pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     install_ctrlc();
@@ -356,22 +401,13 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
     if args.count == 0 {
         return Err(Error::invalid("--count must be at least 1"));
     }
-    if !(1..=240).contains(&args.fps) {
-        return Err(Error::invalid(format!(
-            "--fps {}: must be between 1 and 240",
-            args.fps
-        )));
-    }
-    if let Some(g) = args.guidance {
-        if !g.is_finite() {
-            return Err(Error::invalid(format!(
-                "--guidance {g}: must be a finite number"
-            )));
-        }
-    }
-    if args.steps == Some(0) {
-        return Err(Error::invalid("--steps must be at least 1"));
-    }
+    check_ranges(
+        args.guidance.map(f64::from),
+        args.shift,
+        args.steps,
+        Some(args.fps),
+    )
+    .map_err(|(name, reason)| Error::invalid(format!("--{name}: {reason}")))?;
     let requested = args.size.as_deref().map(parse_size).transpose()?;
     let mut prompts: Vec<Option<String>> = Vec::new();
     if let Some(file) = &args.prompts_file {
@@ -754,7 +790,19 @@ pub fn render(
     };
     let text = serde_json::to_string_pretty(&side).map_err(|e| Error::invalid(e.to_string()))?;
     let sp = sidecar_path(&job.output);
-    std::fs::write(&sp, text).map_err(|source| Error::Io { path: sp, source })?;
+    if let Err(e) = crate::io::write_atomic(&sp, text.as_bytes()) {
+        // The sidecar is part of the output: without it, nothing is published.
+        let out = Path::new(&job.output);
+        let _ = if job.output.ends_with('/') {
+            std::fs::remove_dir_all(out)
+        } else {
+            std::fs::remove_file(out)
+        };
+        if let Some(t) = &job.thumbnail {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
+    }
     tracing::info!("wrote {} ({n_frames} frames)", job.output);
     Ok(side)
 }

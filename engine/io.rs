@@ -79,10 +79,6 @@ impl TensorFile {
 
 /// Writes `tensors` as F32 safetensors at `path` (atomically: temp file, then rename).
 pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io { path: p, source }
-    };
     let bytes: Vec<(String, Vec<usize>, &[u8])> = tensors
         .iter()
         .map(|(n, t)| {
@@ -107,18 +103,68 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
             reason: e.to_string(),
         })
     })?;
-    let tmp = temp_name(path);
-    std::fs::write(&tmp, data).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    write_atomic(path, &data)
 }
 
-/// `path` with `.partial-<pid>` appended: where outputs are written before the rename.
+/// `path` with `.partial-<pid>-<n>` appended (n counts within the process, so two threads
+/// writing the same path never share a temporary file): where outputs are written before
+/// the rename that publishes them.
 pub(crate) fn temp_name(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(format!(".partial-{}", std::process::id()));
+    name.push(format!(".partial-{}-{n}", std::process::id()));
     path.with_file_name(name)
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Publishes a finished temporary file: its data synced to the disk, then renamed over
+/// `path`, then the folder synced (best effort), so that a crash or a full disk leaves the
+/// old file or the whole new one, never a part. On failure the temporary file is removed
+/// and the error names the path and the OS error.
+pub fn publish(file: std::fs::File, tmp: &Path, path: &Path) -> Result<()> {
+    let synced = file.sync_all().map_err(io_error(tmp));
+    drop(file);
+    let r = synced.and_then(|()| std::fs::rename(tmp, path).map_err(io_error(path)));
+    if r.is_err() {
+        let _ = std::fs::remove_file(tmp);
+        return r;
+    }
+    sync_folder_of(path);
+    Ok(())
+}
+
+/// Syncs the folder holding `path` (its new entry), where the platform allows it.
+pub(crate) fn sync_folder_of(path: &Path) {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Writes `bytes` at `path` atomically and durably: a temporary file, every byte written
+/// and checked, synced, then renamed over `path` ([`publish`]). On failure nothing is left.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = temp_name(path);
+    let written = std::fs::File::create(&tmp)
+        .map_err(io_error(&tmp))
+        .and_then(|mut f| f.write_all(bytes).map(|()| f).map_err(io_error(&tmp)));
+    match written {
+        Ok(f) => publish(f, &tmp, path),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }

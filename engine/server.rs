@@ -97,6 +97,30 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job whose record on disk could not be read: failed with code `record_unreadable`.
+    fn unreadable(id: &str, model: &str, at: u64, at_ns: u128, message: String) -> Job {
+        Job {
+            id: id.to_string(),
+            model: model.to_string(),
+            status: Status::Failed,
+            progress: 0,
+            created_at: at,
+            created_ns: at_ns,
+            completed_at: Some(at),
+            size: String::new(),
+            seconds: String::new(),
+            error: Some(json!({"code": "record_unreadable", "message": message})),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            frames: 0,
+            steps: 0,
+            guidance: 0.0,
+            seed: 0,
+            fps: 0,
+            warning: None,
+        }
+    }
+
     /// The video object as the API returns it.
     fn object(&self) -> Value {
         let mut v = json!({
@@ -249,27 +273,49 @@ impl Shared {
         self.data.join("videos").join(format!("{id}.png"))
     }
 
-    /// Writes the job record (temporary name, then rename).
-    fn persist(&self, job: &Job) {
+    /// Writes the job record durably (temporary file, every write checked, synced, then
+    /// renamed); false (and a log line naming the file and the OS error) when it could not.
+    fn persist(&self, job: &Job) -> bool {
         let path = self.job_path(&job.id);
-        let tmp = path.with_extension("json.tmp");
-        let ok = serde_json::to_vec_pretty(job)
-            .ok()
-            .and_then(|b| std::fs::write(&tmp, b).ok())
-            .and_then(|_| std::fs::rename(&tmp, &path).ok());
-        if ok.is_none() {
-            tracing::error!("could not write {}", path.display());
+        let written = serde_json::to_vec_pretty(job)
+            .map_err(|e| Error::invalid(e.to_string()))
+            .and_then(|b| crate::io::write_atomic(&path, &b));
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("could not write the job record: {e}");
+                false
+            }
         }
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Job)) -> Option<Job> {
+        self.update_persisted(id, f).map(|(job, _)| job)
+    }
+
+    /// As `update`, also saying whether the record reached the disk.
+    fn update_persisted(&self, id: &str, f: impl FnOnce(&mut Job)) -> Option<(Job, bool)> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let e = jobs.get_mut(id)?;
         f(&mut e.job);
         let job = e.job.clone();
         drop(jobs);
-        self.persist(&job);
-        Some(job)
+        let saved = self.persist(&job);
+        Some((job, saved))
+    }
+
+    /// Marks a job failed with `code` (kept in memory even if its record cannot be written)
+    /// and removes every file it made, so nothing partial is ever served.
+    fn fail(&self, id: &str, code: &str, message: String) {
+        tracing::warn!("job {id} failed ({code}): {message}");
+        self.update(id, |j| {
+            j.status = Status::Failed;
+            j.completed_at = Some(now());
+            j.error = Some(json!({"code": code, "message": message}));
+        });
+        for p in [self.video_path(id), self.thumb_path(id), self.sidecar(id)] {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     fn remove_files(&self, id: &str) {
@@ -280,6 +326,33 @@ impl Shared {
             self.sidecar(id),
         ] {
             let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Removes what no job owns under videos/: files of jobs without a record (a record
+    /// deleted by hand, a crash between the files and the record) and temporary files of
+    /// writes a crash interrupted. Each removal is logged.
+    fn remove_orphans(&self) {
+        let dir = self.data.join("videos");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.split('.').next().unwrap_or("");
+            let partial = name.contains(".partial-");
+            if partial || !valid_id(id) || !jobs.contains_key(id) {
+                let what = if partial {
+                    "an interrupted write"
+                } else {
+                    "no job owns it"
+                };
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::warn!("removed {} ({what})", entry.path().display()),
+                    Err(e) => tracing::warn!("{} ({what}): {e}", entry.path().display()),
+                }
+            }
         }
     }
 
@@ -425,25 +498,31 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
         });
         match result {
             Ok(_) => {
-                shared.update(&id, |j| {
+                let saved = shared.update_persisted(&id, |j| {
                     j.status = Status::Completed;
                     j.progress = 100;
                     j.completed_at = Some(now());
                 });
+                if let Some((_, false)) = saved {
+                    // A completion that could not be recorded would not survive a restart:
+                    // the job fails now, and its files go.
+                    shared.fail(
+                        &id,
+                        "write_failed",
+                        format!(
+                            "the job record {} could not be written",
+                            shared.job_path(&id).display()
+                        ),
+                    );
+                }
             }
             Err(e) => {
                 let (code, message) = match e {
                     Error::Interrupted => ("cancelled", "the job was cancelled".to_string()),
+                    e @ Error::Io { .. } => ("write_failed", e.to_string()),
                     other => ("generation_failed", other.to_string()),
                 };
-                tracing::warn!("job {id} failed: {message}");
-                shared.update(&id, |j| {
-                    j.status = Status::Failed;
-                    j.completed_at = Some(now());
-                    j.error = Some(json!({"code": code, "message": message}));
-                });
-                let _ = std::fs::remove_file(shared.video_path(&id));
-                let _ = std::fs::remove_file(shared.thumb_path(&id));
+                shared.fail(&id, code, message);
             }
         }
         shared.retention();
@@ -542,13 +621,17 @@ fn job_from_request(
     let steps = int_field(map, "steps", 1..=1000)?
         .map(|s| s as usize)
         .unwrap_or(default_steps);
-    let guidance = match float_field(map, "guidance")? {
+    let guidance_given = float_field(map, "guidance")?;
+    let seed = int_field(map, "seed", 0..=u64::MAX)?.unwrap_or(0);
+    let fps = int_field(map, "fps", 1..=240)?.unwrap_or(16) as u32;
+    // The same ranges as the CLI's (a value accepted here is one the record can hold).
+    crate::generate::check_ranges(guidance_given, None, Some(steps), Some(fps))
+        .map_err(|(name, reason)| bad(name, format!("`{name}`: {reason}")))?;
+    let guidance = match guidance_given {
         Some(g) => g as f32,
         None if shared.embedded => embedded::default_guidance(),
         None => 5.0,
     };
-    let seed = int_field(map, "seed", 0..=u64::MAX)?.unwrap_or(0);
-    let fps = int_field(map, "fps", 1..=240)?.unwrap_or(16) as u32;
     let negative_prompt = str_field(map, "negative_prompt")?.unwrap_or("").to_string();
     if negative_prompt.chars().count() > 32_000 {
         return Err(bad(
@@ -663,7 +746,20 @@ async fn create(State(s): State<Arc<Shared>>, headers: HeaderMap, req: Request) 
             },
         );
     }
-    s.persist(&job);
+    if !s.persist(&job) {
+        // Not on disk, so not accepted: a job the server cannot record would not survive a
+        // restart. The worker finds no entry and skips it.
+        s.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the job could not be recorded under {}; retry later",
+                s.data.join("jobs").display()
+            ),
+            None,
+            Some("write_failed"),
+        );
+    }
     (StatusCode::OK, Json(job.object())).into_response()
 }
 
@@ -1060,21 +1156,57 @@ impl Server {
             .flatten()
         {
             let path = entry.path();
-            let Some(job) = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Job>(&b).ok())
-            else {
-                continue;
-            };
-            if !valid_id(&job.id)
-                || path
-                    .file_stem()
-                    .map(|s| s != job.id.as_str())
-                    .unwrap_or(true)
-            {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains(".partial-") {
+                // A record being written when the process died: its last good version (if
+                // any) is the one renamed into place.
+                let _ = std::fs::remove_file(&path);
                 continue;
             }
-            let mut job = job;
+            let Some(stem) = name.strip_suffix(".json").filter(|s| valid_id(s)) else {
+                tracing::warn!("{}: not a job record; left alone", path.display());
+                continue;
+            };
+            let parsed = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Job>(&b).map_err(|e| e.to_string()))
+                .and_then(|j| {
+                    if j.id == stem {
+                        Ok(j)
+                    } else {
+                        Err(format!("it names the job `{}`", j.id))
+                    }
+                });
+            let mut job = match parsed {
+                Ok(j) => j,
+                Err(reason) => {
+                    // Never dropped silently: listed as failed, the file kept as it is for
+                    // whoever wants to look at it, the job's outputs (unservable) removed.
+                    tracing::error!(
+                        "{}: unreadable job record ({reason}); listed as failed",
+                        path.display()
+                    );
+                    let mtime = entry
+                        .metadata()
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+                    for p in [
+                        shared.video_path(stem),
+                        shared.thumb_path(stem),
+                        shared.sidecar(stem),
+                    ] {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    Job::unreadable(
+                        stem,
+                        &shared.model_name,
+                        mtime.map(|d| d.as_secs()).unwrap_or_else(now),
+                        mtime.map(|d| d.as_nanos()).unwrap_or(0),
+                        format!("the job record could not be read: {reason}"),
+                    )
+                }
+            };
             if !job.status.finished() {
                 job.status = Status::Failed;
                 job.completed_at = Some(now());
@@ -1094,6 +1226,7 @@ impl Server {
                     },
                 );
         }
+        shared.remove_orphans();
         shared.retention();
 
         let app = Router::new()

@@ -9,7 +9,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::io::{temp_name, write_f32};
+use crate::io::{publish, sync_folder_of, temp_name, write_f32};
 use crate::tensor::Tensor;
 
 /// One RGB frame, [h, w, 3] in [0, 1].
@@ -66,6 +66,45 @@ impl Format {
                 "-o {out}: unknown output type; use .mp4, .gif, .y4m, .safetensors, or a folder ending in /"
             ))),
         }
+    }
+}
+
+/// An encoder's or muxer's error about `path`: an I/O error stays one (the OS error with the
+/// path: a full disk is a write failure, not a bad input), anything else is named by `what`.
+fn encode_err<'a, E: std::fmt::Display>(
+    path: &'a Path,
+    what: &'static str,
+    io: impl Fn(E) -> std::result::Result<std::io::Error, E> + 'a,
+) -> impl Fn(E) -> Error + 'a {
+    move |e| match io(e) {
+        Ok(source) => Error::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        Err(e) => Error::invalid(format!("{}: {what}: {e}", path.display())),
+    }
+}
+
+fn mux_io(
+    e: muxide::api::MuxerError,
+) -> std::result::Result<std::io::Error, muxide::api::MuxerError> {
+    match e {
+        muxide::api::MuxerError::Io(io) => Ok(io),
+        other => Err(other),
+    }
+}
+
+fn gif_io(e: gif::EncodingError) -> std::result::Result<std::io::Error, gif::EncodingError> {
+    match e {
+        gif::EncodingError::Io(io) => Ok(io),
+        other => Err(other),
+    }
+}
+
+fn png_io(e: png::EncodingError) -> std::result::Result<std::io::Error, png::EncodingError> {
+    match e {
+        png::EncodingError::IoError(io) => Ok(io),
+        other => Err(other),
     }
 }
 
@@ -139,14 +178,27 @@ impl VideoWriter for Y4m {
         self.out.write_all(&planes).map_err(io_err(&self.tmp))
     }
 
-    fn finish(mut self: Box<Self>, _latents: &Tensor) -> Result<()> {
-        self.out.flush().map_err(io_err(&self.tmp))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))
+    fn finish(self: Box<Self>, _latents: &Tensor) -> Result<()> {
+        let Y4m { path, tmp, out } = *self;
+        match out.into_inner() {
+            Ok(file) => publish(file, &tmp, &path),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(io_err(&tmp)(e.into_error()))
+            }
+        }
     }
 
     fn abort(self: Box<Self>) {
         let _ = std::fs::remove_file(&self.tmp);
     }
+}
+
+/// A buffered file's last bytes written and the file synced: every error surfaces (a
+/// BufWriter dropped unflushed would swallow it).
+fn close_synced(out: BufWriter<File>, path: &Path) -> Result<()> {
+    let file = out.into_inner().map_err(|e| io_err(path)(e.into_error()))?;
+    file.sync_all().map_err(io_err(path))
 }
 
 /// A folder of frame_00000.png, ...
@@ -174,32 +226,59 @@ impl PngDir {
     }
 }
 
-/// Encodes one RGB8 image as PNG into `w`.
-pub fn write_png(w: impl Write, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
+/// Encodes one RGB8 image as PNG into `w` (errors name `path`, where `w` writes).
+pub fn write_png(
+    w: impl Write,
+    path: &Path,
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+) -> Result<()> {
+    let err = encode_err(path, "png", png_io);
     let mut enc = png::Encoder::new(w, width as u32, height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut wr = enc
-        .write_header()
-        .map_err(|e| Error::invalid(format!("png: {e}")))?;
-    wr.write_image_data(rgb)
-        .map_err(|e| Error::invalid(format!("png: {e}")))
+    let mut wr = enc.write_header().map_err(&err)?;
+    wr.write_image_data(rgb).map_err(&err)?;
+    // The closing chunk: written here, where its error is seen (a drop would swallow it).
+    wr.finish().map_err(&err)
+}
+
+/// One RGB8 image as PNG bytes.
+pub fn png_bytes(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_png(&mut out, Path::new("(memory)"), width, height, rgb)?;
+    Ok(out)
 }
 
 impl VideoWriter for PngDir {
     fn write(&mut self, f: &RgbFrame) -> Result<()> {
         let p = self.tmp.join(format!("frame_{:05}.png", self.n));
-        let file = BufWriter::new(File::create(&p).map_err(io_err(&p))?);
-        write_png(file, f.w, f.h, &f.to_u8())?;
+        let mut file = BufWriter::new(File::create(&p).map_err(io_err(&p))?);
+        write_png(&mut file, &p, f.w, f.h, &f.to_u8())?;
+        close_synced(file, &p)?;
         self.n += 1;
         Ok(())
     }
 
     fn finish(self: Box<Self>, _latents: &Tensor) -> Result<()> {
-        if self.path.exists() {
-            std::fs::remove_dir(&self.path).map_err(io_err(&self.path))?;
+        let published = (|| {
+            sync_folder_of(&self.tmp.join("frame"));
+            if self.path.exists() {
+                std::fs::remove_dir(&self.path).map_err(io_err(&self.path))?;
+            }
+            std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))
+        })();
+        match published {
+            Ok(()) => {
+                sync_folder_of(&self.path);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&self.tmp);
+                Err(e)
+            }
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))
     }
 
     fn abort(self: Box<Self>) {
@@ -217,15 +296,24 @@ struct Gif {
 
 impl Gif {
     fn new(path: PathBuf, w: usize, h: usize, fps: u32) -> Result<Self> {
-        let tmp = temp_name(&path);
-        let file = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
-        let gif_err =
-            |e: gif::EncodingError| Error::invalid(format!("{}: gif: {e}", tmp.display()));
         if w > u16::MAX as usize || h > u16::MAX as usize {
             return Err(Error::invalid("gif frames are at most 65535 pixels a side"));
         }
-        let mut enc = gif::Encoder::new(file, w as u16, h as u16, &[]).map_err(gif_err)?;
-        enc.set_repeat(gif::Repeat::Infinite).map_err(gif_err)?;
+        let tmp = temp_name(&path);
+        let file = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
+        let started = {
+            let gif_err = encode_err(&tmp, "gif", gif_io);
+            gif::Encoder::new(file, w as u16, h as u16, &[])
+                .and_then(|mut enc| enc.set_repeat(gif::Repeat::Infinite).map(|()| enc))
+                .map_err(gif_err)
+        };
+        let enc = match started {
+            Ok(enc) => enc,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         // GIF delays are in centiseconds.
         let delay = ((100.0 / fps.max(1) as f64).round() as u16).max(1);
         Ok(Gif {
@@ -244,17 +332,22 @@ impl VideoWriter for Gif {
         frame.delay = self.delay;
         self.enc
             .write_frame(&frame)
-            .map_err(|e| Error::invalid(format!("{}: gif: {e}", self.tmp.display())))
+            .map_err(encode_err(&self.tmp, "gif", gif_io))
     }
 
     fn finish(self: Box<Self>, _latents: &Tensor) -> Result<()> {
         let Gif { path, tmp, enc, .. } = *self;
-        let mut file = enc
+        let closed = enc
             .into_inner()
-            .map_err(|e| Error::invalid(format!("{}: gif: {e}", tmp.display())))?;
-        file.flush().map_err(io_err(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+            .map_err(encode_err(&tmp, "gif", gif_io))
+            .and_then(|out| out.into_inner().map_err(|e| io_err(&tmp)(e.into_error())));
+        match closed {
+            Ok(file) => publish(file, &tmp, &path),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
     }
 
     fn abort(self: Box<Self>) {
@@ -281,8 +374,6 @@ impl Mp4 {
         if w % 2 != 0 || h % 2 != 0 {
             return Err(Error::invalid(format!("mp4 needs even sizes, got {w}x{h}")));
         }
-        let tmp = temp_name(&path);
-        let file = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
         // ~0.2 bits per pixel per frame: clean output for short clips.
         let bps = ((w * h) as f64 * fps as f64 * 0.2).clamp(200_000.0, 50_000_000.0) as u32;
         let config = EncoderConfig::new()
@@ -293,6 +384,9 @@ impl Mp4 {
             config,
         )
         .map_err(|e| Error::invalid(format!("openh264: {e}")))?;
+        // The file last: nothing to clean up when the encoder cannot start.
+        let tmp = temp_name(&path);
+        let file = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
         Ok(Mp4 {
             path,
             tmp,
@@ -341,13 +435,16 @@ impl VideoWriter for Mp4 {
                 )
                 .with_fast_start(true)
                 .build()
-                .map_err(|e| Error::invalid(format!("mp4 muxer: {e}")))?;
+                .map_err(encode_err(&self.tmp, "mp4 muxer", mux_io))?;
             self.muxer = Some(muxer);
         }
         let pts = self.n as f64 / self.fps as f64;
         if let Some(m) = self.muxer.as_mut() {
-            m.write_video(pts, &data, keyframe)
-                .map_err(|e| Error::invalid(format!("mp4 muxer: {e}")))?;
+            m.write_video(pts, &data, keyframe).map_err(encode_err(
+                &self.tmp,
+                "mp4 muxer",
+                mux_io,
+            ))?;
         }
         self.n += 1;
         Ok(())
@@ -357,11 +454,25 @@ impl VideoWriter for Mp4 {
         let Mp4 {
             path, tmp, muxer, ..
         } = *self;
-        let muxer = muxer.ok_or_else(|| Error::invalid("mp4: no frames were written"))?;
-        muxer
-            .finish()
-            .map_err(|e| Error::invalid(format!("mp4 muxer: {e}")))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        let closed = (|| {
+            let mut muxer = muxer.ok_or_else(|| Error::invalid("mp4: no frames were written"))?;
+            // The muxer writes its index here; its buffered writer then flushed and the file
+            // handed back, so that every write's error is seen.
+            muxer
+                .finish_in_place()
+                .map_err(encode_err(&tmp, "mp4 muxer", mux_io))?;
+            muxer
+                .into_writer()
+                .into_inner()
+                .map_err(|e| io_err(&tmp)(e.into_error()))
+        })();
+        match closed {
+            Ok(file) => publish(file, &tmp, &path),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
     }
 
     fn abort(self: Box<Self>) {

@@ -498,3 +498,66 @@ fn generate_seconds_sets_the_frame_count() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--seconds"));
 }
+
+/// A full disk (a 1 KiB file-size limit in a child process, SIGXFSZ ignored so that writes
+/// fail with EFBIG as on a full disk): every output format fails with the OS error and the
+/// path, exits non-zero, and leaves nothing behind, not even a temporary file.
+#[test]
+fn a_full_disk_fails_every_writer_and_leaves_nothing() {
+    for out in ["v.mp4", "v.y4m", "v.gif", "v.safetensors", "frames/"] {
+        let dir = scratch(&format!("gen-full-disk-{}", out.replace(['.', '/'], "-")));
+        let o = Command::new("bash")
+            .current_dir(&dir)
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f 1; exec '{}' -q generate --prompt 'a red circle moving right' --steps 1 --frames 5 -o {out}",
+                env!("CARGO_BIN_EXE_reel")
+            ))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{out}: exit 0 on a full disk");
+        assert!(
+            err.contains("File too large") && err.contains(out.trim_end_matches('/')),
+            "{out}: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{out}: left behind {left:?}");
+    }
+}
+
+/// Parameters are checked for range, not only finiteness, before anything loads.
+#[test]
+fn generate_rejects_out_of_range_parameters_by_name() {
+    for (flag, value) in [
+        ("--guidance", "1e30"),
+        ("--guidance=-1", ""),
+        ("--shift", "0"),
+        ("--shift", "1e9"),
+        ("--steps", "1001"),
+        ("--fps", "0"),
+    ] {
+        let mut c = reel();
+        c.args([
+            "-q",
+            "generate",
+            "--prompt",
+            "x",
+            "-o",
+            "/tmp/never.y4m",
+            flag,
+        ]);
+        if !value.is_empty() {
+            c.arg(value);
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let name = flag.split('=').next().unwrap();
+        assert!(!o.status.success(), "{flag} {value} was accepted");
+        assert!(err.contains(name), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

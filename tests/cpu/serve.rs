@@ -461,3 +461,124 @@ fn serve_on_a_device_plans_each_request_at_submission() {
     assert!(m.contains("reel_device_budget_bytes"), "{m}");
     server.stop();
 }
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The server on a disk that fills up (`reel serve` in a child under a 4 KiB file-size
+/// limit: the job records fit, the video (about 10 KB) does not): the job fails with `write_failed`, its
+/// content is never served and nothing of it stays under videos/.
+#[test]
+fn serve_marks_a_job_whose_video_cannot_be_written_write_failed() {
+    let dir = scratch("serve-full-disk");
+    let port = free_port();
+    let mut child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f 4; exec '{}' -q serve --addr 127.0.0.1:{port} --data-dir '{}'",
+            env!("CARGO_BIN_EXE_reel"),
+            dir.display()
+        ))
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "steps": 2, "seconds": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let v = wait_for(addr, &id, "failed");
+    assert_eq!(v["error"]["code"], "write_failed", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("File too large"),
+        "{v}"
+    );
+    let c = http(addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+    assert_ne!(c.status, 200);
+    let left: Vec<_> = std::fs::read_dir(dir.join("videos"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    child.kill().ok();
+    child.wait().ok();
+}
+
+/// Records the server cannot read are listed as failed (`record_unreadable`), never dropped;
+/// files no job owns and interrupted writes are removed at start; out-of-range parameters
+/// are a 400 naming the field (a guidance of 1e308 once became an unreadable record).
+#[test]
+fn serve_lists_unreadable_records_removes_orphans_and_checks_ranges() {
+    let dir = scratch("serve-records");
+    std::fs::create_dir_all(dir.join("jobs")).unwrap();
+    std::fs::create_dir_all(dir.join("videos")).unwrap();
+    let bad = "video_0123456789abcdef0123456789abcdef";
+    let orphan = "video_fedcba9876543210fedcba9876543210";
+    std::fs::write(
+        dir.join("jobs").join(format!("{bad}.json")),
+        b"{\"id\": 12,",
+    )
+    .unwrap();
+    std::fs::write(dir.join("videos").join(format!("{bad}.mp4")), b"x").unwrap();
+    std::fs::write(dir.join("videos").join(format!("{orphan}.mp4")), b"x").unwrap();
+    std::fs::write(
+        dir.join("videos").join(format!("{orphan}.mp4.partial-1-0")),
+        b"x",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("jobs").join(format!("{orphan}.json.partial-1-0")),
+        b"{",
+    )
+    .unwrap();
+    let server = start(&dir, 4, None);
+    let addr = server.addr;
+    let v = http(addr, "GET", &format!("/v1/videos/{bad}"), &[], b"").json();
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["error"]["code"], "record_unreadable", "{v}");
+    let list = http(addr, "GET", "/v1/videos", &[], b"").json();
+    assert!(list.to_string().contains(bad), "{list}");
+    let videos: Vec<_> = std::fs::read_dir(dir.join("videos"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(videos.is_empty(), "{videos:?}");
+    let jobs: Vec<_> = std::fs::read_dir(dir.join("jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        jobs,
+        vec![format!("{bad}.json")],
+        "the unreadable record is kept as it is"
+    );
+    for (field, value) in [
+        ("guidance", json!(1e308)),
+        ("guidance", json!(-0.5)),
+        ("steps", json!(5000)),
+        ("fps", json!(0)),
+    ] {
+        let r = post_json(addr, &json!({"prompt": "x", field: value}));
+        assert_eq!(r.status, 400, "{field}: {value}");
+        assert_eq!(r.json()["error"]["param"], field, "{field}: {value}");
+    }
+    drop(server);
+}
