@@ -280,6 +280,13 @@ pub enum Command {
         /// start; 80 on emu).
         #[arg(long)]
         device_memory: Option<f64>,
+        /// Seconds a connection may stay silent (no byte read or written), and the most a
+        /// request body may take to arrive (408 after it).
+        #[arg(long, default_value_t = crate::server::IDLE_TIMEOUT_SECS)]
+        idle_timeout: f64,
+        /// Connections served at once (more wait in the listen backlog).
+        #[arg(long, default_value_t = crate::server::MAX_CONNECTIONS)]
+        max_connections: usize,
     },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
@@ -783,9 +790,13 @@ pub fn run(cli: Cli) -> Result<String> {
             api_key,
             device,
             device_memory,
+            idle_timeout,
+            max_connections,
         } => {
             let device = resolve_device(&device)?;
             crate::server::serve(&crate::server::ServeArgs {
+                idle_timeout_secs: Some(idle_timeout),
+                max_connections: Some(max_connections),
                 model,
                 random_weights,
                 addr,

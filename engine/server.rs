@@ -51,6 +51,138 @@ pub struct ServeArgs {
     /// GiB of device memory each job's plan must fit (default: the GPU's free memory at
     /// start; 80 on emu).
     pub device_memory_gib: Option<f64>,
+    /// Seconds a connection may go without reading or writing a byte, and the most a
+    /// request body may take to arrive, before the server gives up on it (default 30).
+    pub idle_timeout_secs: Option<f64>,
+    /// Connections served at once; more wait in the listen backlog (default 256).
+    pub max_connections: Option<usize>,
+}
+
+/// Defaults of [`ServeArgs::idle_timeout_secs`] and [`ServeArgs::max_connections`].
+pub const IDLE_TIMEOUT_SECS: f64 = 30.0;
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The listener `reel serve` accepts on: at most `permits` connections at once (accept waits
+/// for one to close), each closed after `idle` without a byte read or written (a client that
+/// stops sending mid-request, or never sends one, does not hold a connection forever).
+struct Bounded {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    let _ = io.set_nodelay(true);
+                    return (
+                        Conn {
+                            io,
+                            _permit: permit,
+                            idle: self.idle,
+                            deadline: Box::pin(tokio::time::sleep(self.idle)),
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little rather than spin.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that holds one of the listener's permits and times out when idle.
+struct Conn {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Conn {
+    fn touch(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Pending I/O: an error once the connection has been idle too long.
+    fn check_idle<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match std::future::Future::poll(self.deadline.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection was idle too long",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        match std::pin::Pin::new(&mut me.io).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                me.touch();
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => me.check_idle(cx),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let me = &mut *self;
+        match std::pin::Pin::new(&mut me.io).poll_write(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                me.touch();
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => me.check_idle(cx),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +287,8 @@ struct Shared {
     jobs: Mutex<BTreeMap<String, Entry>>,
     tx: SyncSender<String>,
     data: PathBuf,
+    /// The idle timeout of connections, and the most a request body may take.
+    idle: Duration,
     model_name: String,
     embedded: bool,
     api_key: Option<String>,
@@ -673,6 +807,29 @@ fn job_from_request(
 }
 
 async fn create(State(s): State<Arc<Shared>>, headers: HeaderMap, req: Request) -> Response {
+    // The whole body within the idle timeout: a client that trickles it, or announces more
+    // than it sends, gets a 408 instead of holding the connection.
+    let limit = s.idle;
+    match tokio::time::timeout(limit, read_fields(&headers, req)).await {
+        Ok(Ok(map)) => create_from(&s, map),
+        Ok(Err(r)) => r,
+        Err(_) => api_error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+            Some("body"),
+            Some("body_timeout"),
+        ),
+    }
+}
+
+/// The request's fields, from a JSON object or a multipart form.
+async fn read_fields(
+    headers: &HeaderMap,
+    req: Request,
+) -> std::result::Result<Map<String, Value>, Response> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -680,7 +837,7 @@ async fn create(State(s): State<Arc<Shared>>, headers: HeaderMap, req: Request) 
     let map: Map<String, Value> = if content_type.starts_with("multipart/form-data") {
         let mut mp = match Multipart::from_request(req, &()).await {
             Ok(m) => m,
-            Err(e) => return bad("body", format!("malformed multipart body: {e}")),
+            Err(e) => return Err(bad("body", format!("malformed multipart body: {e}"))),
         };
         let mut map = Map::new();
         loop {
@@ -694,25 +851,29 @@ async fn create(State(s): State<Arc<Shared>>, headers: HeaderMap, req: Request) 
                         Ok(t) => {
                             map.insert(name, Value::String(t));
                         }
-                        Err(e) => return bad(&name, format!("unreadable field: {e}")),
+                        Err(e) => return Err(bad(&name, format!("unreadable field: {e}"))),
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return bad("body", format!("malformed multipart body: {e}")),
+                Err(e) => return Err(bad("body", format!("malformed multipart body: {e}"))),
             }
         }
         map
     } else {
         let bytes = match Bytes::from_request(req, &()).await {
             Ok(b) => b,
-            Err(e) => return bad("body", format!("unreadable body: {e}")),
+            Err(e) => return Err(bad("body", format!("unreadable body: {e}"))),
         };
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(m)) => m,
-            Ok(_) => return bad("body", "the body must be a JSON object"),
-            Err(e) => return bad("body", format!("malformed JSON: {e}")),
+            Ok(_) => return Err(bad("body", "the body must be a JSON object")),
+            Err(e) => return Err(bad("body", format!("malformed JSON: {e}"))),
         }
     };
+    Ok(map)
+}
+
+fn create_from(s: &Arc<Shared>, map: Map<String, Value>) -> Response {
     let job = match job_from_request(&s, &map) {
         Ok(j) => j,
         Err(r) => return r,
@@ -1071,6 +1232,22 @@ impl Server {
         if args.max_queue == 0 {
             return Err(Error::invalid("--max-queue must be at least 1"));
         }
+        let idle = match args.idle_timeout_secs.unwrap_or(IDLE_TIMEOUT_SECS) {
+            t if t.is_finite() && (0.1..=86_400.0).contains(&t) => Duration::from_secs_f64(t),
+            t => {
+                return Err(Error::invalid(format!(
+                    "--idle-timeout {t}: seconds from 0.1 to 86400"
+                )))
+            }
+        };
+        let max_connections = match args.max_connections.unwrap_or(MAX_CONNECTIONS) {
+            n @ 1..=65_536 => n,
+            n => {
+                return Err(Error::invalid(format!(
+                    "--max-connections {n}: from 1 to 65536"
+                )))
+            }
+        };
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| Error::Io { path: p, source }
@@ -1138,6 +1315,7 @@ impl Server {
             jobs: Mutex::new(BTreeMap::new()),
             tx,
             data: args.data_dir.clone(),
+            idle,
             model_name,
             embedded: embedded_model,
             api_key: args.api_key.clone(),
@@ -1249,6 +1427,13 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::invalid(e.to_string()))?;
+        let listener = Bounded {
+            inner: listener,
+            permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            // A second's grace: a request whose body stalls gets its 408 from the handler's
+            // deadline before the connection itself times out.
+            idle: idle + Duration::from_secs(1),
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = std::thread::spawn(move || {
             runtime.block_on(async move {

@@ -90,6 +90,8 @@ fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
         api_key: api_key.map(str::to_string),
         device: None,
         device_memory_gib: None,
+        idle_timeout_secs: None,
+        max_connections: None,
     })
     .unwrap()
 }
@@ -361,6 +363,8 @@ fn serve_retention_evicts_finished_jobs_over_the_disk_budget() {
         api_key: None,
         device: None,
         device_memory_gib: None,
+        idle_timeout_secs: None,
+        max_connections: None,
     })
     .unwrap();
     let addr = server.addr;
@@ -425,6 +429,8 @@ fn serve_on_a_device_plans_each_request_at_submission() {
         api_key: None,
         device: Some(reel::kernels::KernelDevice::Emu),
         device_memory_gib: Some(0.05),
+        idle_timeout_secs: None,
+        max_connections: None,
     })
     .unwrap();
     let addr = server.addr;
@@ -580,5 +586,73 @@ fn serve_lists_unreadable_records_removes_orphans_and_checks_ranges() {
         assert_eq!(r.status, 400, "{field}: {value}");
         assert_eq!(r.json()["error"]["param"], field, "{field}: {value}");
     }
+    drop(server);
+}
+
+/// Connections are bounded in number and in silence: a body announced but not sent is a 408
+/// within the idle timeout, a connection that sends nothing is closed, and past
+/// max_connections a new connection waits until one closes.
+#[test]
+fn serve_times_out_stalled_bodies_and_idle_connections_and_bounds_them() {
+    let dir = scratch("serve-timeouts");
+    let server = Server::start(&ServeArgs {
+        model: None,
+        random_weights: false,
+        addr: "127.0.0.1:0".into(),
+        data_dir: dir.clone(),
+        max_queue: 4,
+        keep_hours: None,
+        max_disk_gb: None,
+        api_key: None,
+        device: None,
+        device_memory_gib: None,
+        idle_timeout_secs: Some(1.0),
+        max_connections: Some(2),
+    })
+    .unwrap();
+    let addr = server.addr;
+    let read_all = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    // A body that never arrives: 10 of the 1000 bytes announced.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":",
+    )
+    .unwrap();
+    let reply = read_all(&mut s);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("body_timeout"), "{reply}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // A connection that never sends a request is closed.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    let reply = read_all(&mut s);
+    assert!(reply.is_empty(), "{reply}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Two silent connections hold both permits: a third is served only once they time out.
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let r = http(addr, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 200);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served after {waited:?} with both permits held"
+    );
+    drop(held);
+    // And once free, at once.
+    let t = Instant::now();
+    assert_eq!(http(addr, "GET", "/health", &[], b"").status, 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     drop(server);
 }
