@@ -874,7 +874,7 @@ async fn read_fields(
 }
 
 fn create_from(s: &Arc<Shared>, map: Map<String, Value>) -> Response {
-    let job = match job_from_request(&s, &map) {
+    let job = match job_from_request(s, &map) {
         Ok(j) => j,
         Err(r) => return r,
     };
