@@ -1114,8 +1114,11 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
             }
         },
     );
+    // Comments at half the idle timeout (15 s at most) keep a quiet stream (a long step)
+    // from being closed as idle.
+    let every = (s.idle / 2).min(Duration::from_secs(15));
     Sse::new(stream)
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(every))
         .into_response()
 }
 
