@@ -1078,6 +1078,9 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
     if let Err(r) = find(&s, &id) {
         return r;
     }
+    // Comments at half the idle timeout (15 s at most) keep a quiet stream (a long step)
+    // from being closed as idle.
+    let every = (s.idle / 2).min(Duration::from_secs(15));
     // Polls the job and emits an event whenever its progress or status changes, ending
     // after the terminal status.
     let stream = futures_util::stream::unfold(
@@ -1114,9 +1117,6 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
             }
         },
     );
-    // Comments at half the idle timeout (15 s at most) keep a quiet stream (a long step)
-    // from being closed as idle.
-    let every = (s.idle / 2).min(Duration::from_secs(15));
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(every))
         .into_response()
