@@ -154,9 +154,7 @@ struct CropSink<'a> {
 
 impl FrameSink for CropSink<'_> {
     fn push(&mut self, _b: usize, f: &Frames) -> Result<()> {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            return Err(Error::Interrupted);
-        }
+        crate::cancel::check()?;
         let (x0, y0, w, h) = self.crop;
         let mut buf = vec![0.0f32; w * h * 3];
         for t in 0..f.t {
@@ -554,6 +552,7 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
             init_latents: init_latents.clone(),
             thumbnail: None,
             plan_peak_bytes,
+            cancel: Some(std::sync::Arc::new(|| INTERRUPTED.load(Ordering::SeqCst))),
         };
         let progress = if args.quiet {
             indicatif::ProgressBar::hidden()
@@ -602,6 +601,9 @@ pub struct Render {
     pub thumbnail: Option<PathBuf>,
     /// On a kernel device: the plan's peak (recorded in the sidecar).
     pub plan_peak_bytes: Option<u64>,
+    /// What cancels the render, checked inside steps and between decoded chunks too (None:
+    /// only `on_step`'s answer stops it).
+    pub cancel: Option<crate::cancel::Flag>,
 }
 
 /// Makes one video: checks the request against the model, estimates memory, conditions,
@@ -633,6 +635,7 @@ pub fn render(
     if let Some(m) = pipe.device_memory() {
         m.reset_peak();
     }
+    let _cancel = crate::cancel::scope(job.cancel.clone());
     let multiple = pipe.vae.config.spatial_factor()
         * pipe.dit.config.patch_size[1].max(pipe.dit.config.patch_size[2]);
     let (gw, gh) = (round_up(w, multiple), round_up(h, multiple));

@@ -5,6 +5,7 @@
 //! (the Wan2.1 family), and the command-line front end in [`cli`].
 
 pub mod bench;
+pub mod cancel;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;

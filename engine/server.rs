@@ -604,6 +604,12 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             init_latents: None,
             thumbnail: Some(shared.thumb_path(&id)),
             plan_peak_bytes: planned.as_ref().ok().copied().flatten(),
+            cancel: {
+                let (c, sh) = (cancel.clone(), shared.clone());
+                Some(Arc::new(move || {
+                    c.load(Ordering::SeqCst) || sh.shutdown.load(Ordering::SeqCst)
+                }))
+            },
         };
         let progress = indicatif::ProgressBar::hidden();
         let mut last = std::time::Instant::now();

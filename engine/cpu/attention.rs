@@ -223,6 +223,9 @@ fn attention_blocks(
                 }
             }
         });
+    // A cancelled render (crate::cancel) skips the tiles not yet started: what is left in
+    // `out` is then garbage, and the caller stops at its next check.
+    let cancel = crate::cancel::current();
     out[..batch * lq * out_stride]
         .par_chunks_mut(lq * out_stride)
         .enumerate()
@@ -234,6 +237,9 @@ fn attention_blocks(
                 .par_chunks_mut(QB * out_stride)
                 .enumerate()
                 .for_each(|(blk, out_blk)| {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
                     let r0 = blk * QB;
                     let qb = out_blk.len().div_ceil(out_stride).min(lq - r0);
                     let mut sbuf = vec![0.0f32; QB * KB];

@@ -656,3 +656,45 @@ fn serve_times_out_stalled_bodies_and_idle_connections_and_bounds_them() {
     );
     drop(server);
 }
+
+/// DELETE reaches inside a step: a job whose single step takes minutes on the cpu (the demo
+/// model at 1280x720 x 81 frames: 75,600 tokens) stops within seconds of the DELETE, is
+/// `failed` with code `cancelled`, leaves no file, and the worker takes the next job.
+#[test]
+fn serve_delete_stops_a_running_job_inside_its_step() {
+    let dir = scratch("serve-cancel-in-step");
+    let server = start(&dir, 4, None);
+    let addr = server.addr;
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "size": "1280x720", "frames": 81, "steps": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(addr, &id, "in_progress");
+    std::thread::sleep(Duration::from_millis(1500)); // well inside the first step
+    let t = Instant::now();
+    let d = http(addr, "DELETE", &format!("/v1/videos/{id}"), &[], b"");
+    assert_eq!(d.status, 200);
+    let v = wait_for(addr, &id, "failed");
+    let stopped = t.elapsed();
+    assert_eq!(v["error"]["code"], "cancelled", "{v}");
+    assert!(
+        stopped < Duration::from_secs(10),
+        "stopped {stopped:?} after the DELETE"
+    );
+    eprintln!("a running step stopped {stopped:?} after the DELETE");
+    let left: Vec<_> = std::fs::read_dir(dir.join("videos"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The worker is free again.
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "steps": 1, "seconds": 1}),
+    );
+    let next = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(addr, &next, "completed");
+    drop(server);
+}

@@ -145,6 +145,9 @@ impl WanDit {
 
         let mut bufs = Buffers::new(bl, d, f);
         for (block, (kc, vc)) in self.layers.blocks.iter().zip(&kv.blocks) {
+            // A cancelled render stops between blocks (the attention skips its remaining
+            // tiles once cancelled, so a block ends early too).
+            crate::cancel::check()?;
             self.block(
                 block,
                 &mut h,

@@ -923,6 +923,7 @@ impl WanVae {
         for bi in 0..b {
             let mut cache = ConvCache::new(&self.decoder.slots);
             for i in 0..t {
+                crate::cancel::check()?;
                 // post_quant_conv is 1×1×1: applying it frame by frame is exact, and nothing
                 // of the latent sequence is copied whole.
                 let frame = to_frames_range(latents, bi, i, i + 1);
