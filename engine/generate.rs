@@ -99,12 +99,36 @@ fn round_up(v: usize, m: usize) -> usize {
     v.div_ceil(m) * m
 }
 
-/// Memory the machine has for this run (Linux: MemAvailable), if it can be read.
-pub(crate) fn available_memory() -> Option<u64> {
+/// Memory the machine has for this run, if it can be read: Linux's MemAvailable, or less
+/// when the process's cgroup (v2: a container's limit) leaves less; `REEL_AVAILABLE_GB`
+/// overrides both (a deployment that knows better, and the tests).
+pub fn available_memory() -> Option<u64> {
+    if let Ok(v) = std::env::var("REEL_AVAILABLE_GB") {
+        if let Some(gb) = v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|g| g.is_finite() && *g >= 0.0)
+        {
+            return Some((gb * 1e9) as u64);
+        }
+        tracing::warn!("REEL_AVAILABLE_GB={v}: not a number of GB; ignored");
+    }
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let cgroup = match (read("memory.max"), read("memory.current")) {
+        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
+        _ => None,
+    };
+    Some(cgroup.map_or(kb * 1024, |c| c.min(kb * 1024)))
 }
 
 /// Bytes of the weight files under `dir`.
@@ -139,6 +163,70 @@ pub fn estimate_bytes(
     let dit = (tokens * passes) as u64 * (8 * d + ffn) as u64 * 4;
     let vae = frame_px as u64 * vae_ch as u64 * 4 * 12;
     weights + dit + vae
+}
+
+/// What the cpu memory estimate of a run needs to know of a loaded pipeline: `reel generate`
+/// checks every run with it before the first step, and `reel serve` every request at
+/// submission (the same numbers, so the server never accepts what the CLI refuses).
+#[derive(Debug, Clone)]
+pub struct CpuEstimate {
+    /// The resident weights: mapped and used in place; the text encoder runs first and its
+    /// clean pages can be dropped before denoising, so the larger of the two phases.
+    weights: u64,
+    /// (DiT width, FFN width, VAE decoder base channels).
+    dims: (usize, usize, usize),
+    /// Sizes are generated at multiples of this (VAE factor × patch).
+    multiple: usize,
+    spatial: usize,
+    temporal: usize,
+    patch_volume: usize,
+}
+
+impl CpuEstimate {
+    pub fn of(pipe: &Pipeline) -> Self {
+        let (dc, vc) = (&pipe.dit.config, &pipe.vae.config);
+        CpuEstimate {
+            weights: dir_bytes(&pipe.root.join("text_encoder"))
+                .max(dir_bytes(&pipe.root.join("transformer")) + dir_bytes(&pipe.root.join("vae"))),
+            dims: (
+                dc.inner_dim(),
+                dc.ffn_dim,
+                vc.decoder_base_dim.unwrap_or(vc.base_dim),
+            ),
+            multiple: vc.spatial_factor() * dc.patch_size[1].max(dc.patch_size[2]),
+            spatial: vc.spatial_factor(),
+            temporal: vc.temporal_factor(),
+            patch_volume: dc.patch_volume(),
+        }
+    }
+
+    /// Bytes a w×h video of `frames` frames at `guidance` needs on the cpu.
+    pub fn bytes(&self, w: usize, h: usize, frames: usize, guidance: f32) -> u64 {
+        let (gw, gh) = (round_up(w, self.multiple), round_up(h, self.multiple));
+        let t = frames.saturating_sub(1) / self.temporal + 1;
+        let tokens = t * (gh / self.spatial) * (gw / self.spatial) / self.patch_volume.max(1);
+        let passes = if guidance > 1.0 { 2 } else { 1 };
+        estimate_bytes(self.weights, self.dims, tokens, passes, gw * gh)
+    }
+
+    /// Err(why) when the run needs more than the machine has available now.
+    pub fn check(
+        &self,
+        w: usize,
+        h: usize,
+        frames: usize,
+        guidance: f32,
+    ) -> std::result::Result<(), String> {
+        let need = self.bytes(w, h, frames, guidance);
+        match available_memory() {
+            Some(have) if need > have => Err(format!(
+                "{w}x{h} x {frames} frames needs about {:.1} GB and the machine has {:.1} GB available",
+                need as f64 / 1e9,
+                have as f64 / 1e9
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Sink: crops each decoded frame to the requested size, maps [-1, 1] to [0, 1] and
@@ -648,33 +736,10 @@ pub fn render(
         tracing::warn!("{note}");
     }
     let shape = pipe.latent_shape(1, frames, gh, gw);
-    let passes = if guidance > 1.0 { 2 } else { 1 };
-    let tokens = shape[2..].iter().product::<usize>() / pipe.dit.config.patch_volume();
-    let vae_ch = pipe
-        .vae
-        .config
-        .decoder_base_dim
-        .unwrap_or(pipe.vae.config.base_dim);
-    // Weights are mapped and used in place: the text encoder runs first and its clean pages
-    // can be dropped before denoising, so the resident peak is the larger of the two phases.
-    let weights = dir_bytes(&pipe.root.join("text_encoder"))
-        .max(dir_bytes(&pipe.root.join("transformer")) + dir_bytes(&pipe.root.join("vae")));
-    let need = estimate_bytes(
-        weights,
-        (pipe.dit.config.inner_dim(), pipe.dit.config.ffn_dim, vae_ch),
-        tokens,
-        passes,
-        gw * gh,
-    );
-    if let Some(have) = available_memory() {
-        if need > have {
-            return Err(Error::invalid(format!(
-                "this run needs about {:.1} GB ({gw}x{gh}, {frames} frames) and the machine has {:.1} GB available; \
-                 use a smaller --size or --frames",
-                need as f64 / 1e9,
-                have as f64 / 1e9
-            )));
-        }
+    if pipe.kernel_device().is_none() {
+        CpuEstimate::of(pipe)
+            .check(w, h, frames, guidance)
+            .map_err(|m| Error::invalid(format!("{m}; use a smaller --size or --frames")))?;
     }
     let mut timings = Timings {
         load_seconds,

@@ -289,6 +289,8 @@ struct Shared {
     data: PathBuf,
     /// The idle timeout of connections, and the most a request body may take.
     idle: Duration,
+    /// On the cpu: the memory estimate every request is checked with at submission.
+    cpu_estimate: Option<crate::generate::CpuEstimate>,
     model_name: String,
     embedded: bool,
     api_key: Option<String>,
@@ -781,6 +783,23 @@ fn job_from_request(
     }
     if let Some(d) = &shared.device {
         d.admit(size, frames, seconds_given.is_some())?;
+    }
+    if let Some(est) = &shared.cpu_estimate {
+        // The CLI's own estimate, against what the machine has now (the model is loaded).
+        let (w, h) = parse_size(size).map_err(|e| bad("size", e.to_string()))?;
+        if let Err(why) = est.check(w, h, frames, guidance) {
+            let field = if seconds_given.is_some() {
+                "seconds"
+            } else if map.get("frames").is_some_and(|v| !v.is_null()) {
+                "frames"
+            } else {
+                "size"
+            };
+            return Err(bad(
+                field,
+                format!("{why}: use a smaller `size` or fewer `seconds`/`frames`"),
+            ));
+        }
     }
     Ok(Job {
         id: new_id(),
@@ -1319,12 +1338,16 @@ impl Server {
             }
             None => None,
         };
+        let cpu_estimate = device
+            .is_none()
+            .then(|| crate::generate::CpuEstimate::of(&pipe));
         let (tx, rx) = sync_channel(args.max_queue);
         let shared = Arc::new(Shared {
             jobs: Mutex::new(BTreeMap::new()),
             tx,
             data: args.data_dir.clone(),
             idle,
+            cpu_estimate,
             model_name,
             embedded: embedded_model,
             api_key: args.api_key.clone(),

@@ -698,3 +698,76 @@ fn serve_delete_stops_a_running_job_inside_its_step() {
     wait_for(addr, &next, "completed");
     drop(server);
 }
+
+/// Admission on the cpu: every request is checked at submission with the CLI's memory
+/// estimate against what the machine has (here REEL_AVAILABLE_GB=1 for a child server): a
+/// 1920x1080 minute is a 400 naming `seconds` (or `frames`; a 1920x1080 clip of the default
+/// 17 frames, `size`), a small video is accepted and made.
+#[test]
+fn serve_refuses_at_submission_what_the_memory_cannot_hold() {
+    let dir = scratch("serve-admission");
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+        .args([
+            "-q",
+            "serve",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env("REEL_AVAILABLE_GB", "1")
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (body, field) in [
+        (
+            json!({"prompt": "x", "size": "1920x1080", "seconds": 60}),
+            "seconds",
+        ),
+        (
+            json!({"prompt": "x", "size": "1920x1080", "frames": 961}),
+            "frames",
+        ),
+        (json!({"prompt": "x", "size": "1920x1080"}), "size"),
+    ] {
+        let r = post_json(addr, &body);
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let e = r.json();
+        assert_eq!(e["error"]["param"], field, "{e}");
+    }
+    let r = post_json(
+        addr,
+        &json!({"prompt": "x", "size": "1920x1080", "seconds": 60}),
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GB"),
+        "{}",
+        r.json()
+    );
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "steps": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(addr, &id, "completed");
+    child.kill().ok();
+    child.wait().ok();
+}
