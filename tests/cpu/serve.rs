@@ -771,3 +771,52 @@ fn serve_refuses_at_submission_what_the_memory_cannot_hold() {
     child.kill().ok();
     child.wait().ok();
 }
+
+/// A small load test: 8 clients submit 3 jobs each at once against a queue of 4. Every
+/// request is answered (200 or 429, nothing else), every accepted job completes, and its
+/// content is a valid mp4 of its frames.
+#[test]
+fn serve_under_concurrent_clients_completes_every_accepted_job() {
+    let dir = scratch("serve-load");
+    let server = start(&dir, 4, None);
+    let addr = server.addr;
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut accepted = Vec::new();
+                let mut refused = 0;
+                for j in 0..3 {
+                    let r = post_json(
+                        addr,
+                        &json!({"prompt": "a red circle moving right", "steps": 1,
+                                "size": "32x32", "frames": 5, "seed": c * 10 + j}),
+                    );
+                    match r.status {
+                        200 => accepted.push(r.json()["id"].as_str().unwrap().to_string()),
+                        429 => refused += 1,
+                        s => panic!("status {s}: {}", String::from_utf8_lossy(&r.body)),
+                    }
+                }
+                (accepted, refused)
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for c in clients {
+        let (a, r) = c.join().unwrap();
+        accepted.extend(a);
+        refused += r;
+    }
+    assert_eq!(accepted.len() + refused, 24);
+    assert!(!accepted.is_empty());
+    eprintln!("{} accepted, {refused} refused (429)", accepted.len());
+    for id in &accepted {
+        wait_for(addr, id, "completed");
+        let c = http(addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+        assert_eq!(c.status, 200, "{id}");
+        let info = parse_mp4(&c.body);
+        assert_eq!(info.samples, 5, "{id}: {info:?}");
+    }
+    server.stop();
+}
