@@ -483,6 +483,8 @@ fn free_port() -> u16 {
 #[test]
 fn serve_marks_a_job_whose_video_cannot_be_written_write_failed() {
     let dir = scratch("serve-full-disk");
+    // The demo model unpacked first: under the child's file-size limit it could not be.
+    reel::models::embedded::ensure().unwrap();
     let port = free_port();
     let mut child = std::process::Command::new("bash")
         .arg("-c")
