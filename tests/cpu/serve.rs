@@ -78,8 +78,9 @@ fn post_json(addr: SocketAddr, v: &Value) -> Reply {
     )
 }
 
-fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
-    Server::start(&ServeArgs {
+/// The arguments of a server on the embedded model on a loopback port, all defaults.
+fn serve_args(dir: &Path, max_queue: usize) -> ServeArgs {
+    ServeArgs {
         model: None,
         random_weights: false,
         addr: "127.0.0.1:0".into(),
@@ -87,11 +88,18 @@ fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
         max_queue,
         keep_hours: None,
         max_disk_gb: None,
-        api_key: api_key.map(str::to_string),
+        api_key: None,
         device: None,
         device_memory_gib: None,
         idle_timeout_secs: None,
         max_connections: None,
+    }
+}
+
+fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
+    Server::start(&ServeArgs {
+        api_key: api_key.map(str::to_string),
+        ..serve_args(dir, max_queue)
     })
     .unwrap()
 }
@@ -353,18 +361,9 @@ fn serve_bad_inputs_are_400_naming_the_field_and_auth() {
 fn serve_retention_evicts_finished_jobs_over_the_disk_budget() {
     let dir = scratch("serve-retention");
     let server = Server::start(&ServeArgs {
-        model: None,
-        random_weights: false,
-        addr: "127.0.0.1:0".into(),
-        data_dir: dir.clone(),
-        max_queue: 4,
         keep_hours: Some(24.0),
         max_disk_gb: Some(1e-12), // no room: every finished job is evicted
-        api_key: None,
-        device: None,
-        device_memory_gib: None,
-        idle_timeout_secs: None,
-        max_connections: None,
+        ..serve_args(&dir, 4)
     })
     .unwrap();
     let addr = server.addr;
@@ -419,18 +418,9 @@ fn serve_warns_when_the_demo_model_runs_at_a_size_it_never_saw() {
 fn serve_on_a_device_plans_each_request_at_submission() {
     let dir = scratch("serve-device");
     let server = Server::start(&ServeArgs {
-        model: None,
-        random_weights: false,
-        addr: "127.0.0.1:0".into(),
-        data_dir: dir.clone(),
-        max_queue: 4,
-        keep_hours: None,
-        max_disk_gb: None,
-        api_key: None,
         device: Some(reel::kernels::KernelDevice::Emu),
         device_memory_gib: Some(0.05),
-        idle_timeout_secs: None,
-        max_connections: None,
+        ..serve_args(&dir, 4)
     })
     .unwrap();
     let addr = server.addr;
@@ -598,18 +588,9 @@ fn serve_lists_unreadable_records_removes_orphans_and_checks_ranges() {
 fn serve_times_out_stalled_bodies_and_idle_connections_and_bounds_them() {
     let dir = scratch("serve-timeouts");
     let server = Server::start(&ServeArgs {
-        model: None,
-        random_weights: false,
-        addr: "127.0.0.1:0".into(),
-        data_dir: dir.clone(),
-        max_queue: 4,
-        keep_hours: None,
-        max_disk_gb: None,
-        api_key: None,
-        device: None,
-        device_memory_gib: None,
         idle_timeout_secs: Some(1.0),
         max_connections: Some(2),
+        ..serve_args(&dir, 4)
     })
     .unwrap();
     let addr = server.addr;
