@@ -64,29 +64,6 @@ enum Owner {
     Cuda(Arc<Cuda>),
 }
 
-/// Bytes of kernel-device memory (cuda and emu) the process holds now, and the most it has
-/// held since the last [`reset_device_peak`]: every device allocation reel makes goes
-/// through [`DeviceMem`] (the runtime's arena, persistent buffers, weights, the VAE's and
-/// umT5's buffers, cuBLASLt's workspace), so these are what reel asked the device for,
-/// without the CUDA context's own overhead.
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-/// Kernel-device bytes held now (all devices of the process together).
-pub fn device_bytes_in_use() -> usize {
-    IN_USE.load(Relaxed)
-}
-
-/// The most kernel-device bytes held at once since the last [`reset_device_peak`].
-pub fn device_peak_bytes() -> usize {
-    PEAK.load(Relaxed)
-}
-
-/// Starts a new peak from what is held now.
-pub fn reset_device_peak() {
-    PEAK.store(IN_USE.load(Relaxed), Relaxed);
-}
-
 /// The device memory of one owner (a pipeline on a device), counted apart from the rest of
 /// the process: allocations made on a thread while its [`MemTracker::enter`] guard lives are
 /// charged to it, and released to it whichever thread frees them.
@@ -143,10 +120,11 @@ thread_local! {
     static TRACKER: std::cell::RefCell<Option<Arc<MemTracker>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Counts an allocation process-wide and to the thread's tracker (returned, to release it to).
+/// Charges an allocation to the thread's tracker, if any (returned, to release it to).
+/// Every device allocation reel makes goes through [`DeviceMem`] (arenas, persistent buffers,
+/// weights, the VAE's and umT5's buffers, cuBLASLt's workspace), so a tracker sees all of
+/// them, without the CUDA context's own overhead.
 fn count_alloc(bytes: usize) -> Option<Arc<MemTracker>> {
-    let now = IN_USE.fetch_add(bytes, Relaxed) + bytes;
-    PEAK.fetch_max(now, Relaxed);
     let t = TRACKER.with(|t| t.borrow().clone());
     if let Some(t) = &t {
         t.charge(bytes);
@@ -279,7 +257,6 @@ impl DeviceMem {
 
 impl Drop for DeviceMem {
     fn drop(&mut self) {
-        IN_USE.fetch_sub(self.bytes, Relaxed);
         if let Some(t) = &self.tracker {
             t.in_use.fetch_sub(self.bytes, Relaxed);
         }

@@ -38,10 +38,7 @@ pub use self::gemm::{gemm, Act};
 pub use attention::{flash_attention, flash_attention_biased, AttnBias, AttnView, FlashShape};
 pub use elementwise::*;
 pub(crate) use mem::MEASURE_KEY;
-pub use mem::{
-    device_bytes_in_use, device_peak_bytes, opt, reset_device_peak, Buf, DevSlice, DeviceMem, Elem,
-    Half, MemTracker, TrackGuard, ALIGN,
-};
+pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, Half, MemTracker, TrackGuard, ALIGN};
 pub use norm::*;
 pub use selftest::*;
 pub use t5::{t5_add_norm, t5_gated_gelu, NormOut};
