@@ -1,4 +1,5 @@
 use clap::Parser;
+use std::io::Write;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -16,14 +17,24 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr on a full disk, a closed pipe) is lost,
+        // not reported with eprintln!, which panics on that same stderr and would end a
+        // server that is otherwise working.
+        .log_internal_errors(false)
         .init();
     match reel::cli::run(cli) {
         Ok(stdout) => {
-            print!("{stdout}");
-            std::process::ExitCode::SUCCESS
+            let mut out = std::io::stdout().lock();
+            match out.write_all(stdout.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "error: writing stdout: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             std::process::ExitCode::FAILURE
         }
     }

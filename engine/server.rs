@@ -12,6 +12,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -68,31 +69,26 @@ pub const MAX_CONNECTIONS: usize = 256;
 struct Bounded {
     inner: tokio::net::TcpListener,
     permits: Arc<tokio::sync::Semaphore>,
+    permits_total: usize,
     idle: Duration,
 }
 
-impl axum::serve::Listener for Bounded {
-    type Io = Conn;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Conn, SocketAddr) {
+impl Bounded {
+    async fn accept(&self) -> Conn {
         loop {
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 std::future::pending::<()>().await;
                 continue;
             };
             match self.inner.accept().await {
-                Ok((io, addr)) => {
+                Ok((io, _)) => {
                     let _ = io.set_nodelay(true);
-                    return (
-                        Conn {
-                            io,
-                            _permit: permit,
-                            idle: self.idle,
-                            deadline: Box::pin(tokio::time::sleep(self.idle)),
-                        },
-                        addr,
-                    );
+                    return Conn {
+                        io,
+                        _permit: permit,
+                        idle: self.idle,
+                        deadline: Box::pin(tokio::time::sleep(self.idle)),
+                    };
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait a little rather than spin.
@@ -102,10 +98,52 @@ impl axum::serve::Listener for Bounded {
             }
         }
     }
+}
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
+/// Serves HTTP/1 on `listener` until `stop`, then lets open connections finish their
+/// request (at most `drain`). What axum::serve does, plus a deadline on each request's
+/// headers as a whole: a client that trickles them a byte at a time, never idle long enough
+/// for the idle timeout, is still cut off `headers` after its request began.
+async fn serve_http(
+    listener: Bounded,
+    app: Router,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    headers: Duration,
+    drain: Duration,
+) {
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = &mut stop => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closing = closing_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(headers);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection: {e}");
+                    }
+                    return;
+                }
+                _ = closing.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+            }
+            if let Err(e) = conn.await {
+                tracing::debug!("connection: {e}");
+            }
+        });
     }
+    let _ = closing_tx.send(true);
+    // Every open connection holds a permit: all of them back means all closed.
+    let all = u32::try_from(listener.permits_total).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(drain, listener.permits.acquire_many(all)).await;
 }
 
 /// A connection that holds one of the listener's permits and times out when idle.
@@ -1462,20 +1500,20 @@ impl Server {
         let listener = Bounded {
             inner: listener,
             permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            permits_total: max_connections,
             // A second's grace: a request whose body stalls gets its 408 from the handler's
             // deadline before the connection itself times out.
             idle: idle + Duration::from_secs(1),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = std::thread::spawn(move || {
-            runtime.block_on(async move {
-                let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-                    let _ = stop_rx.await;
-                });
-                if let Err(e) = server.await {
-                    tracing::error!("server: {e}");
-                }
-            });
+            runtime.block_on(serve_http(
+                listener,
+                app,
+                stop_rx,
+                idle,
+                Duration::from_secs(10),
+            ));
         });
         let ws = shared.clone();
         let work = std::thread::spawn(move || worker(ws, pipe, rx));
@@ -1503,9 +1541,12 @@ impl Server {
 /// `reel serve`: runs until Ctrl-C.
 pub fn serve(args: &ServeArgs) -> Result<()> {
     let server = Server::start(args)?;
-    eprintln!(
+    // Not eprintln!: a server whose stderr cannot be written (a full disk) keeps serving.
+    let _ = writeln!(
+        std::io::stderr(),
         "reel serve: listening on http://{} (model {})",
-        server.addr, server.shared.model_name
+        server.addr,
+        server.shared.model_name
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let _ = ctrlc::set_handler(move || {

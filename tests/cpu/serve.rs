@@ -476,33 +476,21 @@ fn serve_marks_a_job_whose_video_cannot_be_written_write_failed() {
     // The demo model unpacked first: under the child's file-size limit it could not be.
     reel::models::embedded::ensure().unwrap();
     let port = free_port();
-    let mut child = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "trap '' XFSZ; ulimit -f 4; exec '{}' -q serve --addr 127.0.0.1:{port} --data-dir '{}'",
-            env!("CARGO_BIN_EXE_reel"),
-            dir.display()
-        ))
-        // Not the test's own stdout and stderr: they may be files already past the child's
-        // file-size limit (a CI log), and a failed write to them would end the child.
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = listening(
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f 4; exec '{}' -q serve --addr 127.0.0.1:{port} --data-dir '{}'",
+                env!("CARGO_BIN_EXE_reel"),
+                dir.display()
+            ))
+            // Not the test's own stdout and stderr: they may be files already past the child's
+            // file-size limit (a CI log), and a failed write to them would end the child.
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+        port,
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        if t.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
-            child.kill().ok();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the server never listened ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let r = post_json(
         addr,
         &json!({"prompt": "a red circle moving right", "steps": 2, "seconds": 2}),
@@ -525,6 +513,64 @@ fn serve_marks_a_job_whose_video_cannot_be_written_write_failed() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+    child.kill().ok();
+    child.wait().ok();
+}
+
+/// Spawns `cmd` (a `reel serve` on `port`) and waits until it listens; one that exits or
+/// never listens is reported with its stderr.
+fn listening(cmd: &mut std::process::Command, port: u16) -> std::process::Child {
+    let mut child = cmd.spawn().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if t.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the server never listened ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// A server whose stderr cannot be written (its reader gone: every log line fails with
+/// EPIPE, as on a full disk) goes on serving: a log line is lost, not a panic.
+#[test]
+fn serve_keeps_serving_when_its_log_cannot_be_written() {
+    let dir = scratch("serve-broken-stderr");
+    reel::models::embedded::ensure().unwrap();
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reel"));
+    cmd.args(["-vv", "serve", "--addr", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stderr.take()); // the reader gone before the first line
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        let ended = child.try_wait().unwrap();
+        assert!(ended.is_none(), "the server ended: {ended:?}");
+        assert!(t.elapsed() < Duration::from_secs(60), "never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = post_json(
+        addr,
+        &json!({"prompt": "a red circle moving right", "steps": 1, "seconds": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_for(addr, &id, "completed");
+    let c = http(addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+    assert_eq!(c.status, 200);
+    assert!(child.try_wait().unwrap().is_none());
     child.kill().ok();
     child.wait().ok();
 }
@@ -626,6 +672,30 @@ fn serve_times_out_stalled_bodies_and_idle_connections_and_bounds_them() {
     let reply = read_all(&mut s);
     assert!(reply.is_empty(), "{reply}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Headers trickled a byte every 200 ms, never idle for the 1 s timeout: cut off when the
+    // request's headers as a whole take longer than it, while bytes still arrive.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        let head = b"GET /health HTTP/1.1\r\nHost: x\r\n";
+        let mut sent = 0usize;
+        for &b in head.iter().chain(std::iter::repeat(&b'a')) {
+            if w.write_all(&[b]).is_err() || sent > 100 {
+                break;
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        sent
+    });
+    let reply = read_all(&mut s);
+    let cut = t.elapsed();
+    assert!(!reply.contains("200 OK"), "{reply}");
+    assert!(cut < Duration::from_secs(8), "headers trickled for {cut:?}");
+    drop(s);
+    let sent = trickle.join().unwrap();
+    assert!(sent <= 100, "the trickle was never cut off");
     // Two silent connections hold both permits: a third is served only once they time out.
     let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
