@@ -50,7 +50,7 @@ fn ops(c: &mut Criterion) {
         .collect();
     g.throughput(Throughput::Elements((2 * t * h * wd * co * ci * 27) as u64));
     g.bench_function("conv3d_3x3x3_32ch_4x32x48", |b| {
-        b.iter(|| conv3d(&inputs, h, wd, &cw, [1, 1, 1], [1, 1, 1, 1]))
+        b.iter(|| conv3d(&inputs, h, wd, &cw, [1, 1, 1], [1, 1, 1, 1]).unwrap())
     });
     g.finish();
 }

@@ -633,7 +633,7 @@ fn bench_generation_device(
             let mut vae = VaeSession::<$t>::new(dev, vc, Coding::Decode, hw)?;
             let mut frames = 0;
             for i in 0..shape.frames {
-                let chunk = crate::models::wan_vae::to_frames_range(&z, 0, i, i + 1);
+                let chunk = crate::models::wan_vae::to_frames_range(&z, 0, i, i + 1)?;
                 frames += Discard.take(&vae.chunk(&vae_w, &chunk)?)?;
             }
             frames

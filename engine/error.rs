@@ -66,6 +66,10 @@ pub enum Error {
     /// Stopped by the user (Ctrl-C) or a cancellation.
     #[error("interrupted")]
     Interrupted,
+    /// A large host allocation failed ([`crate::tensor::zeroed`]): what it was for and
+    /// how many bytes it asked for.
+    #[error("out of memory: {what} needs {bytes} bytes ({:.2} GB) and the allocation failed; try a smaller size or fewer frames", *bytes as f64 / 1e9)]
+    OutOfMemory { what: &'static str, bytes: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

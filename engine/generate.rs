@@ -100,8 +100,9 @@ fn round_up(v: usize, m: usize) -> usize {
 }
 
 /// Memory the machine has for this run, if it can be read: Linux's MemAvailable, or less
-/// when the process's cgroup (v2: a container's limit) leaves less; `REEL_AVAILABLE_GB`
-/// overrides both (a deployment that knows better, and the tests).
+/// when the process's cgroup (v2: a container's limit) leaves less, or when its
+/// address-space limit (`ulimit -v`) leaves less room to map than that;
+/// `REEL_AVAILABLE_GB` overrides them all (a deployment that knows better, and the tests).
 pub fn available_memory() -> Option<u64> {
     if let Ok(v) = std::env::var("REEL_AVAILABLE_GB") {
         if let Some(gb) = v
@@ -128,7 +129,32 @@ pub fn available_memory() -> Option<u64> {
         (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
         _ => None,
     };
-    Some(cgroup.map_or(kb * 1024, |c| c.min(kb * 1024)))
+    let have = cgroup.map_or(kb * 1024, |c| c.min(kb * 1024));
+    Some(address_space_left().map_or(have, |a| a.min(have)))
+}
+
+/// Bytes the process may still map under its address-space limit (RLIMIT_AS, `ulimit -v`):
+/// the soft limit less the address space mapped now. None without a limit.
+fn address_space_left() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    // "Max address space   unlimited   unlimited   bytes": the soft limit is the first.
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    let soft: u64 = line["Max address space".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmSize:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(soft.saturating_sub(kb * 1024))
 }
 
 /// Bytes of the weight files under `dir`.

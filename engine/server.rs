@@ -700,6 +700,7 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
                 let (code, message) = match e {
                     Error::Interrupted => ("cancelled", "the job was cancelled".to_string()),
                     e @ Error::Io { .. } => ("write_failed", e.to_string()),
+                    e @ Error::OutOfMemory { .. } => ("out_of_memory", e.to_string()),
                     other => ("generation_failed", other.to_string()),
                 };
                 shared.fail(&id, code, message);

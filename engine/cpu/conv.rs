@@ -10,6 +10,9 @@
 
 use rayon::prelude::*;
 
+use crate::error::Result;
+use crate::tensor::zeroed;
+
 use super::linear::gemm_strided;
 
 /// Frames of one sample, channel-last: data is [t, h, w, c].
@@ -23,14 +26,16 @@ pub struct Frames {
 }
 
 impl Frames {
-    pub fn zeros(t: usize, h: usize, w: usize, c: usize) -> Self {
-        Frames {
+    /// Zero frames; [`Error::OutOfMemory`] when the host cannot hold them (at 1080p a
+    /// decoder frame of 96 channels is 0.8 GB).
+    pub fn zeros(t: usize, h: usize, w: usize, c: usize) -> Result<Self> {
+        Ok(Frames {
             t,
             h,
             w,
             c,
-            data: vec![0.0; t * h * w * c],
-        }
+            data: zeroed(t * h * w * c, "VAE frames")?,
+        })
     }
 
     /// Elements per frame.
@@ -107,17 +112,17 @@ pub type Pad2 = [usize; 4];
 
 /// Zero-pads one [h, w, c] frame to [h + top + bottom + 1, w + left + right, c] (one slack
 /// row, so the last tap's window of the stride-1 path stays inside the buffer).
-fn pad_frame(f: Option<&[f32]>, h: usize, w: usize, c: usize, pad: Pad2) -> Vec<f32> {
+fn pad_frame(f: Option<&[f32]>, h: usize, w: usize, c: usize, pad: Pad2) -> Result<Vec<f32>> {
     let wp = w + pad[2] + pad[3];
     let hp = h + pad[0] + pad[1] + 1;
-    let mut out = vec![0.0f32; hp * wp * c];
+    let mut out = zeroed(hp * wp * c, "a padded VAE frame")?;
     if let Some(f) = f {
         for y in 0..h {
             let dst = ((y + pad[0]) * wp + pad[2]) * c;
             out[dst..dst + w * c].copy_from_slice(&f[y * w * c..(y + 1) * w * c]);
         }
     }
-    out
+    Ok(out)
 }
 
 /// A 3D convolution over a time sequence of frames given as slices ([h, w, C_in] each;
@@ -131,7 +136,7 @@ pub fn conv3d(
     cw: &ConvWeights,
     stride: [usize; 3],
     pad: Pad2,
-) -> Frames {
+) -> Result<Frames> {
     let [kt, kh, kw] = cw.k;
     let (ci, co) = (cw.ci, cw.co);
     let [st, sh, sw] = stride;
@@ -154,15 +159,15 @@ pub fn conv3d(
     let padded: Vec<Vec<f32>> = used
         .par_iter()
         .map(|&i| pad_frame(frames[i], h, w, ci, pad))
-        .collect();
+        .collect::<Result<_>>()?;
     let frame_stride = (hp + 1) * wp * ci;
-    let mut out = Frames::zeros(t_out, h_out, w_out, co);
+    let mut out = Frames::zeros(t_out, h_out, w_out, co)?;
     let out_len = h_out * w_out * co;
     for (j, dst) in out.data.chunks_mut(out_len).enumerate() {
         if sh == 1 && sw == 1 {
             // [H_out·W_pad, C_out] on the padded-width grid, then drop the junk columns.
             let rows = h_out * wp;
-            let mut full = vec![0.0f32; rows * co];
+            let mut full = zeroed(rows * co, "a VAE convolution's output frame")?;
             let mut first = true;
             for dt in 0..kt {
                 let src = &padded[j * st + dt];
@@ -230,14 +235,14 @@ pub fn conv3d(
                 });
         }
     }
-    out
+    Ok(out)
 }
 
 /// Nearest-neighbour 2× spatial upsampling of every frame (PyTorch's "nearest-exact" at an
 /// exact scale of 2 copies each pixel into a 2×2 block).
-pub fn upsample2x(x: &Frames) -> Frames {
+pub fn upsample2x(x: &Frames) -> Result<Frames> {
     let (h2, w2, c) = (x.h * 2, x.w * 2, x.c);
-    let mut out = Frames::zeros(x.t, h2, w2, c);
+    let mut out = Frames::zeros(x.t, h2, w2, c)?;
     let fl = h2 * w2 * c;
     out.data
         .par_chunks_mut(w2 * c)
@@ -250,7 +255,7 @@ pub fn upsample2x(x: &Frames) -> Frames {
             }
         });
     debug_assert_eq!(out.data.len(), x.t * fl);
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -275,7 +280,7 @@ mod tests {
         let (hp, wp) = (h + pad[0] + pad[1], w + pad[2] + pad[3]);
         let t_out = (frames.len() - kt) / s[0] + 1;
         let (ho, wo) = ((hp - kh) / s[1] + 1, (wp - kw) / s[2] + 1);
-        let mut out = Frames::zeros(t_out, ho, wo, co);
+        let mut out = Frames::zeros(t_out, ho, wo, co).unwrap();
         for t in 0..t_out {
             for y in 0..ho {
                 for x in 0..wo {
@@ -338,7 +343,7 @@ mod tests {
                 .collect();
             let wt = val(co * ci * k[0] * k[1] * k[2], 2);
             let b = val(co, 3);
-            let got = conv3d(&frames, h, w, &ConvWeights::new(&wt, &b, co, ci, k), s, pad);
+            let got = conv3d(&frames, h, w, &ConvWeights::new(&wt, &b, co, ci, k), s, pad).unwrap();
             let want = naive(&frames, h, w, &wt, &b, ci, co, k, s, pad);
             assert_eq!(
                 (got.t, got.h, got.w, got.c),

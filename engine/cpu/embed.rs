@@ -1,6 +1,9 @@
 //! Embeddings: sinusoidal timesteps, Wan's 3D RoPE tables, the (p_t, p_h, p_w) patch
 //! embedding's im2col and its inverse.
 
+use crate::error::Result;
+use crate::tensor::zeroed;
+
 /// The cos/sin tables of Wan's 3D RoPE for one latent grid: for token
 /// l = (f·H + h)·W + w and pair p of a head, the angle of that token's position on the
 /// axis the pair belongs to. cos, sin: [tokens, head_dim / 2].
@@ -124,11 +127,11 @@ pub fn patchify(
     h: usize,
     w: usize,
     p: [usize; 3],
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let [pt, ph, pw] = p;
     let (tt, hh, ww) = (t / pt, h / ph, w / pw);
     let k = c * pt * ph * pw;
-    let mut out = vec![0.0f32; b * tt * hh * ww * k];
+    let mut out = zeroed(b * tt * hh * ww * k, "the DiT's patches")?;
     let mut o = 0;
     for bi in 0..b {
         for ti in 0..tt {
@@ -149,16 +152,22 @@ pub fn patchify(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Inverse of Wan's output head layout: y: [B, L, p_t·p_h·p_w·C] with features in
 /// (kt, kh, kw, c) order (diffusers reshapes to (..., p_t, p_h, p_w, C)) → [B, C, T, H, W].
-pub fn unpatchify(y: &[f32], b: usize, c: usize, grid: [usize; 3], p: [usize; 3]) -> Vec<f32> {
+pub fn unpatchify(
+    y: &[f32],
+    b: usize,
+    c: usize,
+    grid: [usize; 3],
+    p: [usize; 3],
+) -> Result<Vec<f32>> {
     let [tt, hh, ww] = grid;
     let [pt, ph, pw] = p;
     let (t, h, w) = (tt * pt, hh * ph, ww * pw);
-    let mut out = vec![0.0f32; b * c * t * h * w];
+    let mut out = zeroed(b * c * t * h * w, "the DiT's output")?;
     let mut i = 0;
     for bi in 0..b {
         for ti in 0..tt {
@@ -182,7 +191,7 @@ pub fn unpatchify(y: &[f32], b: usize, c: usize, grid: [usize; 3], p: [usize; 3]
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -201,7 +210,7 @@ mod tests {
         // A 1x1 conv-like patch (C=2, p=(1,2,2)) of known values.
         let (b, c, t, h, w) = (1, 2, 1, 2, 4);
         let x: Vec<f32> = (0..b * c * t * h * w).map(|i| i as f32).collect();
-        let p = patchify(&x, b, c, t, h, w, [1, 2, 2]);
+        let p = patchify(&x, b, c, t, h, w, [1, 2, 2]).unwrap();
         // token 0 = (t0, h0, w0): channel 0 patch [0,1,4,5], channel 1 patch [8,9,12,13]
         assert_eq!(&p[..8], &[0., 1., 4., 5., 8., 9., 12., 13.]);
         // unpatchify expects (kt, kh, kw, c) order: build it from x and invert.
@@ -215,6 +224,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(unpatchify(&y, b, c, [1, 1, 2], [1, 2, 2]), x);
+        assert_eq!(unpatchify(&y, b, c, [1, 1, 2], [1, 2, 2]).unwrap(), x);
     }
 }

@@ -531,6 +531,37 @@ fn a_full_disk_fails_every_writer_and_leaves_nothing() {
     }
 }
 
+/// Under an address-space limit (`ulimit -v`, 2 GB) a run that needs more is refused up
+/// front with its numbers (the limit counts as memory the process does not have); and when
+/// the estimate is overridden, the DiT's activations fail to allocate as an error naming
+/// the bytes, exit 1, not an abort (exit 134), and the output is not left behind.
+#[test]
+fn a_run_past_the_address_space_limit_is_refused_or_fails_cleanly() {
+    reel::models::embedded::ensure().unwrap();
+    for (env, want) in [
+        ("", "needs about"),
+        (
+            "REEL_AVAILABLE_GB=1000",
+            "out of memory: the DiT's activations needs",
+        ),
+    ] {
+        let dir = scratch(&format!("gen-address-space-{}", env.is_empty()));
+        let o = Command::new("bash")
+            .current_dir(&dir)
+            .arg("-c")
+            .arg(format!(
+                "ulimit -v 2000000; exec env {env} '{}' -q generate --prompt 'a red circle moving right' --steps 1 --size 640x480 --frames 961 -o v.y4m",
+                env!("CARGO_BIN_EXE_reel")
+            ))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{env}: {:?} {err}", o.status);
+        assert!(err.contains(want), "{env}: {err}");
+        assert!(!dir.join("v.y4m").exists(), "{env}: left v.y4m behind");
+    }
+}
+
 /// Parameters are checked for range, not only finiteness, before anything loads.
 #[test]
 fn generate_rejects_out_of_range_parameters_by_name() {

@@ -156,7 +156,7 @@ impl Case {
                         data: fs(f),
                     };
                     if self.up {
-                        upsample2x(&fr).data
+                        upsample2x(&fr).unwrap().data
                     } else {
                         fr.data
                     }
@@ -165,7 +165,7 @@ impl Case {
             .collect();
         let refs: Vec<Option<&[f32]>> = f32_inputs.iter().map(|f| f.as_deref()).collect();
         let cw = ConvWeights::new(&fs(&wt), &bias, co, ci, self.k);
-        let mut want = conv3d(&refs, hs, ws, &cw, self.stride, self.pad);
+        let mut want = conv3d(&refs, hs, ws, &cw, self.stride, self.pad).unwrap();
         assert_eq!((want.t, want.h, want.w), (t_out, h_out, w_out));
         if self.res {
             for (o, r) in want.data.iter_mut().zip(&res) {
@@ -485,7 +485,7 @@ fn conv3d_kernel_bench_follows_the_documented_rules() {
     }
     let frames: Vec<Option<&[f32]>> = x.chunks(fl).map(Some).collect();
     let cw = ConvWeights::new(&wt, &vec![0.0; a.co], a.co, a.ci, [a.kt, 3, 3]);
-    let want = conv3d(&frames, a.height, a.width, &cw, [1, 1, 1], [1, 1, 1, 1]);
+    let want = conv3d(&frames, a.height, a.width, &cw, [1, 1, 1], [1, 1, 1, 1]).unwrap();
     let pos = reel::kernel_bench::sample_positions(want.data.len(), 64);
     let want: Vec<f64> = pos.iter().map(|&p| want.data[p] as f64).collect();
     let err = rel_l2(&r.sample, &want);

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use super::{Block, Linear, TensorEntry, WanDit};
 use crate::cpu::{self, AttnShape, RopeTables};
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{zeroed, Tensor};
 
 impl WanDit {
     pub(super) fn w(&self, e: &TensorEntry) -> Result<Cow<'_, [f32]>> {
@@ -126,8 +126,8 @@ impl WanDit {
         let rope = cpu::wan_rope_tables(hd, grid[0], grid[1], grid[2], 10000.0);
 
         // Patch embedding: a Conv3d with stride = kernel is im2col + linear.
-        let cols = cpu::patchify(x.data(), batch, s[1], s[2], s[3], s[4], c.patch_size); // [B·L, C·pt·ph·pw]
-        let mut h = vec![0.0f32; bl * d]; // [B·L, D] the residual stream
+        let cols = cpu::patchify(x.data(), batch, s[1], s[2], s[3], s[4], c.patch_size)?; // [B·L, C·pt·ph·pw]
+        let mut h = zeroed(bl * d, "the DiT's residual stream")?; // [B·L, D]
         self.linear(&self.layers.patch, &cols, bl, &mut h, true)?;
         drop(cols);
 
@@ -143,7 +143,7 @@ impl WanDit {
         let mut tproj = vec![0.0f32; batch * 6 * d];
         self.linear(&self.layers.time_proj, &temb_act, batch, &mut tproj, true)?;
 
-        let mut bufs = Buffers::new(bl, d, f);
+        let mut bufs = Buffers::new(bl, d, f)?;
         for (block, (kc, vc)) in self.layers.blocks.iter().zip(&kv.blocks) {
             // A cancelled render stops between blocks (the attention skips its remaining
             // tiles once cancelled, so a block ends early too).
@@ -176,9 +176,9 @@ impl WanDit {
         }
         cpu::layer_norm(&h, &mut bufs.n, d, eps, Some(&mul), Some(&add), l);
         let out_f = self.layers.proj_out.n_out;
-        let mut y = vec![0.0f32; bl * out_f];
+        let mut y = zeroed(bl * out_f, "the DiT's output")?;
         self.linear(&self.layers.proj_out, &bufs.n, bl, &mut y, true)?;
-        let out = cpu::unpatchify(&y, batch, c.out_channels(), grid, c.patch_size);
+        let out = cpu::unpatchify(&y, batch, c.out_channels(), grid, c.patch_size)?;
         Tensor::new(vec![batch, c.out_channels(), s[2], s[3], s[4]], out)
     }
 
@@ -325,16 +325,16 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(bl: usize, d: usize, f: usize) -> Self {
-        let z = |n: usize| vec![0.0f32; n];
-        Buffers {
-            n: z(bl * d),
-            q: z(bl * d),
-            k: z(bl * d),
-            v: z(bl * d),
-            o: z(bl * d),
-            y: z(bl * d),
-            ff: z(bl * f),
-        }
+    fn new(bl: usize, d: usize, f: usize) -> Result<Self> {
+        let z = |n: usize| zeroed(n, "the DiT's activations");
+        Ok(Buffers {
+            n: z(bl * d)?,
+            q: z(bl * d)?,
+            k: z(bl * d)?,
+            v: z(bl * d)?,
+            o: z(bl * d)?,
+            y: z(bl * d)?,
+            ff: z(bl * f)?,
+        })
     }
 }

@@ -248,7 +248,7 @@ impl WanVae {
         for bi in 0..b {
             session.reset();
             for i in 0..t {
-                let frame = super::to_frames_range(latents, bi, i, i + 1);
+                let frame = super::to_frames_range(latents, bi, i, i + 1)?;
                 sink.push(bi, &session.chunk(w, &frame)?)?;
             }
         }
@@ -285,7 +285,7 @@ impl WanVae {
             let mut latent: Option<Frames> = None;
             let chunks = std::iter::once((0, 1)).chain((1..f).step_by(4).map(|s| (s, s + 4)));
             for (start, end) in chunks {
-                let chunk = super::to_frames_range(sample, bi, start, end);
+                let chunk = super::to_frames_range(sample, bi, start, end)?;
                 let out = session.chunk(w, &chunk)?;
                 latent = Some(match latent {
                     Some(l) => l.concat(&out),

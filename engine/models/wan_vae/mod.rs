@@ -273,7 +273,7 @@ impl CollectSink {
         let (h, w, c) = (first.h, first.w, first.c);
         let f: usize = self.frames[0].iter().map(|x| x.t).sum();
         let b = self.frames.len();
-        let mut out = vec![0.0f32; b * c * f * h * w];
+        let mut out = crate::tensor::zeroed(b * c * f * h * w, "the decoded video")?;
         for (bi, chunks) in self.frames.iter().enumerate() {
             let mut t0 = 0;
             for chunk in chunks {
@@ -691,7 +691,7 @@ impl WanVae {
             }
         }
         inputs.extend((0..x.t).map(|i| Some(x.frame(i))));
-        Ok(conv3d(&inputs, x.h, x.w, &cw, conv.stride, conv.pad))
+        conv3d(&inputs, x.h, x.w, &cw, conv.stride, conv.pad)
     }
 
     /// A cached causal convolution (conv_in, the residual convs, conv_out): the slot keeps
@@ -742,7 +742,7 @@ impl WanVae {
         self.norm(&mut n, &a.norm, false)?;
         let qkv = self.conv(&a.qkv, &n, None)?; // [T, H, W, 3C]: q, k, v per pixel
         let px = x.h * x.w;
-        let mut o = Frames::zeros(x.t, x.h, x.w, c);
+        let mut o = Frames::zeros(x.t, x.h, x.w, c)?;
         let shape = AttnShape {
             batch: x.t,
             heads: 1,
@@ -770,7 +770,7 @@ impl WanVae {
 
     fn resample(&self, r: &Resample, x: Frames, cache: &mut ConvCache) -> Result<Frames> {
         match r {
-            Resample::Up2d { conv } => self.conv(conv, &upsample2x(&x), None),
+            Resample::Up2d { conv } => self.conv(conv, &upsample2x(&x)?, None),
             Resample::Down2d { conv } => self.conv(conv, &x, None),
             Resample::Up3d { time_conv, conv } => {
                 let idx = time_conv
@@ -790,7 +790,7 @@ impl WanVae {
                         let keep = if x.t < CACHE_T {
                             let before = match prev {
                                 Some(p) => p.last(1),
-                                None => Frames::zeros(1, x.h, x.w, x.c),
+                                None => Frames::zeros(1, x.h, x.w, x.c)?,
                             };
                             before.concat(&x.last(CACHE_T))
                         } else {
@@ -801,7 +801,7 @@ impl WanVae {
                         // Channels (2, C) become time: frame 2t from the first half, 2t+1
                         // from the second.
                         let c = x.c;
-                        let mut out = Frames::zeros(2 * y.t, y.h, y.w, c);
+                        let mut out = Frames::zeros(2 * y.t, y.h, y.w, c)?;
                         let fl = y.h * y.w * c;
                         for t in 0..y.t {
                             let src = y.frame(t);
@@ -815,7 +815,7 @@ impl WanVae {
                         out
                     }
                 };
-                self.conv(conv, &upsample2x(&x), None)
+                self.conv(conv, &upsample2x(&x)?, None)
             }
             Resample::Down3d { conv, time_conv } => {
                 let x = self.conv(conv, &x, None)?;
@@ -892,7 +892,7 @@ impl WanVae {
             let mut latent: Option<Frames> = None;
             let chunks = std::iter::once((0, 1)).chain((1..f).step_by(4).map(|s| (s, s + 4)));
             for (start, end) in chunks {
-                let chunk = to_frames_range(sample, bi, start, end);
+                let chunk = to_frames_range(sample, bi, start, end)?;
                 let out = self.run_coder(&self.encoder, &chunk, &mut cache)?;
                 latent = Some(match latent {
                     Some(l) => l.concat(&out),
@@ -902,7 +902,7 @@ impl WanVae {
             let latent = latent.ok_or_else(|| Error::invalid("no frames to encode"))?;
             let moments = self.conv(&self.quant_conv, &latent, None)?; // [T', h, w, 2z]
                                                                        // The posterior mean is the first z channels.
-            let mut mean = Frames::zeros(moments.t, moments.h, moments.w, z);
+            let mut mean = Frames::zeros(moments.t, moments.h, moments.w, z)?;
             for (dst, src) in mean
                 .data
                 .chunks_exact_mut(z)
@@ -926,7 +926,7 @@ impl WanVae {
                 crate::cancel::check()?;
                 // post_quant_conv is 1×1×1: applying it frame by frame is exact, and nothing
                 // of the latent sequence is copied whole.
-                let frame = to_frames_range(latents, bi, i, i + 1);
+                let frame = to_frames_range(latents, bi, i, i + 1)?;
                 let frame = self.conv(&self.post_quant_conv, &frame, None)?;
                 let mut out = self.run_coder(&self.decoder, &frame, &mut cache)?;
                 for v in out.data.iter_mut() {
@@ -964,10 +964,10 @@ fn check_encode_size(c: &WanVaeConfig, f: usize, h: usize, w: usize) -> Result<(
 }
 
 /// Frames t0..t1 of sample `b` of a [B, C, T, H, W] tensor, channel-last.
-pub(crate) fn to_frames_range(x: &Tensor, b: usize, t0: usize, t1: usize) -> Frames {
+pub(crate) fn to_frames_range(x: &Tensor, b: usize, t0: usize, t1: usize) -> Result<Frames> {
     let s = x.shape();
     let (c, t, h, w) = (s[1], s[2], s[3], s[4]);
-    let mut out = Frames::zeros(t1 - t0, h, w, c);
+    let mut out = Frames::zeros(t1 - t0, h, w, c)?;
     let src = &x.data()[b * c * t * h * w..(b + 1) * c * t * h * w];
     for ch in 0..c {
         for ti in t0..t1 {
@@ -976,7 +976,7 @@ pub(crate) fn to_frames_range(x: &Tensor, b: usize, t0: usize, t1: usize) -> Fra
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Channel-last frames of each sample → [B, C, T, H, W].
@@ -985,7 +985,7 @@ fn frames_to_tensor(samples: &[Frames]) -> Result<Tensor> {
         .first()
         .ok_or_else(|| Error::invalid("empty batch"))?;
     let (c, t, h, w) = (f0.c, f0.t, f0.h, f0.w);
-    let mut out = vec![0.0f32; samples.len() * c * t * h * w];
+    let mut out = crate::tensor::zeroed(samples.len() * c * t * h * w, "VAE frames")?;
     for (b, s) in samples.iter().enumerate() {
         for ti in 0..t {
             for p in 0..h * w {
