@@ -1228,7 +1228,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     }
     let mut t = String::new();
     t += "# HELP reel_queue_depth Jobs waiting for the worker.\n# TYPE reel_queue_depth gauge\n";
-    t += &format!("reel_queue_depth {}\n", s.queued.load(Ordering::SeqCst));
+    // Jobs still queued: one cancelled while queued leaves the queue's slot to the worker,
+    // which skips it, but waits for nothing.
+    t += &format!("reel_queue_depth {}\n", by_status["queued"]);
     t += "# HELP reel_jobs Jobs known to the server by status.\n# TYPE reel_jobs gauge\n";
     for (k, v) in by_status {
         t += &format!("reel_jobs{{status=\"{k}\"}} {v}\n");

@@ -28,6 +28,7 @@ pub mod dit;
 pub mod elementwise;
 pub mod emu_checks;
 pub mod gemm;
+pub mod hopper;
 mod mem;
 pub mod norm;
 pub mod probe;
@@ -711,6 +712,7 @@ pub fn param_layouts() -> Vec<KernelLayout> {
         emu_checks::ALL,
         t5::ALL,
         probe::ALL,
+        hopper::ALL,
     ]
     .concat();
     EXPORTED

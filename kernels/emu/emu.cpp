@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <unordered_map>
 #include <mutex>
 #include <random>
 #include <string>
@@ -64,7 +65,7 @@ constexpr size_t kStack = 128 * 1024;
 constexpr size_t kGuard = 4096;
 constexpr unsigned kBarriers = 16;
 
-enum class State { Ready, AtBarrier, AtWarp, Done };
+enum class State { Ready, AtBarrier, AtWarp, AtGroup, AtMbarrier, Done };
 
 struct Copy {
   void* dst;
@@ -115,6 +116,65 @@ struct Stack {
   char* lo() const { return map + kGuard; }
 };
 
+// A warpgroup exchange (128 threads), as Exchange is for a warp.
+struct GroupExchange {
+  unsigned arrived = 0, readers = 0;  // counts
+  uint32_t bits[4] = {};              // which threads of the warpgroup have arrived
+  uint64_t serial = 0;
+  unsigned char slots[128][kGroupSlotBytes];
+};
+
+struct Group {
+  std::vector<std::unique_ptr<GroupExchange>> all;
+  std::vector<GroupExchange*> free;
+  GroupExchange* open = nullptr;
+};
+
+bool group_arrived(const GroupExchange* e, unsigned i) { return (e->bits[i / 32] >> (i % 32)) & 1u; }
+
+// An mbarrier (kept beside shared memory, keyed by its shared offset; its 8 bytes hold a tag
+// so that an ordinary store over a live barrier is caught).
+struct Mbar {
+  unsigned expected = 0, pending = 0;
+  int64_t tx = 0;
+  uint64_t phase = 0;  // completed phases
+  std::vector<unsigned> waiters;
+};
+
+struct TmaLoad {
+  uint32_t dst;  // shared offset
+  TmaMap map;
+  int32_t coords[5];
+  uint32_t bar;  // shared offset of the mbarrier
+  uint64_t bytes;
+};
+
+struct TmaStore {
+  TmaMap map;
+  int32_t coords[5];
+  uint32_t src;  // shared offset
+  uint64_t bytes;
+};
+
+// One warpgroup wgmma: the operands every thread passed (from the exchange), decoded from
+// shared memory at the first completion.
+struct WgmmaGroupOp {
+  WgmmaOp op;            // the uniform part (a, d of thread 0)
+  uint32_t a[128][4];    // every thread's A fragment (a_regs)
+  bool decoded = false;
+  std::vector<float> A;  // [64][16]
+  std::vector<float> B;  // [n][16]: B[col][k]
+  unsigned issued = 0;   // threads that have issued their part
+};
+
+struct WgmmaPending {
+  std::shared_ptr<WgmmaGroupOp> op;
+  float* d;
+  std::vector<float> c;  // the accumulators' values at issue (first of a chain), else empty
+  bool chained;          // the input is the previous operation's output on the same d
+  unsigned thread;       // index in the warpgroup
+};
+
 struct Fiber {
   void* sp = nullptr;  // the saved stack pointer (own switch)
   ucontext_t uc;       // the saved context (ucontext switch)
@@ -128,6 +188,16 @@ struct Fiber {
   // cp.async: committed groups (oldest first) and the group being built.
   std::vector<std::vector<Copy>> groups;
   std::vector<Copy> open;
+  // Hopper: the warpgroup exchange held, the mbarrier waited on, TMA store groups, wgmma
+  // operations in flight (committed groups, then the open one).
+  GroupExchange* held_group = nullptr;
+  uint32_t mbar = 0;
+  unsigned mbar_parity = 0;
+  std::vector<std::vector<TmaStore>> tma_groups;
+  std::vector<TmaStore> tma_open;
+  std::vector<std::vector<WgmmaPending>> wg_groups;
+  std::vector<WgmmaPending> wg_open;
+  bool wg_fenced = false;
 };
 
 // Everything about the running launch, per OS thread (blocks of one launch run on one OS
@@ -163,8 +233,18 @@ struct Emu {
   size_t static_base = 0, static_used = 0;
   std::vector<std::pair<const void*, size_t>> statics;  // (site, offset)
   uint64_t exchanges = 0;  // exchanges opened on this OS thread, for their serials
+  // Hopper: the async proxy's view of the window, warpgroups, mbarriers, TMA loads in flight,
+  // and the wgmma operations being issued (by serial of their exchange).
+  unsigned char* async_view = nullptr;
+  std::vector<Group> groups;
+  std::unordered_map<uint32_t, Mbar> mbars;
+  std::vector<TmaLoad> tma_loads;
+  std::unordered_map<uint64_t, std::shared_ptr<WgmmaGroupOp>> wg_issuing;
 
-  ~Emu() { std::free(window); }
+  ~Emu() {
+    std::free(window);
+    std::free(async_view);
+  }
 };
 
 // The running launch's state. Reached through a plain pointer: a thread_local object with a
@@ -275,6 +355,9 @@ void leave(Fiber* f) {
 }
 
 void exit_fiber();
+// Performs fiber f's committed TMA store groups but the newest `pending` (at the end of the
+// block: all, with a failure recorded instead of faulting).
+void complete_tma_stores(Fiber& f, int pending, bool at_end = false);
 
 [[noreturn]] void fiber_main() {
   g.body(g.params);
@@ -308,11 +391,19 @@ void release_exchange(unsigned w, Exchange*& e) {
   e = nullptr;
 }
 
+void release_group(Group& grp, GroupExchange*& e) {
+  if (e == nullptr) return;
+  if (--e->readers == 0) grp.free.push_back(e);
+  e = nullptr;
+}
+
 const char* state_name(const Fiber& f) {
   switch (f.state) {
     case State::Ready: return "is ready";
     case State::AtBarrier: return "waits at a block barrier";
     case State::AtWarp: return "waits at another warp operation";
+    case State::AtGroup: return "waits at a warpgroup operation";
+    case State::AtMbarrier: return "waits on an mbarrier";
     default: return "has exited";
   }
 }
@@ -332,6 +423,31 @@ std::string deadlock_report() {
           waiter.idx.x, waiter.idx.y, waiter.idx.z, w, first, e->need, e->arrived, gone, absent.idx.x, absent.idx.y,
           absent.idx.z, state_name(absent));
     }
+  for (unsigned i = 0; i < g.groups.size(); ++i)
+    if (GroupExchange* e = g.groups[i].open) {
+      unsigned first = 0, gone = 0;
+      while (first < 128 && !group_arrived(e, first)) ++first;
+      while (gone < 128 && group_arrived(e, gone)) ++gone;
+      const Fiber& waiter = g.fibers[128 * i + first];
+      const Fiber& absent = g.fibers[128 * i + gone];
+      return format(
+          "deadlock: thread (%u,%u,%u) waits at a warpgroup operation (wgmma, setmaxnreg) of warpgroup %u with %u of "
+          "128 threads arrived; thread (%u,%u,%u) %s",
+          waiter.idx.x, waiter.idx.y, waiter.idx.z, i, e->arrived, absent.idx.x, absent.idx.y, absent.idx.z,
+          state_name(absent));
+    }
+  for (const Fiber& f : g.fibers) {
+    if (&f - g.fibers.data() >= static_cast<std::ptrdiff_t>(g.threads)) break;
+    if (f.state != State::AtMbarrier) continue;
+    const auto it = g.mbars.find(f.mbar);
+    const Mbar& m = it->second;
+    return format(
+        "deadlock: thread (%u,%u,%u) waits on the mbarrier at shared offset 0x%x for the phase of parity %u; the "
+        "barrier has completed %llu phases, waits for %u of %u arrivals and %lld transaction bytes, and no thread "
+        "can arrive",
+        f.idx.x, f.idx.y, f.idx.z, f.mbar, f.mbar_parity, (unsigned long long)m.phase, m.pending, m.expected,
+        (long long)m.tx);
+  }
   for (unsigned b = 0; b < kBarriers; ++b)
     if (g.bars[b].arrived != 0) {
       const Fiber& f = g.fibers[g.bars[b].waiters.front()];
@@ -368,6 +484,15 @@ void exit_fiber() {
     if ((e->need >> lane) & 1u)
       fault("exited while lanes %08x of its warp wait for it at a warp operation with mask %08x", e->arrived,
             e->need);
+  if (f->linear / 128 < g.groups.size()) {
+    Group& grp = g.groups[f->linear / 128];
+    release_group(grp, f->held_group);
+    if (grp.open != nullptr && !group_arrived(grp.open, f->linear % 128))
+      fault("exited while %u threads of its warpgroup wait for it at a warpgroup operation (wgmma, setmaxnreg)",
+            grp.open->arrived);
+  }
+  if (!f->wg_open.empty() || !f->wg_groups.empty())
+    fault("exited with wgmma operations in flight (no wgmma.wait_group covers them)");
   // __syncthreads counts the threads that have not exited: this exit may complete it.
   if (g.bars[0].arrived != 0 && g.bars[0].count == 0 && g.bars[0].arrived == g.live) finish_barrier(0, g.bars[0].op);
   leave(f);
@@ -386,6 +511,12 @@ bool run_block(uint3 bidx) {
     f.held = nullptr;
     f.groups.clear();
     f.open.clear();
+    f.held_group = nullptr;
+    f.tma_groups.clear();
+    f.tma_open.clear();
+    f.wg_groups.clear();
+    f.wg_open.clear();
+    f.wg_fenced = false;
 #if REEL_EMU_OWN_SWITCH
     if (g.own_switch) f.sp = initial_sp(f.stack);
 #endif
@@ -408,8 +539,18 @@ bool run_block(uint3 bidx) {
     b.arrived = b.preds = b.count = 0;
     b.waiters.clear();
   }
-  // Shared memory: the dynamic part poisoned, the static variables carved anew.
+  for (Group& grp : g.groups) {
+    grp.open = nullptr;
+    grp.free.clear();
+    for (auto& e : grp.all) grp.free.push_back(e.get());
+  }
+  g.mbars.clear();
+  g.tma_loads.clear();
+  g.wg_issuing.clear();
+  // Shared memory: the dynamic part poisoned (in both proxies' views), the static variables
+  // carved anew.
   std::memset(g.window, kPoison, g.cfg.dynamic_shared);
+  std::memset(g.async_view, kPoison, g.cfg.dynamic_shared);
   g.statics.clear();
   g.static_used = 0;
   g.running = true;
@@ -425,6 +566,18 @@ bool run_block(uint3 bidx) {
   }
   g.running = false;
   if (g.faulted) return false;
+  if (g.live == 0) {
+    // TMA stores no thread waited for land before the block ends.
+    g.running = true;
+    for (unsigned t = 0; t < g.threads && !g.faulted; ++t) {
+      Fiber& f = g.fibers[t];
+      g.cur = &f;
+      if (!f.tma_open.empty()) f.tma_groups.push_back(std::move(f.tma_open));
+      complete_tma_stores(f, 0, true);
+    }
+    g.running = false;
+    if (g.faulted) return false;
+  }
   if (g.live != 0) {
     g.cur = nullptr;
     g.error = "reel emulator: " + where() + ": " + deadlock_report();
@@ -590,6 +743,7 @@ void* static_shared(const void* site, size_t bytes, size_t align) {
     fault("%zu bytes of static shared memory and %zu of dynamic (%s) exceed the %zu bytes a block may have", used,
           dyn, g.cfg.shared_opt_in ? "the opt-in" : "this launch", limit);
   std::memset(g.window + off, kPoison, bytes);
+  std::memset(g.async_view + off, kPoison, bytes);
   g.static_used = used;
   g.statics.emplace_back(site, off);
   return g.window + off;
@@ -691,6 +845,568 @@ void cp_async_wait(int pending) {
   f->groups.erase(f->groups.begin(), f->groups.begin() + static_cast<std::ptrdiff_t>(done));
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Hopper primitives.
+
+namespace {
+
+// The shared offset of p, which must lie in the block's shared memory with `bytes` after it.
+uint32_t checked_offset(const void* p, size_t bytes, const char* what) {
+  if (!in_shared(p, bytes)) fault("%s: address %p (%zu bytes) is not in the block's shared memory", what, p, bytes);
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - g.window);
+}
+
+// Writes through the async proxy: both views.
+void async_write(uint32_t off, const void* src, size_t bytes) {
+  std::memcpy(g.window + off, src, bytes);
+  std::memcpy(g.async_view + off, src, bytes);
+}
+
+constexpr uint64_t kMbarTag = 0x6d62617272696572ull;  // "mbarrier"
+
+Mbar& mbar_at(void* bar, const char* what, uint32_t* off_out = nullptr) {
+  const uint32_t off = checked_offset(bar, 8, what);
+  if (off % 8 != 0) fault("%s: the mbarrier at shared offset 0x%x is not 8-byte aligned", what, off);
+  const auto it = g.mbars.find(off);
+  if (it == g.mbars.end()) fault("%s: no mbarrier was initialised at shared offset 0x%x", what, off);
+  uint64_t tag;
+  std::memcpy(&tag, g.window + off, 8);
+  if (tag != (kMbarTag ^ off))
+    fault("%s: the mbarrier at shared offset 0x%x was overwritten by an ordinary store while in use", what, off);
+  if (off_out) *off_out = off;
+  return it->second;
+}
+
+// Counts down the barrier's arrivals or transaction bytes; completes the phase when both are
+// zero (waking its waiters and restarting the count).
+void mbar_check_phase(Mbar& m) {
+  if (m.pending != 0 || m.tx != 0) return;
+  ++m.phase;
+  m.pending = m.expected;
+  for (unsigned t : m.waiters) {
+    Fiber& o = g.fibers[t];
+    if (o.state == State::AtMbarrier) make_ready(o);
+  }
+  m.waiters.clear();
+}
+
+// The smem byte offset of box element `linear` (row-major over the box, dimension 0
+// innermost) before the swizzle, and the swizzle of an absolute shared address.
+uint32_t swizzle(uint32_t addr, uint32_t span) {
+  // 128B: address bits [4,7) ^= bits [7,10); 64B: [4,6) ^= [7,9); 32B: bit 4 ^= bit 7.
+  const uint32_t bits = span == 128 ? 3 : span == 64 ? 2 : span == 32 ? 1 : 0;
+  const uint32_t mask = (1u << bits) - 1;
+  return addr ^ (((addr >> 7) & mask) << 4);
+}
+
+uint64_t box_elems(const TmaMap& m) {
+  uint64_t n = 1;
+  for (uint32_t i = 0; i < m.rank; ++i) n *= m.box[i];
+  return n;
+}
+
+void check_map(const TmaMap& m, const char* what) {
+  if (m.magic != kTmaMagic) fault("%s: the tensor map was not encoded by reel (bad magic)", what);
+  if (m.rank < 1 || m.rank > 5) fault("%s: tensor map rank %u (1..5)", what, m.rank);
+}
+
+// Element (box-relative index `e`, per dimension) → its global address, or null when out of
+// bounds.
+const unsigned char* tma_global(const TmaMap& m, const int32_t* coords, const uint32_t* e) {
+  uint64_t addr = m.global;
+  for (uint32_t i = 0; i < m.rank; ++i) {
+    const int64_t c = static_cast<int64_t>(coords[i]) + e[i];
+    if (c < 0 || static_cast<uint64_t>(c) >= m.dims[i]) return nullptr;
+    addr += static_cast<uint64_t>(c) * (i == 0 ? m.elem_bytes : m.strides[i - 1]);
+  }
+  return reinterpret_cast<const unsigned char*>(addr);
+}
+
+// Calls f(box element index per dimension, shared byte offset of the element) for each
+// element of the box at `base` (shared offset), in row-major order.
+template <class F>
+void for_box(const TmaMap& m, uint32_t base, F f) {
+  uint32_t e[5] = {0, 0, 0, 0, 0};
+  const uint64_t n = box_elems(m);
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint32_t off = swizzle(base + static_cast<uint32_t>(i * m.elem_bytes), m.swizzle);
+    f(e, off);
+    for (uint32_t d = 0; d < m.rank; ++d) {
+      if (++e[d] < m.box[d]) break;
+      e[d] = 0;
+    }
+  }
+}
+
+void complete_tma_load(const TmaLoad& l) {
+  const TmaMap& m = l.map;
+  for_box(m, l.dst, [&](const uint32_t* e, uint32_t off) {
+    const unsigned char* src = tma_global(m, l.coords, e);
+    unsigned char buf[4] = {0, 0, 0, 0};
+    if (src != nullptr) {
+      std::memcpy(buf, src, m.elem_bytes);
+    } else if (m.nan_fill) {
+      const uint32_t nan32 = 0x7fffffffu;
+      const uint16_t nan16 = m.elem_bytes == 2 ? 0x7fff : 0;
+      if (m.elem_bytes == 4) std::memcpy(buf, &nan32, 4); else std::memcpy(buf, &nan16, 2);
+    }
+    async_write(off, buf, m.elem_bytes);
+  });
+  const auto it = g.mbars.find(l.bar);
+  if (it == g.mbars.end()) return;  // invalidated meanwhile: nothing to signal
+  it->second.tx -= static_cast<int64_t>(l.bytes);
+  mbar_check_phase(it->second);
+}
+
+// Completes the TMA loads that signal the barrier at `bar` (all of them, in issue order).
+void complete_tma_loads_for(uint32_t bar) {
+  std::vector<TmaLoad> keep, run;
+  for (TmaLoad& l : g.tma_loads) (l.bar == bar ? run : keep).push_back(l);
+  g.tma_loads.swap(keep);
+  for (const TmaLoad& l : run) complete_tma_load(l);
+}
+
+// Box geometry checks shared by loads and stores.
+void check_box(const TmaMap& m, uint32_t smem, const char* what) {
+  const uint64_t inner = uint64_t{m.box[0]} * m.elem_bytes;
+  if (inner % 16 != 0) fault("%s: the box's inner dimension is %llu bytes, not a multiple of 16", what, (unsigned long long)inner);
+  // Hardware requires inner bytes <= the span; how it lays out a narrower row is not
+  // documented, so reel requires them equal (as CUTLASS and FlashAttention-3 use it).
+  if (m.swizzle != 0 && inner != m.swizzle)
+    fault("%s: the box's inner dimension of %llu bytes differs from the %u-byte swizzle span", what,
+          (unsigned long long)inner, m.swizzle);
+  // 128 bytes, whatever the swizzle: the swizzle is a function of the absolute address.
+  if (smem % 128 != 0) fault("%s: shared address 0x%x is not 128-byte aligned", what, smem);
+}
+
+void complete_tma_stores(Fiber& f, int pending, bool at_end) {
+  if (pending < 0) pending = 0;
+  size_t done = 0;
+  while (f.tma_groups.size() - done > static_cast<size_t>(pending)) {
+    for (const TmaStore& st : f.tma_groups[done]) {
+      if (std::memcmp(g.window + st.src, g.async_view + st.src, st.bytes) != 0) {
+        const std::string what = "a TMA store's shared memory was written by ordinary stores while the store read it";
+        if (at_end) {
+          g.error = "reel emulator: " + where() + ": " + what;
+          g.faulted = true;
+          return;
+        }
+        fault("%s", what.c_str());
+      }
+      const TmaMap& m = st.map;
+      for_box(m, st.src, [&](const uint32_t* e, uint32_t off) {
+        unsigned char* dst = const_cast<unsigned char*>(tma_global(m, st.coords, e));
+        if (dst != nullptr) std::memcpy(dst, g.async_view + off, m.elem_bytes);
+      });
+    }
+    ++done;
+  }
+  f.tma_groups.erase(f.tma_groups.begin(), f.tma_groups.begin() + static_cast<std::ptrdiff_t>(done));
+}
+
+}  // namespace
+
+const unsigned char* group_exchange(const void* mine, size_t bytes, uint64_t* serial) {
+  Fiber* f = g.cur;
+  const unsigned wg = f->linear / 128, i = f->linear % 128;
+  if (wg >= g.groups.size())
+    fault("a warpgroup operation in a block of %u threads: thread %u has no complete warpgroup of 128", g.threads,
+          f->linear);
+  if (bytes > kGroupSlotBytes) fault("warpgroup exchange of %zu bytes, larger than a slot", bytes);
+  Group& grp = g.groups[wg];
+  release_group(grp, f->held_group);
+  GroupExchange* e = grp.open;
+  if (e == nullptr) {
+    if (grp.free.empty()) {
+      grp.all.push_back(std::make_unique<GroupExchange>());
+      grp.free.push_back(grp.all.back().get());
+    }
+    e = grp.free.back();
+    grp.free.pop_back();
+    e->arrived = 0;
+    e->readers = 0;
+    std::memset(e->bits, 0, sizeof e->bits);
+    e->serial = ++g.exchanges;
+    grp.open = e;
+  }
+  for (unsigned t = 0; t < 128; ++t)
+    if (g.fibers[128 * wg + t].state == State::Done)
+      fault("a warpgroup operation while thread %u of the warpgroup has exited", 128 * wg + t);
+  std::memcpy(e->slots[i], mine, bytes);
+  e->bits[i / 32] |= 1u << (i % 32);
+  if (++e->arrived == 128) {
+    grp.open = nullptr;
+    e->readers = 128;
+    for (unsigned t = 0; t < 128; ++t)
+      if (t != i) make_ready(g.fibers[128 * wg + t]);
+  } else {
+    f->state = State::AtGroup;
+    leave(f);
+  }
+  f->held_group = e;
+  *serial = e->serial;
+  return &e->slots[0][0];
+}
+
+uint32_t shared_offset(const void* p) { return checked_offset(p, 1, "a shared-memory address"); }
+
+unsigned char* shared_at(uint32_t offset, size_t bytes) {
+  unsigned char* p = g.window + offset;
+  if (!in_shared(p, bytes)) fault("shared offset 0x%x (%zu bytes) is outside the block's shared memory", offset, bytes);
+  return p;
+}
+
+void async_read_check(uint32_t offset, size_t bytes, const char* what) {
+  shared_at(offset, bytes);
+  if (std::memcmp(g.window + offset, g.async_view + offset, bytes) == 0) return;
+  size_t i = 0;
+  while (g.window[offset + i] == g.async_view[offset + i]) ++i;
+  fault("%s reads shared offset 0x%zx through the async proxy, written by ordinary stores that no "
+        "fence.proxy.async made visible to it",
+        what, offset + i);
+}
+
+void fence_proxy_async() {
+  std::memcpy(g.async_view, g.window, g.cfg.dynamic_shared);
+  std::memcpy(g.async_view + g.static_base, g.window + g.static_base, g.static_used);
+}
+
+void mbarrier_init(void* bar, unsigned count) {
+  const uint32_t off = checked_offset(bar, 8, "mbarrier.init");
+  if (off % 8 != 0) fault("mbarrier.init: shared offset 0x%x is not 8-byte aligned", off);
+  if (count == 0 || count >= (1u << 20)) fault("mbarrier.init: count %u (1..2^20-1)", count);
+  Mbar& m = g.mbars[off];
+  m = Mbar{};
+  m.expected = m.pending = count;
+  const uint64_t tag = kMbarTag ^ off;
+  std::memcpy(g.window + off, &tag, 8);
+  std::memcpy(g.async_view + off, &tag, 8);
+}
+
+void mbarrier_inval(void* bar) {
+  uint32_t off;
+  Mbar& m = mbar_at(bar, "mbarrier.inval", &off);
+  if (!m.waiters.empty()) fault("mbarrier.inval: threads wait on the mbarrier at shared offset 0x%x", off);
+  g.mbars.erase(off);
+  std::memset(g.window + off, kPoison, 8);
+}
+
+uint64_t mbarrier_arrive(void* bar, unsigned count, uint32_t tx) {
+  uint32_t off;
+  Mbar& m = mbar_at(bar, "mbarrier.arrive", &off);
+  if (tx >= (1u << 20)) fault("mbarrier.arrive.expect_tx: %u bytes (at most 2^20-1)", tx);
+  if (count > m.pending)
+    fault("mbarrier.arrive: %u arrivals on the mbarrier at shared offset 0x%x, which expects %u more in this phase",
+          count, off, m.pending);
+  const uint64_t token = m.phase;
+  m.tx += tx;
+  m.pending -= count;
+  mbar_check_phase(m);
+  return token;
+}
+
+void mbarrier_expect_tx(void* bar, uint32_t tx) {
+  Mbar& m = mbar_at(bar, "mbarrier.expect_tx");
+  if (tx >= (1u << 20)) fault("mbarrier.expect_tx: %u bytes (at most 2^20-1)", tx);
+  m.tx += tx;
+}
+
+bool mbarrier_wait_parity(void* bar, unsigned parity, bool block) {
+  uint32_t off;
+  Mbar* m = &mbar_at(bar, "mbarrier.try_wait.parity", &off);
+  // The phase of parity p has completed when the current phase's parity differs from p.
+  auto done = [&] { return (m->phase & 1u) != (parity & 1u); };
+  if (done() || !block) return done();
+  // As late as hardware may: the TMA loads this barrier waits for land now.
+  complete_tma_loads_for(off);
+  m = &g.mbars.at(off);
+  if (done()) return true;
+  Fiber* f = g.cur;
+  f->state = State::AtMbarrier;
+  f->mbar = off;
+  f->mbar_parity = parity & 1u;
+  m->waiters.push_back(f->linear);
+  leave(f);
+  // Woken by the phase's completion (or the barrier went away: a fault already).
+  m = &mbar_at(bar, "mbarrier.try_wait.parity");
+  return done();
+}
+
+void barrier_arrive(unsigned id, unsigned count) {
+  if (id >= kBarriers) fault("bar.arrive %u: there are 16 barriers (0..15)", id);
+  if (count == 0 || count % 32 != 0 || count > g.threads)
+    fault("bar.arrive %u: the thread count %u must be a non-zero multiple of 32, at most the block's %u", id, count,
+          g.threads);
+  Barrier& b = g.bars[id];
+  if (b.arrived == 0) {
+    b.count = count;
+    b.op = 0;
+  } else if (b.count != count) {
+    fault("barrier %u: threads arrive with thread counts %u and %u", id, b.count, count);
+  }
+  ++b.arrived;
+  if (b.arrived == count) finish_barrier(id, 0);
+}
+
+void tma_load(void* dst, const void* map_p, const int32_t* coords, void* bar) {
+  TmaLoad l;
+  std::memcpy(&l.map, map_p, sizeof l.map);
+  check_map(l.map, "cp.async.bulk.tensor (load)");
+  const uint64_t bytes = box_elems(l.map) * l.map.elem_bytes;
+  l.dst = checked_offset(dst, bytes, "cp.async.bulk.tensor (load) destination");
+  check_box(l.map, l.dst, "cp.async.bulk.tensor (load)");
+  mbar_at(bar, "cp.async.bulk.tensor (load) mbarrier", &l.bar);
+  for (uint32_t i = 0; i < 5; ++i) l.coords[i] = i < l.map.rank ? coords[i] : 0;
+  l.bytes = bytes;
+  // Poisoned until it lands (as late as a waiter on its barrier allows).
+  std::memset(g.window + l.dst, kPoison, bytes);
+  std::memset(g.async_view + l.dst, kPoison, bytes);
+  g.tma_loads.push_back(l);
+}
+
+void tma_store(const void* map_p, const int32_t* coords, const void* src) {
+  TmaStore st;
+  std::memcpy(&st.map, map_p, sizeof st.map);
+  check_map(st.map, "cp.async.bulk.tensor (store)");
+  st.bytes = box_elems(st.map) * st.map.elem_bytes;
+  st.src = checked_offset(src, st.bytes, "cp.async.bulk.tensor (store) source");
+  check_box(st.map, st.src, "cp.async.bulk.tensor (store)");
+  for (uint32_t i = 0; i < 5; ++i) st.coords[i] = i < st.map.rank ? coords[i] : 0;
+  async_read_check(st.src, st.bytes, "cp.async.bulk.tensor (store)");
+  g.cur->tma_open.push_back(st);
+}
+
+void tma_store_commit() {
+  Fiber* f = g.cur;
+  f->tma_groups.push_back(std::move(f->tma_open));
+  f->tma_open.clear();
+}
+
+void tma_store_wait(int pending) { complete_tma_stores(*g.cur, pending); }
+
+void setmaxnreg(unsigned count, bool increase) {
+  if (count < 24 || count > 256 || count % 8 != 0)
+    fault("setmaxnreg.%s %u: the count must be a multiple of 8 in 24..256", increase ? "inc" : "dec", count);
+  const uint32_t mine[2] = {count, increase ? 1u : 0u};
+  uint64_t serial;
+  const unsigned char* slots = group_exchange(mine, sizeof mine, &serial);
+  uint32_t first[2];
+  std::memcpy(first, slots, sizeof first);
+  for (unsigned t = 1; t < 128; ++t) {
+    uint32_t other[2];
+    std::memcpy(other, slots + t * kGroupSlotBytes, sizeof other);
+    if (other[0] != first[0] || other[1] != first[1])
+      fault("setmaxnreg: the warpgroup disagrees (thread 0: %s %u, thread %u: %s %u)", first[1] ? "inc" : "dec",
+            first[0], t, other[1] ? "inc" : "dec", other[0]);
+  }
+}
+
+
+// ---- wgmma ----------------------------------------------------------------------------
+
+namespace {
+
+// Fields of a shared-memory matrix descriptor (byte values).
+struct MatDesc {
+  uint32_t start, lbo, sbo, base, span;  // span: the swizzle in bytes, 0 for none
+};
+
+MatDesc mat_desc(uint64_t d) {
+  MatDesc m;
+  m.start = static_cast<uint32_t>(d & 0x3fff) << 4;
+  m.lbo = static_cast<uint32_t>((d >> 16) & 0x3fff) << 4;
+  m.sbo = static_cast<uint32_t>((d >> 32) & 0x3fff) << 4;
+  m.base = static_cast<uint32_t>((d >> 49) & 7);
+  const uint32_t layout = static_cast<uint32_t>(d >> 62);
+  m.span = layout == 1 ? 128 : layout == 2 ? 64 : layout == 3 ? 32 : 0;
+  return m;
+}
+
+// The shared address of element (mn, k) of a 16-bit operand in the canonical layouts (PTX
+// ISA, wgmma "Shared Memory Matrix Layout"; in 16-byte units T = 8 elements, s = span / 16):
+//   K-major,  no swizzle: ((8,m),(T,2)) : ((1T,SBO),(1,LBO))
+//   K-major,  swizzled:   ((8,m),(T,2)) : ((sT,SBO),(1,T))
+//   MN-major, no swizzle: ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO))
+//   MN-major, swizzled:   ((T,s,m),(8,k)) : ((1,T,LBO),(sT,SBO))
+// then the swizzle of the address (16-byte chunk bits [4, 4+log2 s) ^= bits [7, 7+log2 s)).
+uint32_t operand_addr(const MatDesc& d, bool mn_major, uint32_t mn, uint32_t k) {
+  uint32_t a;
+  if (!mn_major) {
+    if (d.span == 0)
+      a = (mn % 8) * 16 + (mn / 8) * d.sbo + (k % 8) * 2 + (k / 8) * d.lbo;
+    else
+      a = (mn % 8) * d.span + (mn / 8) * d.sbo + (k % 8) * 2 + (k / 8) * 16;
+  } else {
+    if (d.span == 0) {
+      a = (mn % 8) * 2 + (mn / 8) * d.sbo + (k % 8) * 16 + (k / 8) * d.lbo;
+    } else {
+      const uint32_t s = d.span / 16;
+      a = (mn % 8) * 2 + ((mn / 8) % s) * 16 + (mn / (8 * s)) * d.lbo + (k % 8) * d.span + (k / 8) * d.sbo;
+    }
+  }
+  return swizzle(d.start + a, d.span);
+}
+
+float half_bits(uint16_t h, bool f16) {
+  if (!f16) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  }
+  const uint32_t u = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Reads element (mn, k) of a shared operand through the async proxy.
+float operand_at(const MatDesc& d, bool mn_major, uint32_t mn, uint32_t k, bool f16, const char* what) {
+  const uint32_t addr = operand_addr(d, mn_major, mn, k);
+  async_read_check(addr, 2, what);
+  uint16_t h;
+  std::memcpy(&h, g.async_view + addr, 2);
+  return half_bits(h, f16);
+}
+
+void check_desc(const MatDesc& d, const char* what) {
+  if (d.base != 0) fault("%s: descriptor base offset %u (reel's wrappers use 0: 1024-aligned swizzle atoms)", what, d.base);
+  if (d.span != 0 && d.start % 16 != 0) fault("%s: descriptor start 0x%x is not 16-byte aligned", what, d.start);
+}
+
+// Decodes the operands of a warpgroup operation from shared memory (now: at completion).
+void wgmma_decode(WgmmaGroupOp& G) {
+  const WgmmaOp& op = G.op;
+  const bool f16 = op.f16 != 0;
+  G.A.assign(64 * 16, 0.0f);
+  G.B.assign(size_t{op.n} * 16, 0.0f);
+  if (op.a_regs) {
+    for (uint32_t i = 0; i < 128; ++i) {
+      const uint32_t w = i / 32, lane = i % 32, gg = lane / 4, t = lane % 4;
+      for (uint32_t r = 0; r < 4; ++r) {
+        const uint32_t row = 16 * w + gg + (r & 1 ? 8 : 0), k = 2 * t + (r & 2 ? 8 : 0);
+        G.A[row * 16 + k] = half_bits(static_cast<uint16_t>(G.a[i][r] & 0xffffu), f16);
+        G.A[row * 16 + k + 1] = half_bits(static_cast<uint16_t>(G.a[i][r] >> 16), f16);
+      }
+    }
+  } else {
+    const MatDesc da = mat_desc(op.desc_a);
+    check_desc(da, "wgmma A");
+    for (uint32_t m = 0; m < 64; ++m)
+      for (uint32_t k = 0; k < 16; ++k) G.A[m * 16 + k] = operand_at(da, op.trans_a != 0, m, k, f16, "wgmma (A)");
+  }
+  const MatDesc db = mat_desc(op.desc_b);
+  check_desc(db, "wgmma B");
+  for (uint32_t n = 0; n < op.n; ++n)
+    for (uint32_t k = 0; k < 16; ++k) G.B[n * 16 + k] = operand_at(db, op.trans_b != 0, n, k, f16, "wgmma (B)");
+  if (op.scale_a < 0)
+    for (float& x : G.A) x = -x;
+  if (op.scale_b < 0)
+    for (float& x : G.B) x = -x;
+  G.decoded = true;
+}
+
+void wgmma_complete(WgmmaPending& p) {
+  WgmmaGroupOp& G = *p.op;
+  if (!G.decoded) wgmma_decode(G);
+  const uint32_t n = G.op.n;
+  const uint32_t w = p.thread / 32, lane = p.thread % 32, gg = lane / 4, t = lane % 4;
+  for (uint32_t j = 0; j < n / 2; ++j) {
+    const uint32_t row = 16 * w + gg + ((j % 4) >= 2 ? 8 : 0), col = 8 * (j / 4) + 2 * t + (j % 2);
+    float acc = G.op.scale_d ? (p.chained ? p.d[j] : p.c[j]) : 0.0f;
+    const float* a = &G.A[row * 16];
+    const float* b = &G.B[col * 16];
+    for (uint32_t k = 0; k < 16; ++k) acc += a[k] * b[k];
+    p.d[j] = acc;
+  }
+}
+
+}  // namespace
+
+void wgmma(const WgmmaOp& op) {
+  Fiber* f = g.cur;
+  if (!f->wg_fenced)
+    fault("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group (or before the first wgmma)");
+  if (op.n < 8 || op.n > 256 || op.n % 8 != 0) fault("wgmma: N = %u (8..256, a multiple of 8)", op.n);
+  struct Slot {
+    uint64_t desc_a, desc_b;
+    uint32_t a[4];
+    uint32_t n, flags, scale_d;
+  } mine{op.a_regs ? 0 : op.desc_a, op.desc_b, {op.a[0], op.a[1], op.a[2], op.a[3]}, op.n,
+         op.f16 | op.a_regs << 1 | op.trans_a << 2 | op.trans_b << 3 | (op.scale_a < 0 ? 16u : 0u) |
+             (op.scale_b < 0 ? 32u : 0u),
+         op.scale_d};
+  static_assert(sizeof(Slot) <= kGroupSlotBytes, "wgmma slot");
+  uint64_t serial;
+  const unsigned char* slots = group_exchange(&mine, sizeof mine, &serial);
+  const unsigned i = f->linear % 128;
+  std::shared_ptr<WgmmaGroupOp>& G = g.wg_issuing[serial];
+  if (!G) {
+    G = std::make_shared<WgmmaGroupOp>();
+    G->op = op;
+    Slot first;
+    std::memcpy(&first, slots, sizeof first);
+    for (unsigned t = 0; t < 128; ++t) {
+      Slot o;
+      std::memcpy(&o, slots + t * kGroupSlotBytes, sizeof o);
+      if (o.desc_a != first.desc_a || o.desc_b != first.desc_b || o.n != first.n || o.flags != first.flags ||
+          o.scale_d != first.scale_d)
+        fault("wgmma: threads 0 and %u of the warpgroup disagree on the descriptors, N, the flags or scale-d", t);
+      std::memcpy(G->a[t], o.a, sizeof o.a);
+    }
+  }
+  std::shared_ptr<WgmmaGroupOp> op_ref = G;
+  if (++op_ref->issued == 128) g.wg_issuing.erase(serial);
+  WgmmaPending p;
+  p.op = op_ref;
+  p.d = op.d;
+  p.thread = i;
+  p.chained = false;
+  auto in_flight = [&](float* d) {
+    for (const WgmmaPending& q : f->wg_open)
+      if (q.d == d) return true;
+    for (const auto& grp : f->wg_groups)
+      for (const WgmmaPending& q : grp)
+        if (q.d == d) return true;
+    return false;
+  };
+  if (in_flight(op.d)) {
+    p.chained = true;
+  } else if (op.scale_d) {
+    p.c.assign(op.d, op.d + op.n / 2);
+  }
+  // Poisoned until the wait.
+  std::memset(op.d, 0xff, sizeof(float) * (op.n / 2));
+  f->wg_open.push_back(std::move(p));
+}
+
+void wgmma_fence() { g.cur->wg_fenced = true; }
+
+void wgmma_commit() {
+  Fiber* f = g.cur;
+  f->wg_groups.push_back(std::move(f->wg_open));
+  f->wg_open.clear();
+}
+
+void wgmma_wait(int pending) {
+  Fiber* f = g.cur;
+  if (pending < 0) pending = 0;
+  size_t done = 0;
+  while (f->wg_groups.size() - done > static_cast<size_t>(pending)) {
+    for (WgmmaPending& p : f->wg_groups[done]) wgmma_complete(p);
+    ++done;
+  }
+  f->wg_groups.erase(f->wg_groups.begin(), f->wg_groups.begin() + static_cast<std::ptrdiff_t>(done));
+  f->wg_fenced = false;
+}
+
 int launch(const char* kernel, const LaunchConfig& cfg, void (*body)(void*), void* params) {
   if (gp == nullptr) {
     owner = std::make_unique<Emu>();
@@ -746,9 +1462,12 @@ int launch(const char* kernel, const LaunchConfig& cfg, void (*body)(void*), voi
   const size_t need = g.static_base + kStaticSharedMax;
   if (g.window_cap < need) {
     std::free(g.window);
+    std::free(g.async_view);
     g.window = static_cast<unsigned char*>(std::aligned_alloc(1024, need));
+    g.async_view = static_cast<unsigned char*>(std::aligned_alloc(1024, need));
     g.window_cap = need;
   }
+  g.groups.resize(g.threads / 128);
   // Blocks in order, or in a random order under REEL_EMU_SHUFFLE.
   const uint64_t nblocks = uint64_t{gd.x} * gd.y * gd.z;
   auto coords = [&](uint64_t i) {

@@ -105,6 +105,97 @@ void cp_async(void* dst_shared, const void* src_global, size_t bytes, size_t src
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
 
+// ---- Hopper (sm_90) primitives (kernels/common/reel_hopper.cuh wraps them) ----------
+//
+// The async proxy: TMA and wgmma read and write shared memory through it. The emulator keeps
+// the async proxy's view of the block's shared memory beside the generic one: TMA loads
+// write both, fence.proxy.async copies the generic view into it, and an async read of bytes
+// whose two views differ (a generic write no fence made visible) is a fault.
+
+// The warpgroup exchange: warp_exchange for the 128 threads of the calling thread's
+// warpgroup (warps 4i..4i+3); every one of them must call it. Slots of kGroupSlotBytes at
+// slot i * kGroupSlotBytes for thread i of the warpgroup; valid until this thread's next
+// group exchange. `serial` as for warp_exchange.
+constexpr size_t kGroupSlotBytes = 48;
+const unsigned char* group_exchange(const void* mine, size_t bytes, uint64_t* serial);
+
+// Shared-memory addresses as the hardware's shared window numbers them (what
+// __cvta_generic_to_shared gives): offsets from the block's window.
+uint32_t shared_offset(const void* p);
+unsigned char* shared_at(uint32_t offset, size_t bytes);
+// The async proxy's view of [offset, offset + bytes); faults naming `what` when a generic
+// write to it was not fenced (the two views differ).
+void async_read_check(uint32_t offset, size_t bytes, const char* what);
+// fence.proxy.async.shared::cta by the calling thread.
+void fence_proxy_async();
+
+// mbarrier objects (8 bytes, 8-aligned, in shared memory). Waiting blocks the fiber until
+// the phase completes; a TMA load that the barrier waits for completes then (as late as
+// hardware may). A block in which every live thread waits reports the barrier.
+void mbarrier_init(void* bar, unsigned count);
+void mbarrier_inval(void* bar);
+// Arrive (count arrivals), adding tx bytes to the transaction count first; returns the state
+// token (the phase arrived on).
+uint64_t mbarrier_arrive(void* bar, unsigned count, uint32_t tx);
+void mbarrier_expect_tx(void* bar, uint32_t tx);
+// Whether the phase of `parity` has completed; `block` waits for it.
+bool mbarrier_wait_parity(void* bar, unsigned parity, bool block);
+
+// bar.arrive: arrive at named barrier `id` for `count` threads without waiting.
+void barrier_arrive(unsigned id, unsigned count);
+
+// TMA. The tensor map is reel's own encoding in the 128 bytes of a CUtensorMap on emu (see
+// TmaMap); rank 1..5, coordinates in elements (signed), out-of-bounds elements read as zero.
+// Written by engine/kernels/hopper.rs (TmaDesc::encode); 128 bytes, as a CUtensorMap.
+struct TmaMap {
+  uint32_t magic;  // kTmaMagic
+  uint32_t rank;
+  uint32_t elem_bytes;  // 2 or 4
+  uint32_t swizzle;     // 0 none, 32, 64, 128 (bytes)
+  uint64_t global;      // base address
+  uint64_t dims[5];     // elements per dimension, innermost first
+  uint64_t strides[4];  // bytes between indices of dimensions 1..4
+  uint32_t box[5];      // elements per box dimension
+  uint32_t nan_fill;    // 1: out-of-bounds elements read as NaN (NAN_REQUEST_ZERO_FMA)
+  uint32_t pad[2];
+};
+static_assert(sizeof(TmaMap) == 128, "TmaMap is a CUtensorMap's 128 bytes");
+constexpr uint32_t kTmaMagic = 0x6d616d54;  // "Tmam"
+// Load the box at `coords` into shared `dst`, completing `bytes` on mbarrier `bar` (issued by
+// one thread; the copy happens when a waiter needs it).
+void tma_load(void* dst, const void* map, const int32_t* coords, void* bar);
+// Store shared `src` to the box at `coords` (bulk group: committed, waited for reading).
+void tma_store(const void* map, const int32_t* coords, const void* src);
+void tma_store_commit();
+void tma_store_wait(int pending_groups);
+
+// wgmma.mma_async m64nNk16, f32 accumulators, bf16 or f16 inputs: one warpgroup operation,
+// every thread of the warpgroup calling with its own registers (the descriptors, N, the
+// flags and scale-d must agree across the warpgroup). Asynchronous as on hardware: the
+// thread's accumulators are poisoned at issue and written at the wait that covers the
+// operation, reading shared memory then; operations on the same accumulators chain in issue
+// order.
+struct WgmmaOp {
+  uint32_t n;        // 8..256, a multiple of 8
+  uint32_t f16;      // 0 bf16, 1 f16
+  uint32_t a_regs;   // 1: A from registers (a[]), else from desc_a
+  uint32_t trans_a;  // 1: A is M-major (descriptor A only)
+  uint32_t trans_b;  // 1: B is N-major
+  int32_t scale_a;   // 1 or -1
+  int32_t scale_b;   // 1 or -1
+  uint32_t scale_d;  // 0: D = A·B, 1: D = A·B + D
+  uint64_t desc_a, desc_b;
+  uint32_t a[4];  // this thread's A fragment (a_regs)
+  float* d;       // this thread's n / 2 accumulators
+};
+void wgmma(const WgmmaOp& op);
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int pending_groups);
+
+// setmaxnreg: checks the count (24..256, a multiple of 8) and that the warpgroup agrees.
+void setmaxnreg(unsigned count, bool increase);
+
 // Ends the launch with an error naming the kernel, block and thread (never returns).
 [[noreturn]] void fault(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 

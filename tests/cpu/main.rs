@@ -7,6 +7,7 @@ mod dit;
 mod embeddings;
 mod emu;
 mod generate;
+mod hopper;
 mod kernels;
 mod kernels_attention;
 mod kernels_conv;
