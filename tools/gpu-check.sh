@@ -117,6 +117,7 @@ run() {
 T="$CARRY/cpu-tests"
 run "Hardware self-test (GPU vs emulator)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" hw_selftest --nocapture --test-threads=1
 run "Kernel and wrapper tests on $DEVICE" 90 env REEL_TEST_DEVICE=$DEVICE "$T" kernels wrappers:: --test-threads=1
+run "Hopper wrappers on $DEVICE: TMA bytes, wgmma registers (ten layouts), mbarrier phases vs the models the emulator passes" 60 env REEL_TEST_DEVICE=$DEVICE "$T" hopper:: --nocapture --test-threads=1
 run "Kernel, wrapper and emulator tests on emu (same binary: wall time for comparison)" 60 env REEL_TEST_DEVICE=emu "$T" kernels wrappers:: emu:: --test-threads=2
 run "DiT component parity on $DEVICE (golden cases vs diffusers)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" dit_device --nocapture --test-threads=1
 if [ $DRY = 1 ]; then

@@ -101,12 +101,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 struct __align__(2) __nv_bfloat16 {
   uint16_t x;
 };
-inline float __bfloat162float(__nv_bfloat16 h) {
-  uint32_t u = static_cast<uint32_t>(h.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return reel_emu::bf16_bits_to_float(h.x); }
 inline __nv_bfloat16 __float2bfloat16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -131,20 +126,7 @@ inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { ret
 struct __align__(2) __half {
   uint16_t x;
 };
-inline float __half2float(__half h) {
-  const uint32_t sign = static_cast<uint32_t>(h.x & 0x8000u) << 16;
-  const uint32_t exp = (h.x >> 10) & 0x1fu, man = h.x & 0x3ffu;
-  float f;
-  if (exp == 0) {
-    // Zero or subnormal: man · 2^-24, exact (man < 2^10); a multiply, not ldexp, which
-    // costs a library call per zero and zeros are common (padded channels).
-    f = static_cast<float>(man) * 5.9604644775390625e-08f;
-    return sign ? -f : f;
-  }
-  const uint32_t u = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __half2float(__half h) { return reel_emu::f16_bits_to_float(h.x); }
 inline __half __float2half(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);

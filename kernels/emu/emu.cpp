@@ -1248,24 +1248,7 @@ uint32_t operand_addr(const MatDesc& d, bool mn_major, uint32_t mn, uint32_t k) 
   return swizzle(d.start + a, d.span);
 }
 
-float half_bits(uint16_t h, bool f16) {
-  if (!f16) {
-    const uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  float f;
-  if (exp == 0) {
-    f = static_cast<float>(man) * 5.9604644775390625e-08f;
-    return sign ? -f : f;
-  }
-  const uint32_t u = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+float half_bits(uint16_t h, bool f16) { return f16 ? f16_bits_to_float(h) : bf16_bits_to_float(h); }
 
 // Reads element (mn, k) of a shared operand through the async proxy.
 float operand_at(const MatDesc& d, bool mn_major, uint32_t mn, uint32_t k, bool f16, const char* what) {

@@ -57,6 +57,29 @@ struct ParamInfo {
 constexpr uint32_t kStaticSharedMax = 48 * 1024;  // static __shared__ limit of every arch
 constexpr unsigned char kPoison = 0xff;
 
+// 16-bit floats from their bits, exactly (the host's __bfloat162float and __half2float, and
+// the emulated wgmma's operand reads).
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline float f16_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    // Zero or subnormal: man · 2^-24, exact (man < 2^10); a multiply, not ldexp, which
+    // costs a library call per zero and zeros are common (padded channels).
+    f = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  }
+  const uint32_t u = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
 // The running fiber's coordinates.
 uint3 thread_idx();
 uint3 block_idx();

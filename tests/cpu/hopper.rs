@@ -1,15 +1,31 @@
-//! The Hopper wrappers on emu (kernels/hopper.sm90.cu): TMA boxes of rank 1 to 5 with every
-//! swizzle and out-of-bounds boxes on every side, against a model of the PTX ISA's layout;
-//! m64n64k16 wgmmas for every operand layout (K- and MN-major, each swizzle, A from
-//! registers) against a plain matrix product, bit-exact on integer inputs; the mbarrier
-//! phase sequence; and each rule the emulator enforces. The hardware self-test runs the same
-//! launchers on a GPU.
+//! The Hopper wrappers (kernels/hopper.sm90.cu) on the device REEL_TEST_DEVICE names (emu in
+//! CI; an H100/H200 in tools/gpu-check.sh, where agreeing with the same models proves the
+//! emulator's layouts): TMA boxes of rank 1 to 5 with every swizzle and out-of-bounds boxes
+//! on every side, against a model of the PTX ISA's layout; m64n64k16 wgmmas for every
+//! operand layout (K- and MN-major, each swizzle, A from registers) against a plain matrix
+//! product, bit-exact on integer inputs; the mbarrier phase sequence; the same under
+//! shuffled emulator schedules; and each rule the emulator enforces (emu only).
 
 use half::bf16;
 use reel::kernels::hopper::{self as h, OperandLayout, Swizzle, TmaDesc, TmaType, WgmmaLayout};
 use reel::kernels::{Buf, KernelDevice};
 
+use crate::kernels::dev;
+
 const EMU: KernelDevice = KernelDevice::Emu;
+
+/// The test device, or None on a GPU that is not a Hopper (the module has no code for it:
+/// wrappers::an_sm90a_only_module_runs_on_hopper_and_is_refused_elsewhere checks that).
+fn hopper() -> Option<KernelDevice> {
+    let d = dev();
+    if let KernelDevice::Cuda(c) = &d {
+        if c.compute_capability() != (9, 0) {
+            eprintln!("not a Hopper GPU: the sm_90a checks do not apply");
+            return None;
+        }
+    }
+    Some(d)
+}
 
 /// Small integers as bf16 (exact products and sums in f32).
 fn ints(n: usize, seed: u32) -> Vec<bf16> {
@@ -52,15 +68,15 @@ fn tma_model(d: &TmaDesc, src: &[bf16], c: &[i32]) -> Vec<u8> {
     out
 }
 
-fn tma_case(dims: &[u64], box_dims: &[u32], sw: Swizzle, c: &[i32]) {
+fn tma_case(d0: &KernelDevice, dims: &[u64], box_dims: &[u32], sw: Swizzle, c: &[i32]) {
     let n: usize = dims.iter().map(|&d| d as usize).product();
     let src = ints(n, dims.len() as u32 + box_dims[0]);
     let d = TmaDesc::dense(TmaType::Bf16, dims, box_dims, sw);
-    let g = Buf::upload(&EMU, &src).unwrap();
-    let out = Buf::filled(&EMU, n, bf16::from_f32(-99.0)).unwrap();
-    let map = d.map(&EMU, g.slice()).unwrap();
-    let out_map = d.map(&EMU, out.slice()).unwrap();
-    let raw = h::tma_check(&EMU, &map, &out_map, &d, c, 0).unwrap();
+    let g = Buf::upload(d0, &src).unwrap();
+    let out = Buf::filled(d0, n, bf16::from_f32(-99.0)).unwrap();
+    let map = d.map(d0, g.slice()).unwrap();
+    let out_map = d.map(d0, out.slice()).unwrap();
+    let raw = h::tma_check(d0, &map, &out_map, &d, c, 0).unwrap();
     assert_eq!(
         raw,
         tma_model(&d, &src, c),
@@ -91,6 +107,12 @@ fn tma_case(dims: &[u64], box_dims: &[u32], sw: Swizzle, c: &[i32]) {
 
 #[test]
 fn tma_boxes_land_swizzled_with_zero_fill_on_every_side() {
+    if let Some(d) = hopper() {
+        tma_cases(&d);
+    }
+}
+
+fn tma_cases(d: &KernelDevice) {
     for (sw, inner) in [
         (Swizzle::None, 8u32),
         (Swizzle::None, 24),
@@ -105,13 +127,20 @@ fn tma_boxes_land_swizzled_with_zero_fill_on_every_side() {
             [-3 - inner as i32 / 2, -5],
             [5, 33],
         ] {
-            tma_case(&dims, &[inner, 16], sw, &c);
+            tma_case(d, &dims, &[inner, 16], sw, &c);
         }
     }
-    tma_case(&[40], &[32], Swizzle::None, &[16]);
-    tma_case(&[16, 5, 7], &[8, 4, 3], Swizzle::None, &[4, 3, -1]);
-    tma_case(&[8, 3, 4, 5], &[8, 2, 2, 2], Swizzle::None, &[0, 2, -1, 4]);
+    tma_case(d, &[40], &[32], Swizzle::None, &[16]);
+    tma_case(d, &[16, 5, 7], &[8, 4, 3], Swizzle::None, &[4, 3, -1]);
     tma_case(
+        d,
+        &[8, 3, 4, 5],
+        &[8, 2, 2, 2],
+        Swizzle::None,
+        &[0, 2, -1, 4],
+    );
+    tma_case(
+        d,
         &[64, 3, 2, 2, 3],
         &[64, 2, 2, 1, 2],
         Swizzle::B128,
@@ -134,6 +163,12 @@ fn matmul(a: &[bf16], b: &[bf16]) -> Vec<f32> {
 
 #[test]
 fn wgmma_matches_a_matrix_product_for_every_operand_layout() {
+    if let Some(d) = hopper() {
+        wgmma_cases(&d);
+    }
+}
+
+fn wgmma_cases(d: &KernelDevice) {
     let a = ints(64 * 64, 1);
     let b = ints(64 * 64, 2);
     let want = matmul(&a, &b);
@@ -194,7 +229,7 @@ fn wgmma_matches_a_matrix_product_for_every_operand_layout() {
         },
     ];
     for layout in cases {
-        let regs = h::wgmma_check(&EMU, layout, &a, &b, 0).unwrap();
+        let regs = h::wgmma_check(d, layout, &a, &b, 0).unwrap();
         for i in 0..128 {
             for r in 0..32 {
                 let (row, col) = h::accumulator_at(i, r);
@@ -210,9 +245,28 @@ fn wgmma_matches_a_matrix_product_for_every_operand_layout() {
 
 #[test]
 fn mbarrier_phases_follow_the_ptx_parity_rules() {
-    let out = h::mbarrier_check(&EMU, 0).unwrap();
+    if let Some(d) = hopper() {
+        mbarrier_case(&d);
+    }
+}
+
+fn mbarrier_case(d: &KernelDevice) {
+    let out = h::mbarrier_check(d, 0).unwrap();
     assert_eq!(&out[..8], &[0, 1, 0, 1, 0, 0, 1, 0]);
     assert_eq!(out[8], 0x01 | (0x20 << 8), "the TMA load landed");
+}
+
+/// The same checks with the emulator's fibers (and blocks) run in shuffled orders: a missing
+/// barrier or wait would show as a wrong value or a fault.
+#[test]
+fn hopper_checks_under_shuffled_schedules() {
+    for seed in 0..2u64 {
+        reel::kernels::set_emu_shuffle(Some(Some(seed)));
+        tma_cases(&EMU);
+        wgmma_cases(&EMU);
+        mbarrier_case(&EMU);
+    }
+    reel::kernels::set_emu_shuffle(None);
 }
 
 fn fault<T: std::fmt::Debug>(r: reel::Result<T>) -> String {
