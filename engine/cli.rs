@@ -33,9 +33,30 @@ pub enum Device {
     Emu,
 }
 
+/// Which flash-attention kernel `kernel-bench attention` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttnKernelArg {
+    /// What the runtime picks (the sm_90 kernel on a Hopper GPU where it applies).
+    Auto,
+    /// The mma.sync kernel (kernels/attention.cu).
+    Mma,
+    /// The Hopper kernel (kernels/attention.sm90.cu), or an error off sm_90.
+    Sm90,
+}
+
+impl From<AttnKernelArg> for crate::kernels::FlashKernel {
+    fn from(a: AttnKernelArg) -> Self {
+        match a {
+            AttnKernelArg::Auto => crate::kernels::FlashKernel::Auto,
+            AttnKernelArg::Mma => crate::kernels::FlashKernel::MmaSync,
+            AttnKernelArg::Sm90 => crate::kernels::FlashKernel::Sm90,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelOp {
-    /// Flash attention forward (kernels/attention.cu).
+    /// Flash attention forward (kernels/attention.cu, kernels/attention.sm90.cu).
     Attention,
     /// The runtime's GEMM (cuBLASLt where loaded, else kernels/gemm.cu).
     Gemm,
@@ -202,6 +223,9 @@ pub enum Command {
         kv_tokens: Option<usize>,
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
+        /// Attention: which kernel.
+        #[arg(long, value_enum, default_value_t = AttnKernelArg::Auto)]
+        attention_kernel: AttnKernelArg,
         /// GEMM rows of A and C.
         #[arg(long, default_value_t = 4096)]
         m: usize,
@@ -688,6 +712,7 @@ pub fn run(cli: Cli) -> Result<String> {
             tokens,
             kv_tokens,
             head_dim,
+            attention_kernel,
             m,
             n,
             k,
@@ -716,6 +741,7 @@ pub fn run(cli: Cli) -> Result<String> {
                             tokens,
                             kv_tokens,
                             head_dim,
+                            kernel: attention_kernel.into(),
                             warmup,
                             repeat,
                             seed,

@@ -24,6 +24,8 @@ pub struct AttnBenchArgs {
     /// Key/value tokens (default: `tokens`, self-attention).
     pub kv_tokens: Option<usize>,
     pub head_dim: usize,
+    /// Which kernel (Auto: the runtime's choice).
+    pub kernel: k::FlashKernel,
     pub warmup: usize,
     pub repeat: usize,
     pub seed: u32,
@@ -127,8 +129,9 @@ pub fn attention(dev: &KernelDevice, a: &AttnBenchArgs) -> Result<AttnBenchRepor
         scale: 1.0 / (a.head_dim as f32).sqrt(),
     };
     let run = |o: &mut Buf<half::bf16>| {
-        k::flash_attention(
+        k::flash_attention_with(
             dev,
+            a.kernel,
             (&q, AttnView::packed(0, w, a.tokens)),
             (&kk, AttnView::packed(0, w, lk)),
             (&v, AttnView::packed(0, w, lk)),

@@ -6,12 +6,6 @@
 #include "common/reel_cuda.cuh"
 #include "common/reel_hopper.cuh"
 
-// The dynamic shared memory, rounded up to the next 1024 bytes (the launchers add 1 KiB): the
-// swizzle atoms of TMA and wgmma then start at a multiple of their repeat.
-__device__ __forceinline__ unsigned char* aligned_1k(unsigned char* p) {
-  return p + ((1024u - (smem_addr(p) & 1023u)) & 1023u);
-}
-
 // One TMA load of the box at c (rank 1..5) into 1024-aligned dynamic shared memory, its raw
 // bytes copied to `raw`, then stored back through `out_map` at the same coordinates.
 // bad = 1: a generic store into the box before the TMA store, no fence; 2: the load's

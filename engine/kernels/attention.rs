@@ -243,6 +243,40 @@ fn last_element(view: AttnView, s: &FlashShape, rows: usize) -> Option<usize> {
         .checked_sub(1)
 }
 
+/// Which kernel a flash-attention call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FlashKernel {
+    /// The Hopper kernel (kernels/attention.sm90.cu: wgmma, TMA, warp specialisation) on
+    /// sm_90 when the call suits it (bf16 without biases, head_dim 64 or 128, Q, K and V
+    /// 128-byte aligned with strides of whole 16 bytes), else the mma.sync kernel.
+    /// `REEL_ATTENTION=mma` in the environment keeps every call on the mma.sync kernel.
+    #[default]
+    Auto,
+    /// The mma.sync kernel (kernels/attention.cu), on every architecture.
+    MmaSync,
+    /// The Hopper kernel, or an error saying why it cannot take the call.
+    Sm90,
+}
+
+impl FlashKernel {
+    /// What `REEL_ATTENTION` asks of [`FlashKernel::Auto`]: `mma` (or `mma.sync`) keeps the
+    /// mma.sync kernel, `auto` or unset chooses; anything else is an error naming it.
+    fn from_env() -> Result<FlashKernel> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<FlashKernel, String>> =
+            std::sync::OnceLock::new();
+        CHOICE
+            .get_or_init(|| match std::env::var("REEL_ATTENTION").as_deref() {
+                Err(_) | Ok("") | Ok("auto") => Ok(FlashKernel::Auto),
+                Ok("mma") | Ok("mma.sync") => Ok(FlashKernel::MmaSync),
+                Ok(other) => Err(format!(
+                    "REEL_ATTENTION={other}: expected auto or mma (the mma.sync kernel everywhere)"
+                )),
+            })
+            .clone()
+            .map_err(Error::invalid)
+    }
+}
+
 /// out = softmax(scale·Q·Kᵀ)·V per (sample, head), no mask; `lse` (when given, f32
 /// [batch, heads, lq]) gets each row's log-sum-exp of scale·q·k in natural log. Returns the
 /// kernel variant that ran (specialised head_dim 64/128 when every operand is 16-byte
@@ -257,8 +291,24 @@ pub fn flash_attention<'a, T: Half>(
     lse: Option<DevSlice<'a, f32>>,
     s: FlashShape,
 ) -> Result<&'static str> {
+    flash_attention_with(dev, FlashKernel::Auto, q, k, v, o, lse, s)
+}
+
+/// [`flash_attention`] on the kernel `kernel` names (benchmarks and tests compare them on
+/// one device).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_with<'a, T: Half>(
+    dev: &KernelDevice,
+    kernel: FlashKernel,
+    q: (impl Into<DevSlice<'a, T>>, AttnView),
+    k: (impl Into<DevSlice<'a, T>>, AttnView),
+    v: (impl Into<DevSlice<'a, T>>, AttnView),
+    o: (impl Into<DevSlice<'a, T>>, AttnView),
+    lse: Option<DevSlice<'a, f32>>,
+    s: FlashShape,
+) -> Result<&'static str> {
     let ops = [q.0.into(), k.0.into(), v.0.into(), o.0.into()];
-    launch(dev, ops, [q.1, k.1, v.1, o.1], lse, s, None)
+    launch(dev, ops, [q.1, k.1, v.1, o.1], lse, s, None, kernel)
 }
 
 /// [`flash_attention`] with additive score biases (see [`AttnBias`]), bf16 or f16,
@@ -275,7 +325,15 @@ pub fn flash_attention_biased<'a, T: Half>(
     bias: AttnBias<'a>,
 ) -> Result<&'static str> {
     let ops = [q.0.into(), k.0.into(), v.0.into(), o.0.into()];
-    launch(dev, ops, [q.1, k.1, v.1, o.1], None, s, Some(bias))
+    launch(
+        dev,
+        ops,
+        [q.1, k.1, v.1, o.1],
+        None,
+        s,
+        Some(bias),
+        FlashKernel::MmaSync,
+    )
 }
 
 fn launch<'a, T: Half>(
@@ -285,6 +343,7 @@ fn launch<'a, T: Half>(
     lse: Option<DevSlice<'a, f32>>,
     s: FlashShape,
     bias: Option<AttnBias<'a>>,
+    kernel: FlashKernel,
 ) -> Result<&'static str> {
     const K: &str = "flash_attention";
     let bad = |m: String| Err(Error::invalid(format!("{K}: {m}")));
@@ -390,6 +449,30 @@ fn launch<'a, T: Half>(
         .iter()
         .all(|(p, v)| p.0 % 16 == 0 && v.row_stride % 8 == 0 && v.batch_stride % 8 == 0);
     let arch = dev.arch()?;
+    let kernel = match kernel {
+        FlashKernel::Auto => FlashKernel::from_env()?,
+        k => k,
+    };
+    if kernel != FlashKernel::MmaSync {
+        let qkv = [(qp, qv), (kp, kv), (vp, vv)];
+        match super::attention_sm90::ineligible(arch, T::F16, bias.is_some(), &s, qkv) {
+            None => {
+                return super::attention_sm90::launch(
+                    dev,
+                    (qp, qv),
+                    (kp, kv),
+                    (vp, vv),
+                    (op, ov),
+                    lse_ptr,
+                    &s,
+                )
+            }
+            Some(why) if kernel == FlashKernel::Sm90 => {
+                return bad(format!("the sm_90 kernel cannot take this call: {why}"))
+            }
+            Some(_) => {}
+        }
+    }
     let fits = |v: &&Variant| v.kernel.shared_opt_in <= arch.max_shared_per_block;
     if split && !aligned16 {
         return bad(format!(

@@ -32,6 +32,15 @@ impl Param for TensorMap {
     const KIND: u8 = b's';
 }
 
+/// The first word of reel's own tensor-map encoding ("Tmam", kernels/emu/emu.h `kTmaMagic`).
+const TMA_MAGIC: u32 = 0x6d61_6d54;
+
+/// The global address of a tensor map in reel's encoding (emu and measuring passes); None
+/// for a driver-encoded map.
+pub(crate) fn map_address(m: &TensorMap) -> Option<DevPtr> {
+    (m.0[0] as u32 == TMA_MAGIC).then_some(DevPtr(m.0[2]))
+}
+
 /// Element type of a tensor map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TmaType {
@@ -197,11 +206,12 @@ impl TmaDesc {
             )));
         }
         let addr = data.addr(dev, "tensor map")?;
-        self.encode(dev, addr)
+        self.encode_at(dev, addr)
     }
 
-    /// The tensor map of this description over the tensor at `global` on `dev`.
-    fn encode(&self, dev: &KernelDevice, global: DevPtr) -> Result<TensorMap> {
+    /// The tensor map of this description over the tensor at `global` on `dev` (the caller
+    /// vouches that the tensor is there; [`map`](Self::map) checks it against a buffer).
+    pub(crate) fn encode_at(&self, dev: &KernelDevice, global: DevPtr) -> Result<TensorMap> {
         self.check()?;
         let align = if self.swizzle == Swizzle::None {
             16
@@ -220,7 +230,7 @@ impl TmaDesc {
         // reel_emu::TmaMap (kernels/emu/emu.h).
         let mut w = [0u64; 16];
         let rank = self.rank();
-        w[0] = 0x6d61_6d54 | ((rank as u64) << 32);
+        w[0] = TMA_MAGIC as u64 | ((rank as u64) << 32);
         w[1] = self.dtype.bytes() as u64 | ((self.swizzle.bytes() as u64) << 32);
         w[2] = global.0;
         w[3..3 + rank].copy_from_slice(&self.dims);

@@ -23,6 +23,7 @@ use crate::cuda::Cuda;
 use crate::error::{Error, Result};
 
 pub mod attention;
+mod attention_sm90;
 pub mod conv3d;
 pub mod dit;
 pub mod elementwise;
@@ -36,7 +37,10 @@ pub mod selftest;
 pub mod t5;
 
 pub use self::gemm::{gemm, Act};
-pub use attention::{flash_attention, flash_attention_biased, AttnBias, AttnView, FlashShape};
+pub use attention::{
+    flash_attention, flash_attention_biased, flash_attention_with, AttnBias, AttnView, FlashKernel,
+    FlashShape,
+};
 pub use elementwise::*;
 pub(crate) use mem::MEASURE_KEY;
 pub use mem::{opt, Buf, DevSlice, DeviceMem, Elem, Half, MemTracker, TrackGuard, ALIGN};
@@ -377,9 +381,17 @@ impl KernelDevice {
                 let buffers = A::layout()
                     .iter()
                     .zip(&params)
-                    .filter(|(p, _)| p.kind == b'p' as u32)
-                    // SAFETY: a pointer parameter is a DevPtr field of `args`, alive here.
-                    .filter_map(|(_, &q)| Recorder::buffer_of(unsafe { *(q as *const DevPtr) }))
+                    .filter_map(|(p, &q)| match p.kind as u8 {
+                        // SAFETY: a pointer parameter is a DevPtr field of `args`, alive here.
+                        b'p' => Recorder::buffer_of(unsafe { *(q as *const DevPtr) }),
+                        // A tensor map (reel's encoding off cuda) names its tensor's address.
+                        // SAFETY: a struct parameter of 128 bytes is a TensorMap field.
+                        b's' if p.size == 128 => {
+                            hopper::map_address(unsafe { &*(q as *const hopper::TensorMap) })
+                                .and_then(Recorder::buffer_of)
+                        }
+                        _ => None,
+                    })
                     .collect();
                 r.record(k.name, buffers);
                 Ok(())
@@ -703,6 +715,7 @@ pub struct KernelLayout {
 pub fn param_layouts() -> Vec<KernelLayout> {
     let all: Vec<&dyn AnyKernel> = [
         attention::ALL,
+        attention_sm90::ALL,
         conv3d::ALL,
         dit::ALL,
         elementwise::ALL,

@@ -44,6 +44,13 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 #endif
 }
 
+// Shared memory at `p` rounded up to the next 1024 bytes (a launcher adds 1 KiB to the
+// dynamic shared memory for it): the swizzle atoms of TMA and wgmma then start at a multiple
+// of their repeat, whatever static shared memory precedes the dynamic part on hardware.
+__device__ __forceinline__ unsigned char* aligned_1k(unsigned char* p) {
+  return p + ((1024u - (smem_addr(p) & 1023u)) & 1023u);
+}
+
 // ---- mbarrier -------------------------------------------------------------------------
 
 // Initialise the mbarrier at `bar` (8 bytes, 8-aligned, shared) for `count` arrivals per

@@ -439,11 +439,39 @@ fn nvcc_build_has_sm90a_code_and_no_spills() {
 /// nvdisasm of the build's toolchain; skipped where they are absent, as on the GPU machine),
 /// HMMA, LDSM and LDGSTS for sm_90a and sm_80.
 pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: &[&str]) {
+    if !ptxas_clean(stem, prefix, entries) {
+        return;
+    }
+    for &name in sass_kernels {
+        let Some(sass) = dump_sass(stem, name) else {
+            return;
+        };
+        for arch in ["sm_90a", "sm_80"] {
+            let section = sass_section(&sass, name, arch);
+            // bf16 kernels: HMMA.16816.F32.BF16; f16 ones: HMMA.16816.F32 without a suffix.
+            let bf = section.matches("HMMA.16816.F32.BF16").count();
+            let hmma = if name.contains("_f16") {
+                section.matches("HMMA.16816.F32").count() - bf
+            } else {
+                bf
+            };
+            let ldsm = section.matches("LDSM.16.M").count();
+            let async_copies = section.matches("LDGSTS").count();
+            assert!(
+                hmma >= 16 && ldsm > 0 && async_copies > 0,
+                "{name} on {arch}: {hmma} HMMA, {ldsm} LDSM, {async_copies} LDGSTS"
+            );
+        }
+    }
+}
+
+/// ptxas's report of kernel file `stem`: `entries` functions named `prefix`…, each with no
+/// stack frame and no spills. False (checks skipped) in a build without nvcc.
+pub fn ptxas_clean(stem: &str, prefix: &str, entries: usize) -> bool {
     let Some(f) = FATBINS.iter().find(|f| f.stem == stem) else {
         eprintln!("no nvcc in this build: static checks skipped");
-        return;
+        return false;
     };
-    // ptxas: every variant, every target, no stack frame and no spills.
     let report = f.ptxas_report;
     let mut seen = 0;
     let lines: Vec<&str> = report.lines().collect();
@@ -461,8 +489,13 @@ pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: 
         }
     }
     assert_eq!(seen, entries, "{stem}: functions in the ptxas report");
-    // SASS: the tensor-core instructions are there (cuobjdump runs nvdisasm, both from the
-    // build's toolchain; absent on the GPU machine, where this part is skipped).
+    true
+}
+
+/// The SASS of kernel `name` in file `stem`'s fatbin (cuobjdump runs nvdisasm, both from the
+/// build's toolchain); None where they are absent (the GPU machine).
+pub fn dump_sass(stem: &str, name: &str) -> Option<String> {
+    let f = FATBINS.iter().find(|f| f.stem == stem)?;
     let cuobjdump = std::path::Path::new(env!("REEL_CUOBJDUMP"));
     let tools = cuobjdump.parent().unwrap();
     if !cuobjdump.is_file() || !tools.join("nvdisasm").is_file() {
@@ -472,7 +505,7 @@ pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: 
             cuobjdump.display()
         );
         eprintln!("cuobjdump/nvdisasm of the build are not here: SASS checks skipped");
-        return;
+        return None;
     }
     let path = crate::scratch(&format!("{stem}-sass")).join(format!("{stem}.fatbin"));
     std::fs::write(&path, f.image).unwrap();
@@ -481,40 +514,26 @@ pub fn tensor_core_code(stem: &str, prefix: &str, entries: usize, sass_kernels: 
         tools.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    for &name in sass_kernels {
-        let o = std::process::Command::new(cuobjdump)
-            .args(["--dump-sass", "--function", name])
-            .arg(&path)
-            .env("PATH", &path_var)
-            .output()
-            .unwrap();
-        let sass = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        for arch in ["sm_90a", "sm_80"] {
-            // The ELF's section (the PTX of compute_80 has an "arch = sm_80" header too).
-            let section = sass
-                .split("arch = ")
-                .find(|s| s.starts_with(arch) && s.contains(&format!("code for {arch}")))
-                .unwrap_or_else(|| panic!("{name}: no {arch} SASS"));
-            // bf16 kernels: HMMA.16816.F32.BF16; f16 ones: HMMA.16816.F32 without a suffix.
-            let bf = section.matches("HMMA.16816.F32.BF16").count();
-            let hmma = if name.contains("_f16") {
-                section.matches("HMMA.16816.F32").count() - bf
-            } else {
-                bf
-            };
-            let ldsm = section.matches("LDSM.16.M").count();
-            let async_copies = section.matches("LDGSTS").count();
-            assert!(
-                hmma >= 16 && ldsm > 0 && async_copies > 0,
-                "{name} on {arch}: {hmma} HMMA, {ldsm} LDSM, {async_copies} LDGSTS"
-            );
-        }
-    }
+    let o = std::process::Command::new(cuobjdump)
+        .args(["--dump-sass", "--function", name])
+        .arg(&path)
+        .env("PATH", &path_var)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Some(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The machine code for `arch` (sm_90a, sm_80) in a [`dump_sass`] listing.
+pub fn sass_section<'a>(sass: &'a str, name: &str, arch: &str) -> &'a str {
+    // The ELF's section (the PTX of compute_80 has an "arch = sm_80" header too).
+    sass.split("arch = ")
+        .find(|s| s.starts_with(arch) && s.contains(&format!("code for {arch}")))
+        .unwrap_or_else(|| panic!("{name}: no {arch} SASS"))
 }
 
 #[test]

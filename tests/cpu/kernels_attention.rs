@@ -6,7 +6,7 @@
 
 use half::bf16;
 use reel::cpu::AttnShape;
-use reel::kernels::{self as k, AttnView, Buf, FlashShape, KernelDevice};
+use reel::kernels::{self as k, AttnView, Buf, FlashKernel, FlashShape, KernelDevice};
 use reel::tensor::rel_l2;
 
 use crate::kernels::{bf16s, dev, down, f32s, up, vals};
@@ -118,8 +118,19 @@ impl Case {
         (out, lse)
     }
 
-    /// Runs the kernel; returns O packed [B, Lq, H·hd], the LSE and the variant.
+    /// Runs the kernel the runtime picks; returns O packed [B, Lq, H·hd], the LSE and the
+    /// variant.
     fn run(&self, d: &KernelDevice, x: &Inputs) -> (Vec<bf16>, Vec<f32>, &'static str) {
+        self.run_with(d, x, FlashKernel::Auto)
+    }
+
+    /// [`Case::run`] on the kernel `kernel` names.
+    fn run_with(
+        &self,
+        d: &KernelDevice,
+        x: &Inputs,
+        kernel: FlashKernel,
+    ) -> (Vec<bf16>, Vec<f32>, &'static str) {
         let w = self.heads * self.hd;
         let shape = FlashShape {
             batch: self.batch,
@@ -142,8 +153,9 @@ impl Case {
                 let (qb, kb, vb) = (with_off(&x.q), with_off(&x.k), with_off(&x.v));
                 let mut ob = Buf::filled(d, off + self.batch * self.lq * w, poison).unwrap();
                 let view = |rows| AttnView::packed(off, w, rows);
-                let variant = k::flash_attention(
+                let variant = k::flash_attention_with(
                     d,
+                    kernel,
                     (&qb, view(self.lq)),
                     (&kb, view(self.lk)),
                     (&vb, view(self.lk)),
@@ -171,8 +183,9 @@ impl Case {
                 let qkv = up(d, &qkv);
                 let ow = w + 8;
                 let mut ob = Buf::filled(d, self.batch * l * ow, poison).unwrap();
-                let variant = k::flash_attention(
+                let variant = k::flash_attention_with(
                     d,
+                    kernel,
                     (&qkv, AttnView::packed(0, 3 * w, l)),
                     (&qkv, AttnView::packed(w, 3 * w, l)),
                     (&qkv, AttnView::packed(2 * w, 3 * w, l)),
@@ -197,9 +210,14 @@ impl Case {
 
     /// Runs and checks against the reference; returns the variant.
     fn check(&self, d: &KernelDevice, seed: u64) -> &'static str {
+        self.check_with(d, seed, FlashKernel::Auto)
+    }
+
+    /// [`Case::check`] on the kernel `kernel` names.
+    fn check_with(&self, d: &KernelDevice, seed: u64, kernel: FlashKernel) -> &'static str {
         let x = self.inputs(seed);
         let (want, want_lse) = self.reference(&x);
-        let (got, lse, variant) = self.run(d, &x);
+        let (got, lse, variant) = self.run_with(d, &x, kernel);
         let got = f32s(&got);
         assert!(
             got.iter().all(|v| v.is_finite()),
@@ -337,12 +355,29 @@ fn flash_attention_matches_cpu_on_odd_shapes_and_every_head_dim() {
         ),
         (case(1, 2, 320, 40, 40, Fused), "flash_attn_qk384_v192_bn32"),
     ];
+    let arch = d.arch().unwrap();
     for (i, (c, variant)) in cases.iter().enumerate() {
-        let got = c.check(&d, 10 + i as u64);
-        if d.arch().unwrap().max_shared_per_block >= 104_448 {
+        let seed = 10 + i as u64;
+        let got = c.check(&d, seed);
+        if hopper_takes(&d, c) {
+            // The runtime's choice on sm_90; the mma.sync kernel must hold there too.
+            assert_eq!(got, format!("flash_attn_sm90_hd{}", c.hd), "{c:?}");
+            let got = c.check_with(&d, seed, FlashKernel::MmaSync);
+            assert_eq!(got, *variant, "{c:?}");
+        } else if arch.max_shared_per_block >= 104_448 {
             assert_eq!(got, *variant, "{c:?}");
         }
     }
+}
+
+/// Whether the runtime gives `c` to the Hopper kernel on `d` (sm_90, head_dim 64 or 128,
+/// 16-byte-strided operands at 128-byte aligned starts: every layout here but Offset).
+fn hopper_takes(d: &KernelDevice, c: &Case) -> bool {
+    let arch = d.arch().unwrap();
+    (arch.major, arch.minor) == (9, 0)
+        && (c.hd == 64 || c.hd == 128)
+        && c.layout != Layout::Offset
+        && std::env::var("REEL_ATTENTION").map_or(true, |v| v != "mma" && v != "mma.sync")
 }
 
 /// The f16 variants (the VAE's storage type): the generic path at every head_dim bucket and
@@ -655,6 +690,7 @@ fn kernel_bench_inputs_and_samples_follow_the_documented_rules() {
         tokens: 70,
         kv_tokens: Some(45),
         head_dim: 32,
+        kernel: k::FlashKernel::Auto,
         warmup: 0,
         repeat: 1,
         seed: 11,
@@ -817,5 +853,167 @@ fn flash_attention_biased_matches_cpu() {
         if d.arch().unwrap().max_shared_per_block >= 104_448 {
             assert_eq!(variant, want_variant, "case {i}");
         }
+    }
+}
+
+/// Whether `d` runs the Hopper kernel (sm_90: emu by default, an H100/H200); else why not.
+fn sm90_device(d: &KernelDevice) -> bool {
+    let arch = d.arch().unwrap();
+    if (arch.major, arch.minor) != (9, 0) {
+        eprintln!("{arch}: the sm_90 kernel does not run here");
+        return false;
+    }
+    true
+}
+
+/// The Hopper kernel (kernels/attention.sm90.cu) against the CPU and against the mma.sync
+/// kernel on the same data: both head_dims, the K/V ring wrapping (six tiles through two and
+/// three stages), one query row and one key, Lq and Lk off the tiles and on them, a block
+/// whose second consumer has no rows, the fused layout, batch 2 and zero-padded text.
+#[test]
+fn sm90_attention_matches_cpu_and_the_mma_sync_kernel() {
+    let d = dev();
+    if !sm90_device(&d) {
+        return;
+    }
+    use Layout::*;
+    let mut cases = Vec::new();
+    for hd in [64usize, 128] {
+        cases.extend([
+            Case {
+                sigma: 3.0,
+                ..case(2, 3, hd, 200, 700, Separate)
+            },
+            case(1, 1, hd, 1, 1, Separate),
+            case(1, 2, hd, 64, 128, Separate),
+            case(2, 1, hd, 128, 256, Separate),
+            Case {
+                sigma: 3.0,
+                ..case(1, 2, hd, 129, 129, Fused)
+            },
+            Case {
+                pad_from: Some(20),
+                ..case(2, 2, hd, 150, 512, Separate)
+            },
+        ]);
+    }
+    for (i, c) in cases.iter().enumerate() {
+        let seed = 200 + i as u64;
+        let v = c.check_with(&d, seed, FlashKernel::Sm90);
+        assert_eq!(v, format!("flash_attn_sm90_hd{}", c.hd));
+        let x = c.inputs(seed);
+        let (a, la, _) = c.run_with(&d, &x, FlashKernel::Sm90);
+        let (b, lb, vb) = c.run_with(&d, &x, FlashKernel::MmaSync);
+        assert!(!vb.contains("sm90"), "{vb}");
+        let diff = f32s(&a)
+            .iter()
+            .zip(f32s(&b))
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        // The same products in other tile widths and orders: f32 rounding before the bf16
+        // output rounding.
+        assert!(diff <= 2e-2, "{c:?}: sm90 vs {vb} differ by {diff}");
+        for (j, (p, q)) in la.iter().zip(&lb).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                "{c:?}: lse[{j}] {p} vs {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sm90_attention_under_shuffled_schedules() {
+    let d = dev();
+    if !sm90_device(&d) {
+        return;
+    }
+    for seed in 0..2u64 {
+        k::set_emu_shuffle(Some(Some(seed)));
+        for hd in [64usize, 128] {
+            Case {
+                sigma: 3.0,
+                ..case(1, 2, hd, 150, 530, Layout::Separate)
+            }
+            .check_with(&d, 300 + seed, FlashKernel::Sm90);
+        }
+    }
+    k::set_emu_shuffle(None);
+}
+
+#[test]
+fn sm90_attention_names_what_it_cannot_take() {
+    let d = dev();
+    let run = |c: &Case| {
+        let x = c.inputs(1);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.run_with(&d, &x, FlashKernel::Sm90)
+        }))
+        .err()
+        .and_then(|e| e.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+    };
+    let hd32 = run(&case(1, 2, 32, 10, 10, Layout::Separate));
+    let unaligned = run(&case(1, 2, 64, 10, 10, Layout::Offset));
+    if sm90_device(&d) {
+        assert!(
+            hd32.contains("sm_90 kernel cannot") && hd32.contains("head_dim 32"),
+            "{hd32}"
+        );
+        assert!(unaligned.contains("128-byte aligned"), "{unaligned}");
+        // f16 and biased calls never reach it.
+        use half::f16;
+        let x = up(&d, &vec![f16::ZERO; 2 * 10 * 64]);
+        let view = AttnView::packed(0, 128, 10);
+        let s = FlashShape {
+            batch: 1,
+            heads: 2,
+            head_dim: 64,
+            lq: 10,
+            lk: 10,
+            scale: 0.125,
+        };
+        let e = k::flash_attention_with(
+            &d,
+            FlashKernel::Sm90,
+            (&x, view),
+            (&x, view),
+            (&x, view),
+            (&Buf::filled(&d, 1280, f16::ZERO).unwrap(), view),
+            None,
+            s,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bf16"), "{e}");
+    } else {
+        assert!(hd32.contains("is not sm_90"), "{hd32}");
+    }
+}
+
+#[test]
+fn sm90_attention_builds_to_wgmma_and_tma_code_without_spills() {
+    use crate::kernels::{dump_sass, ptxas_clean, sass_section};
+    if !ptxas_clean("attention.sm90", "flash_attn_sm90_", 2) {
+        return;
+    }
+    for (name, n) in [("flash_attn_sm90_hd128", 128), ("flash_attn_sm90_hd64", 64)] {
+        let Some(sass) = dump_sass("attention.sm90", name) else {
+            return;
+        };
+        let sm90 = sass_section(&sass, name, "sm_90a");
+        // S = Q·Kᵀ: m64n128k16 per 16 of head_dim; O += P·V: m64n{hd}k16 per 16 keys.
+        let qk = sm90.matches("HGMMA.64x128x16.F32.BF16").count();
+        let pv = sm90.matches(&format!("HGMMA.64x{n}x16.F32.BF16")).count();
+        let tma = sm90.matches("UTMALDG").count();
+        let regs = sm90.matches("USETMAXREG").count();
+        assert!(
+            qk >= n / 16 && pv >= 8 && tma > 0 && regs >= 2,
+            "{name}: {qk} QK and {pv} PV HGMMA, {tma} UTMALDG, {regs} USETMAXREG"
+        );
+        assert!(
+            !sm90.contains("HMMA.16816"),
+            "{name}: mma.sync in the sm_90 kernel"
+        );
     }
 }
