@@ -3,12 +3,15 @@
 (tools/gpu-check.sh runs it on the GPU machine).
 
 Attention: for each shape (head_dim 128; L = 4,096, 16,384, 32,760, 75,600; 12 and 40 heads;
-batch 1 and 2) it runs `reel kernel-bench attention` (the inputs made on the device by
-fill_hash_bf16, the kernel timed alone, a sample of the output at hashed positions in its
-JSON), builds the same inputs in torch with the same hash, times SDPA (it picks cuDNN or
-flash attention on an H100) on contiguous [B, H, L, d] tensors, and reports both times,
-TFLOP/s from 4·Lq·Lk·d per (sample, head), their ratio, and the relative L2 difference of
-reel's sampled outputs from torch's at the same positions.
+batch 1 and 2; the issue's goal shape, L = 32,760 with 12 heads, first after the smallest)
+it runs `reel kernel-bench attention` twice, with the kernel the runtime picks (on sm_90 the
+Hopper kernel, kernels/attention.sm90.cu) and with the mma.sync kernel (kernels/attention.cu)
+(the inputs made on the device by fill_hash_bf16, the kernel timed alone, a sample of the
+output at hashed positions in its JSON), builds the same inputs in torch with the same hash,
+times SDPA (it picks cuDNN or flash attention on an H100) on contiguous [B, H, L, d]
+tensors, and reports the three times, TFLOP/s from 4·Lq·Lk·d per (sample, head), the
+ratios, and the relative L2 difference of each of reel's sampled outputs from torch's at
+the same positions.
 
 GEMM: the Wan2.1 DiT's GEMMs (1.3B at 480p, 14B at 720p, one guidance pass of tokens) through
 reel's runtime GEMM (cuBLASLt where loaded) and reel's own kernel, beside torch.matmul on
@@ -30,6 +33,7 @@ import time
 
 MASK = 0xFFFFFFFF
 SHAPES = [(b, h, l) for l in (4096, 16384, 32760, 75600) for h in (12, 40) for b in (1, 2)]
+SHAPES.insert(1, SHAPES.pop(SHAPES.index((1, 12, 32760))))
 HEAD_DIM = 128
 
 
@@ -80,10 +84,10 @@ def reel_json(cmd):
     return json.loads(p.stdout)
 
 
-def reel_run(reel, b, h, l, repeat, warmup):
+def reel_run(reel, b, h, l, repeat, warmup, kernel="auto"):
     return reel_json([reel, "kernel-bench", "attention", "--device", "cuda", "--batch", str(b), "--heads", str(h),
                       "--tokens", str(l), "--head-dim", str(HEAD_DIM), "--repeat", str(repeat), "--warmup",
-                      str(warmup), "--json", "-"])
+                      str(warmup), "--attention-kernel", kernel, "--json", "-"])
 
 
 def timed(torch, fn, repeat, warmup):
@@ -229,8 +233,9 @@ def gemm_section(torch, args, start):
 
 
 def attention_section(torch, args, start):
-    print("| B | H | L | reel kernel | reel ms | reel TFLOP/s | torch ms | torch TFLOP/s | reel / torch speed | rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | H | L | reel kernel | reel ms | reel TFLOP/s | mma.sync ms | mma.sync TFLOP/s | torch ms "
+          "| torch TFLOP/s | reel / torch speed | reel / mma.sync speed | rel. diff reel | rel. diff mma.sync |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = [s for s in SHAPES if args.shapes == "all" or s[2] == 4096]
     failed = False
     for b, h, l in shapes:
@@ -240,6 +245,8 @@ def attention_section(torch, args, start):
         flops = 4 * b * h * l * l * HEAD_DIM
         try:
             r = reel_run(args.reel, b, h, l, args.repeat, args.warmup)
+            # The same call on the mma.sync kernel (the runtime's choice off sm_90 already).
+            m = r if "sm90" not in r["kernel"] else reel_run(args.reel, b, h, l, args.repeat, args.warmup, "mma")
             positions = sample_positions(b * l * h * HEAD_DIM, len(r["sample"]))
             t_torch, first, sample = torch_run(torch, b, h, l, r["seed"], args.repeat, args.warmup, positions)
         except Exception as e:  # report the shape and go on with the next
@@ -250,10 +257,11 @@ def attention_section(torch, args, start):
             print(f"| {b} | {h} | {l} | inputs differ: torch {first} vs reel {r['q_first']} |")
             failed = True
             continue
-        t_reel = r["seconds"]["median"]
+        t_reel, t_mma = r["seconds"]["median"], m["seconds"]["median"]
         print(f"| {b} | {h} | {l} | {r['kernel']} | {t_reel * 1e3:.2f} | {flops / t_reel / 1e12:.1f} | "
-              f"{t_torch * 1e3:.2f} | {flops / t_torch / 1e12:.1f} | {t_torch / t_reel:.2f} | "
-              f"{rel_l2(r['sample'], sample):.2e} |", flush=True)
+              f"{t_mma * 1e3:.2f} | {flops / t_mma / 1e12:.1f} | "
+              f"{t_torch * 1e3:.2f} | {flops / t_torch / 1e12:.1f} | {t_torch / t_reel:.2f} | {t_mma / t_reel:.2f} | "
+              f"{rel_l2(r['sample'], sample):.2e} | {rel_l2(m['sample'], sample):.2e} |", flush=True)
     return failed
 
 

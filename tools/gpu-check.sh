@@ -7,7 +7,8 @@
 #      integer inputs
 #   2. every kernel and wrapper test with REEL_TEST_DEVICE=cuda
 #   3. the kernel tests on emu with the same binary (wall time beside the GPU's)
-#   4. flash attention and the GEMMs beside torch's SDPA and matmul on the same inputs
+#   4. flash attention (the runtime's kernel, on Hopper kernels/attention.sm90.cu, and the
+#      mma.sync kernel) and the GEMMs beside torch's SDPA and matmul on the same inputs
 #      (bench/kernels_gpu.py)
 #   5. DiT, VAE (every golden case and frame count) and umT5 parity on cuda against the
 #      golden data
@@ -143,12 +144,14 @@ else
     --model wan2.1-t2v-1.3b --random-weights --size 832x480 --frames 81 --steps 1 --warmup 1 --profile
 fi
 if [ $DRY = 1 ]; then
-  run "Flash attention (emulator time: no speed claim)" 60 "$CARRY/reel" kernel-bench attention --device emu --tokens 256 --heads 2 --repeat 2 --warmup 1
+  run "Flash attention, the sm_90 kernel (emulator time: no speed claim)" 60 "$CARRY/reel" kernel-bench attention --device emu --tokens 256 --heads 2 --repeat 2 --warmup 1 --attention-kernel sm90
+  run "Flash attention, the mma.sync kernel (emulator time: no speed claim)" 60 "$CARRY/reel" kernel-bench attention --device emu --tokens 256 --heads 2 --repeat 2 --warmup 1 --attention-kernel mma
 elif python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   run "Flash attention and GEMM: reel beside torch SDPA and matmul (bench/kernels_gpu.py)" 170 python3 bench/kernels_gpu.py --reel "$CARRY/reel" --skip conv --max-seconds 130
   run "VAE conv3d: reel beside torch conv3d (cuDNN) on the 480p decoder's largest layers" 90 python3 bench/kernels_gpu.py --op conv --reel "$CARRY/reel" --max-seconds 60
 else
-  run "Flash attention (no torch with CUDA here: reel alone)" 90 "$CARRY/reel" kernel-bench attention --device cuda --tokens 32760 --heads 12
+  run "Flash attention (no torch with CUDA here: reel alone, the runtime's kernel)" 60 "$CARRY/reel" kernel-bench attention --device cuda --tokens 32760 --heads 12
+  run "Flash attention (no torch with CUDA here: reel alone, the mma.sync kernel)" 60 "$CARRY/reel" kernel-bench attention --device cuda --tokens 32760 --heads 12 --attention-kernel mma
 fi
 if [ $DRY = 0 ]; then
   run "reel bench --device cuda: Wan2.1 14B, 1280x720 x 81 frames, VAE decode" 200 "$CARRY/reel" bench --device cuda \
