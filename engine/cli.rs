@@ -311,6 +311,29 @@ pub enum Command {
         /// Connections served at once (more wait in the listen backlog).
         #[arg(long, default_value_t = crate::server::MAX_CONNECTIONS)]
         max_connections: usize,
+        /// Many workers behind one API: jobs on this Redis (redis://HOST:PORT/DB), outputs in
+        /// --store. Without it, one process serves and runs everything as before.
+        #[arg(long)]
+        queue: Option<String>,
+        /// With --queue: api (validate, record, serve), worker (run jobs on --device; only
+        /// /health and /metrics over HTTP) or both.
+        #[arg(long, default_value = "both", requires = "queue")]
+        role: String,
+        /// With --queue: where outputs go, file:///DIR shared by every API and worker
+        /// (default: file://<data-dir>/store).
+        #[arg(long, requires = "queue")]
+        store: Option<String>,
+        /// With --queue: seconds without a heartbeat before another worker takes a running
+        /// job over.
+        #[arg(long, default_value_t = crate::cluster::RECLAIM_AFTER_SECS)]
+        reclaim_after: f64,
+        /// With --queue: times a job is started again after its worker was lost, before it
+        /// fails with code worker_lost.
+        #[arg(long, default_value_t = crate::cluster::RETRIES)]
+        retries: u32,
+        /// With --queue: this worker's name (default: host name and process id).
+        #[arg(long, requires = "queue")]
+        worker_name: Option<String>,
     },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
@@ -818,8 +841,25 @@ pub fn run(cli: Cli) -> Result<String> {
             device_memory,
             idle_timeout,
             max_connections,
+            queue,
+            role,
+            store,
+            reclaim_after,
+            retries,
+            worker_name,
         } => {
             let device = resolve_device(&device)?;
+            let cluster = match queue {
+                Some(queue) => Some(crate::cluster::ClusterArgs {
+                    queue,
+                    role: crate::cluster::Role::parse(&role)?,
+                    store,
+                    reclaim_after_secs: reclaim_after,
+                    retries,
+                    worker_name,
+                }),
+                None => None,
+            };
             crate::server::serve(&crate::server::ServeArgs {
                 idle_timeout_secs: Some(idle_timeout),
                 max_connections: Some(max_connections),
@@ -833,6 +873,7 @@ pub fn run(cli: Cli) -> Result<String> {
                 api_key,
                 device,
                 device_memory_gib: device_memory,
+                cluster,
             })?;
             Ok(String::new())
         }

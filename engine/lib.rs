@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cancel;
 pub mod cli;
+pub mod cluster;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

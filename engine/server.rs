@@ -57,6 +57,8 @@ pub struct ServeArgs {
     pub idle_timeout_secs: Option<f64>,
     /// Connections served at once; more wait in the listen backlog (default 256).
     pub max_connections: Option<usize>,
+    /// Jobs on a Redis stream, outputs in a shared store (`--queue`): see crate::cluster.
+    pub cluster: Option<crate::cluster::ClusterArgs>,
 }
 
 /// Defaults of [`ServeArgs::idle_timeout_secs`] and [`ServeArgs::max_connections`].
@@ -264,6 +266,12 @@ pub struct Job {
     /// size it was not trained at); a reel field of the video object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// With `--queue`: the worker that ran (or runs) the job, and how many times a worker
+    /// started it (more than 1 after a worker was lost); reel fields of the video object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
 }
 
 impl Job {
@@ -288,11 +296,13 @@ impl Job {
             seed: 0,
             fps: 0,
             warning: None,
+            worker: None,
+            attempts: None,
         }
     }
 
     /// The video object as the API returns it.
-    fn object(&self) -> Value {
+    pub(crate) fn object(&self) -> Value {
         let mut v = json!({
             "id": self.id,
             "object": "video",
@@ -312,6 +322,12 @@ impl Job {
         if let Some(w) = &self.warning {
             v["warning"] = json!(w);
         }
+        if let Some(w) = &self.worker {
+            v["worker"] = json!(w);
+        }
+        if let Some(a) = self.attempts {
+            v["attempts"] = json!(a);
+        }
         v
     }
 }
@@ -321,10 +337,13 @@ struct Entry {
     cancel: Arc<AtomicBool>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     jobs: Mutex<BTreeMap<String, Entry>>,
     tx: SyncSender<String>,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
+    /// With `--queue`: the queue and store every API handler and the worker go through.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub(crate) max_queue: usize,
     /// The idle timeout of connections, and the most a request body may take.
     idle: Duration,
     /// On the cpu: the memory estimate every request is checked with at submission.
@@ -337,7 +356,7 @@ struct Shared {
     steps: AtomicU64,
     keep_hours: Option<f64>,
     max_disk_gb: Option<f64>,
-    shutdown: AtomicBool,
+    pub(crate) shutdown: AtomicBool,
     /// On a kernel device: its description, the pipeline root (for each request's plan) and
     /// the device memory the plans must fit (free memory when the server started, before
     /// its weights went up).
@@ -383,7 +402,7 @@ impl DeviceInfo {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -406,7 +425,7 @@ fn new_id() -> String {
 }
 
 /// Only ids of our own shape ever reach the filesystem.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     id.len() == 38
         && id.starts_with("video_")
         && id[6..]
@@ -414,7 +433,7 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-fn api_error(
+pub(crate) fn api_error(
     status: StatusCode,
     message: impl Into<String>,
     param: Option<&str>,
@@ -609,73 +628,27 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             }
         };
         shared.update(&id, |j| j.status = Status::InProgress);
-        if let Some(w) = &job.warning {
-            tracing::warn!("job {id}: {w}");
-        }
-        let size = parse_size(&job.size).unwrap_or(embedded::DEFAULT_SIZE);
-        // The job's plan again (admitted at submission): whether the text encoder stays on
-        // the device beside the DiT for it, and its peak for the record.
-        let planned = match &shared.device {
-            Some(d) => match d.admit(&job.size, job.frames, false) {
-                Ok(r) => {
-                    pipe.set_text_resident(r.text_encoder_resident);
-                    Ok(Some(r.peak_bytes as u64))
+        let flag: crate::cancel::Flag = {
+            let (c, sh) = (cancel.clone(), shared.clone());
+            Arc::new(move || c.load(Ordering::SeqCst) || sh.shutdown.load(Ordering::SeqCst))
+        };
+        let result = render_job(
+            &shared,
+            &pipe,
+            &job,
+            &shared.video_path(&id),
+            &shared.thumb_path(&id),
+            flag.clone(),
+            &mut |step, steps| {
+                // Denoising is 90% of the progress bar; the decode the rest.
+                shared.update(&id, |j| j.progress = (90 * step / steps.max(1)) as u32);
+                if flag() {
+                    Err(Error::Interrupted)
+                } else {
+                    Ok(())
                 }
-                Err(_) => Err(Error::invalid(format!(
-                    "{} x {} frames no longer fits the device",
-                    job.size, job.frames
-                ))),
             },
-            None => Ok(None),
-        };
-        let render_job = Render {
-            prompt: Some(job.prompt.clone()),
-            negative_prompt: job.negative_prompt.clone(),
-            seed: job.seed,
-            size,
-            frames: job.frames,
-            steps: job.steps,
-            guidance: job.guidance,
-            shift: None,
-            sampler: None,
-            fps: job.fps,
-            output: shared.video_path(&id).to_string_lossy().into_owned(),
-            cond: None,
-            init_latents: None,
-            thumbnail: Some(shared.thumb_path(&id)),
-            plan_peak_bytes: planned.as_ref().ok().copied().flatten(),
-            cancel: {
-                let (c, sh) = (cancel.clone(), shared.clone());
-                Some(Arc::new(move || {
-                    c.load(Ordering::SeqCst) || sh.shutdown.load(Ordering::SeqCst)
-                }))
-            },
-        };
-        let progress = indicatif::ProgressBar::hidden();
-        let mut last = std::time::Instant::now();
-        let result = planned.and_then(|_| {
-            render(
-                &pipe,
-                &shared.model_name,
-                &render_job,
-                0.0,
-                &progress,
-                &mut |step, steps| {
-                    shared
-                        .step_nanos
-                        .fetch_add(last.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    shared.steps.fetch_add(1, Ordering::Relaxed);
-                    last = std::time::Instant::now();
-                    // Denoising is 90% of the progress bar; the decode the rest.
-                    shared.update(&id, |j| j.progress = (90 * step / steps.max(1)) as u32);
-                    if cancel.load(Ordering::SeqCst) || shared.shutdown.load(Ordering::SeqCst) {
-                        Err(Error::Interrupted)
-                    } else {
-                        Ok(())
-                    }
-                },
-            )
-        });
+        );
         match result {
             Ok(_) => {
                 let saved = shared.update_persisted(&id, |j| {
@@ -697,17 +670,92 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
                 }
             }
             Err(e) => {
-                let (code, message) = match e {
-                    Error::Interrupted => ("cancelled", "the job was cancelled".to_string()),
-                    e @ Error::Io { .. } => ("write_failed", e.to_string()),
-                    e @ Error::OutOfMemory { .. } => ("out_of_memory", e.to_string()),
-                    other => ("generation_failed", other.to_string()),
-                };
+                let (code, message) = failure(e);
                 shared.fail(&id, code, message);
             }
         }
         shared.retention();
     }
+}
+
+/// The error code and message a failed job records.
+pub(crate) fn failure(e: Error) -> (&'static str, String) {
+    match e {
+        Error::Interrupted => ("cancelled", "the job was cancelled".to_string()),
+        e @ Error::Io { .. } => ("write_failed", e.to_string()),
+        e @ Error::OutOfMemory { .. } => ("out_of_memory", e.to_string()),
+        other => ("generation_failed", other.to_string()),
+    }
+}
+
+/// Renders `job` on the worker's model into `video` and `thumb` (its plan checked again on
+/// a device: admitted at submission, it decides whether the text encoder stays resident).
+/// `on_step(step, steps)` runs after each denoising step; an error there, or `cancel`,
+/// stops the render. Step times go to the server's metrics.
+pub(crate) fn render_job(
+    shared: &Shared,
+    pipe: &Pipeline,
+    job: &Job,
+    video: &Path,
+    thumb: &Path,
+    cancel: crate::cancel::Flag,
+    on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    if let Some(w) = &job.warning {
+        tracing::warn!("job {}: {w}", job.id);
+    }
+    let size = parse_size(&job.size).unwrap_or(embedded::DEFAULT_SIZE);
+    let planned = match &shared.device {
+        Some(d) => match d.admit(&job.size, job.frames, false) {
+            Ok(r) => {
+                pipe.set_text_resident(r.text_encoder_resident);
+                Some(r.peak_bytes as u64)
+            }
+            Err(_) => {
+                return Err(Error::invalid(format!(
+                    "{} x {} frames no longer fits the device",
+                    job.size, job.frames
+                )))
+            }
+        },
+        None => None,
+    };
+    let render_job = Render {
+        prompt: Some(job.prompt.clone()),
+        negative_prompt: job.negative_prompt.clone(),
+        seed: job.seed,
+        size,
+        frames: job.frames,
+        steps: job.steps,
+        guidance: job.guidance,
+        shift: None,
+        sampler: None,
+        fps: job.fps,
+        output: video.to_string_lossy().into_owned(),
+        cond: None,
+        init_latents: None,
+        thumbnail: Some(thumb.to_path_buf()),
+        plan_peak_bytes: planned,
+        cancel: Some(cancel),
+    };
+    let progress = indicatif::ProgressBar::hidden();
+    let mut last = std::time::Instant::now();
+    render(
+        pipe,
+        &shared.model_name,
+        &render_job,
+        0.0,
+        &progress,
+        &mut |step, steps| {
+            shared
+                .step_nanos
+                .fetch_add(last.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            shared.steps.fetch_add(1, Ordering::Relaxed);
+            last = std::time::Instant::now();
+            on_step(step, steps)
+        },
+    )
+    .map(|_| ())
 }
 
 /// Integer fields that may arrive as JSON numbers or strings (multipart, OpenAI's "4").
@@ -867,6 +915,8 @@ fn job_from_request(
         } else {
             None
         },
+        worker: None,
+        attempts: None,
     })
 }
 
@@ -875,7 +925,13 @@ async fn create(State(s): State<Arc<Shared>>, headers: HeaderMap, req: Request) 
     // than it sends, gets a 408 instead of holding the connection.
     let limit = s.idle;
     match tokio::time::timeout(limit, read_fields(&headers, req)).await {
-        Ok(Ok(map)) => create_from(&s, map),
+        Ok(Ok(map)) => match &s.cluster {
+            Some(c) => match job_from_request(&s, &map) {
+                Ok(job) => crate::cluster::api::create(&s, c, job).await,
+                Err(r) => r,
+            },
+            None => create_from(&s, map),
+        },
         Ok(Err(r)) => r,
         Err(_) => api_error(
             StatusCode::REQUEST_TIMEOUT,
@@ -1008,8 +1064,16 @@ fn find(s: &Shared, id: &str) -> std::result::Result<Job, Response> {
     })
 }
 
+/// [`find`] through the queue when there is one.
+async fn find_any(s: &Shared, id: &str) -> std::result::Result<Job, Response> {
+    match &s.cluster {
+        Some(c) => crate::cluster::api::find(c, id).await,
+        None => find(s, id),
+    }
+}
+
 async fn retrieve(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Response {
-    match find(&s, &id) {
+    match find_any(&s, &id).await {
         Ok(j) => Json(j.object()).into_response(),
         Err(r) => r,
     }
@@ -1033,9 +1097,15 @@ async fn list(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Respo
         Some("asc") => false,
         _ => return bad("order", "`order` must be `asc` or `desc`"),
     };
-    let mut all: Vec<Job> = {
-        let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.values().map(|e| e.job.clone()).collect()
+    let mut all: Vec<Job> = match &s.cluster {
+        Some(c) => match crate::cluster::api::all(c).await {
+            Ok(j) => j,
+            Err(r) => return r,
+        },
+        None => {
+            let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.values().map(|e| e.job.clone()).collect()
+        }
     };
     all.sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
     if desc {
@@ -1070,7 +1140,7 @@ async fn content(
     AxPath(id): AxPath<String>,
     Query(q): Query<ContentQuery>,
 ) -> Response {
-    let job = match find(&s, &id) {
+    let job = match find_any(&s, &id).await {
         Ok(j) => j,
         Err(r) => return r,
     };
@@ -1082,9 +1152,9 @@ async fn content(
             Some("video_not_ready"),
         );
     }
-    let (path, mime) = match q.variant.as_deref() {
-        None | Some("video") => (s.video_path(&id), "video/mp4"),
-        Some("thumbnail") => (s.thumb_path(&id), "image/png"),
+    let (path, mime, ext) = match q.variant.as_deref() {
+        None | Some("video") => (s.video_path(&id), "video/mp4", "mp4"),
+        Some("thumbnail") => (s.thumb_path(&id), "image/png", "png"),
         Some(other) => {
             return bad(
                 "variant",
@@ -1092,6 +1162,9 @@ async fn content(
             )
         }
     };
+    if let Some(c) = &s.cluster {
+        return crate::cluster::api::content(c, &id, ext, mime).await;
+    }
     match tokio::fs::read(&path).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, mime)], bytes).into_response(),
         Err(_) => api_error(
@@ -1104,10 +1177,13 @@ async fn content(
 }
 
 async fn delete(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Response {
-    let job = match find(&s, &id) {
+    let job = match find_any(&s, &id).await {
         Ok(j) => j,
         Err(r) => return r,
     };
+    if let Some(c) = &s.cluster {
+        return crate::cluster::api::delete(c, job).await;
+    }
     if job.status.finished() {
         s.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         s.remove_files(&id);
@@ -1139,7 +1215,7 @@ async fn delete(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
 }
 
 async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Response {
-    if let Err(r) = find(&s, &id) {
+    if let Err(r) = find_any(&s, &id).await {
         return r;
     }
     // Comments at half the idle timeout (15 s at most) keep a quiet stream (a long step)
@@ -1154,9 +1230,20 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
                 return None;
             }
             loop {
-                let job = {
-                    let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
-                    jobs.get(&id).map(|e| e.job.clone())
+                let job = match &s.cluster {
+                    Some(c) => match c.job(&id).await {
+                        Ok(j) => j,
+                        Err(e) => {
+                            // The queue unreachable for a moment: no news, not a deletion.
+                            tracing::warn!("events of {id}: {e}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    },
+                    None => {
+                        let jobs = s.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        jobs.get(&id).map(|e| e.job.clone())
+                    }
                 };
                 let Some(job) = job else {
                     let ev = Event::default()
@@ -1203,6 +1290,9 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
     if let Some(d) = &s.device {
         v["device_budget_bytes"] = json!(d.budget_bytes);
     }
+    if let Some(c) = &s.cluster {
+        v["cluster"] = c.describe();
+    }
     if let Some((free, total)) = device_memory(&s) {
         v["device_memory"] = json!({"free_bytes": free, "total_bytes": total});
     }
@@ -1217,8 +1307,22 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         ("failed", 0),
     ]
     .into();
-    for e in s.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
-        let k = match e.job.status {
+    let statuses: Vec<Status> = match &s.cluster {
+        Some(c) if c.role.serves_api() => crate::cluster::api::all(c)
+            .await
+            .map(|j| j.iter().map(|j| j.status).collect())
+            .unwrap_or_default(),
+        Some(_) => Vec::new(),
+        None => s
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.job.status)
+            .collect(),
+    };
+    for status in statuses {
+        let k = match status {
             Status::Queued => "queued",
             Status::InProgress => "in_progress",
             Status::Completed => "completed",
@@ -1256,6 +1360,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     if let Some(d) = &s.device {
         t += "# HELP reel_device_budget_bytes Device memory a job's plan must fit.\n# TYPE reel_device_budget_bytes gauge\n";
         t += &format!("reel_device_budget_bytes {}\n", d.budget_bytes);
+    }
+    if let Some(c) = &s.cluster {
+        t += &crate::cluster::api::metrics(c).await;
     }
     if let Some((free, total)) = device_memory(&s) {
         t += "# HELP reel_device_memory_bytes Device memory (cuda).\n# TYPE reel_device_memory_bytes gauge\n";
@@ -1325,6 +1432,21 @@ impl Server {
             let d = args.data_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::invalid(format!("tokio: {e}")))?;
+        // With --queue: the queue first (a wrong URL fails before the model loads).
+        let cluster = match &args.cluster {
+            Some(a) => Some(Arc::new(
+                runtime.block_on(crate::cluster::Cluster::connect(a, &args.data_dir))?,
+            )),
+            None => None,
+        };
+        let role = cluster
+            .as_ref()
+            .map_or(crate::cluster::Role::Both, |c| c.role);
         let (mut pipe, model_name, embedded_model) = load_model(&GenerateArgs {
             model: args.model.clone(),
             random_weights: args.random_weights,
@@ -1365,7 +1487,10 @@ impl Server {
                     device_memory_gib: Some(budget as f64 / (1u64 << 30) as f64),
                     arch: None,
                 })?;
-                pipe.to_device(dev.clone(), first.text_encoder_resident)?;
+                // An API alone only plans on the device; its workers hold the weights.
+                if role.runs_jobs() {
+                    pipe.to_device(dev.clone(), first.text_encoder_resident)?;
+                }
                 tracing::info!(
                     "serving on {} ({:.2} GiB for each job's plan)",
                     dev.describe(),
@@ -1387,6 +1512,8 @@ impl Server {
             jobs: Mutex::new(BTreeMap::new()),
             tx,
             data: args.data_dir.clone(),
+            cluster: cluster.clone(),
+            max_queue: args.max_queue,
             idle,
             cpu_estimate,
             model_name,
@@ -1400,12 +1527,18 @@ impl Server {
             shutdown: AtomicBool::new(false),
             device,
         });
-        // Restore: finished jobs as they were; unfinished ones failed (resubmit them).
+        // Restore: finished jobs as they were; unfinished ones failed (resubmit them). With
+        // --queue every job lives in Redis and nothing is restored from here.
         let jobs_dir = args.data_dir.join("jobs");
-        for entry in std::fs::read_dir(&jobs_dir)
-            .map_err(io(&jobs_dir))?
-            .flatten()
-        {
+        let local_records = if cluster.is_none() {
+            std::fs::read_dir(&jobs_dir)
+                .map_err(io(&jobs_dir))?
+                .flatten()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for entry in local_records {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.contains(".partial-") {
@@ -1477,23 +1610,25 @@ impl Server {
                     },
                 );
         }
-        shared.remove_orphans();
-        shared.retention();
+        if cluster.is_none() {
+            shared.remove_orphans();
+            shared.retention();
+        }
 
-        let app = Router::new()
-            .route("/v1/videos", get(list).post(create))
-            .route("/v1/videos/{id}", get(retrieve).delete(delete))
-            .route("/v1/videos/{id}/content", get(content))
-            .route("/v1/videos/{id}/events", get(events))
-            .route_layer(middleware::from_fn_with_state(shared.clone(), auth))
-            .route("/health", get(health))
-            .route("/metrics", get(metrics))
-            .with_state(shared.clone());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| Error::invalid(format!("tokio: {e}")))?;
+        let app = if role.serves_api() {
+            Router::new()
+                .route("/v1/videos", get(list).post(create))
+                .route("/v1/videos/{id}", get(retrieve).delete(delete))
+                .route("/v1/videos/{id}/content", get(content))
+                .route("/v1/videos/{id}/events", get(events))
+                .route_layer(middleware::from_fn_with_state(shared.clone(), auth))
+        } else {
+            // A worker alone: its health and metrics only.
+            Router::new()
+        }
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(shared.clone());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(&args.addr))
             .map_err(|e| Error::invalid(format!("--addr {}: {e}", args.addr)))?;
@@ -1508,6 +1643,21 @@ impl Server {
             // deadline before the connection itself times out.
             idle: idle + Duration::from_secs(1),
         };
+        if let (Some(c), true) = (&cluster, role.serves_api()) {
+            // Retention over the store, at start and every minute.
+            let (c, keep, disk) = (c.clone(), args.keep_hours, args.max_disk_gb);
+            runtime.spawn(async move {
+                loop {
+                    c.retention(keep, disk).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+        let handle = runtime.handle().clone();
+        let reader = match (&cluster, role.runs_jobs()) {
+            (Some(c), true) => Some(runtime.block_on(c.reader())?),
+            _ => None,
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = std::thread::spawn(move || {
             runtime.block_on(serve_http(
@@ -1519,19 +1669,30 @@ impl Server {
             ));
         });
         let ws = shared.clone();
-        let work = std::thread::spawn(move || worker(ws, pipe, rx));
+        let mut threads = vec![http];
+        match (cluster, reader) {
+            (None, _) => threads.push(std::thread::spawn(move || worker(ws, pipe, rx))),
+            (Some(c), Some(read)) => threads.push(std::thread::spawn(move || {
+                crate::cluster::worker(ws, c, pipe, handle, read)
+            })),
+            (Some(_), None) => drop(pipe),
+        }
         tracing::info!("reel serve listening on http://{addr}");
         Ok(Server {
             addr,
             shared,
             stop: Some(stop_tx),
-            threads: vec![http, work],
+            threads,
         })
     }
 
-    /// Stops accepting requests, stops the worker at its next step, and waits.
+    /// Stops the worker at its next step and waits for it, then stops accepting requests
+    /// and lets open ones finish (a queue worker needs the runtime until it is done).
     pub fn stop(mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(1..) {
+            let _ = t.join();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -93,6 +93,7 @@ fn serve_args(dir: &Path, max_queue: usize) -> ServeArgs {
         device_memory_gib: None,
         idle_timeout_secs: None,
         max_connections: None,
+        cluster: None,
     }
 }
 
