@@ -576,10 +576,20 @@ fn deliveries(v: &redis::Value, out: &mut Vec<Delivery>) {
         V::SimpleString(s) => Some(s.clone()),
         _ => None,
     };
+    // An entry id is MS-SEQ; its fields a non-empty list of strings, in pairs.
+    let is_id = |s: &str| {
+        s.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
+        })
+    };
     let is_entry = |a: &[V]| {
         a.len() == 2
-            && text(&a[0]).is_some()
-            && matches!(&a[1], V::Array(f) if f.iter().all(|x| text(x).is_some()))
+            && text(&a[0]).is_some_and(|s| is_id(&s))
+            && matches!(&a[1], V::Array(f)
+                if !f.is_empty() && f.len() % 2 == 0 && f.iter().all(|x| text(x).is_some()))
     };
     match v {
         // An entry: [entry id, [field, value, ...]] (a stream's reply nests these in
@@ -626,10 +636,35 @@ impl WorkerConn {
             .await;
     }
 
-    /// A job whose worker stopped heartbeating, taken over; else the next new one (waiting
-    /// up to a second).
+    /// The next job: one already delivered to this worker and not acknowledged (a delivery
+    /// whose reply a dropped connection lost, or a previous process under the same name:
+    /// between jobs, nothing of this worker's own is legitimately pending); else one whose
+    /// worker stopped heartbeating, taken over; else a new one (waiting up to a second).
     async fn next(&self) -> Result<Option<(Delivery, bool)>> {
         let mut c = self.c.conn.clone();
+        let own: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.c.name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg("0")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.c.err(e))?;
+        let mut got = Vec::new();
+        deliveries(&own, &mut got);
+        if let Some(d) = got.pop() {
+            tracing::warn!(
+                "worker {}: resuming job {} (entry {}), delivered to it and never acknowledged",
+                self.c.name,
+                d.id,
+                d.entry
+            );
+            return Ok(Some((d, false)));
+        }
         let v: redis::Value = redis::cmd("XAUTOCLAIM")
             .arg(STREAM)
             .arg(GROUP)
@@ -890,19 +925,22 @@ pub(crate) fn worker(
                 continue;
             }
         };
-        let job = match rt.block_on(cluster.job(&d.id)) {
+        let job = match rt.block_on(patiently(
+            &shared,
+            "reading the job",
+            Duration::from_secs(30),
+            || cluster.job(&d.id),
+        )) {
             Ok(Some(j)) => j,
-            other => {
-                let why = match other {
-                    Err(e) => e.to_string(),
-                    _ => "its record is gone".into(),
-                };
-                let _ = rt.block_on(w.finish(
-                    &d,
-                    &token,
-                    None,
-                    Some(json!({"code": "record_unreadable", "message": why})),
-                ));
+            Ok(None) => {
+                // Deleted since it started: nothing to run.
+                let _ = rt.block_on(w.ack(&d.entry));
+                continue;
+            }
+            Err(e) => {
+                // Left pending: taken over (by any worker, this one too) once the queue
+                // answers again.
+                tracing::warn!("worker {}: job {}: {e}", cluster.name, d.id);
                 continue;
             }
         };

@@ -2,6 +2,7 @@
 //! Golden data under tests/data comes from tools/golden.py (diffusers, float64).
 
 mod bench;
+mod cluster;
 mod demo;
 mod dit;
 mod embeddings;

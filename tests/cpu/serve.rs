@@ -11,19 +11,19 @@ use serde_json::{json, Value};
 
 use crate::{parse_mp4, scratch};
 
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
-fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -68,7 +68,7 @@ fn http(
     Reply { status, body }
 }
 
-fn post_json(addr: SocketAddr, v: &Value) -> Reply {
+pub(crate) fn post_json(addr: SocketAddr, v: &Value) -> Reply {
     http(
         addr,
         "POST",
@@ -105,7 +105,7 @@ fn start(dir: &Path, max_queue: usize, api_key: Option<&str>) -> Server {
     .unwrap()
 }
 
-fn wait_for(addr: SocketAddr, id: &str, status: &str) -> Value {
+pub(crate) fn wait_for(addr: SocketAddr, id: &str, status: &str) -> Value {
     let t = Instant::now();
     loop {
         let v = http(addr, "GET", &format!("/v1/videos/{id}"), &[], b"").json();
@@ -460,7 +460,7 @@ fn serve_on_a_device_plans_each_request_at_submission() {
 }
 
 /// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -520,7 +520,7 @@ fn serve_marks_a_job_whose_video_cannot_be_written_write_failed() {
 
 /// Spawns `cmd` (a `reel serve` on `port`) and waits until it listens; one that exits or
 /// never listens is reported with its stderr.
-fn listening(cmd: &mut std::process::Command, port: u16) -> std::process::Child {
+pub(crate) fn listening(cmd: &mut std::process::Command, port: u16) -> std::process::Child {
     let mut child = cmd.spawn().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let t = Instant::now();
