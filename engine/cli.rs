@@ -319,8 +319,9 @@ pub enum Command {
         /// /health and /metrics over HTTP) or both.
         #[arg(long, default_value = "both", requires = "queue")]
         role: String,
-        /// With --queue: where outputs go, file:///DIR shared by every API and worker
-        /// (default: file://<data-dir>/store).
+        /// With --queue: where outputs go, shared by every API and worker: file:///DIR or
+        /// s3://BUCKET/PREFIX (AWS_* variables: credentials, region, AWS_ENDPOINT for an
+        /// S3-compatible service); default file://<data-dir>/store.
         #[arg(long, requires = "queue")]
         store: Option<String>,
         /// With --queue: seconds without a heartbeat before another worker takes a running

@@ -136,8 +136,35 @@ impl Store {
                 url: url.to_string(),
             });
         }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::invalid(format!(
+                    "--store {url}: s3://BUCKET/PREFIX names a bucket"
+                )));
+            }
+            // Credentials, region and endpoint (an S3-compatible service) from the
+            // environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+            // AWS_ENDPOINT, AWS_ALLOW_HTTP=true for a plain-HTTP endpoint.
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| Error::invalid(format!("--store {url}: {e}")))?;
+            let inner: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(object_store::prefix::PrefixStore::new(
+                    s3,
+                    prefix.trim_matches('/'),
+                ))
+            };
+            return Ok(Store {
+                inner,
+                url: url.to_string(),
+            });
+        }
         Err(Error::invalid(format!(
-            "--store {url}: expected file:///DIR (a directory every API and worker mounts)"
+            "--store {url}: expected file:///DIR (a directory every API and worker mounts) or s3://BUCKET/PREFIX"
         )))
     }
 

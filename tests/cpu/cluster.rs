@@ -76,8 +76,23 @@ fn redis(bin: &Path, port: u16, dir: &Path) -> Proc {
     Proc(child)
 }
 
-/// `reel serve --queue` as `role` (extra flags after), logging to `log`.
+/// `reel serve --queue` as `role` (extra flags after) with the file store under `dir`,
+/// logging to `dir/ROLE-PORT.log`.
 fn reel(role: &str, redis_port: u16, dir: &Path, port: u16, extra: &[&str]) -> Proc {
+    let store = format!("file://{}", dir.join("store").display());
+    reel_with(role, redis_port, dir, port, extra, &store, &[])
+}
+
+/// [`reel`] with another store and environment.
+fn reel_with(
+    role: &str,
+    redis_port: u16,
+    dir: &Path,
+    port: u16,
+    extra: &[&str],
+    store: &str,
+    env: &[(&str, String)],
+) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{role}-{port}.log"))).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_reel"));
     cmd.args(["serve", "--queue"])
@@ -87,7 +102,8 @@ fn reel(role: &str, redis_port: u16, dir: &Path, port: u16, extra: &[&str]) -> P
         .arg("--data-dir")
         .arg(dir.join(format!("data-{role}-{port}")))
         .arg("--store")
-        .arg(format!("file://{}", dir.join("store").display()))
+        .arg(store)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(extra)
         .stdout(Stdio::null())
         .stderr(log);
@@ -344,4 +360,93 @@ fn queue_takes_over_the_job_of_a_killed_worker() {
     let v = wait_for(api_addr, &id, "failed");
     assert_eq!(v["error"]["code"], "worker_lost", "{v}");
     assert_eq!(v["attempts"], 1, "{v}");
+}
+
+/// moto's S3-compatible server (`REEL_MOTO_SERVER`, or `moto_server` on PATH), or None
+/// (test skipped) unless REEL_REQUIRE_S3=1 (.ci/run installs it from PyPI into /tmp).
+fn moto_server() -> Option<PathBuf> {
+    let found = std::env::var_os("REEL_MOTO_SERVER")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("moto_server"))
+                    .find(|f| f.is_file())
+            })
+        });
+    if found.is_none() {
+        assert!(
+            std::env::var("REEL_REQUIRE_S3").as_deref() != Ok("1"),
+            "REEL_REQUIRE_S3=1 but no moto_server (REEL_MOTO_SERVER or PATH)"
+        );
+        eprintln!("no moto_server: the s3:// store test is skipped");
+    }
+    found
+}
+
+/// Outputs in an S3-compatible store (moto's server on a loopback port): an API and a worker
+/// with `--store s3://BUCKET/PREFIX`, the endpoint and credentials from AWS_* variables; the
+/// videos land under the prefix, are served by the API, and go with DELETE.
+#[test]
+fn queue_outputs_go_to_an_s3_compatible_store() {
+    let Some(bin) = redis_server() else { return };
+    let Some(moto) = moto_server() else { return };
+    reel::models::embedded::ensure().unwrap();
+    let dir = scratch("cluster-s3");
+    let rport = free_port();
+    let rdir = dir.join("redis");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let _db = redis(&bin, rport, &rdir);
+    let mport = free_port();
+    let _s3 = Proc(listening(
+        Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &mport.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        mport,
+    ));
+    let s3: SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    assert_eq!(http(s3, "PUT", "/reel-test", &[], b"").status, 200);
+    let env = [
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{mport}")),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+        ("AWS_ACCESS_KEY_ID", "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ];
+    let store = "s3://reel-test/outputs";
+    let aport = free_port();
+    let api_addr: SocketAddr = format!("127.0.0.1:{aport}").parse().unwrap();
+    let _api = reel_with("api", rport, &dir, aport, &[], store, &env);
+    let _w = reel_with("worker", rport, &dir, free_port(), &[], store, &env);
+    let ids: Vec<String> = (0..2)
+        .map(|i| {
+            submit(
+                api_addr,
+                json!({"prompt": "a green triangle moving down", "steps": 3, "seed": i}),
+            )
+        })
+        .collect();
+    for id in &ids {
+        wait_for(api_addr, id, "completed");
+        let video = http(api_addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+        assert_eq!(video.status, 200);
+        assert_eq!(crate::parse_mp4(&video.body).samples, 17);
+    }
+    let objects = || {
+        String::from_utf8(http(s3, "GET", "/reel-test?list-type=2", &[], b"").body).unwrap()
+    };
+    let listing = objects();
+    for id in &ids {
+        for ext in ["mp4", "png"] {
+            let key = format!("<Key>outputs/videos/{id}.a1.{ext}</Key>");
+            assert!(listing.contains(&key), "{key} not in {listing}");
+        }
+    }
+    let r = http(api_addr, "DELETE", &format!("/v1/videos/{}", ids[0]), &[], b"");
+    assert_eq!(r.json()["deleted"], true);
+    let listing = objects();
+    assert!(!listing.contains(&ids[0]), "{listing}");
+    assert!(listing.contains(&ids[1]), "{listing}");
 }
