@@ -295,6 +295,53 @@ fn queue_spreads_jobs_over_workers_and_survives_api_and_redis_restarts() {
         http(api_addr, "GET", &format!("/v1/videos/{}", ids[0]), &[], b"").status,
         404
     );
+    // Events of a finished job through the queue: its `done` event, then the end.
+    let ev = http(
+        api_addr,
+        "GET",
+        &format!("/v1/videos/{}/events", ids[1]),
+        &[],
+        b"",
+    );
+    let ev = String::from_utf8(ev.body).unwrap();
+    assert!(
+        ev.contains("event: done") && ev.contains("\"completed\""),
+        "{ev}"
+    );
+
+    // Retention over the store (at the API's start, then every minute): under a 12 KB budget
+    // the oldest finished jobs go until the rest fit, records and files both.
+    api.take().unwrap().kill9();
+    api = Some(reel(
+        "api",
+        rport,
+        &dir,
+        aport,
+        &["--max-disk-gb", "0.000012"],
+    ));
+    let stored = || -> u64 {
+        std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let t = Instant::now();
+    while stored() > 12_000 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} bytes", stored());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = http(api_addr, "GET", "/v1/videos?limit=100&order=asc", &[], b"").json();
+    let left: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert!(left.len() < 14 && !left.is_empty(), "{list}");
+    assert!(
+        !left.contains(&ids[1].as_str()),
+        "the oldest went first: {left:?}"
+    );
     drop(api);
     drop(db);
 }
@@ -430,13 +477,18 @@ fn queue_outputs_go_to_an_s3_compatible_store() {
         .collect();
     for id in &ids {
         wait_for(api_addr, id, "completed");
-        let video = http(api_addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+        let video = http(
+            api_addr,
+            "GET",
+            &format!("/v1/videos/{id}/content"),
+            &[],
+            b"",
+        );
         assert_eq!(video.status, 200);
         assert_eq!(crate::parse_mp4(&video.body).samples, 17);
     }
-    let objects = || {
-        String::from_utf8(http(s3, "GET", "/reel-test?list-type=2", &[], b"").body).unwrap()
-    };
+    let objects =
+        || String::from_utf8(http(s3, "GET", "/reel-test?list-type=2", &[], b"").body).unwrap();
     let listing = objects();
     for id in &ids {
         for ext in ["mp4", "png"] {
@@ -444,7 +496,13 @@ fn queue_outputs_go_to_an_s3_compatible_store() {
             assert!(listing.contains(&key), "{key} not in {listing}");
         }
     }
-    let r = http(api_addr, "DELETE", &format!("/v1/videos/{}", ids[0]), &[], b"");
+    let r = http(
+        api_addr,
+        "DELETE",
+        &format!("/v1/videos/{}", ids[0]),
+        &[],
+        b"",
+    );
     assert_eq!(r.json()["deleted"], true);
     let listing = objects();
     assert!(!listing.contains(&ids[0]), "{listing}");
