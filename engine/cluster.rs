@@ -546,40 +546,24 @@ return st
                 return;
             }
         };
-        let mut finished: Vec<(u64, String)> = jobs
-            .iter()
-            .filter(|j| matches!(j.status, Status::Completed | Status::Failed))
-            .map(|j| (j.completed_at.unwrap_or(j.created_at), j.id.clone()))
-            .collect();
-        finished.sort();
-        let mut evict = Vec::new();
-        if let Some(h) = keep_hours {
-            let cutoff = now().saturating_sub((h * 3600.0) as u64);
-            evict.extend(
-                finished
-                    .iter()
-                    .filter(|(t, _)| *t < cutoff)
-                    .map(|(_, id)| id.clone()),
-            );
-        }
-        if let Some(gb) = max_disk_gb {
+        let sizes = if max_disk_gb.is_some() {
             match self.store.sizes().await {
-                Ok(sizes) => {
-                    let limit = (gb * 1e9) as u64;
-                    let mut total: u64 = sizes.values().sum();
-                    for (_, id) in &finished {
-                        if total <= limit {
-                            break;
-                        }
-                        if !evict.contains(id) {
-                            total = total.saturating_sub(sizes.get(id).copied().unwrap_or(0));
-                            evict.push(id.clone());
-                        }
-                    }
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("retention: {e}");
+                    return;
                 }
-                Err(e) => tracing::warn!("retention: {e}"),
             }
-        }
+        } else {
+            Default::default()
+        };
+        let evict = crate::server::retention_plan(
+            jobs.iter(),
+            keep_hours,
+            max_disk_gb,
+            sizes.values().sum(),
+            &|id| sizes.get(id).copied().unwrap_or(0),
+        );
         for id in evict {
             match self.remove(&id).await {
                 Ok(()) => tracing::info!("retention: evicted {id}"),
@@ -638,6 +622,26 @@ fn deliveries(v: &redis::Value, out: &mut Vec<Delivery>) {
     }
 }
 
+/// XREADGROUP of one entry for consumer `name`: from `from` (`>`: new entries; `0`: those
+/// delivered to it and not acknowledged), waiting up to `block_ms` for a new one.
+async fn read_group(
+    c: &mut ConnectionManager,
+    name: &str,
+    from: &str,
+    block_ms: Option<u64>,
+) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(GROUP).arg(name).arg("COUNT").arg(1);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms);
+    }
+    cmd.arg("STREAMS")
+        .arg(STREAM)
+        .arg(from)
+        .query_async(c)
+        .await
+}
+
 /// How a worker's start of a job went.
 enum Start {
     /// Run it: the owner token and the attempt number.
@@ -669,16 +673,7 @@ impl WorkerConn {
     /// worker stopped heartbeating, taken over; else a new one (waiting up to a second).
     async fn next(&self) -> Result<Option<(Delivery, bool)>> {
         let mut c = self.c.conn.clone();
-        let own: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.c.name)
-            .arg("COUNT")
-            .arg(1)
-            .arg("STREAMS")
-            .arg(STREAM)
-            .arg("0")
-            .query_async(&mut c)
+        let own = read_group(&mut c, &self.c.name, "0", None)
             .await
             .map_err(|e| self.c.err(e))?;
         let mut got = Vec::new();
@@ -715,18 +710,7 @@ impl WorkerConn {
             return Ok(Some((d, true)));
         }
         let mut r = self.read.clone();
-        let v: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.c.name)
-            .arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(1000)
-            .arg("STREAMS")
-            .arg(STREAM)
-            .arg(">")
-            .query_async(&mut r)
+        let v = read_group(&mut r, &self.c.name, ">", Some(1000))
             .await
             .map_err(|e| self.c.err(e))?;
         let mut got = Vec::new();

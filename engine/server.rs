@@ -557,53 +557,65 @@ impl Shared {
     /// videos take more than max_disk_gb.
     fn retention(&self) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut finished: Vec<(u64, String)> = jobs
-            .values()
-            .filter(|e| e.job.status.finished())
-            .map(|e| {
-                (
-                    e.job.completed_at.unwrap_or(e.job.created_at),
-                    e.job.id.clone(),
-                )
-            })
-            .collect();
-        finished.sort();
-        let mut evict = Vec::new();
-        if let Some(h) = self.keep_hours {
-            let cutoff = now().saturating_sub((h * 3600.0) as u64);
-            evict.extend(
-                finished
-                    .iter()
-                    .filter(|(t, _)| *t < cutoff)
-                    .map(|(_, id)| id.clone()),
-            );
-        }
-        if let Some(gb) = self.max_disk_gb {
-            let limit = (gb * 1e9) as u64;
-            let size = |id: &str| {
-                [self.video_path(id), self.thumb_path(id)]
-                    .iter()
-                    .filter_map(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
-                    .sum::<u64>()
-            };
-            let mut total: u64 = jobs.keys().map(|id| size(id)).sum();
-            for (_, id) in &finished {
-                if total <= limit {
-                    break;
-                }
-                if !evict.contains(id) {
-                    total = total.saturating_sub(size(id));
-                    evict.push(id.clone());
-                }
-            }
-        }
+        let size = |id: &str| {
+            [self.video_path(id), self.thumb_path(id)]
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        };
+        let evict = retention_plan(
+            jobs.values().map(|e| &e.job),
+            self.keep_hours,
+            self.max_disk_gb,
+            jobs.keys().map(|id| size(id)).sum(),
+            &size,
+        );
         for id in evict {
             jobs.remove(&id);
             self.remove_files(&id);
             tracing::info!("retention: evicted {id}");
         }
     }
+}
+
+/// The finished jobs retention evicts: those completed more than `keep_hours` ago, then the
+/// oldest while the outputs (`total` bytes, `size` per job) take more than `max_disk_gb`.
+pub(crate) fn retention_plan<'a>(
+    jobs: impl Iterator<Item = &'a Job>,
+    keep_hours: Option<f64>,
+    max_disk_gb: Option<f64>,
+    mut total: u64,
+    size: &dyn Fn(&str) -> u64,
+) -> Vec<String> {
+    let mut finished: Vec<(u64, String)> = jobs
+        .filter(|j| j.status.finished())
+        .map(|j| (j.completed_at.unwrap_or(j.created_at), j.id.clone()))
+        .collect();
+    finished.sort();
+    let mut evict = Vec::new();
+    if let Some(h) = keep_hours {
+        let cutoff = now().saturating_sub((h * 3600.0) as u64);
+        evict.extend(
+            finished
+                .iter()
+                .filter(|(t, _)| *t < cutoff)
+                .map(|(_, id)| id.clone()),
+        );
+    }
+    if let Some(gb) = max_disk_gb {
+        let limit = (gb * 1e9) as u64;
+        for (_, id) in &finished {
+            if total <= limit {
+                break;
+            }
+            if !evict.contains(id) {
+                total = total.saturating_sub(size(id));
+                evict.push(id.clone());
+            }
+        }
+    }
+    evict
 }
 
 /// Runs jobs one at a time on the thread that owns the model.

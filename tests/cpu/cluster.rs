@@ -30,21 +30,32 @@ impl Proc {
     }
 }
 
-/// redis-server, or None (test skipped) where it is not installed and not required.
-fn redis_server() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("redis-server"))
-            .find(|f| f.is_file())
-    });
+/// A program: `$override_var`'s path, else `name` on PATH; None (the test skipped) where
+/// neither is there, unless `$require_var` is 1 (.ci/run), which makes it a failure.
+fn tool(name: &str, override_var: &str, require_var: &str) -> Option<PathBuf> {
+    let found = std::env::var_os(override_var)
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(name))
+                    .find(|f| f.is_file())
+            })
+        });
     if found.is_none() {
         assert!(
-            std::env::var("REEL_REQUIRE_REDIS").as_deref() != Ok("1"),
-            "REEL_REQUIRE_REDIS=1 but redis-server is not on PATH"
+            std::env::var(require_var).as_deref() != Ok("1"),
+            "{require_var}=1 but there is no {name} ({override_var} or PATH)"
         );
-        eprintln!("no redis-server on PATH: the --queue tests are skipped");
+        eprintln!("no {name}: test skipped");
     }
     found
+}
+
+/// redis-server (.ci/run installs Debian's package).
+fn redis_server() -> Option<PathBuf> {
+    tool("redis-server", "REEL_REDIS_SERVER", "REEL_REQUIRE_REDIS")
 }
 
 /// A Redis on `port` keeping its data (append-only, fsync on every write) in `dir`.
@@ -409,27 +420,10 @@ fn queue_takes_over_the_job_of_a_killed_worker() {
     assert_eq!(v["attempts"], 1, "{v}");
 }
 
-/// moto's S3-compatible server (`REEL_MOTO_SERVER`, or `moto_server` on PATH), or None
-/// (test skipped) unless REEL_REQUIRE_S3=1 (.ci/run installs it from PyPI into /tmp).
+/// moto's S3-compatible server (.ci/run installs it from PyPI into a venv under /tmp and
+/// names it in REEL_MOTO_SERVER).
 fn moto_server() -> Option<PathBuf> {
-    let found = std::env::var_os("REEL_MOTO_SERVER")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("moto_server"))
-                    .find(|f| f.is_file())
-            })
-        });
-    if found.is_none() {
-        assert!(
-            std::env::var("REEL_REQUIRE_S3").as_deref() != Ok("1"),
-            "REEL_REQUIRE_S3=1 but no moto_server (REEL_MOTO_SERVER or PATH)"
-        );
-        eprintln!("no moto_server: the s3:// store test is skipped");
-    }
-    found
+    tool("moto_server", "REEL_MOTO_SERVER", "REEL_REQUIRE_S3")
 }
 
 /// Outputs in an S3-compatible store (moto's server on a loopback port): an API and a worker
