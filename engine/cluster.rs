@@ -1032,8 +1032,15 @@ fn run_one(
             }
         },
     );
-    running.store(false, Ordering::SeqCst);
-    let _ = rt.block_on(beat);
+    // The heartbeat goes on through the upload and the recording (an upload to a slow store
+    // must not look like a lost worker), and stops on every way out.
+    let mut beat = Some(beat);
+    let mut stop_beat = || {
+        running.store(false, Ordering::SeqCst);
+        if let Some(b) = beat.take() {
+            let _ = rt.block_on(b);
+        }
+    };
     let out_key = format!("videos/{}.a{attempt}", d.id);
     let outcome: Result<(Option<String>, Option<Value>)> = if lost.load(Ordering::SeqCst) {
         Err(Error::invalid("another worker owns the job now"))
@@ -1072,6 +1079,7 @@ fn run_one(
     let (output, error) = match outcome {
         Ok(x) => x,
         Err(e) => {
+            stop_beat();
             tracing::warn!(
                 "worker {name}: job {} attempt {attempt} abandoned: {e}",
                 d.id
@@ -1085,6 +1093,7 @@ fn run_one(
         Duration::from_secs(30),
         || w.finish(d, token, output.as_deref(), error.clone()),
     ));
+    stop_beat();
     match finished {
         Ok(true) => tracing::info!(
             "worker {name}: job {} {}",
