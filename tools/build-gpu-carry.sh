@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what tools/gpu-check.sh needs on the GPU machine (which has no cargo) into carry/
 # (git-ignored): the stripped `reel` binary and the stripped test binary of tests/cpu (the
-# kernel tests, the hardware self-test). Run on the development machine with the CUDA
+# kernel tests, the hardware self-test), gzipped (reel.gz, cpu-tests.gz). Run on the development machine with the CUDA
 # toolchain installed (tools/install-cuda-toolchain.sh), then take carry/ to the GPU machine
 # (the device tool: carry ["carry"]).
 #
@@ -32,6 +32,9 @@ mkdir -p carry
 cp target/release/reel carry/reel
 cp "$test_bin" carry/cpu-tests
 strip carry/reel carry/cpu-tests
+# Compressed (about 2.2x: the binaries embed the fatbins and the demo model):
+# tools/gpu-check.sh unpacks them into a temporary folder before it starts.
+gzip -6 carry/reel carry/cpu-tests
 git rev-parse --short=12 HEAD > carry/COMMIT
 git diff --quiet HEAD 2>/dev/null || echo "(with uncommitted changes)" >> carry/COMMIT
 python3 - "$LIMIT" <<'PY'

@@ -43,8 +43,21 @@ while [ $# -gt 0 ]; do
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+# tools/build-gpu-carry.sh gzips the binaries (the device tool carries 64 MiB at most):
+# unpacked into a temporary folder, which becomes $CARRY.
+if [ -f "$CARRY/reel.gz" ] && [ -f "$CARRY/cpu-tests.gz" ]; then
+  unpacked=$(mktemp -d "${TMPDIR:-/tmp}/reel-carry.XXXXXX")
+  for f in reel cpu-tests; do
+    gzip -dc "$CARRY/$f.gz" >"$unpacked/$f" && chmod +x "$unpacked/$f" || {
+      echo "gpu-check: could not unpack $CARRY/$f.gz into $unpacked" >&2
+      exit 2
+    }
+  done
+  cp "$CARRY/COMMIT" "$unpacked/" 2>/dev/null || true
+  CARRY=$unpacked
+fi
 [ -x "$CARRY/cpu-tests" ] && [ -x "$CARRY/reel" ] || {
-  echo "gpu-check: $CARRY/reel and $CARRY/cpu-tests missing: run tools/build-gpu-carry.sh on the development machine" >&2
+  echo "gpu-check: $CARRY/reel(.gz) and $CARRY/cpu-tests(.gz) missing: run tools/build-gpu-carry.sh on the development machine" >&2
   exit 2
 }
 START=$(date +%s)
