@@ -321,7 +321,8 @@ pub enum Command {
         role: String,
         /// With --queue: where outputs go, shared by every API and worker: file:///DIR or
         /// s3://BUCKET/PREFIX (AWS_* variables: credentials, region, AWS_ENDPOINT for an
-        /// S3-compatible service); default file://<data-dir>/store.
+        /// S3-compatible service); required with --role api or worker, default
+        /// file://<data-dir>/store with both.
         #[arg(long, requires = "queue")]
         store: Option<String>,
         /// With --queue: seconds without a heartbeat before another worker takes a running

@@ -249,6 +249,12 @@ impl Cluster {
                 a.reclaim_after_secs
             )));
         }
+        if a.store.is_none() && a.role != Role::Both {
+            return Err(Error::invalid(format!(
+                "--role {}: give --store (file:///DIR every API and worker mounts, or s3://BUCKET/PREFIX); the default under --data-dir is this machine's alone",
+                format!("{:?}", a.role).to_lowercase()
+            )));
+        }
         let client = redis::Client::open(url.as_str())
             .map_err(|e| Error::invalid(format!("--queue {url}: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -330,39 +336,40 @@ impl Cluster {
         json!({"queue": self.url, "store": self.store.url, "role": format!("{:?}", self.role).to_lowercase(), "worker": self.name})
     }
 
-    /// The job and its state, or None if there is no such job.
+    /// The job and its state, or None if there is no such job. A record that cannot be read
+    /// is the job failed with code `record_unreadable` (listed, never dropped silently).
     pub(crate) async fn job(&self, id: &str) -> Result<Option<Job>> {
+        Ok(self.job_checked(id).await?.map(|j| unreadable(id, j)))
+    }
+
+    /// [`Cluster::job`], an unreadable record as Err(why).
+    async fn job_checked(&self, id: &str) -> Result<Option<std::result::Result<Job, String>>> {
+        Ok(self.jobs_of(&[id.to_string()]).await?.pop().flatten())
+    }
+
+    /// The jobs of `ids`, in one round trip per 500.
+    async fn jobs_of(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<std::result::Result<Job, String>>>> {
         let mut c = self.conn.clone();
-        let (raw, state): (Option<String>, std::collections::HashMap<String, String>) =
-            redis::pipe()
-                .get(job_key(id))
-                .hgetall(state_key(id))
-                .query_async(&mut c)
-                .await
-                .map_err(|e| self.err(e))?;
-        let Some(raw) = raw else {
-            return Ok(None);
-        };
-        let mut job: Job = serde_json::from_str(&raw)
-            .map_err(|e| Error::invalid(format!("reel:job:{id}: {e}")))?;
-        let status = state.get("status").map(String::as_str).unwrap_or("queued");
-        job.status = match status {
-            "in_progress" => Status::InProgress,
-            "completed" => Status::Completed,
-            "failed" => Status::Failed,
-            _ => Status::Queued,
-        };
-        job.progress = state
-            .get("progress")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        job.completed_at = state.get("completed_at").and_then(|t| t.parse().ok());
-        job.error = state
-            .get("error")
-            .and_then(|e| serde_json::from_str(e).ok());
-        job.worker = state.get("worker").cloned();
-        job.attempts = state.get("attempts").and_then(|a| a.parse().ok());
-        Ok(Some(job))
+        let mut out = Vec::with_capacity(ids.len());
+        let parse = |e: redis::ParsingError| Error::invalid(format!("redis {}: {e}", self.url));
+        for chunk in ids.chunks(500) {
+            let mut p = redis::pipe();
+            for id in chunk {
+                p.get(job_key(id)).hgetall(state_key(id));
+            }
+            let replies: Vec<redis::Value> =
+                p.query_async(&mut c).await.map_err(|e| self.err(e))?;
+            for (id, pair) in chunk.iter().zip(replies.chunks(2)) {
+                let raw: Option<String> = redis::from_redis_value_ref(&pair[0]).map_err(parse)?;
+                let state: std::collections::HashMap<String, String> =
+                    redis::from_redis_value_ref(&pair[1]).map_err(parse)?;
+                out.push(raw.map(|raw| assemble(id, &raw, &state)));
+            }
+        }
+        Ok(out)
     }
 
     /// Every job id, oldest first.
@@ -379,13 +386,13 @@ impl Cluster {
 
     /// Every job, oldest first.
     pub(crate) async fn jobs(&self) -> Result<Vec<Job>> {
-        let mut out = Vec::new();
-        for id in self.ids().await? {
-            if let Some(j) = self.job(&id).await? {
-                out.push(j);
-            }
-        }
-        Ok(out)
+        let ids = self.ids().await?;
+        let jobs = self.jobs_of(&ids).await?;
+        Ok(ids
+            .iter()
+            .zip(jobs)
+            .filter_map(|(id, j)| j.map(|j| unreadable(id, j)))
+            .collect())
     }
 
     /// (jobs waiting, jobs delivered to a worker and not yet acknowledged).
@@ -571,6 +578,52 @@ return st
             }
         }
     }
+}
+
+/// A job from its request record and its state hash; Err(why) if the record cannot be read.
+fn assemble(
+    id: &str,
+    raw: &str,
+    state: &std::collections::HashMap<String, String>,
+) -> std::result::Result<Job, String> {
+    let mut job: Job =
+        serde_json::from_str(raw).map_err(|e| format!("the record reel:job:{id}: {e}"))?;
+    if job.id != id {
+        return Err(format!(
+            "the record reel:job:{id} names the job `{}`",
+            job.id
+        ));
+    }
+    job.status = match state.get("status").map(String::as_str) {
+        Some("in_progress") => Status::InProgress,
+        Some("completed") => Status::Completed,
+        Some("failed") => Status::Failed,
+        _ => Status::Queued,
+    };
+    job.progress = state
+        .get("progress")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    job.completed_at = state.get("completed_at").and_then(|t| t.parse().ok());
+    job.error = state
+        .get("error")
+        .and_then(|e| serde_json::from_str(e).ok());
+    job.worker = state.get("worker").cloned();
+    job.attempts = state.get("attempts").and_then(|a| a.parse().ok());
+    Ok(job)
+}
+
+/// An unreadable record as the job failed with code `record_unreadable`.
+fn unreadable(id: &str, j: std::result::Result<Job, String>) -> Job {
+    j.unwrap_or_else(|why| {
+        Job::unreadable(
+            id,
+            "",
+            0,
+            0,
+            format!("the job record could not be read: {why}"),
+        )
+    })
 }
 
 /// What a worker got from the stream: the entry and the job it names.
@@ -940,9 +993,14 @@ pub(crate) fn worker(
             &shared,
             "reading the job",
             Duration::from_secs(30),
-            || cluster.job(&d.id),
+            || cluster.job_checked(&d.id),
         )) {
-            Ok(Some(j)) => j,
+            Ok(Some(Ok(j))) => j,
+            Ok(Some(Err(why))) => {
+                let error = json!({"code": "record_unreadable", "message": why});
+                let _ = rt.block_on(w.finish(&d, &token, None, Some(error)));
+                continue;
+            }
             Ok(None) => {
                 // Deleted since it started: nothing to run.
                 let _ = rt.block_on(w.ack(&d.entry));

@@ -276,7 +276,7 @@ pub struct Job {
 
 impl Job {
     /// A job whose record on disk could not be read: failed with code `record_unreadable`.
-    fn unreadable(id: &str, model: &str, at: u64, at_ns: u128, message: String) -> Job {
+    pub(crate) fn unreadable(id: &str, model: &str, at: u64, at_ns: u128, message: String) -> Job {
         Job {
             id: id.to_string(),
             model: model.to_string(),

@@ -87,6 +87,20 @@ fn redis(bin: &Path, port: u16, dir: &Path) -> Proc {
     Proc(child)
 }
 
+/// One command to the Redis on `port` (RESP over a socket); its reply's first line.
+fn redis_cmd(port: u16, args: &[&str]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req += &format!("${}\r\n{a}\r\n", a.len());
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
 /// `reel serve --queue` as `role` (extra flags after) with the file store under `dir`,
 /// logging to `dir/ROLE-PORT.log`.
 fn reel(role: &str, redis_port: u16, dir: &Path, port: u16, extra: &[&str]) -> Proc {
@@ -320,6 +334,18 @@ fn queue_spreads_jobs_over_workers_and_survives_api_and_redis_restarts() {
         "{ev}"
     );
 
+    // A record that cannot be read (hand-edited) is listed as failed, not dropped, and the
+    // list still answers.
+    redis_cmd(
+        rport,
+        &["SET", &format!("reel:job:{}", ids[2]), "{not json"],
+    );
+    let v = get(api_addr, &ids[2]);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["error"]["code"], "record_unreadable", "{v}");
+    let list = http(api_addr, "GET", "/v1/videos?limit=100", &[], b"");
+    assert_eq!(list.status, 200);
+
     // Retention over the store (at the API's start, then every minute): under a 12 KB budget
     // the oldest finished jobs go until the rest fit, records and files both.
     api.take().unwrap().kill9();
@@ -501,4 +527,29 @@ fn queue_outputs_go_to_an_s3_compatible_store() {
     let listing = objects();
     assert!(!listing.contains(&ids[0]), "{listing}");
     assert!(listing.contains(&ids[1]), "{listing}");
+}
+
+/// Settings that cannot work are refused at start, naming the flag: a split role without a
+/// shared store, a queue URL that is not Redis's, a reclaim time out of range.
+#[test]
+fn queue_refuses_settings_that_cannot_work() {
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args(["-q", "serve", "--addr", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = run(&["--queue", "redis://127.0.0.1:1/0", "--role", "worker"]);
+    assert!(e.contains("--store"), "{e}");
+    let e = run(&["--queue", "http://127.0.0.1:1/0"]);
+    assert!(e.contains("redis://HOST:PORT/DB"), "{e}");
+    let e = run(&["--queue", "redis://127.0.0.1:1/0", "--reclaim-after", "0"]);
+    assert!(e.contains("--reclaim-after"), "{e}");
+    let e = run(&["--queue", "redis://127.0.0.1:1/0", "--role", "boss"]);
+    assert!(e.contains("api, worker or both"), "{e}");
+    let e = run(&["--role", "api"]);
+    assert!(e.contains("--queue"), "{e}");
 }
