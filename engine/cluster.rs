@@ -473,15 +473,21 @@ return st
             .map_err(|e| self.err(e))
     }
 
-    /// Removes a finished job: its keys and its outputs.
-    pub(crate) async fn remove(&self, id: &str) -> Result<()> {
+    /// The store key of a completed job's outputs (without .mp4 / .png).
+    async fn output_of(&self, id: &str) -> Result<Option<String>> {
         let mut c = self.conn.clone();
-        let output: Option<String> = redis::cmd("HGET")
+        redis::cmd("HGET")
             .arg(state_key(id))
             .arg("output")
             .query_async(&mut c)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))
+    }
+
+    /// Removes a finished job: its keys and its outputs.
+    pub(crate) async fn remove(&self, id: &str) -> Result<()> {
+        let output = self.output_of(id).await?;
+        let mut c = self.conn.clone();
         redis::pipe()
             .atomic()
             .del(job_key(id))
@@ -504,14 +510,7 @@ return st
 
     /// The bytes of a completed job's video or thumbnail.
     pub(crate) async fn content(&self, id: &str, ext: &str) -> Result<Option<axum::body::Bytes>> {
-        let mut c = self.conn.clone();
-        let output: Option<String> = redis::cmd("HGET")
-            .arg(state_key(id))
-            .arg("output")
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.err(e))?;
-        match output {
+        match self.output_of(id).await? {
             Some(o) => self.store.get(&format!("{o}.{ext}")).await,
             None => Ok(None),
         }

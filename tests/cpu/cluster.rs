@@ -58,6 +58,42 @@ fn redis_server() -> Option<PathBuf> {
     tool("redis-server", "REEL_REDIS_SERVER", "REEL_REQUIRE_REDIS")
 }
 
+/// What every test here starts from: the demo model unpacked, a scratch folder `dir`, a
+/// Redis on `rport` keeping its data in `rdir` (returned running), and a free port for the
+/// API.
+struct Setup {
+    bin: PathBuf,
+    dir: PathBuf,
+    rport: u16,
+    rdir: PathBuf,
+    aport: u16,
+    api_addr: SocketAddr,
+}
+
+/// [`Setup`] in the scratch folder `name`, or None (skipped) without redis-server.
+fn setup(name: &str) -> Option<(Setup, Proc)> {
+    let bin = redis_server()?;
+    reel::models::embedded::ensure().unwrap();
+    let dir = scratch(name);
+    let rport = free_port();
+    let rdir = dir.join("redis");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let db = redis(&bin, rport, &rdir);
+    let aport = free_port();
+    let api_addr = format!("127.0.0.1:{aport}").parse().unwrap();
+    Some((
+        Setup {
+            bin,
+            dir,
+            rport,
+            rdir,
+            aport,
+            api_addr,
+        },
+        db,
+    ))
+}
+
 /// A Redis on `port` keeping its data (append-only, fsync on every write) in `dir`.
 fn redis(bin: &Path, port: u16, dir: &Path) -> Proc {
     let child = Command::new(bin)
@@ -183,15 +219,21 @@ fn long_job() -> Value {
 /// job reaches its worker; /metrics on the API reports the queue and the workers.
 #[test]
 fn queue_spreads_jobs_over_workers_and_survives_api_and_redis_restarts() {
-    let Some(bin) = redis_server() else { return };
-    reel::models::embedded::ensure().unwrap();
-    let dir = scratch("cluster-restarts");
-    let rport = free_port();
-    let rdir = dir.join("redis");
-    std::fs::create_dir_all(&rdir).unwrap();
-    let mut db = Some(redis(&bin, rport, &rdir));
-    let aport = free_port();
-    let api_addr: SocketAddr = format!("127.0.0.1:{aport}").parse().unwrap();
+    let Some((
+        Setup {
+            bin,
+            dir,
+            rport,
+            rdir,
+            aport,
+            api_addr,
+        },
+        db,
+    )) = setup("cluster-restarts")
+    else {
+        return;
+    };
+    let mut db = Some(db);
     let mut api = Some(reel("api", rport, &dir, aport, &[]));
     let _w1 = reel("worker", rport, &dir, free_port(), &["--worker-name", "w1"]);
     let _w2 = reel("worker", rport, &dir, free_port(), &["--worker-name", "w2"]);
@@ -388,15 +430,19 @@ fn queue_spreads_jobs_over_workers_and_survives_api_and_redis_restarts() {
 /// allows fails with code worker_lost.
 #[test]
 fn queue_takes_over_the_job_of_a_killed_worker() {
-    let Some(bin) = redis_server() else { return };
-    reel::models::embedded::ensure().unwrap();
-    let dir = scratch("cluster-kill");
-    let rport = free_port();
-    let rdir = dir.join("redis");
-    std::fs::create_dir_all(&rdir).unwrap();
-    let _db = redis(&bin, rport, &rdir);
-    let aport = free_port();
-    let api_addr: SocketAddr = format!("127.0.0.1:{aport}").parse().unwrap();
+    let Some((
+        Setup {
+            dir,
+            rport,
+            aport,
+            api_addr,
+            ..
+        },
+        _db,
+    )) = setup("cluster-kill")
+    else {
+        return;
+    };
     let _api = reel("api", rport, &dir, aport, &[]);
     let fast = ["--reclaim-after", "2"];
     let worker = |name: &str, retries: &str| {
@@ -457,14 +503,20 @@ fn moto_server() -> Option<PathBuf> {
 /// videos land under the prefix, are served by the API, and go with DELETE.
 #[test]
 fn queue_outputs_go_to_an_s3_compatible_store() {
-    let Some(bin) = redis_server() else { return };
     let Some(moto) = moto_server() else { return };
-    reel::models::embedded::ensure().unwrap();
-    let dir = scratch("cluster-s3");
-    let rport = free_port();
-    let rdir = dir.join("redis");
-    std::fs::create_dir_all(&rdir).unwrap();
-    let _db = redis(&bin, rport, &rdir);
+    let Some((
+        Setup {
+            dir,
+            rport,
+            aport,
+            api_addr,
+            ..
+        },
+        _db,
+    )) = setup("cluster-s3")
+    else {
+        return;
+    };
     let mport = free_port();
     let _s3 = Proc(listening(
         Command::new(&moto)
@@ -483,8 +535,6 @@ fn queue_outputs_go_to_an_s3_compatible_store() {
         ("AWS_REGION", "us-east-1".to_string()),
     ];
     let store = "s3://reel-test/outputs";
-    let aport = free_port();
-    let api_addr: SocketAddr = format!("127.0.0.1:{aport}").parse().unwrap();
     let _api = reel_with("api", rport, &dir, aport, &[], store, &env);
     let _w = reel_with("worker", rport, &dir, free_port(), &[], store, &env);
     let ids: Vec<String> = (0..2)
