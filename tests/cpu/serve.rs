@@ -459,13 +459,24 @@ fn serve_on_a_device_plans_each_request_at_submission() {
     server.stop();
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, read, released), never one this process handed out
+/// before: a port taken for a server that has not bound it yet must not be given to a
+/// second server (the first would then fail to bind, and its test would talk to the
+/// second).
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The server on a disk that fills up (`reel serve` in a child under a 4 KiB file-size
@@ -535,6 +546,16 @@ pub(crate) fn listening(cmd: &mut std::process::Command, port: u16) -> std::proc
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // Something answers on the port: make sure it is this child, not a process that had
+    // the port first (the child would then exit, unable to bind).
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(status) = child.try_wait().unwrap() {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "the server exited ({status}) although something listens on port {port}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     child
 }
