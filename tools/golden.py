@@ -380,6 +380,141 @@ def pipeline_cases(only):
               f"timesteps {[round(float(t), 3) for t in out['timesteps']]}")
 
 
+# Block-causal streaming (issue 19): a PyTorch reference written for reel, on diffusers'
+# WanTransformer3DModel. Only two things differ from diffusers' forward: each block's
+# self-attention attends to the cached K/V of earlier frames besides the chunk's own, and
+# the RoPE positions are the chunk's absolute frame indices. The cache here keeps every
+# frame and picks, for each chunk, the frames the window defines (the sink, then the latest
+# ones that with the sink and the chunk fill local_attn_frames), so reel's evicting cache is
+# checked against a definition, not against another cache.
+CAUSAL_CASES = [
+    # 5 chunks of 2 latent frames, a sink of 1 frame, 5 frames in all per chunk: from the
+    # third chunk on, frames leave the window while frame 0 stays.
+    ("causal_stream", dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                           text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2),
+     dict(chunk_frames=2, sink_frames=1, local_attn_frames=5, denoising_steps=[1000.0, 750.0, 500.0],
+          timestep_shift=3.0, context_timestep=50.0),
+     [4, 10, 4, 6], 7),
+]
+
+
+class _AbsoluteRope(torch.nn.Module):
+    """diffusers' RoPE for the frames first_frame .. first_frame + F of a longer video."""
+
+    def __init__(self, rope, patch_size):
+        super().__init__()
+        self.rope = rope
+        self.patch_size = patch_size
+        self.first_frame = 0
+
+    def forward(self, hidden_states):
+        b, c, f, h, w = hidden_states.shape
+        longer = hidden_states.new_empty(b, c, self.first_frame + f, h, w)
+        cos, sin = self.rope(longer)
+        n = (f // self.patch_size[0]) * (h // self.patch_size[1]) * (w // self.patch_size[2])
+        return cos[:, -n:], sin[:, -n:]
+
+
+class _CachedSelfAttention:
+    """WanAttnProcessor's self-attention over [cached K/V ; the chunk's K/V]."""
+
+    def __init__(self):
+        self.past = None      # (k, v) [B, Lc, heads, hd] of the attended earlier frames, or None
+        self.collected = None  # the chunk's (k, v) when collecting
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+
+        def rope(x, cos, sin):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            c, s = cos[..., 0::2], sin[..., 1::2]
+            return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+
+        q, k = rope(q, *rotary_emb), rope(k, *rotary_emb)
+        self.collected = (k, v)
+        if self.past is not None:
+            k = torch.cat([self.past[0], k], dim=1)
+            v = torch.cat([self.past[1], v], dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](o))
+
+
+def causal_cases(only):
+    from diffusers import WanTransformer3DModel
+
+    for i, (name, cfg, causal, lat, lt) in enumerate(CAUSAL_CASES):
+        if not name.startswith(only):
+            continue
+        gen = torch.Generator().manual_seed(3000 + i)
+        torch.manual_seed(3000 + i)
+        model = WanTransformer3DModel(**cfg).eval()
+        perturb(model, gen)
+        case = os.path.join(ROOT, name)
+        shutil.rmtree(case, ignore_errors=True)
+        tdir = os.path.join(case, "transformer")
+        os.makedirs(tdir)
+        write_pipeline_root(case, {"transformer": ["diffusers", "WanTransformer3DModel"]})
+        model.save_pretrained(tdir, safe_serialization=True)
+        with open(os.path.join(tdir, "causal_config.json"), "w") as f:
+            json.dump(causal, f, indent=2)
+        model = WanTransformer3DModel(**cfg).to(torch.float64).eval()
+        model.load_state_dict(load_component_weights(tdir, torch.float64), strict=True)
+        rope = _AbsoluteRope(model.rope, model.config.patch_size)
+        model.rope = rope
+        procs = [_CachedSelfAttention() for _ in model.blocks]
+        for blk, p in zip(model.blocks, procs):
+            blk.attn1.set_processor(p)
+
+        ch, frames, h, w = lat
+        c, s, local = causal["chunk_frames"], causal["sink_frames"], causal["local_attn_frames"]
+        chunks = frames // c
+        shift = causal["timestep_shift"]
+        sig = [shift * (t / 1000) / (1 + (shift - 1) * (t / 1000)) for t in causal["denoising_steps"]]
+        steps = len(sig)
+        text = torch.randn([1, lt, cfg["text_dim"]], generator=gen, dtype=torch.float32)
+        noise = torch.randn([chunks, steps, 1, ch, c, h, w], generator=gen, dtype=torch.float32)
+        kv = {}  # frame -> per block (k, v) of that frame's tokens [1, tokens, heads, hd]
+        tpf = (h // model.config.patch_size[1]) * (w // model.config.patch_size[2])
+        out = []
+
+        def run(x, t, f0):
+            attended = [f for f in range(f0) if f < s or f >= f0 + c - (local - s)]
+            for bi, p in enumerate(procs):
+                if attended:
+                    p.past = (torch.cat([kv[f][bi][0] for f in attended], dim=1),
+                              torch.cat([kv[f][bi][1] for f in attended], dim=1))
+                else:
+                    p.past = None
+            rope.first_frame = f0
+            with torch.no_grad():
+                return model(hidden_states=x, timestep=torch.tensor([t], dtype=torch.float64),
+                             encoder_hidden_states=text.double(), return_dict=False)[0]
+
+        for k in range(chunks):
+            f0 = k * c
+            x = noise[k, 0].double()
+            for j, sg in enumerate(sig):
+                flow = run(x, sg * 1000, f0)
+                x0 = x - sg * flow
+                if j + 1 < steps:
+                    x = (1 - sig[j + 1]) * x0 + sig[j + 1] * noise[k, j + 1].double()
+            out.append(x0)
+            if k + 1 < chunks:
+                run(x0, causal["context_timestep"], f0)
+                for fi in range(c):
+                    kv[f0 + fi] = [(p.collected[0][:, fi * tpf:(fi + 1) * tpf],
+                                    p.collected[1][:, fi * tpf:(fi + 1) * tpf]) for p in procs]
+        latents = torch.cat(out, dim=2)
+        save_file({"encoder_hidden_states": text.contiguous(), "noise": noise.contiguous()},
+                  os.path.join(case, "input.safetensors"))
+        save_file({"latents": latents.contiguous()}, os.path.join(case, "output.safetensors"))
+        print(f"{name}: {list(latents.shape)} |latents| = {latents.norm().item():.4f}")
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.set_num_threads(2)
@@ -388,6 +523,7 @@ def main():
     text_cases(only)
     vae_cases(only)
     pipeline_cases(only)
+    causal_cases(only)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ pub fn wan_rope_tables(
     width: usize,
     theta: f64,
 ) -> RopeTables {
+    wan_rope_tables_at(head_dim, 0, frames, height, width, theta)
+}
+
+/// [`wan_rope_tables`] for frames `first_frame .. first_frame + frames` of a longer video:
+/// a block-causal chunk's tokens sit at their frames' absolute indices.
+pub fn wan_rope_tables_at(
+    head_dim: usize,
+    first_frame: usize,
+    frames: usize,
+    height: usize,
+    width: usize,
+    theta: f64,
+) -> RopeTables {
     let (t_dim, h_dim, w_dim) = wan_rope_split(head_dim);
     let (ft, fh, fw) = (
         axis_freqs(t_dim, theta),
@@ -50,7 +63,7 @@ pub fn wan_rope_tables(
     let tokens = frames * height * width;
     let mut cos = Vec::with_capacity(tokens * half);
     let mut sin = Vec::with_capacity(tokens * half);
-    for f in 0..frames {
+    for f in first_frame..first_frame + frames {
         for h in 0..height {
             for w in 0..width {
                 let angles = ft

@@ -14,7 +14,8 @@ pub mod simd;
 
 pub use attention::{attention, attention_biased, AttnBias, AttnShape};
 pub use embed::{
-    patchify, timestep_embedding, unpatchify, wan_rope_split, wan_rope_tables, RopeTables,
+    patchify, timestep_embedding, unpatchify, wan_rope_split, wan_rope_tables, wan_rope_tables_at,
+    RopeTables,
 };
 pub use linear::{linear, matmul_wt};
 pub use norm::{channel_rms_norm, layer_norm, rms_norm_rope};

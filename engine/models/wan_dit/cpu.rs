@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use super::causal::{concat_rows, Causal};
 use super::{Block, Linear, TensorEntry, WanDit};
 use crate::cpu::{self, AttnShape, RopeTables};
 use crate::error::Result;
@@ -115,6 +116,21 @@ impl WanDit {
         kv: &TextKv,
         attn: &mut AttentionFn<'_>,
     ) -> Result<Tensor> {
+        self.run(x, timestep, kv, attn, None)?
+            .ok_or_else(|| crate::Error::invalid("the DiT made no output"))
+    }
+
+    /// The forward of a whole sequence (`causal` None), or of one block-causal chunk
+    /// attending to a K/V cache of earlier frames as well as to itself. Without a head
+    /// (a chunk run only to fill the cache) it returns None after the last block.
+    pub(super) fn run(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        kv: &TextKv,
+        attn: &mut AttentionFn<'_>,
+        mut causal: Option<Causal<'_>>,
+    ) -> Result<Option<Tensor>> {
         let (batch, grid) = self.check_inputs(x.shape(), timestep.shape(), &kv.shape)?;
         let c = &self.config;
         let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
@@ -123,7 +139,14 @@ impl WanDit {
         let lt = kv.shape[1];
         let bl = batch * l;
         let s = x.shape();
-        let rope = cpu::wan_rope_tables(hd, grid[0], grid[1], grid[2], 10000.0);
+        let first_frame = match &causal {
+            Some(cz) => {
+                cz.cache.check(batch, grid, d, self.layers.blocks.len())?;
+                cz.first_frame
+            }
+            None => 0,
+        };
+        let rope = cpu::wan_rope_tables_at(hd, first_frame, grid[0], grid[1], grid[2], 10000.0);
 
         // Patch embedding: a Conv3d with stride = kernel is im2col + linear.
         let cols = cpu::patchify(x.data(), batch, s[1], s[2], s[3], s[4], c.patch_size)?; // [B·L, C·pt·ph·pw]
@@ -144,7 +167,7 @@ impl WanDit {
         self.linear(&self.layers.time_proj, &temb_act, batch, &mut tproj, true)?;
 
         let mut bufs = Buffers::new(bl, d, f)?;
-        for (block, (kc, vc)) in self.layers.blocks.iter().zip(&kv.blocks) {
+        for (i, (block, (kc, vc))) in self.layers.blocks.iter().zip(&kv.blocks).enumerate() {
             // A cancelled render stops between blocks (the attention skips its remaining
             // tiles once cancelled, so a block ends early too).
             crate::cancel::check()?;
@@ -160,7 +183,11 @@ impl WanDit {
                 lt,
                 eps,
                 attn,
+                causal.as_mut().map(|cz| (&mut *cz, i)),
             )?;
+        }
+        if causal.as_ref().is_some_and(|cz| cz.collect.is_some()) {
+            return Ok(None);
         }
 
         // Output head: LN(h)·(1 + scale) + shift with (shift, scale) = table + temb (not the
@@ -179,7 +206,7 @@ impl WanDit {
         let mut y = zeroed(bl * out_f, "the DiT's output")?;
         self.linear(&self.layers.proj_out, &bufs.n, bl, &mut y, true)?;
         let out = cpu::unpatchify(&y, batch, c.out_channels(), grid, c.patch_size)?;
-        Tensor::new(vec![batch, c.out_channels(), s[2], s[3], s[4]], out)
+        Tensor::new(vec![batch, c.out_channels(), s[2], s[3], s[4]], out).map(Some)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -196,6 +223,7 @@ impl WanDit {
         lt: usize,
         eps: f32,
         attn: &mut AttentionFn<'_>,
+        causal: Option<(&mut Causal<'_>, usize)>,
     ) -> Result<()> {
         let c = &self.config;
         let (d, heads, hd) = (c.inner_dim(), c.num_attention_heads, c.attention_head_dim);
@@ -266,7 +294,28 @@ impl WanDit {
             out_stride: d,
             scale: 1.0 / (hd as f32).sqrt(),
         };
-        attn(q, k, v, o, shape)?;
+        match causal {
+            None => attn(q, k, v, o, shape)?,
+            Some((cz, index)) => {
+                // The chunk attends to the cached frames, then to itself (bidirectionally).
+                let (ck, cv) = &cz.cache.blocks[index];
+                let lc = ck.len() / (batch * d);
+                let (kcat, vcat) = (concat_rows(ck, k, batch, d), concat_rows(cv, v, batch, d));
+                attn(
+                    q,
+                    &kcat,
+                    &vcat,
+                    o,
+                    AttnShape {
+                        lk: lc + l,
+                        ..shape
+                    },
+                )?;
+                if let Some(out) = cz.collect.as_deref_mut() {
+                    out.push((k.to_vec(), v.to_vec()));
+                }
+            }
+        }
         self.linear(&a.o, o, bl, y, false)?;
         cpu::residual_add(h, y, d, Some(&self.w(&a.o.b)?), Some(&gate1), l);
 

@@ -23,9 +23,11 @@ use crate::error::{Error, Result};
 use crate::models::{read_json, resolve_component};
 use crate::weights::{TensorEntry, WeightStore};
 
+mod causal;
 mod cpu;
 pub mod gpu;
 
+pub use causal::{stream, CausalConfig, CausalWindow, KvCache, StreamShape};
 pub use cpu::{AttentionFn, TextKv};
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";

@@ -1,0 +1,479 @@
+//! Block-causal Wan (streaming video): the video is made a chunk of latent frames at a
+//! time. A chunk attends bidirectionally to itself and to the cached K/V of earlier
+//! frames: `sink_frames` first frames kept for the whole video, plus a rolling window of
+//! the most recent ones. Every token's RoPE sits at its frame's absolute index. After a
+//! chunk is denoised, the clean chunk is run once more (at the context timestep) to put its
+//! K/V in the cache, and frames that left the window are evicted: the cache, and so the
+//! memory, stays the same size however long the video.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+use super::cpu::{AttentionFn, TextKv};
+use super::WanDit;
+
+/// The attention span of a block-causal model, in latent frames (LongLive's
+/// `num_frame_per_block`, `sink_size` and `local_attn_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CausalWindow {
+    /// Latent frames denoised together.
+    pub chunk_frames: usize,
+    /// The video's first frames, attended by every later chunk.
+    pub sink_frames: usize,
+    /// Frames a chunk attends to in all: the sink, the most recent earlier frames and its
+    /// own. The cache keeps `local_frames - chunk_frames` earlier frames, the sink among
+    /// them.
+    pub local_frames: usize,
+}
+
+impl CausalWindow {
+    /// Err(why) unless every chunk can see itself and the sink.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.chunk_frames == 0 {
+            return Err("chunk_frames must be at least 1".into());
+        }
+        if self.local_frames < self.sink_frames + self.chunk_frames {
+            return Err(format!(
+                "local_attn_frames = {} must hold the sink ({}) and a chunk ({})",
+                self.local_frames, self.sink_frames, self.chunk_frames
+            ));
+        }
+        Ok(())
+    }
+
+    /// The earlier frames a chunk starting at `first_frame` attends to: the sink, then the
+    /// latest ones that, with the sink and the chunk, fill `local_frames`.
+    pub fn attended(&self, first_frame: usize) -> impl Iterator<Item = usize> + '_ {
+        let recent = (first_frame + self.chunk_frames)
+            .saturating_sub(self.local_frames - self.sink_frames)
+            .max(self.sink_frames);
+        (0..first_frame).filter(move |&f| f < self.sink_frames || f >= recent)
+    }
+
+    /// The most frames the cache ever holds.
+    pub fn cached_frames(&self) -> usize {
+        self.local_frames - self.chunk_frames
+    }
+}
+
+/// The K/V of earlier frames, per block (after QK-norm and RoPE), for one sample batch.
+pub struct KvCache {
+    batch: usize,
+    grid_hw: [usize; 2],
+    dim: usize,
+    /// Absolute indices of the cached frames, ascending.
+    frames: Vec<usize>,
+    /// Per block: K and V, [B, frames · tokens per frame, D] each.
+    pub(super) blocks: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` samples of a post-patch grid `grid_hw` (latent size / patch).
+    pub fn new(model: &WanDit, batch: usize, grid_hw: [usize; 2]) -> KvCache {
+        KvCache {
+            batch,
+            grid_hw,
+            dim: model.config.inner_dim(),
+            frames: Vec::new(),
+            blocks: vec![(Vec::new(), Vec::new()); model.layers.blocks.len()],
+        }
+    }
+
+    /// Absolute indices of the frames held.
+    pub fn frames(&self) -> &[usize] {
+        &self.frames
+    }
+
+    /// Bytes of K/V held.
+    pub fn bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) * 4)
+            .sum()
+    }
+
+    fn tokens_per_frame(&self) -> usize {
+        self.grid_hw[0] * self.grid_hw[1]
+    }
+
+    pub(super) fn check(
+        &self,
+        batch: usize,
+        grid: [usize; 3],
+        d: usize,
+        blocks: usize,
+    ) -> Result<()> {
+        if batch != self.batch
+            || [grid[1], grid[2]] != self.grid_hw
+            || d != self.dim
+            || blocks != self.blocks.len()
+        {
+            return Err(Error::invalid(format!(
+                "the K/V cache was made for batch {} and a {}x{} token grid, the chunk is batch {batch} of {}x{}",
+                self.batch, self.grid_hw[0], self.grid_hw[1], grid[1], grid[2]
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk's K/V ([B · chunk tokens, D] per block) for frames
+    /// `first_frame ..`, then keeps only what a chunk after it attends to.
+    fn push(
+        &mut self,
+        first_frame: usize,
+        chunk: Vec<(Vec<f32>, Vec<f32>)>,
+        window: &CausalWindow,
+    ) {
+        let (b, d, tpf) = (self.batch, self.dim, self.tokens_per_frame());
+        let n_new = chunk.first().map_or(0, |(k, _)| k.len() / (b * tpf * d));
+        let mut frames = self.frames.clone();
+        frames.extend(first_frame..first_frame + n_new);
+        let next = first_frame + n_new;
+        let keep: Vec<usize> = window.attended(next).collect();
+        let rows = |fs: &[usize]| fs.len() * tpf;
+        for ((ck, cv), (nk, nv)) in self.blocks.iter_mut().zip(chunk) {
+            let (old_rows, new_rows) = (rows(&self.frames), n_new * tpf);
+            let pick = |old: &[f32], new: &[f32]| {
+                let mut out = Vec::with_capacity(b * keep.len() * tpf * d);
+                for s in 0..b {
+                    for (i, f) in frames.iter().enumerate() {
+                        if !keep.contains(f) {
+                            continue;
+                        }
+                        let rows_of = |src: &[f32], per: usize, at: usize| {
+                            let base = (s * per + at * tpf) * d;
+                            src[base..base + tpf * d].to_vec()
+                        };
+                        if i < self.frames.len() {
+                            out.extend(rows_of(old, old_rows, i));
+                        } else {
+                            out.extend(rows_of(new, new_rows, i - self.frames.len()));
+                        }
+                    }
+                }
+                out
+            };
+            let (k, v) = (pick(ck, &nk), pick(cv, &nv));
+            *ck = k;
+            *cv = v;
+        }
+        self.frames = frames.into_iter().filter(|f| keep.contains(f)).collect();
+    }
+}
+
+/// A chunk's view of the cache inside the forward ([`WanDit::forward_chunk`]).
+pub(super) struct Causal<'a> {
+    pub(super) cache: &'a KvCache,
+    pub(super) first_frame: usize,
+    /// Where each block's chunk K/V go when the pass fills the cache (no output head then).
+    pub(super) collect: Option<&'a mut Vec<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// [B, la, D] then [B, lb, D] → [B, la + lb, D].
+pub(super) fn concat_rows(a: &[f32], b: &[f32], batch: usize, d: usize) -> Vec<f32> {
+    let (ra, rb) = (a.len() / (batch * d), b.len() / (batch * d));
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    for s in 0..batch {
+        out.extend_from_slice(&a[s * ra * d..(s + 1) * ra * d]);
+        out.extend_from_slice(&b[s * rb * d..(s + 1) * rb * d]);
+    }
+    out
+}
+
+impl WanDit {
+    fn check_chunk(&self, x: &Tensor, first_frame: usize) -> Result<()> {
+        let c = &self.config;
+        if c.patch_size[0] != 1 {
+            return Err(Error::invalid(format!(
+                "block-causal generation needs a temporal patch of 1, the model's is {}",
+                c.patch_size[0]
+            )));
+        }
+        let frames = x.shape().get(2).copied().unwrap_or(0);
+        if first_frame + frames > c.rope_max_seq_len {
+            return Err(Error::invalid(format!(
+                "latent frame {} is past the model's rope_max_seq_len = {} positions",
+                first_frame + frames,
+                c.rope_max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// The flow prediction for one chunk x: [B, C, c, H, W] whose first latent frame is
+    /// `first_frame` of the video, attending to the cached earlier frames.
+    pub fn forward_chunk(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        text: &TextKv,
+        cache: &KvCache,
+        first_frame: usize,
+    ) -> Result<Tensor> {
+        self.forward_chunk_with_attention(
+            x,
+            timestep,
+            text,
+            cache,
+            first_frame,
+            &mut |q, k, v, o, s| {
+                crate::cpu::attention(q, k, v, o, s);
+                Ok(())
+            },
+        )
+    }
+
+    /// [`forward_chunk`](Self::forward_chunk) with every attention computed by `attn`.
+    pub fn forward_chunk_with_attention(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        text: &TextKv,
+        cache: &KvCache,
+        first_frame: usize,
+        attn: &mut AttentionFn<'_>,
+    ) -> Result<Tensor> {
+        self.check_chunk(x, first_frame)?;
+        let causal = Causal {
+            cache,
+            first_frame,
+            collect: None,
+        };
+        self.run(x, timestep, text, attn, Some(causal))?
+            .ok_or_else(|| Error::invalid("the DiT made no output"))
+    }
+
+    /// Runs the clean chunk `x` (at the context timestep) through the blocks and puts its
+    /// K/V in the cache, evicting what no later chunk attends to.
+    pub fn cache_chunk(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        text: &TextKv,
+        cache: &mut KvCache,
+        first_frame: usize,
+        window: &CausalWindow,
+    ) -> Result<()> {
+        self.check_chunk(x, first_frame)?;
+        if cache.frames.last().is_some_and(|&f| f >= first_frame) {
+            return Err(Error::invalid(format!(
+                "chunk at frame {first_frame}: the cache already holds frame {}",
+                cache.frames.last().unwrap()
+            )));
+        }
+        let mut collected = Vec::with_capacity(cache.blocks.len());
+        let causal = Causal {
+            cache,
+            first_frame,
+            collect: Some(&mut collected),
+        };
+        self.run(
+            x,
+            timestep,
+            text,
+            &mut |q, k, v, o, s| {
+                crate::cpu::attention(q, k, v, o, s);
+                Ok(())
+            },
+            Some(causal),
+        )?;
+        cache.push(first_frame, collected, window);
+        Ok(())
+    }
+}
+
+/// `causal_config.json` beside a block-causal transformer's config.json: how it makes a
+/// video chunk by chunk. The published models (both Wan2.1-T2V-1.3B fine-tunes, converted
+/// with `reel convert`):
+///
+/// | model | chunk_frames | sink_frames | local_attn_frames | denoising_steps | timestep_shift | context_timestep |
+/// |---|---|---|---|---|---|---|
+/// | Self-Forcing (DMD) | 3 | 0 | 21 | 1000, 750, 500, 250 | 5.0 | 0 |
+/// | LongLive | 3 | 3 | 12 | 1000, 750, 500, 250 | 5.0 | 0 |
+///
+/// Self-Forcing attends to every earlier frame of its 21-frame videos; with 21 it rolls
+/// beyond them (frames older than the last 18 leave the window).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CausalConfig {
+    /// Latent frames denoised together (`num_frame_per_block`).
+    pub chunk_frames: usize,
+    /// The video's first latent frames, attended to by every chunk (`sink_size`).
+    #[serde(default)]
+    pub sink_frames: usize,
+    /// Latent frames a chunk attends to, the sink and its own frames included
+    /// (`local_attn_size`).
+    pub local_attn_frames: usize,
+    /// The denoising steps on the 1000-step training grid, first to last
+    /// (`denoising_step_list`), warped by `timestep_shift` as `warp_denoising_step` does.
+    pub denoising_steps: Vec<f64>,
+    /// The flow-matching shift that warps the steps (1 = none).
+    #[serde(default = "default_shift")]
+    pub timestep_shift: f64,
+    /// The timestep at which a finished chunk is run again to fill the cache
+    /// (`context_noise`).
+    #[serde(default)]
+    pub context_timestep: f64,
+}
+
+fn default_shift() -> f64 {
+    5.0
+}
+
+impl CausalConfig {
+    pub const FILE: &'static str = "causal_config.json";
+
+    /// The config beside a transformer's weights, or None for a bidirectional model.
+    pub fn load(transformer_dir: &std::path::Path) -> Result<Option<CausalConfig>> {
+        let path = transformer_dir.join(Self::FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let c: CausalConfig = crate::models::read_json(&path)?;
+        c.validate(&path)?;
+        Ok(Some(c))
+    }
+
+    pub fn validate(&self, origin: &std::path::Path) -> Result<()> {
+        let bad = |reason: String| Error::Config {
+            path: origin.to_path_buf(),
+            reason,
+        };
+        self.window().check().map_err(bad)?;
+        if self.chunk_frames > 64 || self.local_attn_frames > 1024 {
+            return Err(bad(format!(
+                "chunk_frames = {} / local_attn_frames = {} out of range (64 / 1024 at most)",
+                self.chunk_frames, self.local_attn_frames
+            )));
+        }
+        if self.denoising_steps.is_empty() || self.denoising_steps.len() > 1000 {
+            return Err(bad("denoising_steps must list 1 to 1000 steps".into()));
+        }
+        for (i, &t) in self.denoising_steps.iter().enumerate() {
+            if !(t.is_finite() && t > 0.0 && t <= 1000.0) {
+                return Err(bad(format!(
+                    "denoising_steps[{i}] = {t} is not in (0, 1000]"
+                )));
+            }
+            if i > 0 && t >= self.denoising_steps[i - 1] {
+                return Err(bad(format!(
+                    "denoising_steps must decrease, but [{i}] = {t} follows {}",
+                    self.denoising_steps[i - 1]
+                )));
+            }
+        }
+        if !(self.timestep_shift.is_finite()
+            && self.timestep_shift > 0.0
+            && self.timestep_shift <= 100.0)
+        {
+            return Err(bad(format!(
+                "timestep_shift = {} is not in (0, 100]",
+                self.timestep_shift
+            )));
+        }
+        if !(self.context_timestep.is_finite() && (0.0..=1000.0).contains(&self.context_timestep)) {
+            return Err(bad(format!(
+                "context_timestep = {} is not in [0, 1000]",
+                self.context_timestep
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn window(&self) -> CausalWindow {
+        CausalWindow {
+            chunk_frames: self.chunk_frames,
+            sink_frames: self.sink_frames,
+            local_frames: self.local_attn_frames,
+        }
+    }
+
+    /// The noise level of each step: σ = shift·s / (1 + (shift − 1)·s) with s = t / 1000;
+    /// the DiT sees 1000·σ.
+    pub fn sigmas(&self) -> Vec<f32> {
+        let k = self.timestep_shift;
+        self.denoising_steps
+            .iter()
+            .map(|&t| {
+                let s = t / 1000.0;
+                (k * s / (1.0 + (k - 1.0) * s)) as f32
+            })
+            .collect()
+    }
+}
+
+/// What a block-causal generation makes: `frames` latent frames of `channels` × `height` ×
+/// `width` (one sample; no guidance).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamShape {
+    pub channels: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Makes a video chunk by chunk (Self-Forcing's few-step sampler): a chunk starts from
+/// noise; at each step the DiT's flow gives x0 = x − σ·flow, and x is x0 noised afresh to
+/// the next step's σ; the last x0 is the chunk, handed to `on_chunk(first_frame, x0)` as
+/// [1, C, c, H, W], then run at the context timestep to fill the cache (skipped after the
+/// last chunk). `noise(chunk, step, n)` draws the noise of a chunk's step. The latent
+/// frames are rounded up to whole chunks.
+pub fn stream(
+    dit: &WanDit,
+    cfg: &CausalConfig,
+    text: &TextKv,
+    shape: StreamShape,
+    noise: &mut dyn FnMut(usize, usize, usize) -> Vec<f32>,
+    on_chunk: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<()> {
+    let c = &dit.config;
+    let [_, ph, pw] = c.patch_size;
+    if shape.height % ph != 0 || shape.width % pw != 0 || shape.height == 0 || shape.width == 0 {
+        return Err(Error::invalid(format!(
+            "latents of {}x{} are not a positive multiple of the patch {ph}x{pw}",
+            shape.height, shape.width
+        )));
+    }
+    let window = cfg.window();
+    let chunks = shape.frames.div_ceil(cfg.chunk_frames);
+    let mut cache = KvCache::new(dit, 1, [shape.height / ph, shape.width / pw]);
+    let sigmas = cfg.sigmas();
+    let dims = vec![
+        1,
+        shape.channels,
+        cfg.chunk_frames,
+        shape.height,
+        shape.width,
+    ];
+    let n: usize = dims.iter().product();
+    for k in 0..chunks {
+        let f0 = k * cfg.chunk_frames;
+        let mut x = Tensor::new(dims.clone(), noise(k, 0, n))?;
+        let mut x0 = vec![0.0f32; n];
+        for (i, &sigma) in sigmas.iter().enumerate() {
+            let t = Tensor::new(vec![1], vec![sigma * 1000.0])?;
+            let flow = dit.forward_chunk(&x, &t, text, &cache, f0)?;
+            for ((o, &xv), &fv) in x0.iter_mut().zip(x.data()).zip(flow.data()) {
+                *o = xv - sigma * fv;
+            }
+            if let Some(&next) = sigmas.get(i + 1) {
+                let z = noise(k, i + 1, n);
+                let data = x0
+                    .iter()
+                    .zip(&z)
+                    .map(|(&a, &e)| (1.0 - next) * a + next * e)
+                    .collect();
+                x = Tensor::new(dims.clone(), data)?;
+            }
+        }
+        let clean = Tensor::new(dims.clone(), x0)?;
+        on_chunk(f0, &clean)?;
+        if k + 1 < chunks {
+            let t = Tensor::new(vec![1], vec![cfg.context_timestep as f32])?;
+            dit.cache_chunk(&clean, &t, text, &mut cache, f0, &window)?;
+        }
+    }
+    Ok(())
+}
