@@ -337,6 +337,31 @@ pub enum Command {
         #[arg(long, requires = "queue")]
         worker_name: Option<String>,
     },
+    /// Convert a Wan DiT checkpoint in Wan's original key layout (the Wan2.1 release,
+    /// Self-Forcing, LongLive; safetensors, see tools/pt_to_safetensors.py for .pt) into a
+    /// diffusers transformer folder, merging a LoRA.
+    Convert {
+        /// A .safetensors file, or a folder of shards.
+        input: PathBuf,
+        /// The transformer folder to write (config.json + weights).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A LoRA in peft's layout (lora_A / lora_B), merged as W + scale·B·A.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// The LoRA's scale: peft's alpha / rank (LongLive: 256 / 256 = 1).
+        #[arg(long, default_value_t = 1.0, requires = "lora")]
+        lora_scale: f32,
+        /// Attention heads (default: inner dim / 128, as every Wan2.1 model).
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Store the weights as f32, bf16 or f16 (default: each tensor's own dtype).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Also write the causal_config.json of a published block-causal model.
+        #[arg(long, value_enum)]
+        causal: Option<crate::convert::CausalPreset>,
+    },
     /// Describe a model folder: components, config, parameters, dtypes, tensors.
     Inspect {
         /// A model folder; without it, the embedded demo model.
@@ -878,6 +903,47 @@ pub fn run(cli: Cli) -> Result<String> {
                 cluster,
             })?;
             Ok(String::new())
+        }
+        Command::Convert {
+            input,
+            output,
+            lora,
+            lora_scale,
+            heads,
+            dtype,
+            causal,
+        } => {
+            let dtype = match dtype.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None => None,
+                Some("f32") => Some(crate::weights::Dtype::F32),
+                Some("bf16") => Some(crate::weights::Dtype::BF16),
+                Some("f16") => Some(crate::weights::Dtype::F16),
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "--dtype {other}: expected f32, bf16 or f16"
+                    )))
+                }
+            };
+            let done = crate::convert::convert(&crate::convert::ConvertArgs {
+                input,
+                lora,
+                lora_scale,
+                heads,
+                dtype,
+                causal,
+                out: output.clone(),
+            })?;
+            let c = &done.config;
+            Ok(format!(
+                "{}: {} tensors ({} layers, {} heads of {}, ffn {}), {} merged with the LoRA\n",
+                output.display(),
+                done.tensors,
+                c.num_layers,
+                c.num_attention_heads,
+                c.attention_head_dim,
+                c.ffn_dim,
+                done.lora_merged
+            ))
         }
         Command::Inspect { dir, json } => {
             let dir = match dir {

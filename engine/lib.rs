@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cancel;
 pub mod cli;
 pub mod cluster;
+pub mod convert;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

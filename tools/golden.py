@@ -515,6 +515,114 @@ def causal_cases(only):
         print(f"{name}: {list(latents.shape)} |latents| = {latents.norm().item():.4f}")
 
 
+# Wan's original key layout (as Self-Forcing / LongLive checkpoints name a model) from a
+# diffusers name. Written here from the two models' module trees; `reel convert` maps back.
+def _wan_original_name(name):
+    import re
+    top = {
+        "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
+        "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",
+        "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
+        "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
+        "condition_embedder.time_proj.": "time_projection.1.",
+        "proj_out.": "head.head.",
+        "patch_embedding.": "patch_embedding.",
+    }
+    if name == "scale_shift_table":
+        return "head.modulation"
+    for a, b in top.items():
+        if name.startswith(a):
+            return b + name[len(a):]
+    m = re.match(r"blocks\.(\d+)\.(.*)$", name)
+    assert m, name
+    n, rest = m.groups()
+    block = {
+        "scale_shift_table": "modulation",
+        "attn1.to_q.": "self_attn.q.", "attn1.to_k.": "self_attn.k.", "attn1.to_v.": "self_attn.v.",
+        "attn1.to_out.0.": "self_attn.o.", "attn1.norm_q.": "self_attn.norm_q.",
+        "attn1.norm_k.": "self_attn.norm_k.",
+        "attn2.to_q.": "cross_attn.q.", "attn2.to_k.": "cross_attn.k.", "attn2.to_v.": "cross_attn.v.",
+        "attn2.to_out.0.": "cross_attn.o.", "attn2.norm_q.": "cross_attn.norm_q.",
+        "attn2.norm_k.": "cross_attn.norm_k.",
+        "norm2.": "norm3.",  # the affine norm before cross-attention
+        "ffn.net.0.proj.": "ffn.0.", "ffn.net.2.": "ffn.2.",
+    }
+    for a, b in block.items():
+        if rest == a or rest.startswith(a):
+            return f"blocks.{n}." + b + rest[len(a):]
+    raise KeyError(name)
+
+
+# The LoRA targets of LongLive: every linear layer of every block.
+_LORA_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
+
+
+def convert_cases(only):
+    """A tiny DiT in Wan's original layout, saved as LongLive saves its training state (a .pt of
+    {"generator": {"model." + key: ...}}) plus a rank-4 LoRA in peft's layout
+    ({"generator_lora": {"base_model.model.<key>.lora_A.weight": ...}}), both turned into
+    safetensors by tools/pt_to_safetensors.py. The reference: diffusers' model with the merged
+    weights W + scale·B·A, its forward on a stored input."""
+    if not "convert_wan".startswith(only) and not only == "":
+        return
+    import subprocess
+    import tempfile
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+               text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2)
+    scale = 0.75
+    gen = torch.Generator().manual_seed(4000)
+    torch.manual_seed(4000)
+    model = WanTransformer3DModel(**cfg).eval()
+    perturb(model, gen)
+    case = os.path.join(ROOT, "convert_wan")
+    shutil.rmtree(case, ignore_errors=True)
+    os.makedirs(case)
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    original = {"model." + _wan_original_name(k): v for k, v in sd.items()}
+    lora = {}
+    rank = 4
+    for n in range(cfg["num_layers"]):
+        for t in _LORA_TARGETS:
+            w = original[f"model.blocks.{n}.{t}.weight"]
+            a = torch.randn([rank, w.shape[1]], generator=gen) * 0.2
+            b = torch.randn([w.shape[0], rank], generator=gen) * 0.2
+            lora[f"base_model.model.blocks.{n}.{t}.lora_A.weight"] = a.to(torch.bfloat16)
+            lora[f"base_model.model.blocks.{n}.{t}.lora_B.weight"] = b.to(torch.bfloat16)
+    tools = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"generator": original, "step": 7}, os.path.join(tmp, "base.pt"))
+        torch.save({"generator_lora": lora, "critic_lora": {}, "step": 7}, os.path.join(tmp, "lora.pt"))
+        for stem in ["base", "lora"]:
+            subprocess.run([sys.executable, os.path.join(tools, "pt_to_safetensors.py"),
+                            os.path.join(tmp, stem + ".pt"), os.path.join(case, stem + ".safetensors")],
+                           check=True)
+    # The merged model in diffusers' layout, in float64 from the stored bf16 tensors.
+    merged = {k: v.double() for k, v in sd.items()}
+    inverse = {_wan_original_name(k): k for k in sd}
+    for n in range(cfg["num_layers"]):
+        for t in _LORA_TARGETS:
+            a = lora[f"base_model.model.blocks.{n}.{t}.lora_A.weight"].double()
+            b = lora[f"base_model.model.blocks.{n}.{t}.lora_B.weight"].double()
+            merged[inverse[f"blocks.{n}.{t}.weight"]] += scale * (b @ a)
+    ref = WanTransformer3DModel(**cfg).to(torch.float64).eval()
+    ref.load_state_dict(merged, strict=True)
+    x = torch.randn([1, 4, 3, 4, 6], generator=gen)
+    t = torch.tensor([500.0])
+    ctx = torch.randn([1, 5, cfg["text_dim"]], generator=gen)
+    with torch.no_grad():
+        out = ref(hidden_states=x.double(), timestep=t.double(), encoder_hidden_states=ctx.double(),
+                  return_dict=False)[0]
+    save_file({"hidden_states": x.contiguous(), "timestep": t, "encoder_hidden_states": ctx.contiguous()},
+              os.path.join(case, "input.safetensors"))
+    save_file({"sample": out.contiguous()}, os.path.join(case, "output.safetensors"))
+    with open(os.path.join(case, "convert.json"), "w") as f:
+        json.dump({"lora_scale": scale, "num_attention_heads": cfg["num_attention_heads"]}, f)
+    print(f"convert_wan: {len(original)} tensors, {len(lora)} LoRA tensors, |out| = {out.norm().item():.4f}")
+
+
 def main():
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.set_num_threads(2)
@@ -524,6 +632,7 @@ def main():
     vae_cases(only)
     pipeline_cases(only)
     causal_cases(only)
+    convert_cases(only)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cluster;
+mod convert;
 mod demo;
 mod dit;
 mod embeddings;
