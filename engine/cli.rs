@@ -138,6 +138,11 @@ pub enum Command {
         prompt_embeds: Option<PathBuf>,
         #[arg(long, default_value_t = 16)]
         fps: u32,
+        /// Make the video chunk by chunk with a block-causal model (causal_config.json
+        /// beside its transformer), each chunk's frames written while the next is denoised;
+        /// memory stays flat however long the video (--seconds up to 60).
+        #[arg(long)]
+        stream: bool,
         /// Output: .mp4, .gif, .y4m, .safetensors, or a folder ending in / for PNG frames.
         #[arg(short, long)]
         output: String,
@@ -660,6 +665,7 @@ pub fn run(cli: Cli) -> Result<String> {
             init_latents,
             prompt_embeds,
             fps,
+            stream,
             output,
         } => {
             let device = resolve_device(&device)?;
@@ -689,6 +695,7 @@ pub fn run(cli: Cli) -> Result<String> {
                 output,
                 fps,
                 quiet: cli.quiet,
+                stream,
                 device,
             };
             let written = crate::generate::generate(&args)?;

@@ -375,10 +375,12 @@ pub fn convert(args: &ConvertArgs) -> Result<Converted> {
         let (p, key) = strip_prefix(&e.name)
             .ok_or_else(|| bad(format!("`{}` is not a tensor of a Wan DiT", e.name)))?;
         match &prefix {
-            Some(q) if q != p => return Err(bad(format!(
+            Some(q) if q != p => {
+                return Err(bad(format!(
                 "keys with two prefixes, `{q}` and `{p}` (`{}`): convert one state dict at a time",
                 e.name
-            ))),
+            )))
+            }
             _ => prefix = Some(p.to_string()),
         }
         if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {

@@ -40,6 +40,9 @@ pub struct GenerateArgs {
     pub output: String,
     pub fps: u32,
     pub quiet: bool,
+    /// Insist on block-causal streaming (an error unless the model has causal_config.json;
+    /// such a model streams either way).
+    pub stream: bool,
     /// The kernel device every stage runs on (None: the cpu).
     pub device: Option<crate::kernels::KernelDevice>,
 }
@@ -331,6 +334,10 @@ pub struct Timings {
     pub denoise_seconds: f64,
     pub seconds_per_step: f64,
     pub decode_seconds: f64,
+    /// Block-causal streaming: seconds from the start of denoising until the first chunk's
+    /// frames were written (decode time is inside denoise_seconds then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_chunk_seconds: Option<f64>,
 }
 
 fn output_name(out: &str, index: usize, total: usize) -> String {
@@ -553,6 +560,29 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
 
     let started = Instant::now();
     let (mut pipe, model_name, embedded_model) = load_model(args)?;
+    match &pipe.causal {
+        None if args.stream => {
+            return Err(Error::invalid(format!(
+                "--stream needs a block-causal model: {} has no transformer/{} (reel convert --causal writes one)",
+                pipe.root.display(),
+                crate::models::wan_dit::CausalConfig::FILE
+            )))
+        }
+        Some(c) => {
+            if args.steps.is_some() || args.guidance.is_some() || args.sampler.is_some() || args.shift.is_some() {
+                tracing::warn!(
+                    "a block-causal model makes each chunk in its own {} steps without guidance (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
+                    c.denoising_steps.len()
+                );
+            }
+            if args.device.is_some() {
+                return Err(Error::invalid(
+                    "--device: block-causal streaming runs on the cpu device for now",
+                ));
+            }
+        }
+        None => {}
+    }
     let size = requested.unwrap_or(if embedded_model {
         embedded::DEFAULT_SIZE
     } else {
@@ -732,7 +762,23 @@ pub fn render(
     on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Sidecar> {
     let (w, h) = job.size;
-    let (frames, steps, guidance) = (job.frames, job.steps, job.guidance);
+    let causal = pipe.causal.as_ref();
+    // A block-causal model makes its video chunk by chunk with its own few steps and no
+    // guidance (causal_config.json); the request's steps, guidance and sampler do not apply.
+    let (frames, steps, guidance) = match causal {
+        Some(c) => (job.frames, c.denoising_steps.len(), 1.0),
+        None => (job.frames, job.steps, job.guidance),
+    };
+    if causal.is_some() && job.output.ends_with(".safetensors") {
+        return Err(Error::invalid(
+            "a block-causal model streams frames: write .mp4, .gif, .y4m or PNG frames, not .safetensors latents",
+        ));
+    }
+    if causal.is_some() && job.init_latents.is_some() {
+        return Err(Error::invalid(
+            "--init-latents: a block-causal model draws each chunk's noise as it goes",
+        ));
+    }
     let tf = pipe.vae.config.temporal_factor();
     if frames == 0 || (frames - 1) % tf != 0 {
         return Err(Error::invalid(format!(
@@ -762,7 +808,8 @@ pub fn render(
         tracing::warn!("{note}");
     }
     let shape = pipe.latent_shape(1, frames, gh, gw);
-    if pipe.kernel_device().is_none() {
+    // Streaming memory does not grow with the length: no whole-video estimate to check.
+    if pipe.kernel_device().is_none() && causal.is_none() {
         CpuEstimate::of(pipe)
             .check(w, h, frames, guidance)
             .map_err(|m| Error::invalid(format!("{m}; use a smaller --size or --frames")))?;
@@ -790,6 +837,54 @@ pub fn render(
         }
     };
     timings.text_seconds = t0.elapsed().as_secs_f64();
+    if let Some(cfg) = causal {
+        let chunks = shape[2].div_ceil(cfg.chunk_frames);
+        progress.set_length(chunks as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} chunks {elapsed_precise} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        progress.set_message("streaming");
+        let t1 = Instant::now();
+        let mut writer = video::open(&job.output, w, h, job.fps)?;
+        let mut sink = CropSink {
+            writer: writer.as_mut(),
+            crop: ((gw - w) / 2, (gh - h) / 2, w, h),
+            frames: 0,
+            progress: &indicatif::ProgressBar::hidden(),
+            thumbnail: job.thumbnail.clone(),
+        };
+        let mut first_chunk = None;
+        let made = pipe.stream_to(cond, frames, gh, gw, job.seed, &mut sink, &mut |k, n| {
+            progress.inc(1);
+            if k == 1 {
+                first_chunk = Some(t1.elapsed().as_secs_f64());
+            }
+            on_step(k, n)
+        });
+        let n_frames = sink.frames;
+        match made {
+            Ok(()) => writer.finish(&Tensor::zeros(&[0]))?,
+            Err(e) => {
+                writer.abort();
+                return Err(e);
+            }
+        }
+        timings.denoise_seconds = t1.elapsed().as_secs_f64();
+        timings.seconds_per_step = timings.denoise_seconds / (chunks * steps) as f64;
+        timings.first_chunk_seconds = first_chunk;
+        progress.finish_and_clear();
+        let how = Made {
+            sampler: "block-causal".into(),
+            steps,
+            guidance,
+            shift: cfg.timestep_shift,
+            frames: n_frames,
+        };
+        return finish_sidecar(pipe, model_name, job, (gw, gh), how, timings);
+    }
     let latents = match &job.init_latents {
         Some(l) if l.shape() != shape => {
             return Err(Error::invalid(format!(
@@ -849,16 +944,47 @@ pub fn render(
     }
     timings.decode_seconds = t2.elapsed().as_secs_f64();
     progress.finish_and_clear();
+    let how = Made {
+        sampler: kind.name().into(),
+        steps,
+        guidance,
+        shift,
+        frames: n_frames,
+    };
+    finish_sidecar(pipe, model_name, job, (gw, gh), how, timings)
+}
+
+/// How a video was made, for its sidecar.
+struct Made {
+    sampler: String,
+    steps: usize,
+    guidance: f32,
+    shift: f64,
+    frames: usize,
+}
+
+/// Writes the JSON sidecar of a finished video (removing the video when that fails: the
+/// sidecar is part of the output) and returns it.
+fn finish_sidecar(
+    pipe: &Pipeline,
+    model_name: &str,
+    job: &Render,
+    (gw, gh): (usize, usize),
+    how: Made,
+    timings: Timings,
+) -> Result<Sidecar> {
+    let (w, h) = job.size;
+    let n_frames = how.frames;
     let side = Sidecar {
         output: job.output.clone(),
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
         seed: job.seed,
         model: model_name.to_string(),
-        sampler: kind.name().into(),
-        steps,
-        guidance,
-        shift,
+        sampler: how.sampler,
+        steps: how.steps,
+        guidance: how.guidance,
+        shift: how.shift,
         size: format!("{w}x{h}"),
         generated_size: format!("{gw}x{gh}"),
         frames: n_frames,

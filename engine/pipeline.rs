@@ -9,7 +9,7 @@ use crate::cpu::conv::Frames;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceWeights;
 use crate::kernels::{KernelDevice, MemTracker, TrackGuard};
-use crate::models::wan_dit::WanDit;
+use crate::models::wan_dit::{CausalConfig, StreamShape, WanDit};
 use crate::models::wan_vae::{FrameSink, WanVae};
 use crate::sampler::{Sampler, SchedulerConfig};
 use crate::tensor::Tensor;
@@ -23,6 +23,9 @@ pub struct Pipeline {
     pub vae: WanVae,
     pub text: Option<TextEncoder>,
     pub scheduler: SchedulerConfig,
+    /// A block-causal transformer's causal_config.json: videos are then made chunk by
+    /// chunk ([`Pipeline::stream_to`]).
+    pub causal: Option<CausalConfig>,
     /// Set by [`Pipeline::to_device`]: every stage then runs on that kernel device.
     pub device: Option<OnDevice>,
 }
@@ -102,12 +105,14 @@ impl Pipeline {
             );
             SchedulerConfig::default()
         };
+        let causal = CausalConfig::load(dit.dir())?;
         Ok(Pipeline {
             root: root.to_path_buf(),
             dit,
             vae,
             text,
             scheduler,
+            causal,
             device: None,
         })
     }
@@ -411,6 +416,90 @@ impl Pipeline {
             }
         }
     }
+}
+
+impl Pipeline {
+    /// A block-causal video of `frames` frames at `height`×`width` (multiples of the VAE's
+    /// and the patch's factors), made chunk by chunk and decoded as it goes: each chunk's
+    /// latents pass through the streaming VAE decoder into `sink` before the next chunk is
+    /// denoised. The noise of chunk k's step i is Philox noise for a seed of its own, made
+    /// from `seed`, k and i. `on_chunk(k + 1, chunks)` runs after each chunk is written;
+    /// an error there stops the video. Memory does not grow with `frames`: the K/V cache
+    /// and the decoder's caches have fixed sizes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stream_to(
+        &self,
+        cond: &Conditioning,
+        frames: usize,
+        height: usize,
+        width: usize,
+        seed: u64,
+        sink: &mut dyn FrameSink,
+        on_chunk: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let cfg = self.causal.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: the transformer is not block-causal (no {} beside its config.json)",
+                self.root.display(),
+                CausalConfig::FILE
+            ))
+        })?;
+        if self.device.is_some() {
+            return Err(Error::invalid(
+                "block-causal streaming runs on the cpu device for now (--device cpu)",
+            ));
+        }
+        if cond.prompt_embeds.shape().first() != Some(&1) {
+            return Err(Error::invalid(
+                "streaming makes one video at a time (batch 1)",
+            ));
+        }
+        let _track = self.track();
+        let [_, z, t, h, w] = self.latent_shape(1, frames, height, width);
+        let chunks = t.div_ceil(cfg.chunk_frames);
+        let kv = self.dit.text_kv(&cond.prompt_embeds)?;
+        let mut decoder = self.vae.stream_decoder(0);
+        let vc = &self.vae.config;
+        let mut done = 0;
+        crate::models::wan_dit::stream(
+            &self.dit,
+            cfg,
+            &kv,
+            StreamShape {
+                channels: z,
+                frames: t,
+                height: h,
+                width: w,
+            },
+            &mut |k, i, n| crate::rng::gaussian(stream_seed(seed, k, i), n),
+            &mut |f0, x0| {
+                // The latent frames of the video (the last chunk may run past them),
+                // de-normalized, into the decoder.
+                let keep = x0.shape()[2].min(t - f0);
+                let plane = h * w;
+                let mut lat = Vec::with_capacity(z * keep * plane);
+                for ch in 0..z {
+                    // As decode_to de-normalizes (the same roundings).
+                    let (inv_std, mean) = (1.0 / vc.latents_std[ch], vc.latents_mean[ch]);
+                    let src = &x0.data()[ch * x0.shape()[2] * plane..][..keep * plane];
+                    lat.extend(src.iter().map(|&v| v / inv_std + mean));
+                }
+                decoder.push(&Tensor::new(vec![1, z, keep, h, w], lat)?, sink)?;
+                done += 1;
+                on_chunk(done, chunks)
+            },
+        )
+    }
+}
+
+/// The seed of chunk `k`'s step `i` (SplitMix64 of the three).
+fn stream_seed(seed: u64, k: usize, i: usize) -> u64 {
+    let mut z = seed
+        .wrapping_add((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add((i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// [a; b] along the batch dimension.

@@ -1516,8 +1516,8 @@ impl Server {
             }
             None => None,
         };
-        let cpu_estimate = device
-            .is_none()
+        // A block-causal model streams in memory that does not grow with the length.
+        let cpu_estimate = (device.is_none() && pipe.causal.is_none())
             .then(|| crate::generate::CpuEstimate::of(&pipe));
         let (tx, rx) = sync_channel(args.max_queue);
         let shared = Arc::new(Shared {

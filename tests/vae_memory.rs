@@ -3,6 +3,9 @@
 //! counts every allocation of the process with a global allocator (and its tests take turns:
 //! the counters are the process's).
 
+#[path = "cpu/causal_demo.rs"]
+mod causal_demo;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -223,6 +226,49 @@ fn a_961_frame_generation_holds_memory_flat_in_length() {
     assert!(
         d_long <= d_short + latent_growth + (64 << 10),
         "the decode's peak grew from {d_short} to {d_long} B with 800 more frames"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Block-causal streaming (`reel generate --stream`) holds the same memory for a minute as
+/// for ten seconds: the K/V cache keeps a fixed window of frames, each chunk's activations
+/// are those of a few latent frames, the decoder's caches are fixed and the frames go
+/// straight to the file. Nothing grows with the length, so the peak may not either (a
+/// little slack for the thread pool's bookkeeping).
+#[test]
+fn block_causal_streaming_holds_memory_flat_in_length() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("reel-mem-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = causal_demo::causal_demo(&dir);
+    let run = |seconds: usize, name: &str| {
+        let args = reel::generate::GenerateArgs {
+            model: Some(root.display().to_string()),
+            prompt: Some("a red circle moving right".into()),
+            size: Some("64x64".into()),
+            frames: Some(16 * seconds + 1),
+            count: 1,
+            fps: 16,
+            quiet: true,
+            stream: true,
+            output: dir.join(name).to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let base = CURRENT.load(Relaxed);
+        PEAK.store(base, Relaxed);
+        let mut side = reel::generate::generate(&args).unwrap();
+        (PEAK.load(Relaxed) - base, side.remove(0))
+    };
+    run(1, "warm.y4m"); // the thread pool, first-use allocations
+    let (p10, s10) = run(10, "ten.y4m");
+    let (p60, s60) = run(60, "sixty.y4m");
+    assert_eq!((s10.frames, s60.frames), (161, 961));
+    let file = std::fs::metadata(dir.join("sixty.y4m")).unwrap().len() as usize;
+    assert!(file > 961 * 64 * 64 * 3, "{file} bytes for 961 frames");
+    eprintln!("streaming peak above baseline: {p10} B for 10 s, {p60} B for 60 s");
+    assert!(
+        p60 <= p10 + (64 << 10),
+        "the peak grew from {p10} B to {p60} B between 10 and 60 seconds"
     );
     std::fs::remove_dir_all(&dir).ok();
 }

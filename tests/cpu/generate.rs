@@ -594,3 +594,120 @@ fn generate_rejects_out_of_range_parameters_by_name() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `reel generate --stream` on a block-causal pipeline: the video is made chunk by chunk,
+/// each chunk's frames reach the sink before the next chunk is denoised, the sidecar says
+/// how it was made, and a seed reproduces the video.
+#[test]
+fn generate_streams_a_block_causal_model_chunk_by_chunk() {
+    use reel::cpu::conv::Frames;
+    use reel::models::wan_vae::FrameSink;
+    let dir = scratch("gen-stream");
+    let root = crate::causal_demo::causal_demo(&dir);
+    let mut a = args(&dir.join("v.mp4"));
+    a.model = Some(root.display().to_string());
+    a.size = Some("64x64".into());
+    a.frames = Some(33); // 9 latent frames: 5 chunks of 2, the last one cut to 1
+    a.steps = None;
+    a.stream = true;
+    let side = generate(&a).unwrap().remove(0);
+    assert_eq!(side.frames, 33);
+    assert_eq!(
+        parse_mp4(&std::fs::read(dir.join("v.mp4")).unwrap()).samples,
+        33
+    );
+    assert_eq!(
+        (side.sampler.as_str(), side.steps, side.guidance),
+        ("block-causal", 4, 1.0)
+    );
+    let first = side
+        .timings
+        .first_chunk_seconds
+        .expect("first_chunk_seconds");
+    assert!(
+        first > 0.0 && first < side.timings.denoise_seconds,
+        "{first}"
+    );
+
+    // In the library: at the end of chunk k the sink already has its frames (1 + 4·(2k − 1)),
+    // and nothing of the next chunk.
+    let pipe = reel::pipeline::Pipeline::load(&root).unwrap();
+    let cond = pipe
+        .encode_prompts(&["a red circle moving right"], &[""], 1.0, 512)
+        .unwrap();
+    // The sink counts into a cell the chunk callback reads.
+    struct Count(std::rc::Rc<std::cell::Cell<usize>>, Vec<f32>);
+    impl FrameSink for Count {
+        fn push(&mut self, _b: usize, f: &Frames) -> reel::Result<()> {
+            self.0.set(self.0.get() + f.t);
+            self.1.extend_from_slice(&f.data);
+            Ok(())
+        }
+    }
+    let run = |seed: u64| {
+        let count = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut sink = Count(count.clone(), Vec::new());
+        let mut seen = Vec::new();
+        pipe.stream_to(&cond, 33, 64, 64, seed, &mut sink, &mut |k, n| {
+            seen.push((k, n, count.get()));
+            Ok(())
+        })
+        .unwrap();
+        (seen, sink.1)
+    };
+    let (seen, v7) = run(7);
+    let want: Vec<(usize, usize, usize)> = (1..=5)
+        .map(|k| (k, 5, (1 + 4 * (2 * k - 1)).min(33)))
+        .collect();
+    assert_eq!(seen, want);
+    let (_, again) = run(7);
+    assert_eq!(v7, again, "a seed must reproduce the video");
+    let (_, other) = run(8);
+    assert_ne!(v7, other);
+    // A cancelled stream stops at the chunk that says so.
+    let mut sink = Count(Default::default(), Vec::new());
+    let e = pipe
+        .stream_to(&cond, 33, 64, 64, 7, &mut sink, &mut |k, _| {
+            if k == 2 {
+                Err(reel::Error::Interrupted)
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(e, reel::Error::Interrupted), "{e}");
+    assert_eq!(sink.0.get(), 13);
+}
+
+#[test]
+fn generate_stream_needs_a_block_causal_model() {
+    let dir = scratch("gen-stream-bidirectional");
+    let mut a = args(&dir.join("v.mp4"));
+    a.stream = true;
+    let e = generate(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--stream") && e.contains("causal_config.json"),
+        "{e}"
+    );
+    // A broken causal_config.json is named with the field.
+    let root = crate::causal_demo::causal_demo(&dir);
+    std::fs::write(
+        root.join("transformer/causal_config.json"),
+        r#"{"chunk_frames": 3, "sink_frames": 3, "local_attn_frames": 5, "denoising_steps": [1000]}"#,
+    )
+    .unwrap();
+    let mut a = args(&dir.join("w.mp4"));
+    a.model = Some(root.display().to_string());
+    let e = generate(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("causal_config.json") && e.contains("local_attn_frames"),
+        "{e}"
+    );
+    std::fs::write(
+        root.join("transformer/causal_config.json"),
+        r#"{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [500, 750]}"#,
+    )
+    .unwrap();
+    let e = generate(&a).unwrap_err().to_string();
+    assert!(e.contains("denoising_steps must decrease"), "{e}");
+}

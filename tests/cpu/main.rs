@@ -2,6 +2,7 @@
 //! Golden data under tests/data comes from tools/golden.py (diffusers, float64).
 
 mod bench;
+mod causal_demo;
 mod cluster;
 mod convert;
 mod demo;

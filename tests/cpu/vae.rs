@@ -185,3 +185,45 @@ fn device_vae_bf16_and_memory_flat_in_frames() {
     }
     assert_eq!(session.allocated_bytes(), before);
 }
+
+/// The streaming decoder fed latents a few frames at a time (as block-causal chunks come)
+/// gives exactly the frames of one decode of them all: its causal caches carry over.
+#[test]
+fn vae_stream_decoder_in_chunks_equals_one_decode() {
+    use reel::models::wan_vae::CollectSink;
+    use reel::models::wan_vae::WanVae;
+    use reel::Tensor;
+    let vae = WanVae::load(&data("vae_a")).unwrap();
+    let (z, t, h, w) = (4, 8, 3, 5);
+    let mut rng = reel::models::random::Normal::new(19);
+    let all: Vec<f32> = (0..z * t * h * w).map(|_| rng.sample()).collect();
+    let whole = vae
+        .decode(&Tensor::new(vec![1, z, t, h, w], all.clone()).unwrap())
+        .unwrap();
+    let mut sink = CollectSink::new(1);
+    let mut dec = vae.stream_decoder(0);
+    let mut f0 = 0;
+    for n in [3, 3, 2] {
+        let mut part = Vec::new();
+        for c in 0..z {
+            part.extend_from_slice(&all[(c * t + f0) * h * w..][..n * h * w]);
+        }
+        dec.push(&Tensor::new(vec![1, z, n, h, w], part).unwrap(), &mut sink)
+            .unwrap();
+        f0 += n;
+    }
+    assert!(dec.cache_bytes() > 0);
+    let streamed = sink.into_tensor().unwrap();
+    assert_eq!(streamed.shape(), whole.shape());
+    assert_eq!(streamed.shape()[2], 1 + 4 * (t - 1));
+    assert!(streamed.data() == whole.data(), "streamed frames differ");
+    // A decoder is for one sample of a batch.
+    let e = vae
+        .stream_decoder(1)
+        .push(
+            &Tensor::new(vec![1, z, 1, h, w], vec![0.0; z * h * w]).unwrap(),
+            &mut CollectSink::new(2),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("sample 1"), "{e}");
+}

@@ -918,26 +918,69 @@ impl WanVae {
     /// Decodes latents [B, z, T, h, w] (not normalized) one latent frame at a time, handing
     /// the frames of each ([1 or 4 frames, H, W, C_out], clamped to [-1, 1]) to `sink`.
     pub fn decode_to(&self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
-        let c = &self.config;
-        let [b, t, _, _] = self.check_video(latents.shape(), c.z_dim, "decoder", "latents")?;
+        let b = latents.shape().first().copied().unwrap_or(0);
         for bi in 0..b {
-            let mut cache = ConvCache::new(&self.decoder.slots);
-            for i in 0..t {
-                crate::cancel::check()?;
-                // post_quant_conv is 1×1×1: applying it frame by frame is exact, and nothing
-                // of the latent sequence is copied whole.
-                let frame = to_frames_range(latents, bi, i, i + 1)?;
-                let frame = self.conv(&self.post_quant_conv, &frame, None)?;
-                let mut out = self.run_coder(&self.decoder, &frame, &mut cache)?;
-                for v in out.data.iter_mut() {
-                    *v = v.clamp(-1.0, 1.0);
-                }
-                sink.push(bi, &out)?;
-            }
+            self.stream_decoder(bi).push(latents, sink)?;
         }
         Ok(())
     }
 
+    /// A decoder for one video whose latents come a few frames at a time (block-causal
+    /// streaming): its causal caches carry over from one [`StreamDecoder::push`] to the
+    /// next, so the frames are those of one decode of all the latents. Frames go to the
+    /// sink as sample `batch_index`.
+    pub fn stream_decoder(&self, batch_index: usize) -> StreamDecoder<'_> {
+        StreamDecoder {
+            vae: self,
+            cache: ConvCache::new(&self.decoder.slots),
+            batch_index,
+        }
+    }
+}
+
+/// See [`WanVae::stream_decoder`].
+pub struct StreamDecoder<'a> {
+    vae: &'a WanVae,
+    cache: ConvCache,
+    batch_index: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Decodes sample `batch_index` of latents [B, z, T, h, w] (not normalized) one latent
+    /// frame at a time, handing the frames of each ([1 or 4 frames, H, W, C_out], clamped to
+    /// [-1, 1]) to `sink`.
+    pub fn push(&mut self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
+        let vae = self.vae;
+        let [b, t, _, _] =
+            vae.check_video(latents.shape(), vae.config.z_dim, "decoder", "latents")?;
+        let bi = self.batch_index;
+        if bi >= b {
+            return Err(Error::invalid(format!(
+                "latents have {b} samples, the decoder is for sample {bi}"
+            )));
+        }
+        for i in 0..t {
+            crate::cancel::check()?;
+            // post_quant_conv is 1×1×1: applying it frame by frame is exact, and nothing
+            // of the latent sequence is copied whole.
+            let frame = to_frames_range(latents, bi, i, i + 1)?;
+            let frame = vae.conv(&vae.post_quant_conv, &frame, None)?;
+            let mut out = vae.run_coder(&vae.decoder, &frame, &mut self.cache)?;
+            for v in out.data.iter_mut() {
+                *v = v.clamp(-1.0, 1.0);
+            }
+            sink.push(bi, &out)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the causal caches hold.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+}
+
+impl WanVae {
     /// Decodes into one tensor [B, C_out, F, H, W], F = 1 + temporal·(T − 1).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let b = latents.shape().first().copied().unwrap_or(0);
