@@ -272,6 +272,9 @@ pub struct Job {
     pub worker: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// A block-causal model's job: chunks written so far and in all (a reel field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<[u32; 2]>,
 }
 
 impl Job {
@@ -298,6 +301,7 @@ impl Job {
             warning: None,
             worker: None,
             attempts: None,
+            chunks: None,
         }
     }
 
@@ -327,6 +331,9 @@ impl Job {
         }
         if let Some(a) = self.attempts {
             v["attempts"] = json!(a);
+        }
+        if let Some([done, total]) = self.chunks {
+            v["chunks"] = json!({"done": done, "total": total});
         }
         v
     }
@@ -652,8 +659,15 @@ fn worker(shared: Arc<Shared>, pipe: Pipeline, rx: Receiver<String>) {
             &shared.thumb_path(&id),
             flag.clone(),
             &mut |step, steps| {
-                // Denoising is 90% of the progress bar; the decode the rest.
-                shared.update(&id, |j| j.progress = (90 * step / steps.max(1)) as u32);
+                // Denoising is 90% of the progress bar; the decode the rest. A block-causal
+                // model reports chunks (each decoded and written when reported).
+                let streaming = pipe.causal.is_some();
+                shared.update(&id, |j| {
+                    j.progress = (90 * step / steps.max(1)) as u32;
+                    if streaming {
+                        j.chunks = Some([step as u32, steps as u32]);
+                    }
+                });
                 if flag() {
                     Err(Error::Interrupted)
                 } else {
@@ -929,6 +943,7 @@ fn job_from_request(
         },
         worker: None,
         attempts: None,
+        chunks: None,
     })
 }
 
@@ -1236,8 +1251,8 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
     // Polls the job and emits an event whenever its progress or status changes, ending
     // after the terminal status.
     let stream = futures_util::stream::unfold(
-        (s, id, None::<(Status, u32)>, false),
-        |(s, id, last, done)| async move {
+        (s, id, None::<(Status, u32)>, false, 0u32),
+        |(s, id, last, done, mut chunks_sent)| async move {
             if done {
                 return None;
             }
@@ -1263,9 +1278,20 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
                         .data(json!({"id": id}).to_string());
                     return Some((
                         Ok::<Event, std::convert::Infallible>(ev),
-                        (s, id, last, true),
+                        (s, id, last, true, chunks_sent),
                     ));
                 };
+                // A block-causal job: one `chunk` event per chunk written, in order, even
+                // when several were written between two polls.
+                if let Some([written, total]) = job.chunks {
+                    if chunks_sent < written {
+                        chunks_sent += 1;
+                        let ev = Event::default().event("chunk").data(
+                            json!({"id": id, "chunk": chunks_sent, "chunks": total}).to_string(),
+                        );
+                        return Some((Ok(ev), (s, id, last, false, chunks_sent)));
+                    }
+                }
                 let key = (job.status, job.progress);
                 if last != Some(key) {
                     let name = if job.status.finished() {
@@ -1274,7 +1300,10 @@ async fn events(State(s): State<Arc<Shared>>, AxPath(id): AxPath<String>) -> Res
                         "progress"
                     };
                     let ev = Event::default().event(name).data(job.object().to_string());
-                    return Some((Ok(ev), (s, id, Some(key), job.status.finished())));
+                    return Some((
+                        Ok(ev),
+                        (s, id, Some(key), job.status.finished(), chunks_sent),
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -904,3 +904,46 @@ fn serve_under_concurrent_clients_completes_every_accepted_job() {
     }
     server.stop();
 }
+
+/// A block-causal model behind `reel serve`: the job streams chunk by chunk, the events
+/// stream says `chunk` once per chunk written (1..=n, in order, before `done`), and the video
+/// object carries the chunk count.
+#[test]
+fn serve_streams_a_block_causal_model_with_an_event_per_chunk() {
+    let dir = scratch("serve-causal");
+    let root = crate::causal_demo::causal_demo(&dir);
+    let server = Server::start(&ServeArgs {
+        model: Some(root.display().to_string()),
+        ..serve_args(&dir.join("data"), 4)
+    })
+    .unwrap();
+    let addr = server.addr;
+    // 3 seconds: 49 frames, 13 latent frames, 7 chunks of 2.
+    let r = post_json(
+        addr,
+        &serde_json::json!({"prompt": "a red circle moving right", "size": "64x64", "seconds": 3}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let ev = http(addr, "GET", &format!("/v1/videos/{id}/events"), &[], b"");
+    let text = String::from_utf8_lossy(&ev.body).to_string();
+    let chunks: Vec<u64> = text
+        .split("\n\n")
+        .filter(|e| e.contains("event: chunk"))
+        .map(|e| {
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            let v: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(v["chunks"], 7, "{v}");
+            v["chunk"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(chunks, (1..=7).collect::<Vec<u64>>(), "{text}");
+    let done_at = text.find("event: done").expect("a done event");
+    assert!(text.rfind("event: chunk").unwrap() < done_at, "{text}");
+    let v = wait_for(addr, &id, "completed");
+    assert_eq!(v["chunks"], serde_json::json!({"done": 7, "total": 7}));
+    assert_eq!(v["frames"], 49);
+    let mp4 = http(addr, "GET", &format!("/v1/videos/{id}/content"), &[], b"");
+    assert_eq!(crate::parse_mp4(&mp4.body).samples, 49);
+    server.stop();
+}
