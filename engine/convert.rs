@@ -55,6 +55,7 @@ impl CausalPreset {
             denoising_steps: vec![1000.0, 750.0, 500.0, 250.0],
             timestep_shift: 5.0,
             context_timestep: 0.0,
+            sampler: Default::default(),
         }
     }
 }

@@ -101,6 +101,56 @@ def render(colour, shape, motion, rng):
     return clip
 
 
+BOUNCE_TEMPLATES = [
+    "a {c} {s} bouncing",
+    "{c} {s} bouncing",
+    "a {c} {s} bouncing around",
+    "the {c} {s} bounces off the edges",
+    "a {c} {s} bouncing off the walls",
+]
+
+
+def bounce_captions(colour, shape):
+    """Every wording of a bouncing clip."""
+    return [t.format(c=colour, s=shape) for t in BOUNCE_TEMPLATES]
+
+
+def render_bouncing(colour, shape, frames, rng):
+    """A clip [frames, SIZE, SIZE, 3] float32 of a shape moving diagonally at a constant speed
+    (1.5-2.5 pixels a frame) and bouncing off the edges of the frame (mirrored at the walls),
+    for the block-causal demo: long enough (10 s and more) that it bounces many times."""
+    r = rng.uniform(6.5, 9.5)
+    margin = r * 1.4 + 1.0
+    lo, hi = margin, SIZE - margin
+    speed = rng.uniform(1.5, 2.5)
+    angle = rng.uniform(math.radians(20), math.radians(70)) + (math.pi / 2) * rng.integers(4)
+    vx, vy = speed * math.cos(angle), speed * math.sin(angle)
+    x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+    rgb = np.clip(np.array(COLOURS[colour]) + rng.uniform(-0.05, 0.05, 3), 0.0, 1.0)
+    bg = np.array(BACKGROUND)
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
+    clip = np.empty((frames, SIZE, SIZE, 3), np.float32)
+    for f in range(frames):
+        a = coverage(shape, x, y, r, xs, ys)[..., None]
+        clip[f] = (a * rgb + (1 - a) * bg).astype(np.float32)
+        x, y = x + vx, y + vy
+        if not lo <= x <= hi:
+            x = 2 * (lo if x < lo else hi) - x
+            vx = -vx
+        if not lo <= y <= hi:
+            y = 2 * (lo if y < lo else hi) - y
+            vy = -vy
+    return clip
+
+
+def sample_bouncing(rng, frames):
+    """A random bouncing clip of `frames` frames, its caption and its (colour, shape)."""
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    caps = bounce_captions(colour, shape)
+    return render_bouncing(colour, shape, frames, rng), caps[rng.integers(len(caps))], (colour, shape)
+
+
 def sample(rng, include_held_out=False):
     """A random clip, its caption and its (colour, shape, motion)."""
     pool = combos(include_held_out)

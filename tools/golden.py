@@ -395,6 +395,13 @@ CAUSAL_CASES = [
      dict(chunk_frames=2, sink_frames=1, local_attn_frames=5, denoising_steps=[1000.0, 750.0, 500.0],
           timestep_shift=3.0, context_timestep=50.0),
      [4, 10, 4, 6], 7),
+    # Euler steps of the flow ODE per chunk, no sink (Self-Forcing's layout), 4 chunks of 3
+    # frames with 6 attended: eviction from the third chunk on; batch-free text of 5 rows.
+    ("causal_euler", dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                          text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2),
+     dict(chunk_frames=3, sink_frames=0, local_attn_frames=6, denoising_steps=[1000.0, 600.0, 200.0],
+          timestep_shift=2.0, context_timestep=0.0, sampler="euler"),
+     [4, 12, 2, 4], 5),
 ]
 
 
@@ -499,6 +506,10 @@ def causal_cases(only):
             x = noise[k, 0].double()
             for j, sg in enumerate(sig):
                 flow = run(x, sg * 1000, f0)
+                if causal.get("sampler") == "euler":
+                    x = x + ((sig[j + 1] if j + 1 < steps else 0.0) - sg) * flow
+                    x0 = x
+                    continue
                 x0 = x - sg * flow
                 if j + 1 < steps:
                     x = (1 - sig[j + 1]) * x0 + sig[j + 1] * noise[k, j + 1].double()

@@ -456,6 +456,224 @@ def plot(work, path):
     fig.savefig(path)
 
 
+# ---------------------------------------------------------------------------------------
+# The block-causal variant (issue 19): the demo DiT fine-tuned to make video chunk by chunk
+# with a sink and a rolling window (reel generate --stream), on bouncing clips of 10 s.
+
+# How reel runs it (transformer_causal/causal_config.json). Chunks of 3 latent frames (12
+# video frames), the first chunk kept as the sink, 12 frames attended in all (the sink, the
+# 6 latest earlier frames, the chunk). The model is not distilled to a few steps: each chunk
+# takes 8 Euler steps of the flow ODE.
+CAUSAL = dict(chunk_frames=3, sink_frames=3, local_attn_frames=12,
+              denoising_steps=[1000.0, 875.0, 750.0, 625.0, 500.0, 375.0, 250.0, 125.0],
+              timestep_shift=3.0, context_timestep=0.0, sampler="euler")
+CAUSAL_CLIP_FRAMES = 161  # 10 s at 16 fps: 41 latent frames
+CAUSAL_MAX_FRAME = 243    # latent frames of a minute (241), in whole chunks: RoPE positions seen
+
+
+def stage_causal_latents(work, vae, mean, std, count):
+    """Normalised posterior means of `count` bouncing clips of 161 frames: [N, z, 41, 8, 8]."""
+    path = os.path.join(work, "causal_latents.pt")
+    if os.path.isfile(path):
+        return torch.load(path)
+    rng = np.random.default_rng(11)
+    lat, caps = [], []
+    t0 = time.time()
+    for i in range(count):
+        clip, cap, _ = dd.sample_bouncing(rng, CAUSAL_CLIP_FRAMES)
+        with torch.no_grad():
+            z = vae.encode(to_tensor(clip[None])).latent_dist.mean[0]
+        lat.append((z - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1))
+        caps.append(cap)
+        if i % 100 == 0:
+            log(work, "causal_latents", clip=i, seconds=time.time() - t0)
+    data = {"latents": torch.stack(lat), "captions": caps}
+    torch.save(data, path)
+    return data
+
+
+class _SlotRope(torch.nn.Module):
+    """diffusers' RoPE tables for tokens whose frames sit at given absolute positions
+    (per sample): positions [B, frames] -> cos, sin [B, tokens, 1, head_dim]."""
+
+    def __init__(self, rope, patch_size):
+        super().__init__()
+        self.rope = rope
+        self.patch_size = patch_size
+        self.positions = None
+
+    def forward(self, hidden_states):
+        b, c, f, h, w = hidden_states.shape
+        full = hidden_states.new_empty(1, c, CAUSAL_MAX_FRAME, h, w)
+        cos, sin = self.rope(full)  # [1, 243 * hw, 1, hd]
+        hw = (h // self.patch_size[1]) * (w // self.patch_size[2])
+        idx = (self.positions.view(b, f, 1) * hw + torch.arange(hw).view(1, 1, hw)).reshape(b, f * hw)
+        return cos[0][idx], sin[0][idx]
+
+
+class _MaskedSelfAttention:
+    """WanAttnProcessor's self-attention under a boolean mask [B, 1, L, L] (True: attend)."""
+
+    def __init__(self):
+        self.mask = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+
+        def rope(x, cos, sin):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            c, s_ = cos[..., 0::2], sin[..., 1::2]
+            return torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2)
+
+        q, k = rope(q, *rotary_emb), rope(k, *rotary_emb)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask)
+        return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
+
+
+def causal_batch(lat, batch, gen):
+    """Teacher forcing at the place of a random chunk of a minute-long video. Every sample
+    is 12 frame slots: the sink (the clip's first 3 latent frames, at positions 0-2), the
+    6 frames before the chunk and the chunk itself (at the chunk's virtual position J and the
+    6 before it), with the clip's frames. Early chunks (J < 12) leave slots empty. Returns
+    x0 [B, z, 12, h, w], valid [B, 12], positions [B, 12], group [12] (0 sink, 1-2 window,
+    3 chunk) and the clips' indices [B]."""
+    n, z, t, h, w = lat.shape
+    c = CAUSAL["chunk_frames"]
+    x0 = torch.zeros(batch, z, 12, h, w)
+    valid = torch.zeros(batch, 12, dtype=torch.bool)
+    pos = torch.zeros(batch, 12, dtype=torch.long)
+    which = torch.randint(0, n, (batch,), generator=gen)
+    for b in range(batch):
+        clip = lat[int(which[b])]
+        # A quarter of the samples are the first four chunks, whose context is partial.
+        if torch.rand(1, generator=gen) < 0.25:
+            J = c * int(torch.randint(0, 4, (1,), generator=gen))
+        else:
+            J = c * int(torch.randint(4, CAUSAL_MAX_FRAME // c, (1,), generator=gen))
+        if J < 12:
+            j = J  # the clip's own start: sink, window and chunk are its first frames
+        else:
+            j = int(torch.randint(9, t - c + 1, (1,), generator=gen))
+        slots = []  # (slot, clip frame, position)
+        if J > 0:
+            slots += [(s, s, s) for s in range(3)]
+        for k in range(6):  # window slots 3..8 hold frames J-6 .. J-1 (those after the sink)
+            p = J - 6 + k
+            if p >= 3:
+                slots.append((3 + k, j - 6 + k, p))
+        slots += [(9 + k, j + k, J + k) for k in range(c)]
+        for s, f, p in slots:
+            x0[b, :, s] = clip[:, f]
+            valid[b, s] = True
+            pos[b, s] = p
+    group = torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [3] * 3)
+    return x0, valid, pos, group, which
+
+
+def causal_mask(valid, group, hw):
+    """[B, 1, L, L]: the chunk's tokens attend every valid token; a context slot attends the
+    valid tokens of its group and of the groups before it (as its K/V were made at run time:
+    the sink alone, then each window chunk with the sink and what came before it); every
+    token attends itself (empty slots too, so that no row is empty)."""
+    tok_valid = valid.repeat_interleave(hw, dim=1)  # [B, L]
+    g = group.repeat_interleave(hw)  # [L]
+    allowed = (g.view(-1, 1) == 3) | (g.view(1, -1) <= g.view(-1, 1))  # [L, L]
+    m = allowed.unsqueeze(0) & tok_valid.unsqueeze(1)
+    m |= torch.eye(m.shape[-1], dtype=torch.bool).unsqueeze(0)
+    return m.unsqueeze(1)
+
+
+def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21):
+    from diffusers import WanTransformer3DModel
+    path = os.path.join(work, "transformer_causal")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_f32(WanTransformer3DModel, path)
+    caps = sorted(set(data["captions"]))
+    table = embed(tok, te, caps + [""])
+    rows = int((table.abs().sum(-1) > 0).sum(-1).max())
+    table = table[:, :rows].contiguous()
+    cap_idx = torch.tensor([caps.index(c) for c in data["captions"]])
+    lat = data["latents"]
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**DIT_CONFIG)
+    model.load_state_dict(init.state_dict())
+    rope = _SlotRope(model.rope, model.config.patch_size)
+    model.rope = rope
+    procs = [_MaskedSelfAttention() for _ in model.blocks]
+    for blk, p in zip(model.blocks, procs):
+        blk.attn1.set_processor(p)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_max, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed + 1)
+    hw = (lat.shape[3] // 2) * (lat.shape[4] // 2)
+    t0 = time.time()
+    avg = None
+    for step in range(steps):
+        lr = cosine_lr(lr_max, step, steps, warmup=100)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0, valid, pos, group, which = causal_batch(lat, batch, gen)
+        rows_idx = cap_idx[which]  # no empty captions: the variant runs without guidance
+        text = torch.zeros(batch, MAX_LEN, table.shape[-1])
+        text[:, :rows] = table[rows_idx]
+        sigma = torch.rand(batch, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        xt = x0.clone()
+        xt[:, :, 9:] = (1 - s.unsqueeze(-1)) * x0[:, :, 9:] + s.unsqueeze(-1) * noise[:, :, 9:]
+        tok_t = torch.zeros(batch, 12, hw)
+        tok_t[:, 9:] = (sigma * 1000).view(-1, 1, 1)
+        rope.positions = pos
+        mask = causal_mask(valid, group, hw)
+        for p in procs:
+            p.mask = mask
+        pred = model(xt, tok_t.view(batch, -1), text, return_dict=False)[0]
+        target = noise[:, :, 9:] - x0[:, :, 9:]
+        loss = (pred[:, :, 9:] - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(decay).add_(v, alpha=1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(work, "causal", step=step, loss=loss.item(), loss_avg=avg, lr=lr, seconds=time.time() - t0)
+    out = WanTransformer3DModel(**DIT_CONFIG)
+    out.load_state_dict(ema)
+    out.eval().save_pretrained(path, safe_serialization=True)
+    log(work, "causal_done", seconds=time.time() - t0, loss_avg=avg)
+    return out
+
+
+def causal_only(a):
+    """Trains the block-causal variant from the exported demo in --out (its VAE, tokenizer,
+    text encoder and DiT) and writes it to --out/transformer_causal."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import T5TokenizerFast, UMT5EncoderModel
+    out = a.out
+    vae = load_f32(AutoencoderKLWan, os.path.join(out, "vae"))
+    cfg = vae.config
+    mean, std = torch.tensor(cfg.latents_mean), torch.tensor(cfg.latents_std)
+    tok = T5TokenizerFast(tokenizer_file=os.path.join(out, "tokenizer", "tokenizer.json"))
+    te = UMT5EncoderModel.from_pretrained(os.path.join(out, "text_encoder"), torch_dtype=torch.float32).eval()
+    init = load_f32(WanTransformer3DModel, os.path.join(out, "transformer"))
+    data = stage_causal_latents(a.work, vae, mean, std, a.causal_clips)
+    dit = stage_causal(a.work, data, tok, te, init, a.causal_steps, a.batch)
+    dest = os.path.join(out, "transformer_causal")
+    shutil.rmtree(dest, ignore_errors=True)
+    dit.to(getattr(torch, a.dtype)).save_pretrained(dest, safe_serialization=True)
+    with open(os.path.join(dest, "causal_config.json"), "w") as f:
+        json.dump(CAUSAL, f, indent=2)
+    log(a.work, "causal_export", out=dest)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/reel-demo-work")
@@ -468,10 +686,18 @@ def main():
     ap.add_argument("--dit-more", type=int, default=2500, help="a second DiT phase at a lower rate")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--causal-only", action="store_true",
+                    help="train only the block-causal variant, from the demo already in --out")
+    ap.add_argument("--causal-clips", type=int, default=600)
+    ap.add_argument("--causal-steps", type=int, default=3000)
     a = ap.parse_args()
     torch.set_num_threads(2)
     os.makedirs(a.work, exist_ok=True)
     t0 = time.time()
+    if a.causal_only:
+        causal_only(a)
+        log(a.work, "done", seconds_this_run=time.time() - t0)
+        return
     tdir = stage_tokenizer(a.work)
     vae = stage_vae(a.work, a.vae_steps)
     data = stage_latents(a.work, vae, a.clips)

@@ -210,13 +210,12 @@ fn dit_cli_runs_component_on_emu() {
     assert!(err <= 2e-2, "rel L2 {err:.3e}");
 }
 
-/// Block-causal streaming against the PyTorch reference of tools/golden.py: five chunks of
-/// two latent frames, each denoised in three steps with the stored noise, a sink of one
-/// frame and a window that evicts from the third chunk on; every chunk's x0 within 1e-4.
-#[test]
-fn causal_stream_matches_the_pytorch_reference() {
+/// Block-causal streaming against the PyTorch reference of tools/golden.py: the stored noise
+/// in, every chunk's x0 within 1e-4 of the reference's, the whole video and each chunk alone
+/// (a mix-up confined to the later, evicting chunks must show).
+fn check_stream(case: &str) {
     use reel::models::wan_dit::{stream, CausalConfig, StreamShape, WanDit};
-    let dir = data("causal_stream");
+    let dir = data(case);
     let dit = WanDit::load(&dir).unwrap();
     let cfg = CausalConfig::load(dit.dir())
         .unwrap()
@@ -264,21 +263,34 @@ fn causal_stream_matches_the_pytorch_reference() {
         },
     )
     .unwrap();
-    assert_eq!(chunks, 5);
+    assert_eq!(chunks, ns[0]);
     let err = rel_l2(&got, &want);
-    eprintln!("causal_stream: rel L2 = {err:.3e}");
-    assert!(err <= TOL, "causal_stream: relative L2 {err:.3e} > {TOL:e}");
-    // Each chunk alone, too: a mix-up confined to the later (evicting) chunks must show.
-    let plane = h * w;
-    for k in 0..5 {
+    eprintln!("{case}: rel L2 = {err:.3e}");
+    assert!(err <= TOL, "{case}: relative L2 {err:.3e} > {TOL:e}");
+    let (plane, c) = (h * w, cfg.chunk_frames);
+    for k in 0..chunks {
         let pick = |v: &[f32]| -> Vec<f32> {
             (0..ch)
-                .flat_map(|ci| v[(ci * frames + 2 * k) * plane..][..2 * plane].to_vec())
+                .flat_map(|ci| v[(ci * frames + c * k) * plane..][..c * plane].to_vec())
                 .collect()
         };
         let want32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
         let want_k: Vec<f64> = pick(&want32).iter().map(|&v| v as f64).collect();
         let e = rel_l2(&pick(&got), &want_k);
-        assert!(e <= TOL, "chunk {k}: relative L2 {e:.3e} > {TOL:e}");
+        assert!(e <= TOL, "{case} chunk {k}: relative L2 {e:.3e} > {TOL:e}");
     }
+}
+
+/// Self-Forcing's re-noising sampler: five chunks of two latent frames, three steps each, a
+/// sink of one frame and a window that evicts from the third chunk on, a context timestep
+/// of 50.
+#[test]
+fn causal_stream_matches_the_pytorch_reference() {
+    check_stream("causal_stream");
+}
+
+/// Euler steps per chunk, no sink, chunks of three frames with six attended.
+#[test]
+fn causal_euler_stream_matches_the_pytorch_reference() {
+    check_stream("causal_euler");
 }

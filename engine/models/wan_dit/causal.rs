@@ -288,10 +288,10 @@ impl WanDit {
 /// video chunk by chunk. The published models (both Wan2.1-T2V-1.3B fine-tunes, converted
 /// with `reel convert`):
 ///
-/// | model | chunk_frames | sink_frames | local_attn_frames | denoising_steps | timestep_shift | context_timestep |
-/// |---|---|---|---|---|---|---|
-/// | Self-Forcing (DMD) | 3 | 0 | 21 | 1000, 750, 500, 250 | 5.0 | 0 |
-/// | LongLive | 3 | 3 | 12 | 1000, 750, 500, 250 | 5.0 | 0 |
+/// | model | chunk_frames | sink_frames | local_attn_frames | denoising_steps | timestep_shift | context_timestep | sampler |
+/// |---|---|---|---|---|---|---|---|
+/// | Self-Forcing (DMD) | 3 | 0 | 21 | 1000, 750, 500, 250 | 5.0 | 0 | renoise |
+/// | LongLive | 3 | 3 | 12 | 1000, 750, 500, 250 | 5.0 | 0 | renoise |
 ///
 /// Self-Forcing attends to every earlier frame of its 21-frame videos; with 21 it rolls
 /// beyond them (frames older than the last 18 leave the window).
@@ -316,6 +316,22 @@ pub struct CausalConfig {
     /// (`context_noise`).
     #[serde(default)]
     pub context_timestep: f64,
+    /// How a chunk is denoised: `renoise` (Self-Forcing's few-step sampler, for distilled
+    /// models) or `euler` (the flow ODE, for models trained by plain flow matching).
+    #[serde(default)]
+    pub sampler: ChunkSampler,
+}
+
+/// See [`CausalConfig::sampler`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkSampler {
+    /// x0 = x − σ·flow at every step, then x0 noised afresh to the next step's σ; the last
+    /// x0 is the chunk.
+    #[default]
+    Renoise,
+    /// x ← x + (σ_next − σ)·flow, with σ = 0 after the last step.
+    Euler,
 }
 
 fn default_shift() -> f64 {
@@ -414,12 +430,12 @@ pub struct StreamShape {
     pub width: usize,
 }
 
-/// Makes a video chunk by chunk (Self-Forcing's few-step sampler): a chunk starts from
-/// noise; at each step the DiT's flow gives x0 = x − σ·flow, and x is x0 noised afresh to
-/// the next step's σ; the last x0 is the chunk, handed to `on_chunk(first_frame, x0)` as
-/// [1, C, c, H, W], then run at the context timestep to fill the cache (skipped after the
-/// last chunk). `noise(chunk, step, n)` draws the noise of a chunk's step. The latent
-/// frames are rounded up to whole chunks.
+/// Makes a video chunk by chunk: a chunk starts from noise and is denoised by the config's
+/// sampler (Self-Forcing's re-noising one: at each step x0 = x − σ·flow, then x is x0 noised
+/// afresh to the next step's σ; or Euler steps); the result is handed to
+/// `on_chunk(first_frame, x0)` as [1, C, c, H, W], then run at the context timestep to fill
+/// the cache (skipped after the last chunk). `noise(chunk, step, n)` draws the noise of a
+/// chunk's step. The latent frames are rounded up to whole chunks.
 pub fn stream(
     dit: &WanDit,
     cfg: &CausalConfig,
@@ -455,6 +471,16 @@ pub fn stream(
         for (i, &sigma) in sigmas.iter().enumerate() {
             let t = Tensor::new(vec![1], vec![sigma * 1000.0])?;
             let flow = dit.forward_chunk(&x, &t, text, &cache, f0)?;
+            if cfg.sampler == ChunkSampler::Euler {
+                let dt = sigmas.get(i + 1).copied().unwrap_or(0.0) - sigma;
+                for (xv, &fv) in x.data_mut().iter_mut().zip(flow.data()) {
+                    *xv += dt * fv;
+                }
+                if i + 1 == sigmas.len() {
+                    x0.copy_from_slice(x.data());
+                }
+                continue;
+            }
             for ((o, &xv), &fv) in x0.iter_mut().zip(x.data()).zip(flow.data()) {
                 *o = xv - sigma * fv;
             }
