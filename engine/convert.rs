@@ -56,6 +56,7 @@ impl CausalPreset {
             timestep_shift: 5.0,
             context_timestep: 0.0,
             sampler: Default::default(),
+            guidance: 1.0,
         }
     }
 }

@@ -417,6 +417,19 @@ pub(crate) fn load_model_with(
     with_text: bool,
 ) -> Result<(Pipeline, String, bool)> {
     match args.model.as_deref() {
+        None if args.stream => {
+            tracing::info!(
+                "no --model: using the block-causal variant of reel's embedded demo model (a coloured circle, square \
+                 or triangle bouncing around a 64x64 frame, made chunk by chunk). Pass --model DIR for a block-causal \
+                 Wan2.1 model (reel convert)."
+            );
+            let dir = embedded::ensure_causal()?;
+            Ok((
+                Pipeline::load(&dir)?,
+                embedded::CAUSAL_NAME.to_string(),
+                true,
+            ))
+        }
         None => {
             tracing::info!(
                 "no --model: using reel's embedded demo model, a tiny Wan2.1-architecture pipeline trained on coloured \
@@ -571,8 +584,9 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
         Some(c) => {
             if args.steps.is_some() || args.guidance.is_some() || args.sampler.is_some() || args.shift.is_some() {
                 tracing::warn!(
-                    "a block-causal model makes each chunk in its own {} steps without guidance (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
-                    c.denoising_steps.len()
+                    "a block-causal model makes each chunk in its own {} steps at guidance {} (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
+                    c.denoising_steps.len(),
+                    c.guidance
                 );
             }
             if args.device.is_some() {
@@ -763,10 +777,10 @@ pub fn render(
 ) -> Result<Sidecar> {
     let (w, h) = job.size;
     let causal = pipe.causal.as_ref();
-    // A block-causal model makes its video chunk by chunk with its own few steps and no
-    // guidance (causal_config.json); the request's steps, guidance and sampler do not apply.
+    // A block-causal model makes its video chunk by chunk with its own steps and guidance
+    // (causal_config.json); the request's steps, guidance and sampler do not apply.
     let (frames, steps, guidance) = match causal {
-        Some(c) => (job.frames, c.denoising_steps.len(), 1.0),
+        Some(c) => (job.frames, c.denoising_steps.len(), c.guidance),
         None => (job.frames, job.steps, job.guidance),
     };
     if causal.is_some() && job.output.ends_with(".safetensors") {

@@ -458,6 +458,16 @@ impl Pipeline {
         let [_, z, t, h, w] = self.latent_shape(1, frames, height, width);
         let chunks = t.div_ceil(cfg.chunk_frames);
         let kv = self.dit.text_kv(&cond.prompt_embeds)?;
+        let uncond = match (cfg.guidance > 1.0, &cond.negative_prompt_embeds) {
+            (true, Some(n)) => Some(self.dit.text_kv(n)?),
+            (true, None) => {
+                return Err(Error::invalid(format!(
+                    "the model's causal_config.json asks for guidance {}: give the negative prompt's embeddings",
+                    cfg.guidance
+                )))
+            }
+            (false, _) => None,
+        };
         let mut decoder = self.vae.stream_decoder(0);
         let vc = &self.vae.config;
         let mut done = 0;
@@ -465,6 +475,7 @@ impl Pipeline {
             &self.dit,
             cfg,
             &kv,
+            uncond.as_ref(),
             StreamShape {
                 channels: z,
                 frames: t,

@@ -400,7 +400,7 @@ CAUSAL_CASES = [
     ("causal_euler", dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
                           text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2),
      dict(chunk_frames=3, sink_frames=0, local_attn_frames=6, denoising_steps=[1000.0, 600.0, 200.0],
-          timestep_shift=2.0, context_timestep=0.0, sampler="euler"),
+          timestep_shift=2.0, context_timestep=0.0, sampler="euler", guidance=3.0),
      [4, 12, 2, 4], 5),
 ]
 
@@ -484,11 +484,13 @@ def causal_cases(only):
         steps = len(sig)
         text = torch.randn([1, lt, cfg["text_dim"]], generator=gen, dtype=torch.float32)
         noise = torch.randn([chunks, steps, 1, ch, c, h, w], generator=gen, dtype=torch.float32)
+        guidance = causal.get("guidance", 1.0)
+        negative = torch.randn([1, lt, cfg["text_dim"]], generator=gen, dtype=torch.float32)
         kv = {}  # frame -> per block (k, v) of that frame's tokens [1, tokens, heads, hd]
         tpf = (h // model.config.patch_size[1]) * (w // model.config.patch_size[2])
         out = []
 
-        def run(x, t, f0):
+        def run(x, t, f0, ctx=None):
             attended = [f for f in range(f0) if f < s or f >= f0 + c - (local - s)]
             for bi, p in enumerate(procs):
                 if attended:
@@ -499,13 +501,23 @@ def causal_cases(only):
             rope.first_frame = f0
             with torch.no_grad():
                 return model(hidden_states=x, timestep=torch.tensor([t], dtype=torch.float64),
-                             encoder_hidden_states=text.double(), return_dict=False)[0]
+                             encoder_hidden_states=(text if ctx is None else ctx).double(),
+                             return_dict=False)[0]
+
+        def flow_at(x, t, f0):
+            # Guidance: u + g (c - u), the negative prompt over the same cache (the cache
+            # itself is filled with the prompt only).
+            cond = run(x, t, f0)
+            if guidance <= 1.0:
+                return cond
+            u = run(x, t, f0, negative)
+            return u + guidance * (cond - u)
 
         for k in range(chunks):
             f0 = k * c
             x = noise[k, 0].double()
             for j, sg in enumerate(sig):
-                flow = run(x, sg * 1000, f0)
+                flow = flow_at(x, sg * 1000, f0)
                 if causal.get("sampler") == "euler":
                     x = x + ((sig[j + 1] if j + 1 < steps else 0.0) - sg) * flow
                     x0 = x
@@ -520,8 +532,10 @@ def causal_cases(only):
                     kv[f0 + fi] = [(p.collected[0][:, fi * tpf:(fi + 1) * tpf],
                                     p.collected[1][:, fi * tpf:(fi + 1) * tpf]) for p in procs]
         latents = torch.cat(out, dim=2)
-        save_file({"encoder_hidden_states": text.contiguous(), "noise": noise.contiguous()},
-                  os.path.join(case, "input.safetensors"))
+        inputs = {"encoder_hidden_states": text.contiguous(), "noise": noise.contiguous()}
+        if guidance > 1.0:
+            inputs["negative_encoder_hidden_states"] = negative.contiguous()
+        save_file(inputs, os.path.join(case, "input.safetensors"))
         save_file({"latents": latents.contiguous()}, os.path.join(case, "output.safetensors"))
         print(f"{name}: {list(latents.shape)} |latents| = {latents.norm().item():.4f}")
 

@@ -466,7 +466,7 @@ def plot(work, path):
 # takes 8 Euler steps of the flow ODE.
 CAUSAL = dict(chunk_frames=3, sink_frames=3, local_attn_frames=12,
               denoising_steps=[1000.0, 875.0, 750.0, 625.0, 500.0, 375.0, 250.0, 125.0],
-              timestep_shift=3.0, context_timestep=0.0, sampler="euler")
+              timestep_shift=3.0, context_timestep=0.0, sampler="euler", guidance=3.0)
 CAUSAL_CLIP_FRAMES = 161  # 10 s at 16 fps: 41 latent frames
 CAUSAL_MAX_FRAME = 243    # latent frames of a minute (241), in whole chunks: RoPE positions seen
 
@@ -534,7 +534,7 @@ class _MaskedSelfAttention:
         return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
 
 
-def causal_batch(lat, batch, gen):
+def causal_batch(lat, batch, gen, first=0.25, early=4):
     """Teacher forcing at the place of a random chunk of a minute-long video. Every sample
     is 12 frame slots: the sink (the clip's first 3 latent frames, at positions 0-2), the
     6 frames before the chunk and the chunk itself (at the chunk's virtual position J and the
@@ -549,9 +549,9 @@ def causal_batch(lat, batch, gen):
     which = torch.randint(0, n, (batch,), generator=gen)
     for b in range(batch):
         clip = lat[int(which[b])]
-        # A quarter of the samples are the first four chunks, whose context is partial.
-        if torch.rand(1, generator=gen) < 0.25:
-            J = c * int(torch.randint(0, 4, (1,), generator=gen))
+        # A share `first` of the samples are the first four chunks, whose context is partial.
+        if torch.rand(1, generator=gen) < first:
+            J = c * int(torch.randint(0, early, (1,), generator=gen))
         else:
             J = c * int(torch.randint(4, CAUSAL_MAX_FRAME // c, (1,), generator=gen))
         if J < 12:
@@ -587,9 +587,16 @@ def causal_mask(valid, group, hw):
     return m.unsqueeze(1)
 
 
-def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21):
+def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, name="transformer_causal",
+                 context_noise=0.0, drop=0.0, first=0.25, warp=False, early=4):
+    """Teacher-forced block-causal fine-tuning. `context_noise`: the context frames are mixed
+    with noise up to this much (labelled clean, t = 0), so that the model learns to take
+    imperfect context (its own output at run time); `drop`: the share of empty captions (for
+    guidance); `first`: the share of the first four chunks, whose colour only the caption
+    gives, drawn from the first `early` chunks; `warp`: noise levels drawn as the run-time steps are spread (uniform, warped by the
+    config's shift) rather than uniform."""
     from diffusers import WanTransformer3DModel
-    path = os.path.join(work, "transformer_causal")
+    path = os.path.join(work, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_f32(WanTransformer3DModel, path)
     caps = sorted(set(data["captions"]))
@@ -616,14 +623,22 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21):
         lr = cosine_lr(lr_max, step, steps, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, valid, pos, group, which = causal_batch(lat, batch, gen)
-        rows_idx = cap_idx[which]  # no empty captions: the variant runs without guidance
+        x0, valid, pos, group, which = causal_batch(lat, batch, gen, first, early)
+        rows_idx = cap_idx[which].clone()
+        rows_idx[torch.rand(batch, generator=gen) < drop] = table.shape[0] - 1  # ""
         text = torch.zeros(batch, MAX_LEN, table.shape[-1])
         text[:, :rows] = table[rows_idx]
         sigma = torch.rand(batch, generator=gen)
+        if warp:
+            k = CAUSAL["timestep_shift"]
+            sigma = k * sigma / (1 + (k - 1) * sigma)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = x0.clone()
+        if context_noise > 0:
+            a = (torch.rand(batch, generator=gen) * context_noise).view(-1, 1, 1, 1, 1)
+            ctx_noise = torch.randn(x0.shape, generator=gen)
+            xt[:, :, :9] = (1 - a) * x0[:, :, :9] + a * ctx_noise[:, :, :9]
         xt[:, :, 9:] = (1 - s.unsqueeze(-1)) * x0[:, :, 9:] + s.unsqueeze(-1) * noise[:, :, 9:]
         tok_t = torch.zeros(batch, 12, hw)
         tok_t[:, 9:] = (sigma * 1000).view(-1, 1, 1)
@@ -666,12 +681,42 @@ def causal_only(a):
     init = load_f32(WanTransformer3DModel, os.path.join(out, "transformer"))
     data = stage_causal_latents(a.work, vae, mean, std, a.causal_clips)
     dit = stage_causal(a.work, data, tok, te, init, a.causal_steps, a.batch)
+    if a.causal_more > 0:
+        # A second phase: context mixed with noise (robust to its own imperfect frames), 10%
+        # empty captions (guidance), more first chunks, at a lower rate.
+        dit = stage_causal(a.work, data, tok, te, dit, a.causal_more, a.batch, lr_max=1e-4, seed=31,
+                           name="transformer_causal_more", context_noise=0.3, drop=0.1, first=0.35,
+                           warp=True)
+    if a.causal_first > 0:
+        # A third phase on the first chunk only: its colour and shape come from the caption
+        # alone (later chunks take them from the sink).
+        dit = stage_causal(a.work, data, tok, te, dit, a.causal_first, a.batch, lr_max=1e-4, seed=41,
+                           name="transformer_causal_first", context_noise=0.3, drop=0.1, first=1.0,
+                           warp=True, early=1)
     dest = os.path.join(out, "transformer_causal")
     shutil.rmtree(dest, ignore_errors=True)
     dit.to(getattr(torch, a.dtype)).save_pretrained(dest, safe_serialization=True)
     with open(os.path.join(dest, "causal_config.json"), "w") as f:
         json.dump(CAUSAL, f, indent=2)
+    write_causal_meta(out, a.causal_steps, a.causal_clips)
     log(a.work, "causal_export", out=dest)
+
+
+def write_causal_meta(out, steps, clips):
+    """reel_demo_causal.json: what the block-causal variant knows (reel's prompt notes)."""
+    meta = {
+        "about": "the block-causal variant of reel's embedded demo model: the demo DiT fine-tuned by "
+                 "tools/train_demo.py --causal-only on bouncing clips of tools/demo_data.py "
+                 f"({clips} clips of {CAUSAL_CLIP_FRAMES} frames, {steps} steps)",
+        "colours": list(dd.COLOURS),
+        "shapes": dd.SHAPES,
+        "motions": ["bouncing", "bounces"],
+        "example": "a red circle bouncing",
+        "trained_sizes": [f"{dd.SIZE}x{dd.SIZE}"],
+        "trained_frames": "any",
+    }
+    with open(os.path.join(out, "reel_demo_causal.json"), "w") as f:
+        json.dump(meta, f, indent=1)
 
 
 def main():
@@ -690,6 +735,8 @@ def main():
                     help="train only the block-causal variant, from the demo already in --out")
     ap.add_argument("--causal-clips", type=int, default=600)
     ap.add_argument("--causal-steps", type=int, default=3000)
+    ap.add_argument("--causal-more", type=int, default=2500, help="a second block-causal phase")
+    ap.add_argument("--causal-first", type=int, default=1200, help="a third phase, first chunks only")
     a = ap.parse_args()
     torch.set_num_threads(2)
     os.makedirs(a.work, exist_ok=True)

@@ -43,7 +43,15 @@ demo_files!(
     "transformer/diffusion_pytorch_model.safetensors",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
+    "reel_demo_causal.json",
+    "transformer_causal/config.json",
+    "transformer_causal/diffusion_pytorch_model.safetensors",
+    "transformer_causal/causal_config.json",
 );
+
+/// The block-causal variant of the demo (`reel generate --stream` without --model): the same
+/// VAE, text encoder and tokenizer, the DiT fine-tuned block-causally on bouncing shapes.
+pub const CAUSAL_NAME: &str = "reel-demo-causal";
 
 /// What the demo model was trained on (reel_demo.json).
 pub const DEMO_JSON: &str = "reel_demo.json";
@@ -69,7 +77,8 @@ pub fn default_guidance() -> f32 {
 
 /// Words of the demo captions besides colours, shapes and motions.
 const FILLER: &[&str] = &[
-    "a", "the", "moving", "moves", "going", "drifting", "sliding", "to",
+    "a", "the", "moving", "moves", "going", "drifting", "sliding", "to", "around", "off", "walls",
+    "edges",
 ];
 
 #[derive(serde::Deserialize)]
@@ -77,6 +86,9 @@ struct DemoVocabulary {
     colours: Vec<String>,
     shapes: Vec<String>,
     motions: Vec<String>,
+    /// A prompt it draws well (default: the moving demo's).
+    #[serde(default)]
+    example: Option<String>,
 }
 
 /// For a pipeline folder holding the demo model: a note when `prompt` leaves the demo's
@@ -108,10 +120,19 @@ pub fn vocabulary_note(model_dir: &Path, prompt: &str) -> Option<String> {
         return None;
     }
     let mut note = format!(
-        "the demo model only knows shapes ({}), colours ({}) and motions (moving {}), e.g. \"a red circle moving right\"",
+        "the demo model only knows shapes ({}), colours ({}) and motions ({}), e.g. \"{}\"",
         v.shapes.join(", "),
         v.colours.join(", "),
-        v.motions.join("/")
+        v.motions
+            .iter()
+            .map(|m| if m.starts_with("bounc") {
+                m.clone()
+            } else {
+                format!("moving {m}")
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        v.example.as_deref().unwrap_or("a red circle moving right")
     );
     if !unknown.is_empty() {
         note += &format!("; it never saw: {}", unknown.join(", "));
@@ -134,14 +155,26 @@ pub fn size_note_meta(
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    let lengths: Vec<u64> = meta["trained_frames"]
-        .as_array()?
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .collect();
+    // "any": a block-causal model, which makes any length chunk by chunk.
+    let any_length = meta["trained_frames"] == "any";
+    let lengths: Vec<u64> = if any_length {
+        Vec::new()
+    } else {
+        meta["trained_frames"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .collect()
+    };
     let size = format!("{w}x{h}");
-    if sizes.contains(&size.as_str()) && lengths.contains(&(frames as u64)) {
+    if sizes.contains(&size.as_str()) && (any_length || lengths.contains(&(frames as u64))) {
         return None;
+    }
+    if any_length {
+        return Some(format!(
+            "the demo model was trained on {} clips only and draws well at that size only: at {size} expect noise",
+            sizes.join(", ")
+        ));
     }
     let list = |v: Vec<String>| v.join(", ");
     Some(format!(
@@ -166,25 +199,60 @@ fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
 
 /// The folder of the embedded model, written on first use.
 pub fn ensure() -> Result<PathBuf> {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    write_variant(NAME, &HASH, &|path| {
+        (!path.starts_with("transformer_causal/") && path != "reel_demo_causal.json")
+            .then(|| path.to_string())
+    })
+}
+
+/// The folder of the embedded model's block-causal variant (see [`CAUSAL_NAME`]), written
+/// on first use: its transformer/ is transformer_causal/, its reel_demo.json
+/// reel_demo_causal.json.
+pub fn ensure_causal() -> Result<PathBuf> {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    write_variant(CAUSAL_NAME, &HASH, &|path| {
+        if path.starts_with("transformer/") || path == DEMO_JSON {
+            None
+        } else if let Some(rest) = path.strip_prefix("transformer_causal/") {
+            Some(format!("transformer/{rest}"))
+        } else if path == "reel_demo_causal.json" {
+            Some(DEMO_JSON.to_string())
+        } else {
+            Some(path.to_string())
+        }
+    })
+}
+
+/// Writes the embedded files that `map` keeps (under the path it gives) into a folder named
+/// after `name` and their content, once.
+fn write_variant(
+    name: &str,
+    hash: &std::sync::OnceLock<u64>,
+    map: &dyn Fn(&str) -> Option<String>,
+) -> Result<PathBuf> {
     // One writer per process at a time; across processes the rename decides.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let files: Vec<(String, &[u8])> = FILES
+        .iter()
+        .filter_map(|(p, b)| map(p).map(|to| (to, *b)))
+        .collect();
     // The content hash names the folder, so a new model never meets an old folder.
-    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let hash = *HASH.get_or_init(|| {
-        FILES.iter().fold(0xcbf2_9ce4_8422_2325, |h, (p, b)| {
+    let hash = *hash.get_or_init(|| {
+        files.iter().fold(0xcbf2_9ce4_8422_2325, |h, (p, b)| {
             fnv1a(fnv1a(h, p.as_bytes()), b)
         })
     });
     let dir =
-        std::env::temp_dir().join(format!("{NAME}-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));
+        std::env::temp_dir().join(format!("{name}-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));
     if dir.join("model_index.json").is_file() {
         return Ok(dir);
     }
     // Write beside, then rename: concurrent first runs never see a half-written folder.
-    let tmp = std::env::temp_dir().join(format!("{NAME}.partial-{}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!("{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    for (path, bytes) in FILES {
+    for (path, bytes) in &files {
         let p = tmp.join(path);
         let io = |source| Error::Io {
             path: p.clone(),

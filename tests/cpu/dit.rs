@@ -233,12 +233,18 @@ fn check_stream(case: &str) {
     };
     let per: usize = ns[2..].iter().product();
     let kv = dit.text_kv(&text).unwrap();
+    let uncond = input.contains("negative_encoder_hidden_states").then(|| {
+        dit.text_kv(&input.tensor("negative_encoder_hidden_states").unwrap())
+            .unwrap()
+    });
+    assert_eq!(uncond.is_some(), cfg.guidance > 1.0);
     let mut got = vec![0.0f32; ch * frames * h * w];
     let mut chunks = 0;
     stream(
         &dit,
         &cfg,
         &kv,
+        uncond.as_ref(),
         StreamShape {
             channels: ch,
             frames,
@@ -289,7 +295,8 @@ fn causal_stream_matches_the_pytorch_reference() {
     check_stream("causal_stream");
 }
 
-/// Euler steps per chunk, no sink, chunks of three frames with six attended.
+/// Euler steps per chunk at guidance 3 (a negative prompt over the same cache), no sink,
+/// chunks of three frames with six attended.
 #[test]
 fn causal_euler_stream_matches_the_pytorch_reference() {
     check_stream("causal_euler");

@@ -683,6 +683,14 @@ fn generate_streams_a_block_causal_model_chunk_by_chunk() {
 fn generate_stream_needs_a_block_causal_model() {
     let dir = scratch("gen-stream-bidirectional");
     let mut a = args(&dir.join("v.mp4"));
+    // The (bidirectional) demo named as the model: without --model, --stream takes the
+    // demo's block-causal variant.
+    a.model = Some(
+        reel::models::embedded::ensure()
+            .unwrap()
+            .display()
+            .to_string(),
+    );
     a.stream = true;
     let e = generate(&a).unwrap_err().to_string();
     assert!(

@@ -320,6 +320,14 @@ pub struct CausalConfig {
     /// models) or `euler` (the flow ODE, for models trained by plain flow matching).
     #[serde(default)]
     pub sampler: ChunkSampler,
+    /// Classifier-free guidance at every step (1 = none, as the distilled models run): the
+    /// flow is u + g·(c − u), u from the negative prompt over the same cache.
+    #[serde(default = "one")]
+    pub guidance: f32,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// See [`CausalConfig::sampler`].
@@ -389,6 +397,12 @@ impl CausalConfig {
                 self.timestep_shift
             )));
         }
+        if !(self.guidance.is_finite() && (0.0..=100.0).contains(&self.guidance)) {
+            return Err(bad(format!(
+                "guidance = {} is not in [0, 100]",
+                self.guidance
+            )));
+        }
         if !(self.context_timestep.is_finite() && (0.0..=1000.0).contains(&self.context_timestep)) {
             return Err(bad(format!(
                 "context_timestep = {} is not in [0, 1000]",
@@ -434,12 +448,15 @@ pub struct StreamShape {
 /// sampler (Self-Forcing's re-noising one: at each step x0 = x − σ·flow, then x is x0 noised
 /// afresh to the next step's σ; or Euler steps); the result is handed to
 /// `on_chunk(first_frame, x0)` as [1, C, c, H, W], then run at the context timestep to fill
-/// the cache (skipped after the last chunk). `noise(chunk, step, n)` draws the noise of a
-/// chunk's step. The latent frames are rounded up to whole chunks.
+/// the cache (skipped after the last chunk; with the prompt's text only). With guidance the
+/// flow at each step is u + g·(c − u), u from `uncond` (the negative prompt) over the same
+/// cache. `noise(chunk, step, n)` draws the noise of a chunk's step. The latent frames are
+/// rounded up to whole chunks.
 pub fn stream(
     dit: &WanDit,
     cfg: &CausalConfig,
     text: &TextKv,
+    uncond: Option<&TextKv>,
     shape: StreamShape,
     noise: &mut dyn FnMut(usize, usize, usize) -> Vec<f32>,
     on_chunk: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
@@ -450,6 +467,13 @@ pub fn stream(
         return Err(Error::invalid(format!(
             "latents of {}x{} are not a positive multiple of the patch {ph}x{pw}",
             shape.height, shape.width
+        )));
+    }
+    let guided = cfg.guidance > 1.0;
+    if guided && uncond.is_none() {
+        return Err(Error::invalid(format!(
+            "guidance {} needs the negative prompt's embeddings",
+            cfg.guidance
         )));
     }
     let window = cfg.window();
@@ -470,7 +494,14 @@ pub fn stream(
         let mut x0 = vec![0.0f32; n];
         for (i, &sigma) in sigmas.iter().enumerate() {
             let t = Tensor::new(vec![1], vec![sigma * 1000.0])?;
-            let flow = dit.forward_chunk(&x, &t, text, &cache, f0)?;
+            let mut flow = dit.forward_chunk(&x, &t, text, &cache, f0)?;
+            if let (true, Some(u)) = (guided, uncond) {
+                let un = dit.forward_chunk(&x, &t, u, &cache, f0)?;
+                let g = cfg.guidance;
+                for (c, &u) in flow.data_mut().iter_mut().zip(un.data()) {
+                    *c = u + g * (*c - u);
+                }
+            }
             if cfg.sampler == ChunkSampler::Euler {
                 let dt = sigmas.get(i + 1).copied().unwrap_or(0.0) - sigma;
                 for (xv, &fv) in x.data_mut().iter_mut().zip(flow.data()) {
