@@ -918,7 +918,10 @@ impl WanVae {
     /// Decodes latents [B, z, T, h, w] (not normalized) one latent frame at a time, handing
     /// the frames of each ([1 or 4 frames, H, W, C_out], clamped to [-1, 1]) to `sink`.
     pub fn decode_to(&self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
-        let b = latents.shape().first().copied().unwrap_or(0);
+        // The whole tensor checked first (a batch of 0 included), as each sample's decoder
+        // checks it again.
+        self.check_video(latents.shape(), self.config.z_dim, "decoder", "latents")?;
+        let b = latents.shape()[0];
         for bi in 0..b {
             self.stream_decoder(bi).push(latents, sink)?;
         }
