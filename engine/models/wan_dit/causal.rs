@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::cpu::{AttentionFn, TextKv};
+use super::cpu::{cpu_attention, AttentionFn, TextKv};
 use super::WanDit;
 
 /// The attention span of a block-causal model, in latent frames (LongLive's
@@ -212,17 +212,7 @@ impl WanDit {
         cache: &KvCache,
         first_frame: usize,
     ) -> Result<Tensor> {
-        self.forward_chunk_with_attention(
-            x,
-            timestep,
-            text,
-            cache,
-            first_frame,
-            &mut |q, k, v, o, s| {
-                crate::cpu::attention(q, k, v, o, s);
-                Ok(())
-            },
-        )
+        self.forward_chunk_with_attention(x, timestep, text, cache, first_frame, &mut cpu_attention)
     }
 
     /// [`forward_chunk`](Self::forward_chunk) with every attention computed by `attn`.
@@ -269,16 +259,7 @@ impl WanDit {
             first_frame,
             collect: Some(&mut collected),
         };
-        self.run(
-            x,
-            timestep,
-            text,
-            &mut |q, k, v, o, s| {
-                crate::cpu::attention(q, k, v, o, s);
-                Ok(())
-            },
-            Some(causal),
-        )?;
+        self.run(x, timestep, text, &mut cpu_attention, Some(causal))?;
         cache.push(first_frame, collected, window);
         Ok(())
     }

@@ -89,10 +89,7 @@ impl WanDit {
 
     /// [`forward`](Self::forward) with the text's K/V already made ([`text_kv`](Self::text_kv)).
     pub fn forward_kv(&self, x: &Tensor, timestep: &Tensor, kv: &TextKv) -> Result<Tensor> {
-        self.forward_kv_with_attention(x, timestep, kv, &mut |q, k, v, o, s| {
-            cpu::attention(q, k, v, o, s);
-            Ok(())
-        })
+        self.forward_kv_with_attention(x, timestep, kv, &mut cpu_attention)
     }
 
     /// [`forward`](Self::forward) with every self- and cross-attention computed by `attn`
@@ -356,6 +353,18 @@ pub struct TextKv {
     shape: [usize; 3],
     /// Per block: K (RMS-normalised) and V, [B·Lt, D] each.
     blocks: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// The f32 reference attention as an [`AttentionFn`].
+pub(super) fn cpu_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    s: AttnShape,
+) -> Result<()> {
+    cpu::attention(q, k, v, o, s);
+    Ok(())
 }
 
 /// An attention implementation: (q, k, v, out, shape) as [`cpu::attention`] takes them.
