@@ -425,14 +425,48 @@ pub struct StreamShape {
     pub width: usize,
 }
 
-/// Makes a video chunk by chunk: a chunk starts from noise and is denoised by the config's
-/// sampler (Self-Forcing's re-noising one: at each step x0 = x − σ·flow, then x is x0 noised
-/// afresh to the next step's σ; or Euler steps); the result is handed to
-/// `on_chunk(first_frame, x0)` as [1, C, c, H, W], then run at the context timestep to fill
-/// the cache (skipped after the last chunk; with the prompt's text only). With guidance the
-/// flow at each step is u + g·(c − u), u from `uncond` (the negative prompt) over the same
-/// cache. `noise(chunk, step, n)` draws the noise of a chunk's step. The latent frames are
-/// rounded up to whole chunks.
+/// A block-causal model as [`stream_with`] drives it: the CPU reference ([`CpuChunks`]) or
+/// a device session ([`super::gpu::DeviceChunks`]).
+pub trait ChunkModel {
+    /// The flow prediction [1, C_out, c, H, W] for chunk x [1, C, c, H, W] whose first
+    /// latent frame is `first_frame`, at timestep `t`, with the prompt (`negative` false) or
+    /// the negative prompt, over the cached K/V of earlier frames.
+    fn flow(&mut self, x: &Tensor, t: f32, first_frame: usize, negative: bool) -> Result<Tensor>;
+    /// Runs the clean chunk x at timestep `t` with the prompt and puts its K/V in the cache,
+    /// evicting what no later chunk attends to.
+    fn cache(&mut self, x: &Tensor, t: f32, first_frame: usize) -> Result<()>;
+}
+
+/// The CPU reference as a [`ChunkModel`]: the DiT, the prompts' text K/V and a [`KvCache`].
+pub struct CpuChunks<'a> {
+    pub dit: &'a WanDit,
+    pub text: &'a TextKv,
+    pub uncond: Option<&'a TextKv>,
+    pub cache: KvCache,
+    pub window: CausalWindow,
+}
+
+impl ChunkModel for CpuChunks<'_> {
+    fn flow(&mut self, x: &Tensor, t: f32, first_frame: usize, negative: bool) -> Result<Tensor> {
+        let text = match (negative, self.uncond) {
+            (false, _) => self.text,
+            (true, Some(u)) => u,
+            (true, None) => return Err(Error::invalid("no negative prompt for guidance")),
+        };
+        let t = Tensor::new(vec![1], vec![t])?;
+        self.dit
+            .forward_chunk(x, &t, text, &self.cache, first_frame)
+    }
+
+    fn cache(&mut self, x: &Tensor, t: f32, first_frame: usize) -> Result<()> {
+        let t = Tensor::new(vec![1], vec![t])?;
+        self.dit
+            .cache_chunk(x, &t, self.text, &mut self.cache, first_frame, &self.window)
+    }
+}
+
+/// [`stream_with`] on the CPU reference: the DiT with the prompt's text K/V and, for
+/// guidance, the negative prompt's.
 pub fn stream(
     dit: &WanDit,
     cfg: &CausalConfig,
@@ -450,16 +484,39 @@ pub fn stream(
             shape.height, shape.width
         )));
     }
-    let guided = cfg.guidance > 1.0;
-    if guided && uncond.is_none() {
+    if cfg.guidance > 1.0 && uncond.is_none() {
         return Err(Error::invalid(format!(
             "guidance {} needs the negative prompt's embeddings",
             cfg.guidance
         )));
     }
-    let window = cfg.window();
+    let mut model = CpuChunks {
+        dit,
+        text,
+        uncond,
+        cache: KvCache::new(dit, 1, [shape.height / ph, shape.width / pw]),
+        window: cfg.window(),
+    };
+    stream_with(&mut model, cfg, shape, noise, on_chunk)
+}
+
+/// Makes a video chunk by chunk: a chunk starts from noise and is denoised by the config's
+/// sampler (Self-Forcing's re-noising one: at each step x0 = x − σ·flow, then x is x0 noised
+/// afresh to the next step's σ; or Euler steps); the result is handed to
+/// `on_chunk(first_frame, x0)` as [1, C, c, H, W], then run at the context timestep to fill
+/// the cache (skipped after the last chunk; with the prompt's text only). With guidance the
+/// flow at each step is u + g·(c − u), u from the negative prompt over the same cache.
+/// `noise(chunk, step, n)` draws the noise of a chunk's step. The latent frames are
+/// rounded up to whole chunks.
+pub fn stream_with(
+    model: &mut dyn ChunkModel,
+    cfg: &CausalConfig,
+    shape: StreamShape,
+    noise: &mut dyn FnMut(usize, usize, usize) -> Vec<f32>,
+    on_chunk: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<()> {
+    let guided = cfg.guidance > 1.0;
     let chunks = shape.frames.div_ceil(cfg.chunk_frames);
-    let mut cache = KvCache::new(dit, 1, [shape.height / ph, shape.width / pw]);
     let sigmas = cfg.sigmas();
     let dims = vec![
         1,
@@ -474,10 +531,10 @@ pub fn stream(
         let mut x = Tensor::new(dims.clone(), noise(k, 0, n))?;
         let mut x0 = vec![0.0f32; n];
         for (i, &sigma) in sigmas.iter().enumerate() {
-            let t = Tensor::new(vec![1], vec![sigma * 1000.0])?;
-            let mut flow = dit.forward_chunk(&x, &t, text, &cache, f0)?;
-            if let (true, Some(u)) = (guided, uncond) {
-                let un = dit.forward_chunk(&x, &t, u, &cache, f0)?;
+            let t = sigma * 1000.0;
+            let mut flow = model.flow(&x, t, f0, false)?;
+            if guided {
+                let un = model.flow(&x, t, f0, true)?;
                 let g = cfg.guidance;
                 for (c, &u) in flow.data_mut().iter_mut().zip(un.data()) {
                     *c = u + g * (*c - u);
@@ -509,8 +566,7 @@ pub fn stream(
         let clean = Tensor::new(dims.clone(), x0)?;
         on_chunk(f0, &clean)?;
         if k + 1 < chunks {
-            let t = Tensor::new(vec![1], vec![cfg.context_timestep as f32])?;
-            dit.cache_chunk(&clean, &t, text, &mut cache, f0, &window)?;
+            model.cache(&clean, cfg.context_timestep as f32, f0)?;
         }
     }
     Ok(())

@@ -18,6 +18,7 @@
 
 use half::bf16;
 
+use super::causal::{CausalWindow, ChunkModel};
 use super::{Linear, WanDit, WanDitConfig};
 use crate::cpu;
 use crate::error::{Error, Result};
@@ -252,21 +253,23 @@ fn linear<O: k::gemm::GemmOut>(
 
 /// Phase "text": uploads the prompt embeddings [B, Lt, text_dim] and the RoPE tables,
 /// embeds the text and projects every block's cross-attention K/V.
+/// `prompts` texts of `s.text_len` tokens (the batch's samples; a block-causal session's
+/// prompt and negative prompt, one sample each).
 fn text_phase(
     ctx: &mut Ctx,
     c: &WanDitConfig,
     w: &DeviceWeights,
     s: DitShape,
     text: &[f32],
+    prompts: usize,
 ) -> Result<Views> {
     let (d, hd) = (c.inner_dim(), c.attention_head_dim);
     let grid = s.grid(c);
-    let (l, blt) = (s.tokens(c), s.batch * s.text_len);
+    let (l, blt) = (s.tokens(c), prompts * s.text_len);
     if text.len() != blt * c.text_dim {
         return Err(Error::invalid(format!(
-            "prompt embeddings: {} values for [{}, {}, {}]",
+            "prompt embeddings: {} values for [{prompts}, {}, {}]",
             text.len(),
-            s.batch,
             s.text_len,
             c.text_dim
         )));
@@ -357,6 +360,7 @@ fn step_inputs(
     v: &Views,
     x: &[f32],
     timesteps: &[f32],
+    first_frame: Option<usize>,
 ) -> Result<()> {
     if x.len() != v.x.len() || timesteps.len() != s.batch {
         return Err(Error::invalid(format!(
@@ -369,7 +373,27 @@ fn step_inputs(
     ctx.upload(v.x, x)?;
     let freq = cpu::timestep_embedding(timesteps, c.freq_dim, true, 0.0, 10000.0);
     let freq: Vec<bf16> = freq.iter().map(|&x| bf16::from_f32(x)).collect();
-    ctx.upload(v.t_freq, &freq)
+    ctx.upload(v.t_freq, &freq)?;
+    if let Some(f0) = first_frame {
+        // A block-causal chunk: its tokens' angles at their frames' absolute indices.
+        let [t, h, wd] = s.grid(c);
+        let rope = cpu::wan_rope_tables_at(c.attention_head_dim, f0, t, h, wd, 10000.0);
+        ctx.upload(v.cos, &rope.cos)?;
+        ctx.upload(v.sin, &rope.sin)?;
+    }
+    Ok(())
+}
+
+/// A block-causal chunk's self-attention inside [`step_body`]: per block, persistent K and
+/// V buffers [rows, D] whose first `cached` rows hold the cached frames' K/V (after QK-norm
+/// and RoPE); the chunk's K/V are projected straight into the rows after them and the
+/// chunk's queries attend to all `cached + L` rows. `prompt` picks the cross-attention K/V
+/// (0: the prompt, 1: the negative prompt). Batch 1.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    cache: &'a [(View<bf16>, View<bf16>)],
+    cached: usize,
+    prompt: usize,
 }
 
 /// Phase "step", its launches (no copies, no synchronisation: a CUDA graph on cuda): the
@@ -380,6 +404,7 @@ fn step_body(
     w: &DeviceWeights,
     s: DitShape,
     v: &Views,
+    chunk: Option<Chunk<'_>>,
 ) -> Result<()> {
     let (d, f, hd) = (c.inner_dim(), c.ffn_dim, c.attention_head_dim);
     let (b, l, lt) = (s.batch, s.tokens(c), s.text_len);
@@ -432,7 +457,13 @@ fn step_body(
         lk: l,
         scale: 1.0 / (hd as f32).sqrt(),
     };
+    // The cross-attention K/V of this pass's prompt(s).
+    let (text_rows, prompt) = (b * lt * d, chunk.map_or(0, |ch| ch.prompt));
     for (i, &(kc, vc)) in v.kv.iter().enumerate() {
+        let (kc, vc) = (
+            kc.sub(prompt * text_rows, text_rows)?,
+            vc.sub(prompt * text_rows, text_rows)?,
+        );
         let _range = ctx.range(&format!("block {i}"));
         let p = |n: &str| format!("b{i}.{n}");
         // Modulation rows [6, B, D]: shift, 1 + scale, gate (attention), then the FFN's.
@@ -461,36 +492,88 @@ fn step_body(
             l,
             eps,
         )?;
-        let qkv = ctx.temp::<bf16>(&p("qkv"), bl * 3 * d)?;
-        linear(ctx, w, &p("qkv"), true, n, qkv, (bl, 3 * d, d), Act::None)?;
+        // Q, K and V: one fused projection, or (a chunk) Q alone, K and V into the cache.
+        let qkv = match chunk {
+            Some(_) => ctx.temp::<bf16>(&p("q"), l * d)?,
+            None => ctx.temp::<bf16>(&p("qkv"), bl * 3 * d)?,
+        };
+        let o = ctx.temp::<bf16>(&p("attn"), bl * d)?;
         let rope = Rope {
             cos: ctx.slice(v.cos),
             sin: ctx.slice(v.sin),
             head_dim: hd,
             tokens: l,
         };
-        for (part, norm) in [(0, "norm_q"), (1, "norm_k")] {
-            k::norm::rms_norm_rope_rows_bf16(
+        if let Some(ch) = chunk {
+            // Q into a temporary, K and V into the cache rows after the cached frames.
+            let (ck, cv) = ch.cache[i];
+            let rows = ch.cached + l;
+            let q = qkv;
+            let (wqkv, bqkv) = (w.bf16(&p("qkv.w"))?, w.f32(&p("qkv.b"))?);
+            let dests = [
+                ctx.slice(q),
+                ctx.slice(ck.sub(ch.cached * d, l * d)?),
+                ctx.slice(cv.sub(ch.cached * d, l * d)?),
+            ];
+            for (part, out) in dests.into_iter().enumerate() {
+                crate::gpu::gemm::gemm(
+                    &dev,
+                    (ctx.slice(n), d),
+                    (wqkv.sub(part * d * d, d * d)?, d),
+                    Some(bqkv.sub(part * d, d)?),
+                    (out, d),
+                    (l, d, d),
+                    Act::None,
+                )?;
+            }
+            for (x, norm) in [(dests[0], "norm_q"), (dests[1], "norm_k")] {
+                k::norm::rms_norm_rope_rows_bf16(
+                    &dev,
+                    x,
+                    (l, d, d),
+                    None,
+                    w.f32(&p(norm))?,
+                    eps,
+                    Some(Rope { ..rope }),
+                )?;
+            }
+            let view = AttnView::packed(0, d, rows);
+            k::flash_attention(
                 &dev,
-                ctx.slice(qkv).sub(part * d, bl * 3 * d - part * d)?,
-                (bl, d, 3 * d),
+                (ctx.slice(q), AttnView::packed(0, d, l)),
+                (ctx.slice(ck), view),
+                (ctx.slice(cv), view),
+                (ctx.slice(o), AttnView::packed(0, d, l)),
                 None,
-                w.f32(&p(norm))?,
-                eps,
-                Some(Rope { ..rope }),
+                FlashShape {
+                    lk: rows,
+                    ..attn_shape
+                },
+            )?;
+        } else {
+            linear(ctx, w, &p("qkv"), true, n, qkv, (bl, 3 * d, d), Act::None)?;
+            for (part, norm) in [(0, "norm_q"), (1, "norm_k")] {
+                k::norm::rms_norm_rope_rows_bf16(
+                    &dev,
+                    ctx.slice(qkv).sub(part * d, bl * 3 * d - part * d)?,
+                    (bl, d, 3 * d),
+                    None,
+                    w.f32(&p(norm))?,
+                    eps,
+                    Some(Rope { ..rope }),
+                )?;
+            }
+            let view = |col: usize| AttnView::packed(col, 3 * d, l);
+            k::flash_attention(
+                &dev,
+                (ctx.slice(qkv), view(0)),
+                (ctx.slice(qkv), view(d)),
+                (ctx.slice(qkv), view(2 * d)),
+                (ctx.slice(o), AttnView::packed(0, d, l)),
+                None,
+                attn_shape,
             )?;
         }
-        let o = ctx.temp::<bf16>(&p("attn"), bl * d)?;
-        let view = |col: usize| AttnView::packed(col, 3 * d, l);
-        k::flash_attention(
-            &dev,
-            (ctx.slice(qkv), view(0)),
-            (ctx.slice(qkv), view(d)),
-            (ctx.slice(qkv), view(2 * d)),
-            (ctx.slice(o), AttnView::packed(0, d, l)),
-            None,
-            attn_shape,
-        )?;
         let y = ctx.temp::<bf16>(&p("attn_out"), bl * d)?;
         linear(ctx, w, &p("o"), false, o, y, (bl, d, d), Act::None)?;
         k::residual_gate_bf16(
@@ -640,10 +723,10 @@ pub fn plan(c: &WanDitConfig, s: DitShape, arch: Arch) -> Result<MemoryPlan> {
     let w = DeviceWeights::measure(&device_weight_specs(c))?;
     let mut ctx = Ctx::measure(arch);
     let text = vec![0.0f32; s.batch * s.text_len * c.text_dim];
-    let v = text_phase(&mut ctx, c, &w, s, &text)?;
+    let v = text_phase(&mut ctx, c, &w, s, &text, s.batch)?;
     let x = vec![0.0f32; v.x.len()];
-    step_inputs(&mut ctx, c, s, &v, &x, &vec![0.0; s.batch])?;
-    step_body(&mut ctx, c, &w, s, &v)?;
+    step_inputs(&mut ctx, c, s, &v, &x, &vec![0.0; s.batch], None)?;
+    step_body(&mut ctx, c, &w, s, &v, None)?;
     ctx.finish()
 }
 
@@ -686,6 +769,7 @@ impl DitSession {
             w,
             self.shape,
             text,
+            self.shape.batch,
         )?);
         Ok(())
     }
@@ -698,10 +782,18 @@ impl DitSession {
             .as_ref()
             .ok_or_else(|| Error::invalid("DiT step before set_text"))?;
         let _range = self.ctx.range("DiT step");
-        step_inputs(&mut self.ctx, &self.config, self.shape, v, x, timesteps)?;
+        step_inputs(
+            &mut self.ctx,
+            &self.config,
+            self.shape,
+            v,
+            x,
+            timesteps,
+            None,
+        )?;
         let (c, s) = (&self.config, self.shape);
         self.ctx.graph("step", w.stamp(), self.eager, |ctx| {
-            step_body(ctx, c, w, s, v)
+            step_body(ctx, c, w, s, v, None)
         })?;
         let out = v.out;
         self.ctx.download(out)
@@ -736,5 +828,315 @@ impl WanDit {
             vec![batch, self.config.out_channels(), s[2], s[3], s[4]],
             out,
         )
+    }
+}
+
+/// The self-attention K/V buffers of a block-causal session, in their own phase: per block,
+/// K and V of `local_frames` frames (the sink, the window and the chunk's own), whatever
+/// the video's length.
+fn cache_phase(
+    ctx: &mut Ctx,
+    c: &WanDitConfig,
+    s: DitShape,
+    window: &CausalWindow,
+) -> Result<Vec<(View<bf16>, View<bf16>)>> {
+    ctx.phase("cache")?;
+    let [_, h, w] = s.grid(c);
+    let rows = window.local_frames * h * w;
+    let d = c.inner_dim();
+    (0..c.num_layers)
+        .map(|i| {
+            Ok((
+                ctx.persistent(&format!("b{i}.self_k"), rows * d)?,
+                ctx.persistent(&format!("b{i}.self_v"), rows * d)?,
+            ))
+        })
+        .collect()
+}
+
+/// Checks a block-causal session's sizes: batch 1, a chunk's frames, a temporal patch of 1,
+/// one or two prompts.
+fn check_causal(
+    c: &WanDitConfig,
+    window: &CausalWindow,
+    s: DitShape,
+    prompts: usize,
+) -> Result<()> {
+    s.check(c)?;
+    window.check().map_err(Error::invalid)?;
+    if c.patch_size[0] != 1 {
+        return Err(Error::invalid(format!(
+            "block-causal generation needs a temporal patch of 1, the model's is {}",
+            c.patch_size[0]
+        )));
+    }
+    if s.batch != 1 || s.frames != window.chunk_frames || !(1..=2).contains(&prompts) {
+        return Err(Error::invalid(format!(
+            "a block-causal session runs one sample of {} latent frames with 1 or 2 prompts, not {s:?} with {prompts}",
+            window.chunk_frames
+        )));
+    }
+    Ok(())
+}
+
+/// The memory plan of a block-causal generation on `arch` (see [`CausalSession`]): the
+/// caches, one text phase for `prompts` prompts and one chunk step with the cache full.
+/// The video's length is not an input: memory is the same for a second or an hour.
+pub fn plan_causal(
+    c: &WanDitConfig,
+    window: &CausalWindow,
+    s: DitShape,
+    prompts: usize,
+    arch: Arch,
+) -> Result<MemoryPlan> {
+    check_causal(c, window, s, prompts)?;
+    let w = DeviceWeights::measure(&device_weight_specs(c))?;
+    let mut ctx = Ctx::measure(arch);
+    let cache = cache_phase(&mut ctx, c, s, window)?;
+    let text = vec![0.0f32; prompts * s.text_len * c.text_dim];
+    let v = text_phase(&mut ctx, c, &w, s, &text, prompts)?;
+    let x = vec![0.0f32; v.x.len()];
+    step_inputs(&mut ctx, c, s, &v, &x, &[0.0], Some(0))?;
+    let [_, h, wd] = s.grid(c);
+    let chunk = Chunk {
+        cache: &cache,
+        cached: window.cached_frames() * h * wd,
+        prompt: prompts - 1,
+    };
+    step_body(&mut ctx, c, &w, s, &v, Some(chunk))?;
+    ctx.finish()
+}
+
+/// A block-causal DiT on a device ([`super::causal`]'s model): one chunk of latent frames
+/// at a time (batch 1), each block's self-attention K/V of the cached frames in persistent
+/// buffers of `local_frames` frames ([`plan_causal`]). Attention does not depend on the
+/// order of its keys, so the cache is a set of frame slots: a chunk's K/V are projected
+/// into the slots after the cached ones, and after the context pass the frames that leave
+/// the window are overwritten by the new ones that stay (a device copy per frame moved).
+pub struct CausalSession {
+    config: WanDitConfig,
+    window: CausalWindow,
+    shape: DitShape,
+    prompts: usize,
+    plan: MemoryPlan,
+    ctx: Ctx,
+    cache: Vec<(View<bf16>, View<bf16>)>,
+    views: Option<Views>,
+    /// The absolute frame each cache slot holds (slot i: rows i·tokens per frame ..).
+    slots: Vec<usize>,
+    eager: bool,
+}
+
+impl CausalSession {
+    /// Plans a session for chunks of `shape` (batch 1, `window.chunk_frames` frames) with
+    /// `prompts` prompts (2 for guidance: the prompt and the negative prompt) and allocates
+    /// what the plan says.
+    pub fn new(
+        dev: &KernelDevice,
+        c: &WanDitConfig,
+        window: CausalWindow,
+        shape: DitShape,
+        prompts: usize,
+    ) -> Result<Self> {
+        let plan = plan_causal(c, &window, shape, prompts, dev.arch()?)?;
+        let mut ctx = Ctx::run(dev.clone(), plan.clone())?;
+        let cache = cache_phase(&mut ctx, c, shape, &window)?;
+        Ok(CausalSession {
+            config: c.clone(),
+            window,
+            shape,
+            prompts,
+            plan,
+            ctx,
+            cache,
+            views: None,
+            slots: Vec::new(),
+            eager: false,
+        })
+    }
+
+    /// See [`DitSession::set_eager`].
+    pub fn set_eager(&mut self, eager: bool) {
+        self.eager = eager;
+    }
+
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// Bytes the session allocated (the plan's arena + persistent bytes).
+    pub fn allocated_bytes(&self) -> usize {
+        self.ctx.allocated_bytes()
+    }
+
+    /// The frames whose K/V the cache holds, in slot order.
+    pub fn cached_frames(&self) -> &[usize] {
+        &self.slots
+    }
+
+    /// Sets the prompts' embeddings [prompts, Lt, text_dim] (the prompt first) and projects
+    /// every block's cross-attention K/V. Forgets the cache: a new video starts.
+    pub fn set_text(&mut self, w: &DeviceWeights, text: &[f32]) -> Result<()> {
+        self.views = Some(text_phase(
+            &mut self.ctx,
+            &self.config,
+            w,
+            self.shape,
+            text,
+            self.prompts,
+        )?);
+        self.slots.clear();
+        Ok(())
+    }
+
+    /// Runs chunk x [1, C, c, H, W] (f32) starting at latent frame `first_frame` at
+    /// timestep `t` with prompt `prompt`: its K/V land in the slots after the cached ones.
+    fn run(
+        &mut self,
+        w: &DeviceWeights,
+        x: &[f32],
+        t: f32,
+        first_frame: usize,
+        prompt: usize,
+    ) -> Result<()> {
+        let Self {
+            config: c,
+            shape: s,
+            ctx,
+            cache,
+            views,
+            slots,
+            eager,
+            ..
+        } = self;
+        let v = views
+            .as_ref()
+            .ok_or_else(|| Error::invalid("DiT chunk before set_text"))?;
+        if prompt >= self.prompts {
+            return Err(Error::invalid(format!(
+                "prompt {prompt} of a session made for {}",
+                self.prompts
+            )));
+        }
+        if let Some(&f) = slots.iter().find(|&&f| f >= first_frame) {
+            return Err(Error::invalid(format!(
+                "chunk at frame {first_frame}: the cache already holds frame {f}"
+            )));
+        }
+        if first_frame + s.frames > c.rope_max_seq_len {
+            return Err(Error::invalid(format!(
+                "latent frame {} is past the model's rope_max_seq_len = {} positions",
+                first_frame + s.frames,
+                c.rope_max_seq_len
+            )));
+        }
+        let _range = ctx.range("DiT chunk");
+        step_inputs(ctx, c, *s, v, x, &[t], Some(first_frame))?;
+        let [_, h, wd] = s.grid(c);
+        let chunk = Chunk {
+            cache,
+            cached: slots.len() * h * wd,
+            prompt,
+        };
+        // One graph per cache fill and prompt (the attention's length and the text K/V
+        // differ); once the window is full, the same ones replay for the rest of the video.
+        let key = format!("chunk {} {prompt}", slots.len());
+        let (c, s) = (&*c, *s);
+        ctx.graph(&key, w.stamp(), *eager, |ctx| {
+            step_body(ctx, c, w, s, v, Some(chunk))
+        })
+    }
+
+    /// The flow prediction [1, C_out, c, H, W] (f32, on the host) of chunk x [1, C, c, H, W]
+    /// starting at latent frame `first_frame`, at timestep `t`, with prompt `prompt`
+    /// (0: the prompt, 1: the negative prompt), over the cached frames.
+    pub fn flow(
+        &mut self,
+        w: &DeviceWeights,
+        x: &[f32],
+        t: f32,
+        first_frame: usize,
+        prompt: usize,
+    ) -> Result<Vec<f32>> {
+        self.run(w, x, t, first_frame, prompt)?;
+        let out = self
+            .views
+            .as_ref()
+            .map(|v| v.out)
+            .ok_or_else(|| Error::invalid("DiT chunk before set_text"))?;
+        self.ctx.download(out)
+    }
+
+    /// Runs the clean chunk x at timestep `t` with the prompt, keeps its K/V and evicts the
+    /// frames no later chunk attends to (as [`super::KvCache`] does on the CPU).
+    pub fn cache_chunk(
+        &mut self,
+        w: &DeviceWeights,
+        x: &[f32],
+        t: f32,
+        first_frame: usize,
+    ) -> Result<()> {
+        self.run(w, x, t, first_frame, 0)?;
+        let c = self.window.chunk_frames;
+        let mut all = self.slots.clone();
+        all.extend(first_frame..first_frame + c);
+        let keep: Vec<usize> = self.window.attended(first_frame + c).collect();
+        let n = keep.len();
+        // Kept frames in slots past the first n move into the slots of evicted ones.
+        let holes: Vec<usize> = (0..n).filter(|&p| !keep.contains(&all[p])).collect();
+        let movers: Vec<usize> = (n..all.len()).filter(|&p| keep.contains(&all[p])).collect();
+        let [_, h, wd] = self.shape.grid(&self.config);
+        let frame = h * wd * self.config.inner_dim();
+        for (&hole, &from) in holes.iter().zip(&movers) {
+            for &(k_buf, v_buf) in &self.cache {
+                for buf in [k_buf, v_buf] {
+                    crate::kernels::copy(
+                        self.ctx.dev(),
+                        self.ctx.slice(buf.sub(from * frame, frame)?),
+                        self.ctx.slice(buf.sub(hole * frame, frame)?),
+                    )?;
+                }
+            }
+            all[hole] = all[from];
+        }
+        all.truncate(n);
+        self.slots = all;
+        Ok(())
+    }
+}
+
+/// A [`CausalSession`] with its weights as a [`ChunkModel`] for [`super::stream_with`].
+pub struct DeviceChunks<'a> {
+    pub session: &'a mut CausalSession,
+    pub weights: &'a DeviceWeights,
+}
+
+impl ChunkModel for DeviceChunks<'_> {
+    fn flow(
+        &mut self,
+        x: &crate::Tensor,
+        t: f32,
+        first_frame: usize,
+        negative: bool,
+    ) -> Result<crate::Tensor> {
+        let out = self
+            .session
+            .flow(self.weights, x.data(), t, first_frame, negative as usize)?;
+        let s = self.session.shape;
+        crate::Tensor::new(
+            vec![
+                1,
+                self.session.config.out_channels(),
+                s.frames,
+                s.height,
+                s.width,
+            ],
+            out,
+        )
+    }
+
+    fn cache(&mut self, x: &crate::Tensor, t: f32, first_frame: usize) -> Result<()> {
+        self.session
+            .cache_chunk(self.weights, x.data(), t, first_frame)
     }
 }

@@ -27,7 +27,10 @@ mod causal;
 mod cpu;
 pub mod gpu;
 
-pub use causal::{stream, CausalConfig, CausalWindow, ChunkSampler, KvCache, StreamShape};
+pub use causal::{
+    stream, stream_with, CausalConfig, CausalWindow, ChunkModel, ChunkSampler, CpuChunks, KvCache,
+    StreamShape,
+};
 pub use cpu::{AttentionFn, TextKv};
 
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
