@@ -982,6 +982,7 @@ pub fn run(cli: Cli) -> Result<String> {
                 frames: frames.or(seconds.map(|s| 16 * s + 1)),
                 device_memory_gib: device_memory,
                 arch,
+                causal: None,
             })?;
             let mut out = String::new();
             if let Some(dest) = json.as_deref() {

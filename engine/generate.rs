@@ -589,11 +589,6 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
                     c.guidance
                 );
             }
-            if args.device.is_some() {
-                return Err(Error::invalid(
-                    "--device: block-causal streaming runs on the cpu device for now",
-                ));
-            }
         }
         None => {}
     }
@@ -628,6 +623,7 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
             frames: Some(frames),
             device_memory_gib: None,
             arch: None,
+            causal: None,
         })?;
         if !report.fits {
             return Err(Error::invalid(format!(

@@ -444,11 +444,6 @@ impl Pipeline {
                 CausalConfig::FILE
             ))
         })?;
-        if self.device.is_some() {
-            return Err(Error::invalid(
-                "block-causal streaming runs on the cpu device for now (--device cpu)",
-            ));
-        }
         if cond.prompt_embeds.shape().first() != Some(&1) {
             return Err(Error::invalid(
                 "streaming makes one video at a time (batch 1)",
@@ -457,9 +452,8 @@ impl Pipeline {
         let _track = self.track();
         let [_, z, t, h, w] = self.latent_shape(1, frames, height, width);
         let chunks = t.div_ceil(cfg.chunk_frames);
-        let kv = self.dit.text_kv(&cond.prompt_embeds)?;
-        let uncond = match (cfg.guidance > 1.0, &cond.negative_prompt_embeds) {
-            (true, Some(n)) => Some(self.dit.text_kv(n)?),
+        let negative = match (cfg.guidance > 1.0, &cond.negative_prompt_embeds) {
+            (true, Some(n)) => Some(n),
             (true, None) => {
                 return Err(Error::invalid(format!(
                     "the model's causal_config.json asks for guidance {}: give the negative prompt's embeddings",
@@ -468,38 +462,93 @@ impl Pipeline {
             }
             (false, _) => None,
         };
-        let mut decoder = self.vae.stream_decoder(0);
+        let shape = StreamShape {
+            channels: z,
+            frames: t,
+            height: h,
+            width: w,
+        };
         let vc = &self.vae.config;
         let mut done = 0;
-        crate::models::wan_dit::stream(
-            &self.dit,
-            cfg,
-            &kv,
-            uncond.as_ref(),
-            StreamShape {
-                channels: z,
-                frames: t,
-                height: h,
-                width: w,
-            },
-            &mut |k, i, n| crate::rng::gaussian(stream_seed(seed, k, i), n),
-            &mut |f0, x0| {
-                // The latent frames of the video (the last chunk may run past them),
-                // de-normalized, into the decoder.
-                let keep = x0.shape()[2].min(t - f0);
-                let plane = h * w;
-                let mut lat = Vec::with_capacity(z * keep * plane);
-                for ch in 0..z {
-                    // As decode_to de-normalizes (the same roundings).
-                    let (inv_std, mean) = (1.0 / vc.latents_std[ch], vc.latents_mean[ch]);
-                    let src = &x0.data()[ch * x0.shape()[2] * plane..][..keep * plane];
-                    lat.extend(src.iter().map(|&v| v / inv_std + mean));
+        let mut noise = |k, i, n| crate::rng::gaussian(stream_seed(seed, k, i), n);
+        // Each chunk's latent frames of the video (the last chunk may run past them),
+        // de-normalized as decode_to does (the same roundings).
+        let latents_of = |f0: usize, x0: &Tensor| -> Result<Tensor> {
+            let keep = x0.shape()[2].min(t - f0);
+            let plane = h * w;
+            let mut lat = Vec::with_capacity(z * keep * plane);
+            for ch in 0..z {
+                let (inv_std, mean) = (1.0 / vc.latents_std[ch], vc.latents_mean[ch]);
+                let src = &x0.data()[ch * x0.shape()[2] * plane..][..keep * plane];
+                lat.extend(src.iter().map(|&v| v / inv_std + mean));
+            }
+            Tensor::new(vec![1, z, keep, h, w], lat)
+        };
+        match &self.device {
+            None => {
+                let kv = self.dit.text_kv(&cond.prompt_embeds)?;
+                let uncond = negative.map(|n| self.dit.text_kv(n)).transpose()?;
+                let mut decoder = self.vae.stream_decoder(0);
+                crate::models::wan_dit::stream(
+                    &self.dit,
+                    cfg,
+                    &kv,
+                    uncond.as_ref(),
+                    shape,
+                    &mut noise,
+                    &mut |f0, x0| {
+                        decoder.push(&latents_of(f0, x0)?, sink)?;
+                        done += 1;
+                        on_chunk(done, chunks)
+                    },
+                )
+            }
+            Some(d) => {
+                use crate::models::wan_dit::gpu::{CausalSession, DeviceChunks, DitShape};
+                let (dit_w, vae_w) = self.weights_for(Stage::Video)?;
+                let text_len = cond.prompt_embeds.shape()[1];
+                let mut session = CausalSession::new(
+                    &d.dev,
+                    &self.dit.config,
+                    cfg.window(),
+                    DitShape {
+                        batch: 1,
+                        frames: cfg.chunk_frames,
+                        height: h,
+                        width: w,
+                        text_len,
+                    },
+                    1 + negative.is_some() as usize,
+                )?;
+                let mut texts = cond.prompt_embeds.data().to_vec();
+                if let Some(n) = negative {
+                    if n.shape() != cond.prompt_embeds.shape() {
+                        return Err(Error::invalid(format!(
+                            "negative_prompt_embeds {:?} must have the shape of prompt_embeds {:?}",
+                            n.shape(),
+                            cond.prompt_embeds.shape()
+                        )));
+                    }
+                    texts.extend_from_slice(n.data());
                 }
-                decoder.push(&Tensor::new(vec![1, z, keep, h, w], lat)?, sink)?;
-                done += 1;
-                on_chunk(done, chunks)
-            },
-        )
+                session.set_text(&dit_w, &texts)?;
+                let mut decoder = self.vae.stream_decoder_on(&d.dev, &vae_w, (h, w))?;
+                crate::models::wan_dit::stream_with(
+                    &mut DeviceChunks {
+                        session: &mut session,
+                        weights: &dit_w,
+                    },
+                    cfg,
+                    shape,
+                    &mut noise,
+                    &mut |f0, x0| {
+                        decoder.push(&latents_of(f0, x0)?, sink)?;
+                        done += 1;
+                        on_chunk(done, chunks)
+                    },
+                )
+            }
+        }
     }
 }
 

@@ -21,8 +21,8 @@ use crate::gpu::{DeviceWeights, MemoryPlan};
 use crate::kernels::{Arch, KernelDevice};
 use crate::models::umt5::gpu::{self as text_gpu, TextShape};
 use crate::models::umt5::Umt5Config;
-use crate::models::wan_dit::gpu::{device_weight_specs, plan as dit_plan, DitShape};
-use crate::models::wan_dit::WanDitConfig;
+use crate::models::wan_dit::gpu::{device_weight_specs, plan as dit_plan, plan_causal, DitShape};
+use crate::models::wan_dit::{CausalConfig, WanDitConfig};
 use crate::models::wan_vae::gpu::{self as vae_gpu, Coding};
 use crate::models::wan_vae::WanVaeConfig;
 use crate::models::{embedded, read_json, resolve_component};
@@ -37,6 +37,21 @@ pub struct PlanArgs {
     pub device_memory_gib: Option<f64>,
     /// The architecture whose launch limits the plan checks (default: the GPU's, or sm_90).
     pub arch: Option<String>,
+    /// Plan block-causal streaming with this config (default: the model folder's
+    /// transformer/causal_config.json, when it has one).
+    pub causal: Option<CausalConfig>,
+}
+
+/// A block-causal plan's extra lines.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamingLine {
+    pub chunk_frames: usize,
+    pub sink_frames: usize,
+    pub local_attn_frames: usize,
+    /// Both prompts' cross-attention K/V (guidance) or the prompt's.
+    pub prompts: usize,
+    /// Every block's self-attention K/V of local_attn_frames frames.
+    pub kv_cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +98,9 @@ pub struct PlanReport {
     pub fits: bool,
     pub largest: Vec<BufferLine>,
     pub launches_per_step: usize,
+    /// Block-causal streaming (a chunk at a time; tokens and batch are a chunk's): the DiT
+    /// session and the VAE decoder are alive together, and nothing depends on the length.
+    pub streaming: Option<StreamingLine>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -119,7 +137,9 @@ pub(crate) fn side_configs(
     Ok((tc, vc))
 }
 
-fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool)> {
+/// The DiT's config, the model's name, whether it is the embedded demo, and the folder's
+/// block-causal config if it has one.
+fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool, Option<CausalConfig>)> {
     match model {
         None => {
             let dir = embedded::ensure()?;
@@ -128,6 +148,7 @@ fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool)> {
                 read_json(&path.join("config.json"))?,
                 embedded::NAME.into(),
                 true,
+                CausalConfig::load(&path)?,
             ))
         }
         Some(name) if PRESETS.contains(&name) && !std::path::Path::new(name).exists() => Ok((
@@ -138,6 +159,7 @@ fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool)> {
             },
             name.into(),
             false,
+            None,
         )),
         Some(dir) => {
             let path = resolve_component(
@@ -147,14 +169,15 @@ fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool)> {
             )?;
             let c: WanDitConfig = read_json(&path.join("config.json"))?;
             c.validate(&path.join("config.json"))?;
-            Ok((c, dir.into(), false))
+            Ok((c, dir.into(), false, CausalConfig::load(&path)?))
         }
     }
 }
 
 /// The plan of one generation (see the module docs).
 pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
-    let (c, name, demo) = dit_config(a.model.as_deref())?;
+    let (c, name, demo, folder_causal) = dit_config(a.model.as_deref())?;
+    let causal = a.causal.clone().or(folder_causal);
     let (w, h) = parse_size(
         a.size
             .as_deref()
@@ -167,7 +190,7 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         )));
     }
     let (gw, gh) = (w.div_ceil(16) * 16, h.div_ceil(16) * 16);
-    let shape = DitShape {
+    let mut shape = DitShape {
         batch: 2,
         frames: (frames - 1) / 4 + 1,
         height: gh / 8,
@@ -175,7 +198,34 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         text_len: crate::text::MAX_SEQUENCE_LENGTH,
     };
     let (arch, mem, source) = device_facts(a)?;
-    let p: MemoryPlan = dit_plan(&c, shape, arch)?;
+    let (p, streaming): (MemoryPlan, _) = match &causal {
+        None => (dit_plan(&c, shape, arch)?, None),
+        Some(cc) => {
+            // One sample of one chunk; the prompt and, with guidance, the negative prompt.
+            let prompts = 1 + (cc.guidance > 1.0) as usize;
+            let chunk = DitShape {
+                batch: 1,
+                frames: cc.chunk_frames,
+                ..shape
+            };
+            let p = plan_causal(&c, &cc.window(), chunk, prompts, arch)?;
+            let kv_cache_bytes = p
+                .buffers
+                .iter()
+                .filter(|b| b.name.ends_with(".self_k") || b.name.ends_with(".self_v"))
+                .map(|b| b.bytes)
+                .sum();
+            shape = chunk;
+            let line = StreamingLine {
+                chunk_frames: cc.chunk_frames,
+                sink_frames: cc.sink_frames,
+                local_attn_frames: cc.local_attn_frames,
+                prompts,
+                kv_cache_bytes,
+            };
+            (p, Some(line))
+        }
+    };
     let weights = DeviceWeights::bytes_of(&device_weight_specs(&c))?;
     let (tc, vc) = side_configs(a.model.as_deref())?;
     let (text_w, text_run) = match &tc {
@@ -217,10 +267,14 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
             .unwrap_or(0)
     };
     // The stages (see the module docs); the DiT's persistent buffers stay through the decode.
+    // Streaming decodes each chunk as it is made: the DiT's session and the VAE's together.
     let denoise = p.persistent_bytes + p.arena_bytes;
-    let decode = p.persistent_bytes + vae_run;
-    let resident = text_w + weights + vae_w + text_run.max(denoise).max(decode);
-    let freed = (text_w + text_run).max(weights + vae_w + denoise.max(decode));
+    let later = match streaming {
+        Some(_) => denoise + vae_run,
+        None => denoise.max(p.persistent_bytes + vae_run),
+    };
+    let resident = text_w + weights + vae_w + text_run.max(later);
+    let freed = (text_w + text_run).max(weights + vae_w + later);
     let text_encoder_resident = (resident as u64) <= mem;
     let peak = if text_encoder_resident {
         resident
@@ -264,6 +318,7 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
             })
             .collect(),
         launches_per_step: p.launches.get(step_index).copied().unwrap_or(0),
+        streaming,
     })
 }
 
@@ -324,6 +379,18 @@ pub fn render(r: &PlanReport) -> String {
         "reel plan  {}  {} (generated {}), {} frames -> latents {}x{}x{}, {} tokens x {} (both guidance passes batched)\n",
         r.model, r.size, r.generated, r.frames, r.latent[0], r.latent[1], r.latent[2], r.tokens, r.batch
     );
+    if let Some(st) = &r.streaming {
+        s += &format!(
+            "  block-causal       chunks of {} latent frames ({} tokens, batch 1, {} prompt{}); a sink of {} and {} frames attended: every block's K/V cache {} (the same for any length; the VAE decodes each chunk alongside)\n",
+            st.chunk_frames,
+            r.tokens,
+            st.prompts,
+            if st.prompts == 1 { "" } else { "s" },
+            st.sink_frames,
+            st.local_attn_frames,
+            gib(st.kv_cache_bytes)
+        );
+    }
     s += &format!(
         "  device memory      {} ({}), launch limits of {}\n",
         gib(r.device_memory_bytes as usize),

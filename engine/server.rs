@@ -392,6 +392,7 @@ impl DeviceInfo {
             frames: Some(frames),
             device_memory_gib: Some(self.budget_bytes as f64 / (1u64 << 30) as f64),
             arch: None,
+            causal: None,
         })
         .map_err(|e| bad(field, e.to_string()))?;
         if !r.fits {
@@ -1527,6 +1528,7 @@ impl Server {
                     }),
                     device_memory_gib: Some(budget as f64 / (1u64 << 30) as f64),
                     arch: None,
+                    causal: None,
                 })?;
                 // An API alone only plans on the device; its workers hold the weights.
                 if role.runs_jobs() {

@@ -719,3 +719,64 @@ fn generate_stream_needs_a_block_causal_model() {
     let e = generate(&a).unwrap_err().to_string();
     assert!(e.contains("denoising_steps must decrease"), "{e}");
 }
+
+/// `reel generate --stream --device` (REEL_TEST_DEVICE: emu by default) on the embedded
+/// block-causal demo (chunks of 3, a sink of 3, 12 frames attended, guidance 3: both
+/// prompts' K/V on the device): the video matches the cpu's; the device memory reel held
+/// (the allocation counters) is within the plan and the same for 17 and 49 frames (13 latent frames: the window of 12 full and evicting; 16x16
+/// for the emulator's time), as is
+/// the plan, which has no length input.
+#[test]
+fn generate_streams_on_the_device_within_a_plan_flat_in_length() {
+    let dir = scratch("gen-stream-device");
+    let dev = crate::kernels::dev();
+    let run = |device: Option<reel::kernels::KernelDevice>, frames: usize, name: &str| {
+        let out = dir.join(name);
+        let side = generate(&GenerateArgs {
+            prompt: Some("a yellow circle bouncing".into()),
+            size: Some("16x16".into()),
+            frames: Some(frames),
+            stream: true,
+            seed: 3,
+            count: 1,
+            fps: 16,
+            quiet: true,
+            output: out.to_string_lossy().into_owned(),
+            device,
+            ..Default::default()
+        })
+        .unwrap()
+        .remove(0);
+        assert_eq!(
+            (side.frames, side.sampler.as_str()),
+            (frames, "block-causal")
+        );
+        let y4m = std::fs::read(&out).unwrap();
+        assert_eq!(y4m.windows(6).filter(|w| w == b"FRAME\n").count(), frames);
+        (side, y4m)
+    };
+    let (gpu, video) = run(Some(dev.clone()), 17, "device.y4m");
+    let (_, cpu_video) = run(None, 17, "cpu.y4m");
+    assert_eq!(video.len(), cpu_video.len());
+    let (g, c): (Vec<f32>, Vec<f64>) = (
+        video.iter().map(|&b| b as f32).collect(),
+        cpu_video.iter().map(|&b| b as f64).collect(),
+    );
+    let err = rel_l2(&g, &c);
+    eprintln!(
+        "block-causal demo on {} vs cpu: frames rel L2 = {err:.3e}",
+        dev.describe()
+    );
+    assert!(err <= 5e-2, "rel L2 {err:.3e}");
+    let (long, _) = run(Some(dev.clone()), 49, "long.y4m");
+    let peak =
+        |s: &reel::generate::Sidecar| (s.plan_peak_bytes.unwrap(), s.device_peak_bytes.unwrap());
+    let ((plan_short, used_short), (plan_long, used_long)) = (peak(&gpu), peak(&long));
+    eprintln!("device peak {used_short} B (17 frames), {used_long} B (49 frames: the window full and evicting); plan {plan_short} B");
+    assert_eq!(
+        plan_short, plan_long,
+        "the plan must not depend on the length"
+    );
+    assert!(used_short <= plan_short && used_long <= plan_long);
+    assert_eq!(used_short, used_long, "device memory grew with the length");
+}

@@ -102,6 +102,7 @@ fn device_pipeline_frees_the_text_encoder_when_the_plan_says_so() {
             frames: Some(frames),
             device_memory_gib: gib,
             arch: None,
+            causal: None,
         })
         .unwrap()
     };

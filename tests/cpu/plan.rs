@@ -9,6 +9,7 @@ fn args(model: &str, size: &str, frames: usize) -> PlanArgs {
         frames: Some(frames),
         device_memory_gib: Some(80.0),
         arch: None,
+        causal: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn plan_of_a_folder_matches_a_session_on_emu() {
         frames: None,
         device_memory_gib: Some(1.0),
         arch: None,
+        causal: None,
     })
     .unwrap();
     assert_eq!(

@@ -243,16 +243,29 @@ impl WanVae {
         sink: &mut dyn super::FrameSink,
     ) -> Result<()> {
         let c = &self.config;
-        let [b, t, h, wd] = self.check_video(latents.shape(), c.z_dim, "decoder", "latents")?;
+        let [b, _, h, wd] = self.check_video(latents.shape(), c.z_dim, "decoder", "latents")?;
         let mut session = VaeSession::<T>::new(dev, c, Coding::Decode, (h, wd))?;
         for bi in 0..b {
             session.reset();
-            for i in 0..t {
-                let frame = super::to_frames_range(latents, bi, i, i + 1)?;
-                sink.push(bi, &session.chunk(w, &frame)?)?;
-            }
+            session.decode_frames(w, latents, bi, sink)?;
         }
         Ok(())
+    }
+
+    /// A streaming decode on `dev` of latent frames of h × w (see
+    /// [`DeviceStreamDecoder`]), in the weights' storage type.
+    pub fn stream_decoder_on<'w>(
+        &self,
+        dev: &KernelDevice,
+        w: &'w DeviceWeights,
+        (h, wd): (usize, usize),
+    ) -> Result<DeviceStreamDecoder<'w>> {
+        let c = &self.config;
+        let session = match self.weights_dtype(w, Coding::Decode)? {
+            WDtype::Bf16 => AnyVaeSession::Bf16(VaeSession::new(dev, c, Coding::Decode, (h, wd))?),
+            _ => AnyVaeSession::F16(VaeSession::new(dev, c, Coding::Decode, (h, wd))?),
+        };
+        Ok(DeviceStreamDecoder { session, w })
     }
 
     /// Posterior mean of a video on `dev` with weights from [`WanVae::upload`] (Encode),
@@ -295,6 +308,38 @@ impl WanVae {
             outs.push(latent.ok_or_else(|| Error::invalid("no frames to encode"))?);
         }
         super::frames_to_tensor(&outs)
+    }
+}
+
+enum AnyVaeSession {
+    Bf16(VaeSession<half::bf16>),
+    F16(VaeSession<f16>),
+}
+
+/// The device twin of [`super::StreamDecoder`]: one video's latents decoded as they come,
+/// a push at a time, the causal caches (persistent in the session's plan) carried from
+/// push to push.
+pub struct DeviceStreamDecoder<'w> {
+    session: AnyVaeSession,
+    w: &'w DeviceWeights,
+}
+
+impl DeviceStreamDecoder<'_> {
+    /// Decodes latents [1, z, T, h, w] (not normalized) one latent frame at a time, handing
+    /// each one's frames (clamped to [-1, 1]) to `sink` as sample 0.
+    pub fn push(&mut self, latents: &crate::Tensor, sink: &mut dyn super::FrameSink) -> Result<()> {
+        match &mut self.session {
+            AnyVaeSession::Bf16(s) => s.decode_frames(self.w, latents, 0, sink),
+            AnyVaeSession::F16(s) => s.decode_frames(self.w, latents, 0, sink),
+        }
+    }
+
+    /// The decoder's plan (its arena and caches: the same for any length).
+    pub fn plan(&self) -> &MemoryPlan {
+        match &self.session {
+            AnyVaeSession::Bf16(s) => s.plan(),
+            AnyVaeSession::F16(s) => s.plan(),
+        }
     }
 }
 
@@ -794,6 +839,24 @@ impl<T: Half> VaeSession<T> {
     pub fn reset(&mut self) {
         self.caches.reset();
         self.chunks = 0;
+    }
+
+    /// Decodes sample `bi` of latents [B, z, T, h, w] frame by frame after what the caches
+    /// hold, into `sink` as sample `bi`.
+    fn decode_frames(
+        &mut self,
+        w: &DeviceWeights,
+        latents: &crate::Tensor,
+        bi: usize,
+        sink: &mut dyn super::FrameSink,
+    ) -> Result<()> {
+        let t = latents.shape().get(2).copied().unwrap_or(0);
+        for i in 0..t {
+            crate::cancel::check()?;
+            let frame = super::to_frames_range(latents, bi, i, i + 1)?;
+            sink.push(bi, &self.chunk(w, &frame)?)?;
+        }
+        Ok(())
     }
 
     /// One chunk of a sample: for a decode one latent frame [1, h, w, z] channel-last →
