@@ -208,6 +208,19 @@ pub enum Command {
         /// Peak TFLOP/s for the MFU (default: the GPU's dense bf16 peak; none on the cpu).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// On a kernel device: block-causal streaming instead, one new video per --seconds
+        /// (the DiT chunk by chunk, each chunk decoded as it is made): frames per second,
+        /// time to the first frames, device memory. A preset runs with --causal's config
+        /// (default longlive), a folder with its causal_config.json; no --model: the
+        /// embedded block-causal demo.
+        #[arg(long)]
+        stream: bool,
+        /// --stream: video lengths in seconds (repeatable; default 10 and 60).
+        #[arg(long = "seconds")]
+        seconds: Vec<usize>,
+        /// --stream: the published model whose streaming config to use.
+        #[arg(long, value_enum)]
+        causal: Option<crate::convert::CausalPreset>,
         /// Write the report as JSON to FILE (`-` for stdout).
         #[arg(long)]
         json: Option<String>,
@@ -397,6 +410,10 @@ pub enum Command {
         /// sm_90 without one).
         #[arg(long)]
         arch: Option<String>,
+        /// Plan block-causal streaming with a published model's config (a folder with a
+        /// causal_config.json is planned that way without it).
+        #[arg(long, value_enum)]
+        causal: Option<crate::convert::CausalPreset>,
         /// Write the plan as JSON to FILE (`-` for stdout).
         #[arg(long)]
         json: Option<String>,
@@ -731,8 +748,47 @@ pub fn run(cli: Cli) -> Result<String> {
             generation,
             profile,
             peak_tflops,
+            stream,
+            seconds,
+            causal,
             json,
         } => {
+            if stream {
+                let Some(device) = resolve_device(&device)? else {
+                    return Err(Error::invalid(
+                        "bench --stream runs on a kernel device (--device cuda or emu); on the cpu, reel generate --stream reports its timings in the sidecar",
+                    ));
+                };
+                let report =
+                    crate::stream_bench::bench_stream(&crate::stream_bench::StreamBenchArgs {
+                        model,
+                        random_weights,
+                        size,
+                        seconds: if seconds.is_empty() {
+                            vec![10, 60]
+                        } else {
+                            seconds
+                        },
+                        causal,
+                        device,
+                    })?;
+                let text = crate::stream_bench::render(&report);
+                return Ok(match json.as_deref() {
+                    Some(dest) => {
+                        let j = serde_json::to_string_pretty(&report)
+                            .map_err(|e| Error::invalid(e.to_string()))?;
+                        let mut out = write_text(dest, &j)?;
+                        if dest != "-" {
+                            out += &text;
+                        }
+                        out
+                    }
+                    None => text,
+                });
+            }
+            if !seconds.is_empty() || causal.is_some() {
+                return Err(Error::invalid("--seconds and --causal go with --stream"));
+            }
             let report = crate::bench::bench(&crate::bench::BenchArgs {
                 device: resolve_device(&device)?,
                 model,
@@ -974,6 +1030,7 @@ pub fn run(cli: Cli) -> Result<String> {
             seconds,
             device_memory,
             arch,
+            causal,
             json,
         } => {
             let report = crate::plan::plan(&crate::plan::PlanArgs {
@@ -982,7 +1039,7 @@ pub fn run(cli: Cli) -> Result<String> {
                 frames: frames.or(seconds.map(|s| 16 * s + 1)),
                 device_memory_gib: device_memory,
                 arch,
-                causal: None,
+                causal: causal.map(|p| p.config()),
             })?;
             let mut out = String::new();
             if let Some(dest) = json.as_deref() {

@@ -581,16 +581,19 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
                 crate::models::wan_dit::CausalConfig::FILE
             )))
         }
-        Some(c) => {
-            if args.steps.is_some() || args.guidance.is_some() || args.sampler.is_some() || args.shift.is_some() {
-                tracing::warn!(
-                    "a block-causal model makes each chunk in its own {} steps at guidance {} (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
-                    c.denoising_steps.len(),
-                    c.guidance
-                );
-            }
+        Some(c)
+            if args.steps.is_some()
+                || args.guidance.is_some()
+                || args.sampler.is_some()
+                || args.shift.is_some() =>
+        {
+            tracing::warn!(
+                "a block-causal model makes each chunk in its own {} steps at guidance {} (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
+                c.denoising_steps.len(),
+                c.guidance
+            );
         }
-        None => {}
+        _ => {}
     }
     let size = requested.unwrap_or(if embedded_model {
         embedded::DEFAULT_SIZE

@@ -25,6 +25,7 @@ pub mod profile;
 pub mod rng;
 pub mod sampler;
 pub mod server;
+pub mod stream_bench;
 pub mod tensor;
 pub mod text;
 pub mod video;

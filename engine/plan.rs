@@ -198,6 +198,7 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         text_len: crate::text::MAX_SEQUENCE_LENGTH,
     };
     let (arch, mem, source) = device_facts(a)?;
+    let latent = [shape.frames, shape.height, shape.width];
     let (p, streaming): (MemoryPlan, _) = match &causal {
         None => (dit_plan(&c, shape, arch)?, None),
         Some(cc) => {
@@ -287,7 +288,7 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         size: format!("{w}x{h}"),
         generated: format!("{gw}x{gh}"),
         frames,
-        latent: [shape.frames, shape.height, shape.width],
+        latent,
         tokens: shape.tokens(&c),
         batch: shape.batch,
         text_tokens: shape.text_len,
@@ -376,8 +377,21 @@ fn gib(b: usize) -> String {
 /// The plan for people.
 pub fn render(r: &PlanReport) -> String {
     let mut s = format!(
-        "reel plan  {}  {} (generated {}), {} frames -> latents {}x{}x{}, {} tokens x {} (both guidance passes batched)\n",
-        r.model, r.size, r.generated, r.frames, r.latent[0], r.latent[1], r.latent[2], r.tokens, r.batch
+        "reel plan  {}  {} (generated {}), {} frames -> latents {}x{}x{}, {} tokens x {} ({})\n",
+        r.model,
+        r.size,
+        r.generated,
+        r.frames,
+        r.latent[0],
+        r.latent[1],
+        r.latent[2],
+        r.tokens,
+        r.batch,
+        if r.streaming.is_some() {
+            "a chunk at a time"
+        } else {
+            "both guidance passes batched"
+        }
     );
     if let Some(st) = &r.streaming {
         s += &format!(

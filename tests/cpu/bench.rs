@@ -261,3 +261,27 @@ fn bench_of_a_preset_makes_only_what_it_measures() {
         "{err}"
     );
 }
+
+/// `reel bench --stream` on emu with the embedded block-causal demo: every frame of a
+/// second of video reaches the sink, chunk by chunk, and the device memory reel held is
+/// exactly the weights plus the two sessions' plans.
+#[test]
+fn bench_stream_on_emu_counts_frames_and_memory() {
+    let r = reel::stream_bench::bench_stream(&reel::stream_bench::StreamBenchArgs {
+        model: None,
+        random_weights: false,
+        size: Some("16x16".into()),
+        seconds: vec![1],
+        causal: None,
+        device: reel::kernels::KernelDevice::Emu,
+    })
+    .unwrap();
+    let run = &r.runs[0];
+    assert_eq!((run.frames, run.chunks), (17, 2));
+    assert!(run.first_frame_seconds > 0.0 && run.first_frame_seconds < run.wall_seconds);
+    assert_eq!(
+        run.device_peak_bytes,
+        r.weights_bytes + r.dit_plan_bytes + r.vae_plan_bytes
+    );
+    assert!(reel::stream_bench::render(&r).contains("FPS"));
+}

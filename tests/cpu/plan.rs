@@ -96,3 +96,28 @@ fn plan_rejects_bad_arguments_naming_the_flag() {
         .to_string();
     assert!(e.contains("/no/such/model"), "{e}");
 }
+
+/// Block-causal streaming of the 1.3B at 480p with LongLive's config (`reel plan --causal
+/// longlive`): one chunk of 3 latent frames planned, the K/V cache of 12 frames in every
+/// block exactly, and the same plan for 10 s and 60 s.
+#[test]
+fn streaming_plan_of_the_1_3b_is_flat_in_length() {
+    let at = |seconds: usize| {
+        let mut a = args("wan2.1-t2v-1.3b", "832x480", 16 * seconds + 1);
+        a.causal = Some(reel::convert::CausalPreset::Longlive.config());
+        plan(&a).unwrap()
+    };
+    let (ten, sixty) = (at(10), at(60));
+    let st = ten.streaming.clone().expect("a streaming plan");
+    // 30 blocks × K and V × 12 frames × 30·52 tokens × 1536 × 2 bytes.
+    assert_eq!(st.kv_cache_bytes, 30 * 2 * 12 * 1560 * 1536 * 2);
+    assert_eq!(
+        (ten.tokens, ten.batch, ten.latent),
+        (3 * 1560, 1, [41, 60, 104])
+    );
+    assert_eq!(sixty.latent[0], 241);
+    assert_eq!(ten.peak_bytes, sixty.peak_bytes);
+    assert_eq!(ten.dit_persistent_bytes, sixty.dit_persistent_bytes);
+    assert!(ten.fits, "{}", render(&ten));
+    assert!(render(&sixty).contains("block-causal"));
+}

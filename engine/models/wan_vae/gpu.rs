@@ -258,14 +258,9 @@ impl WanVae {
         &self,
         dev: &KernelDevice,
         w: &'w DeviceWeights,
-        (h, wd): (usize, usize),
+        hw: (usize, usize),
     ) -> Result<DeviceStreamDecoder<'w>> {
-        let c = &self.config;
-        let session = match self.weights_dtype(w, Coding::Decode)? {
-            WDtype::Bf16 => AnyVaeSession::Bf16(VaeSession::new(dev, c, Coding::Decode, (h, wd))?),
-            _ => AnyVaeSession::F16(VaeSession::new(dev, c, Coding::Decode, (h, wd))?),
-        };
-        Ok(DeviceStreamDecoder { session, w })
+        stream_decoder(dev, &self.config, w, hw)
     }
 
     /// Posterior mean of a video on `dev` with weights from [`WanVae::upload`] (Encode),
@@ -322,6 +317,28 @@ enum AnyVaeSession {
 pub struct DeviceStreamDecoder<'w> {
     session: AnyVaeSession,
     w: &'w DeviceWeights,
+}
+
+/// [`WanVae::stream_decoder_on`] for a config and weights alone (random weights made on the
+/// device for a benchmark need no checkpoint).
+pub fn stream_decoder<'w>(
+    dev: &KernelDevice,
+    c: &WanVaeConfig,
+    w: &'w DeviceWeights,
+    hw: (usize, usize),
+) -> Result<DeviceStreamDecoder<'w>> {
+    let parts = WanVae::parts_of(c)?;
+    let name = first_conv((&parts.0, &parts.1, &parts.2, &parts.3), Coding::Decode);
+    let session = match w.dtype_of(&name) {
+        Some(WDtype::Bf16) => AnyVaeSession::Bf16(VaeSession::new(dev, c, Coding::Decode, hw)?),
+        Some(_) => AnyVaeSession::F16(VaeSession::new(dev, c, Coding::Decode, hw)?),
+        None => {
+            return Err(Error::invalid(format!(
+                "these device weights have no {name}: upload them for the VAE decoder"
+            )))
+        }
+    };
+    Ok(DeviceStreamDecoder { session, w })
 }
 
 impl DeviceStreamDecoder<'_> {
