@@ -9,8 +9,11 @@ use crate::cpu::conv::Frames;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceWeights;
 use crate::kernels::{KernelDevice, MemTracker, TrackGuard};
-use crate::models::wan_dit::{CausalConfig, StreamShape, WanDit};
-use crate::models::wan_vae::{FrameSink, WanVae};
+use crate::models::wan_dit::gpu::{CausalSession, DeviceChunks, DitShape};
+use crate::models::wan_dit::{
+    stream_with, CausalConfig, ChunkModel, CpuChunks, StreamShape, WanDit,
+};
+use crate::models::wan_vae::{FrameSink, LatentStream, WanVae};
 use crate::sampler::{Sampler, SchedulerConfig};
 use crate::tensor::Tensor;
 use crate::text::TextEncoder;
@@ -484,42 +487,19 @@ impl Pipeline {
             }
             Tensor::new(vec![1, z, keep, h, w], lat)
         };
-        match &self.device {
+        // The model (the CPU reference or a device session) and the decoder it feeds.
+        let (kv, uncond, dit_w, vae_w, mut session, mut cpu, mut on_device);
+        let (model, mut decoder): (&mut dyn ChunkModel, Box<dyn LatentStream + '_>) = match &self
+            .device
+        {
             None => {
-                let kv = self.dit.text_kv(&cond.prompt_embeds)?;
-                let uncond = negative.map(|n| self.dit.text_kv(n)).transpose()?;
-                let mut decoder = self.vae.stream_decoder(0);
-                crate::models::wan_dit::stream(
-                    &self.dit,
-                    cfg,
-                    &kv,
-                    uncond.as_ref(),
-                    shape,
-                    &mut noise,
-                    &mut |f0, x0| {
-                        decoder.push(&latents_of(f0, x0)?, sink)?;
-                        done += 1;
-                        on_chunk(done, chunks)
-                    },
-                )
+                kv = self.dit.text_kv(&cond.prompt_embeds)?;
+                uncond = negative.map(|n| self.dit.text_kv(n)).transpose()?;
+                cpu = CpuChunks::new(&self.dit, cfg, &kv, uncond.as_ref(), shape)?;
+                (&mut cpu, Box::new(self.vae.stream_decoder(0)))
             }
             Some(d) => {
-                use crate::models::wan_dit::gpu::{CausalSession, DeviceChunks, DitShape};
-                let (dit_w, vae_w) = self.weights_for(Stage::Video)?;
-                let text_len = cond.prompt_embeds.shape()[1];
-                let mut session = CausalSession::new(
-                    &d.dev,
-                    &self.dit.config,
-                    cfg.window(),
-                    DitShape {
-                        batch: 1,
-                        frames: cfg.chunk_frames,
-                        height: h,
-                        width: w,
-                        text_len,
-                    },
-                    1 + negative.is_some() as usize,
-                )?;
+                (dit_w, vae_w) = self.weights_for(Stage::Video)?;
                 let mut texts = cond.prompt_embeds.data().to_vec();
                 if let Some(n) = negative {
                     if n.shape() != cond.prompt_embeds.shape() {
@@ -531,24 +511,33 @@ impl Pipeline {
                     }
                     texts.extend_from_slice(n.data());
                 }
+                session = CausalSession::new(
+                    &d.dev,
+                    &self.dit.config,
+                    cfg.window(),
+                    DitShape {
+                        batch: 1,
+                        frames: cfg.chunk_frames,
+                        height: h,
+                        width: w,
+                        text_len: cond.prompt_embeds.shape()[1],
+                    },
+                    1 + negative.is_some() as usize,
+                )?;
                 session.set_text(&dit_w, &texts)?;
-                let mut decoder = self.vae.stream_decoder_on(&d.dev, &vae_w, (h, w))?;
-                crate::models::wan_dit::stream_with(
-                    &mut DeviceChunks {
-                        session: &mut session,
-                        weights: &dit_w,
-                    },
-                    cfg,
-                    shape,
-                    &mut noise,
-                    &mut |f0, x0| {
-                        decoder.push(&latents_of(f0, x0)?, sink)?;
-                        done += 1;
-                        on_chunk(done, chunks)
-                    },
-                )
+                on_device = DeviceChunks {
+                    session: &mut session,
+                    weights: &dit_w,
+                };
+                let decoder = self.vae.stream_decoder_on(&d.dev, &vae_w, (h, w))?;
+                (&mut on_device, Box::new(decoder))
             }
-        }
+        };
+        stream_with(model, cfg, shape, &mut noise, &mut |f0, x0| {
+            decoder.push(&latents_of(f0, x0)?, sink)?;
+            done += 1;
+            on_chunk(done, chunks)
+        })
     }
 }
 

@@ -476,28 +476,42 @@ pub fn stream(
     noise: &mut dyn FnMut(usize, usize, usize) -> Vec<f32>,
     on_chunk: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<()> {
-    let c = &dit.config;
-    let [_, ph, pw] = c.patch_size;
-    if shape.height % ph != 0 || shape.width % pw != 0 || shape.height == 0 || shape.width == 0 {
-        return Err(Error::invalid(format!(
-            "latents of {}x{} are not a positive multiple of the patch {ph}x{pw}",
-            shape.height, shape.width
-        )));
-    }
-    if cfg.guidance > 1.0 && uncond.is_none() {
-        return Err(Error::invalid(format!(
-            "guidance {} needs the negative prompt's embeddings",
-            cfg.guidance
-        )));
-    }
-    let mut model = CpuChunks {
-        dit,
-        text,
-        uncond,
-        cache: KvCache::new(dit, 1, [shape.height / ph, shape.width / pw]),
-        window: cfg.window(),
-    };
+    let mut model = CpuChunks::new(dit, cfg, text, uncond, shape)?;
     stream_with(&mut model, cfg, shape, noise, on_chunk)
+}
+
+impl<'a> CpuChunks<'a> {
+    /// The CPU reference for a video of `shape` with an empty cache (checked: the latents
+    /// are whole patches; guidance has the negative prompt's K/V).
+    pub fn new(
+        dit: &'a WanDit,
+        cfg: &CausalConfig,
+        text: &'a TextKv,
+        uncond: Option<&'a TextKv>,
+        shape: StreamShape,
+    ) -> Result<Self> {
+        let [_, ph, pw] = dit.config.patch_size;
+        if shape.height % ph != 0 || shape.width % pw != 0 || shape.height == 0 || shape.width == 0
+        {
+            return Err(Error::invalid(format!(
+                "latents of {}x{} are not a positive multiple of the patch {ph}x{pw}",
+                shape.height, shape.width
+            )));
+        }
+        if cfg.guidance > 1.0 && uncond.is_none() {
+            return Err(Error::invalid(format!(
+                "guidance {} needs the negative prompt's embeddings",
+                cfg.guidance
+            )));
+        }
+        Ok(CpuChunks {
+            dit,
+            text,
+            uncond,
+            cache: KvCache::new(dit, 1, [shape.height / ph, shape.width / pw]),
+            window: cfg.window(),
+        })
+    }
 }
 
 /// Makes a video chunk by chunk: a chunk starts from noise and is denoised by the config's

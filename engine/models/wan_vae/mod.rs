@@ -251,6 +251,25 @@ pub trait FrameSink {
     fn push(&mut self, batch_index: usize, frames: &Frames) -> Result<()>;
 }
 
+/// A decoder that takes a video's latents a piece at a time ([`StreamDecoder`] on the cpu,
+/// [`gpu::DeviceStreamDecoder`] on a kernel device).
+pub trait LatentStream {
+    /// Decodes the next latent frames [1, z, T, h, w] (not normalized) into `sink`.
+    fn push(&mut self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()>;
+}
+
+impl LatentStream for StreamDecoder<'_> {
+    fn push(&mut self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
+        StreamDecoder::push(self, latents, sink)
+    }
+}
+
+impl LatentStream for gpu::DeviceStreamDecoder<'_> {
+    fn push(&mut self, latents: &Tensor, sink: &mut dyn FrameSink) -> Result<()> {
+        gpu::DeviceStreamDecoder::push(self, latents, sink)
+    }
+}
+
 /// Collects decoded frames into a [B, C, F, H, W] tensor (the component command's output).
 pub struct CollectSink {
     frames: Vec<Vec<Frames>>,
