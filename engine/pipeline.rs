@@ -489,50 +489,49 @@ impl Pipeline {
         };
         // The model (the CPU reference or a device session) and the decoder it feeds.
         let (kv, uncond, dit_w, vae_w, mut session, mut cpu, mut on_device);
-        let (model, mut decoder): (&mut dyn ChunkModel, Box<dyn LatentStream + '_>) = match &self
-            .device
-        {
-            None => {
-                kv = self.dit.text_kv(&cond.prompt_embeds)?;
-                uncond = negative.map(|n| self.dit.text_kv(n)).transpose()?;
-                cpu = CpuChunks::new(&self.dit, cfg, &kv, uncond.as_ref(), shape)?;
-                (&mut cpu, Box::new(self.vae.stream_decoder(0)))
-            }
-            Some(d) => {
-                (dit_w, vae_w) = self.weights_for(Stage::Video)?;
-                let mut texts = cond.prompt_embeds.data().to_vec();
-                if let Some(n) = negative {
-                    if n.shape() != cond.prompt_embeds.shape() {
-                        return Err(Error::invalid(format!(
+        let (model, mut decoder): (&mut dyn ChunkModel, Box<dyn LatentStream + '_>) =
+            match &self.device {
+                None => {
+                    kv = self.dit.text_kv(&cond.prompt_embeds)?;
+                    uncond = negative.map(|n| self.dit.text_kv(n)).transpose()?;
+                    cpu = CpuChunks::new(&self.dit, cfg, &kv, uncond.as_ref(), shape)?;
+                    (&mut cpu, Box::new(self.vae.stream_decoder(0)))
+                }
+                Some(d) => {
+                    (dit_w, vae_w) = self.weights_for(Stage::Video)?;
+                    let mut texts = cond.prompt_embeds.data().to_vec();
+                    if let Some(n) = negative {
+                        if n.shape() != cond.prompt_embeds.shape() {
+                            return Err(Error::invalid(format!(
                             "negative_prompt_embeds {:?} must have the shape of prompt_embeds {:?}",
                             n.shape(),
                             cond.prompt_embeds.shape()
                         )));
+                        }
+                        texts.extend_from_slice(n.data());
                     }
-                    texts.extend_from_slice(n.data());
+                    session = CausalSession::new(
+                        &d.dev,
+                        &self.dit.config,
+                        cfg.window(),
+                        DitShape {
+                            batch: 1,
+                            frames: cfg.chunk_frames,
+                            height: h,
+                            width: w,
+                            text_len: cond.prompt_embeds.shape()[1],
+                        },
+                        1 + negative.is_some() as usize,
+                    )?;
+                    session.set_text(&dit_w, &texts)?;
+                    on_device = DeviceChunks {
+                        session: &mut session,
+                        weights: &dit_w,
+                    };
+                    let decoder = self.vae.stream_decoder_on(&d.dev, &vae_w, (h, w))?;
+                    (&mut on_device, Box::new(decoder))
                 }
-                session = CausalSession::new(
-                    &d.dev,
-                    &self.dit.config,
-                    cfg.window(),
-                    DitShape {
-                        batch: 1,
-                        frames: cfg.chunk_frames,
-                        height: h,
-                        width: w,
-                        text_len: cond.prompt_embeds.shape()[1],
-                    },
-                    1 + negative.is_some() as usize,
-                )?;
-                session.set_text(&dit_w, &texts)?;
-                on_device = DeviceChunks {
-                    session: &mut session,
-                    weights: &dit_w,
-                };
-                let decoder = self.vae.stream_decoder_on(&d.dev, &vae_w, (h, w))?;
-                (&mut on_device, Box::new(decoder))
-            }
-        };
+            };
         stream_with(model, cfg, shape, &mut noise, &mut |f0, x0| {
             decoder.push(&latents_of(f0, x0)?, sink)?;
             done += 1;
