@@ -320,11 +320,7 @@ fn bench_device(args: &BenchArgs, dev: &crate::kernels::KernelDevice) -> Result<
                         "--model {p} names an architecture preset: pass --random-weights (made on the device)"
                     )));
             }
-            let c = if p.ends_with("14b") {
-                WanDitConfig::wan21_t2v_14b()
-            } else {
-                WanDitConfig::wan21_t2v_1_3b()
-            };
+            let c = crate::generate::preset_configs(p).0;
             let w = DeviceWeights::random(dev, &device_weight_specs(&c), 0)?;
             (c, format!("{p} (random weights on the device)"), false, w)
         }

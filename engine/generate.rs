@@ -374,8 +374,8 @@ pub(crate) fn load_model(args: &GenerateArgs) -> Result<(Pipeline, String, bool)
     load_model_with(args, true)
 }
 
-/// The DiT and text-encoder configs of a preset.
-fn preset_configs(
+/// The DiT and text-encoder configs of a preset (a name in [`PRESETS`]).
+pub(crate) fn preset_configs(
     name: &str,
 ) -> (
     crate::models::wan_dit::WanDitConfig,

@@ -152,11 +152,7 @@ fn dit_config(model: Option<&str>) -> Result<(WanDitConfig, String, bool, Option
             ))
         }
         Some(name) if PRESETS.contains(&name) && !std::path::Path::new(name).exists() => Ok((
-            if name.ends_with("14b") {
-                WanDitConfig::wan21_t2v_14b()
-            } else {
-                WanDitConfig::wan21_t2v_1_3b()
-            },
+            crate::generate::preset_configs(name).0,
             name.into(),
             false,
             None,

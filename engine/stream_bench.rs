@@ -119,11 +119,7 @@ fn load(
                     "--model {p} names an architecture preset: pass --random-weights (made on the device)"
                 )));
             }
-            let c = if p.ends_with("14b") {
-                WanDitConfig::wan21_t2v_14b()
-            } else {
-                WanDitConfig::wan21_t2v_1_3b()
-            };
+            let c = crate::generate::preset_configs(p).0;
             let vc = WanVaeConfig::default();
             let preset = a.causal.unwrap_or(CausalPreset::Longlive);
             let dit_w = DeviceWeights::random(dev, &device_weight_specs(&c), 0)?;
