@@ -166,6 +166,14 @@ pub enum Command {
         /// and profilers; the output file holds the last run.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// dit on the cpu: make the text's cross-attention K/V once, before the timed runs,
+        /// as a generation does (what one denoising step costs). A kernel device always does.
+        #[arg(long)]
+        text_once: bool,
+        /// Time the ops of the last run (per op class, and per labelled call: each GEMM,
+        /// attention and VAE convolution by its shape) into the JSON line as "profile".
+        #[arg(long)]
+        profile: bool,
     },
     /// Time denoising steps (and optionally the VAE decode and text encoding).
     Bench {
@@ -472,22 +480,46 @@ fn kernel_device(device: Device) -> Result<Option<crate::kernels::KernelDevice>>
 /// Runs `forward` `repeat` times, timing each run; returns the last output and the seconds.
 fn timed<T>(
     what: &str,
-    repeat: usize,
+    runs: Runs,
     mut forward: impl FnMut() -> Result<T>,
 ) -> Result<(T, Vec<f64>)> {
-    if repeat == 0 {
+    if runs.repeat == 0 {
         return Err(Error::invalid("--repeat must be at least 1"));
     }
-    let mut seconds = Vec::with_capacity(repeat);
+    let mut seconds = Vec::with_capacity(runs.repeat);
     let mut out = None;
-    for _ in 0..repeat {
+    for i in 0..runs.repeat {
+        crate::profile::enable(runs.profile && i + 1 == runs.repeat);
         let started = std::time::Instant::now();
         out = Some(forward()?);
         seconds.push(started.elapsed().as_secs_f64());
         tracing::info!("{what} in {:.4} s", seconds.last().copied().unwrap_or(0.0));
     }
+    if runs.profile {
+        // Keep the counters (read by the caller) but stop counting.
+        crate::profile::pause();
+    }
     let out = out.ok_or_else(|| Error::invalid("no forward ran"))?;
     Ok((out, seconds))
+}
+
+/// How `reel component` runs: `repeat` forwards; `text_once`: the DiT's text K/V made
+/// before them (cpu); `profile`: the last run's ops timed ([`crate::profile`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Runs {
+    pub repeat: usize,
+    pub text_once: bool,
+    pub profile: bool,
+}
+
+impl From<usize> for Runs {
+    fn from(repeat: usize) -> Self {
+        Runs {
+            repeat,
+            text_once: false,
+            profile: false,
+        }
+    }
 }
 
 /// `reel component KIND`: loads the component once, runs it `repeat` times on the tensors
@@ -511,6 +543,26 @@ pub fn component(
     component_on(kind, None, model, input, output, repeat)
 }
 
+/// The JSON `reel component --profile` prints: per op class, then per labelled call.
+pub fn profile_json() -> serde_json::Value {
+    let ops: Vec<_> = crate::profile::snapshot()
+        .into_iter()
+        .filter(|&(_, calls, _, _)| calls > 0)
+        .map(|(name, calls, s, flops)| {
+            serde_json::json!({"op": name, "calls": calls, "seconds": s,
+                "gflops": if s > 0.0 { flops as f64 / s * 1e-9 } else { 0.0 }})
+        })
+        .collect();
+    let labels: Vec<_> = crate::profile::labels()
+        .into_iter()
+        .map(|(label, calls, s, flops)| {
+            serde_json::json!({"label": label, "calls": calls, "seconds": s,
+                "gflops": if s > 0.0 { flops as f64 / s * 1e-9 } else { 0.0 }})
+        })
+        .collect();
+    serde_json::json!({"ops": ops, "labels": labels})
+}
+
 /// [`component`] on a kernel device (`dev` Some: emu or cuda) or the cpu (None). On a
 /// kernel device the weights are uploaded and the session planned once; `repeat` times the
 /// forward alone (for the DiT: one step; the prompt's cross-attention K/V are made once).
@@ -520,8 +572,9 @@ pub fn component_on(
     model: &Path,
     input: &Path,
     output: &Path,
-    repeat: usize,
+    runs: impl Into<Runs>,
 ) -> Result<Vec<f64>> {
+    let runs = runs.into();
     // The model is loaded before the input is opened, so a bad --model is reported first.
     let open = || TensorFile::open(input);
     let (name, (out, seconds)) = match kind {
@@ -550,7 +603,7 @@ pub fn component_on(
             let out_shape = vec![batch, dit.config.out_channels(), s[2], s[3], s[4]];
             (
                 "sample",
-                timed("dit forward", repeat, || {
+                timed("dit forward", runs, || {
                     crate::Tensor::new(out_shape.clone(), session.step(&w, x.data(), t.data())?)
                 })?,
             )
@@ -561,10 +614,13 @@ pub fn component_on(
             let x = file.tensor("hidden_states")?;
             let t = file.tensor("timestep")?;
             let ctx = file.tensor("encoder_hidden_states")?;
-            (
-                "sample",
-                timed("dit forward", repeat, || dit.forward(&x, &t, &ctx))?,
-            )
+            let out = if runs.text_once {
+                let kv = dit.text_kv(&ctx)?;
+                timed("dit forward", runs, || dit.forward_kv(&x, &t, &kv))?
+            } else {
+                timed("dit forward", runs, || dit.forward(&x, &t, &ctx))?
+            };
+            ("sample", out)
         }
         ComponentKind::TextEncoder => {
             let encoder = crate::models::umt5::Umt5Encoder::load(model)?;
@@ -586,11 +642,11 @@ pub fn component_on(
                     };
                     let mut session =
                         crate::models::umt5::gpu::Umt5Session::new(dev, &encoder, shape)?;
-                    timed("text encoder forward", repeat, || {
+                    timed("text encoder forward", runs, || {
                         session.encode(&encoder, &w, &ids, &mask)
                     })?
                 }
-                None => timed("text encoder forward", repeat, || {
+                None => timed("text encoder forward", runs, || {
                     encoder.forward(&ids, &mask, shape[0], shape[1])
                 })?,
             };
@@ -602,9 +658,9 @@ pub fn component_on(
             let out = match dev {
                 Some(dev) => {
                     let w = vae.upload(dev, Coding::Encode, vae_gpu::dtype_from_env()?)?;
-                    timed("vae encode", repeat, || vae.encode_on(dev, &w, &x))?
+                    timed("vae encode", runs, || vae.encode_on(dev, &w, &x))?
                 }
-                None => timed("vae encode", repeat, || vae.encode(&x))?,
+                None => timed("vae encode", runs, || vae.encode(&x))?,
             };
             ("latent_mean", out)
         }
@@ -615,13 +671,13 @@ pub fn component_on(
             let out = match dev {
                 Some(dev) => {
                     let w = vae.upload(dev, Coding::Decode, vae_gpu::dtype_from_env()?)?;
-                    timed("vae decode", repeat, || {
+                    timed("vae decode", runs, || {
                         let mut sink = CollectSink::new(b);
                         vae.decode_on(dev, &w, &z, &mut sink)?;
                         sink.into_tensor()
                     })?
                 }
-                None => timed("vae decode", repeat, || vae.decode(&z))?,
+                None => timed("vae decode", runs, || vae.decode(&z))?,
             };
             ("decoded", out)
         }
@@ -725,11 +781,22 @@ pub fn run(cli: Cli) -> Result<String> {
             output,
             device,
             repeat,
+            text_once,
+            profile,
         } => {
             let dev = kernel_device(device)?;
-            let seconds = component_on(kind, dev.as_ref(), &model, &input, &output, repeat)?;
-            Ok(if repeat > 1 {
-                format!("{}\n", serde_json::json!({ "forward_seconds": seconds }))
+            let runs = Runs {
+                repeat,
+                text_once,
+                profile,
+            };
+            let seconds = component_on(kind, dev.as_ref(), &model, &input, &output, runs)?;
+            let mut line = serde_json::json!({ "forward_seconds": seconds });
+            if profile {
+                line["profile"] = profile_json();
+            }
+            Ok(if repeat > 1 || profile {
+                format!("{line}\n")
             } else {
                 String::new()
             })

@@ -2,7 +2,9 @@
 //! class, accumulated process-wide. Off by default; when off, ops pay one relaxed atomic
 //! load.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// The classes the bench reports.
@@ -26,6 +28,8 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 static CALLS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 static FLOPS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// Labelled calls ([`labelled`]): label → (nanoseconds, calls, flops).
+static LABELS: Mutex<BTreeMap<String, (u64, u64, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Turns the timers on or off and clears them.
 pub fn enable(on: bool) {
@@ -34,7 +38,13 @@ pub fn enable(on: bool) {
         CALLS[i].store(0, Relaxed);
         FLOPS[i].store(0, Relaxed);
     }
+    labels_lock().clear();
     ENABLED.store(on, Relaxed);
+}
+
+/// Stops counting and keeps what was counted (for reading after a timed run).
+pub fn pause() {
+    ENABLED.store(false, Relaxed);
 }
 
 /// Whether the timers are on.
@@ -57,6 +67,12 @@ pub struct Timer {
     op: Op,
     flops: u64,
     start: Option<Instant>,
+    label: Option<String>,
+}
+
+fn labels_lock() -> std::sync::MutexGuard<'static, BTreeMap<String, (u64, u64, u64)>> {
+    // A panic while holding the lock leaves plain counters: still usable.
+    LABELS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts timing one call of `op` that does `flops` floating-point operations.
@@ -65,6 +81,19 @@ pub fn time(op: Op, flops: u64) -> Timer {
         op,
         flops,
         start: ENABLED.load(Relaxed).then(Instant::now),
+        label: None,
+    }
+}
+
+/// [`time`], also accounted under the label `label()` makes (called only when the timers
+/// are on), for a per-layer breakdown: e.g. each VAE convolution by its shape.
+pub fn labelled(op: Op, flops: u64, label: impl FnOnce() -> String) -> Timer {
+    let on = ENABLED.load(Relaxed);
+    Timer {
+        op,
+        flops,
+        start: on.then(Instant::now),
+        label: on.then(label),
     }
 }
 
@@ -75,8 +104,25 @@ impl Drop for Timer {
             NANOS[i].fetch_add(s.elapsed().as_nanos() as u64, Relaxed);
             CALLS[i].fetch_add(1, Relaxed);
             FLOPS[i].fetch_add(self.flops, Relaxed);
+            if let Some(label) = self.label.take() {
+                let mut labels = labels_lock();
+                let e = labels.entry(label).or_default();
+                e.0 += s.elapsed().as_nanos() as u64;
+                e.1 += 1;
+                e.2 += self.flops;
+            }
         }
     }
+}
+
+/// (label, calls, seconds, flops) of every labelled call, slowest first.
+pub fn labels() -> Vec<(String, u64, f64, u64)> {
+    let mut v: Vec<_> = labels_lock()
+        .iter()
+        .map(|(k, &(ns, calls, flops))| (k.clone(), calls, ns as f64 * 1e-9, flops))
+        .collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
 }
 
 /// (name, calls, seconds, flops) per op class.

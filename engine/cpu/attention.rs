@@ -106,7 +106,17 @@ fn attention_impl(
     bias: Option<&AttnBias>,
 ) {
     let flops = 4 * (s.batch * s.heads * s.lq * s.lk * s.head_dim) as u64;
-    let _t = crate::profile::time(crate::profile::Op::Attention, flops);
+    let _t = crate::profile::labelled(crate::profile::Op::Attention, flops, || {
+        format!(
+            "attention b{} h{} d{} lq{} lk{}{}",
+            s.batch,
+            s.heads,
+            s.head_dim,
+            s.lq,
+            s.lk,
+            if bias.is_some() { " bias" } else { "" }
+        )
+    });
     attention_blocks(q, k, v, out, s, bias)
 }
 

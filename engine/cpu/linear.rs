@@ -21,7 +21,9 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// DiT forward at 1,280 tokens the copy cost as much as it saved (median 108.3 ms with it,
 /// 106.1 ms without, 8 alternating runs on the 2-core dev machine), so w stays in place.
 pub fn matmul_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
-    let _t = crate::profile::time(crate::profile::Op::Gemm, 2 * (m * n * k) as u64);
+    let _t = crate::profile::labelled(crate::profile::Op::Gemm, 2 * (m * n * k) as u64, || {
+        format!("gemm m{m} n{n} k{k}")
+    });
     assert!(
         x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
         "matmul_wt shapes"

@@ -68,7 +68,7 @@ multiversion! {
 
 /// y[m, n] ← gelu_tanh(y + bias[n]) in place (the FFN's first layer, fused).
 pub fn bias_gelu(y: &mut [f32], bias: &[f32]) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || "bias_gelu".into());
     let n = bias.len();
     let per = rows_per_task(y.len() / n.max(1), n) * n;
     y.par_chunks_mut(per.max(1))
@@ -85,7 +85,7 @@ multiversion! {
 
 /// a ← gelu_tanh(a) ⊙ b in place (T5's gated-GELU: gelu_new(x·W0ᵀ) ⊙ x·W1ᵀ).
 pub fn gelu_mul(a: &mut [f32], b: &[f32]) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || "gelu_mul".into());
     assert_eq!(a.len(), b.len(), "gelu_mul shapes");
     a.par_chunks_mut(1 << 15)
         .zip(b.par_chunks(1 << 15))
@@ -102,7 +102,7 @@ multiversion! {
 
 /// y ← gelu_tanh(y) in place.
 pub fn gelu(y: &mut [f32]) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || "gelu".into());
     y.par_chunks_mut(1 << 15).for_each(gelu_rows);
 }
 
@@ -116,7 +116,7 @@ multiversion! {
 
 /// y ← silu(y) in place.
 pub fn silu(y: &mut [f32]) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || "silu".into());
     y.par_chunks_mut(1 << 15).for_each(silu_rows);
 }
 
@@ -162,7 +162,7 @@ pub fn residual_add(
     gate: Option<&[f32]>,
     rows_per_group: usize,
 ) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || "residual_add".into());
     assert_eq!(x.len(), y.len());
     group_chunks(x, d, rows_per_group)
         .into_par_iter()

@@ -65,7 +65,7 @@ pub fn layer_norm(
     add: Option<&[f32]>,
     rows_per_group: usize,
 ) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || "layer_norm".into());
     assert_eq!(x.len(), out.len(), "layer_norm shapes");
     assert!(
         d > 0 && x.len() % d == 0,
@@ -142,7 +142,9 @@ pub fn rms_norm_rope(
     eps: f32,
     rope: Option<&RopeTables>,
 ) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || {
+        "rms_norm_rope".into()
+    });
     assert!(
         d > 0 && x.len() % d == 0 && weight.len() == d,
         "rms_norm_rope shapes"
@@ -173,7 +175,9 @@ multiversion! {
 /// x / max(‖x‖₂, 1e-12) · √c · γ (F.normalize, then diffusers' scale and gamma, in that
 /// order), fused with the SiLU that follows it in every residual block when `silu`.
 pub fn channel_rms_norm(x: &mut [f32], c: usize, gamma: &[f32], silu: bool) {
-    let _t = crate::profile::time(crate::profile::Op::Elementwise, 0);
+    let _t = crate::profile::labelled(crate::profile::Op::Elementwise, 0, || {
+        "channel_rms_norm".into()
+    });
     assert!(
         c > 0 && x.len() % c == 0 && gamma.len() == c,
         "channel_rms_norm shapes"

@@ -200,6 +200,23 @@ struct Conv {
     time_pad: usize,
     /// Index of this convolution's slot, for causal convolutions called with a cache.
     slot: Option<usize>,
+    /// The weights rearranged for the cpu's im2col GEMM, made at the first cpu call.
+    cpu: CpuWeights,
+}
+
+/// [`ConvWeights`] made once per convolution (the rearrangement reads the whole tensor, and
+/// a decode calls each convolution once per latent frame).
+#[derive(Clone, Default)]
+struct CpuWeights(std::sync::OnceLock<std::sync::Arc<ConvWeights>>);
+
+impl std::fmt::Debug for CpuWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "CpuWeights(made)"
+        } else {
+            "CpuWeights(not yet)"
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +382,7 @@ impl Builder<'_> {
             pad: [pad[1], pad[1], pad[2], pad[2]],
             time_pad: 2 * pad[0],
             slot,
+            cpu: CpuWeights::default(),
         })
     }
 
@@ -388,6 +406,7 @@ impl Builder<'_> {
             pad,
             time_pad: 0,
             slot: None,
+            cpu: CpuWeights::default(),
         })
     }
 
@@ -687,14 +706,18 @@ impl WanVae {
         Ok(self.store.f32(e)?)
     }
 
-    fn weights(&self, conv: &Conv) -> Result<ConvWeights> {
-        Ok(ConvWeights::new(
+    fn weights(&self, conv: &Conv) -> Result<std::sync::Arc<ConvWeights>> {
+        if let Some(w) = conv.cpu.0.get() {
+            return Ok(w.clone());
+        }
+        let w = std::sync::Arc::new(ConvWeights::new(
             &self.w(&conv.w)?,
             &self.w(&conv.b)?,
             conv.co,
             conv.ci,
             conv.k,
-        ))
+        ));
+        Ok(conv.cpu.0.get_or_init(|| w).clone())
     }
 
     /// Runs `conv` on x with `prev` frames (a cache) or zeros in front, as WanCausalConv3d:
