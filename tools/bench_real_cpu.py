@@ -89,21 +89,27 @@ def cache_dir(args, name, cfg):
 
 
 def load(args, name):
+    """(cache folder, component folder, PyTorch model in eval mode) of one cached model."""
+    from safetensors.torch import load_file
     if name in ("dit", "dit1"):
-        from diffusers import WanTransformer3DModel
-        cfg = dict(DIT_CFG, num_layers=1 if name == "dit1" else DIT_CFG["num_layers"])
-        root = cache_dir(args, name, cfg)
-        return root, os.path.join(root, "transformer"), WanTransformer3DModel.from_pretrained(
-            os.path.join(root, "transformer"), torch_dtype=torch.float32).eval()
-    if name == "vae":
-        from diffusers import AutoencoderKLWan
-        root = cache_dir(args, name, {})
-        return root, os.path.join(root, "vae"), AutoencoderKLWan.from_pretrained(
-            os.path.join(root, "vae"), torch_dtype=torch.float32).eval()
-    from transformers import UMT5EncoderModel
-    root = cache_dir(args, name, UMT5_CFG)
-    return root, os.path.join(root, "text_encoder"), UMT5EncoderModel.from_pretrained(
-        os.path.join(root, "text_encoder"), torch_dtype=torch.float32).eval()
+        from diffusers import WanTransformer3DModel as cls
+        cfg, sub = dict(DIT_CFG, num_layers=1 if name == "dit1" else DIT_CFG["num_layers"]), "transformer"
+    elif name == "vae":
+        from diffusers import AutoencoderKLWan as cls
+        cfg, sub = {}, "vae"
+    else:
+        from transformers import UMT5EncoderModel
+        root = cache_dir(args, name, UMT5_CFG)
+        folder = os.path.join(root, "text_encoder")
+        return root, folder, UMT5EncoderModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    root = cache_dir(args, name, cfg)
+    folder = os.path.join(root, sub)
+    # from_config + load_state_dict(assign): diffusers' from_pretrained wants `accelerate`
+    # for models with float32-kept modules.
+    model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")),
+                          strict=True, assign=True)
+    return root, folder, model.float().eval()
 
 
 def row_setup(args, row, models, work):

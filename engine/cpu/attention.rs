@@ -20,6 +20,10 @@ use crate::multiversion;
 const QB: usize = 128;
 const KB: usize = 512;
 
+/// A key-mask value at or below this is −∞ for the softmax: with any finite score the
+/// exponent underflows to exactly 0 (transformers' padding mask is f32::MIN).
+const MASKED: f32 = -1e30;
+
 /// Shapes and strides of one attention call. Head h of a row occupies columns
 /// h·head_dim .. (h+1)·head_dim of that row.
 #[derive(Debug, Clone, Copy)]
@@ -233,6 +237,22 @@ fn attention_blocks(
                 }
             }
         });
+    // Keys at the end of a sample whose mask is (practically) −∞ get a softmax weight of
+    // exactly 0 whatever the query: T5's padding. They are left out of both products, which
+    // changes no sum (the terms left out are +0.0 at the end of every row). A sample whose
+    // keys are all masked attends uniformly to all of them, as in PyTorch's float32 (where
+    // adding f32::MIN absorbs every score into one value).
+    // (keys used, every key masked) per sample.
+    let keys_of = |b: usize| -> (usize, bool) {
+        let Some(mask) = bias.and_then(|x| x.key_mask) else {
+            return (lk, false);
+        };
+        let row = &mask[b * lk..(b + 1) * lk];
+        match row.iter().rposition(|&x| x > MASKED) {
+            Some(last) => (last + 1, false),
+            None => (lk, true),
+        }
+    };
     // A cancelled render (crate::cancel) skips the tiles not yet started: what is left in
     // `out` is then garbage, and the caller stops at its next check.
     let cancel = crate::cancel::current();
@@ -243,6 +263,7 @@ fn attention_blocks(
             let qb_all = &q[b * lq * q_stride..];
             let kt_b = &kt[b * width * lk..(b + 1) * width * lk];
             let vb_all = &v[b * lk * kv_stride..];
+            let (lk_used, all_masked) = keys_of(b);
             out_b
                 .par_chunks_mut(QB * out_stride)
                 .enumerate()
@@ -261,15 +282,19 @@ fn attention_blocks(
                         m.fill(f32::NEG_INFINITY);
                         l.fill(0.0);
                         let qh = &qb_all[r0 * q_stride + h * hd..];
-                        for k0 in (0..lk).step_by(KB) {
-                            let kb = KB.min(lk - k0);
+                        for k0 in (0..lk_used).step_by(KB) {
+                            let kb = KB.min(lk_used - k0);
                             let kh = &kt_b[h * hd * lk + k0..];
                             let vh = &vb_all[k0 * kv_stride + h * hd..];
                             // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
                             gemm_strided(
                                 qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, lk, 1, false,
                             );
-                            if let Some(bias) = bias {
+                            if all_masked {
+                                for row in sbuf.chunks_exact_mut(KB).take(qb) {
+                                    row[..kb].fill(0.0);
+                                }
+                            } else if let Some(bias) = bias {
                                 add_bias_tile(&mut sbuf, qb, kb, r0, k0, b, h, &s, bias);
                             }
                             softmax_step(
@@ -380,6 +405,93 @@ mod tests {
             let want = naive(&q, &k, &v, s);
             let err = crate::tensor::rel_l2(&out, &want);
             assert!(err < 1e-5, "{batch} {heads} {hd} {lq} {lk}: rel l2 {err}");
+        }
+    }
+
+    /// T5's attention with a bias table and a key mask, in f64 with the whole score row.
+    fn naive_biased(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, bias: &AttnBias) -> Vec<f64> {
+        let hd = s.head_dim;
+        let mut out = vec![0.0f64; s.batch * s.lq * s.heads * hd];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for i in 0..s.lq {
+                    let qi = &q[(b * s.lq + i) * s.q_stride + h * hd..][..hd];
+                    let scores: Vec<f64> = (0..s.lk)
+                        .map(|j| {
+                            let kj = &k[(b * s.lk + j) * s.kv_stride + h * hd..][..hd];
+                            let dot: f64 =
+                                qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                            dot * s.scale as f64
+                                + bias.table[bias.buckets[i * s.lk + j] as usize * s.heads + h]
+                                    as f64
+                                + bias.key_mask.map_or(0.0, |m| m[b * s.lk + j] as f64)
+                        })
+                        .collect();
+                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let acc: f64 = (0..s.lk)
+                            .map(|j| e[j] * v[(b * s.lk + j) * s.kv_stride + h * hd + d] as f64)
+                            .sum();
+                        out[((b * s.lq + i) * s.heads + h) * hd + d] = acc / z;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Masked keys at the end of a sample are left out of the products; masked keys before
+    /// a real one, and a sample with every key masked, are kept.
+    #[test]
+    fn biased_attention_with_key_padding_matches_naive() {
+        let (batch, heads, hd, lq, lk) = (4, 3, 16, 37, 600);
+        let width = heads * hd;
+        let s = AttnShape {
+            batch,
+            heads,
+            head_dim: hd,
+            lq,
+            lk,
+            q_stride: width,
+            kv_stride: width,
+            out_stride: width,
+            scale: 1.0,
+        };
+        let q = rand(batch * lq * width, 4);
+        let k = rand(batch * lk * width, 5);
+        let v = rand(batch * lk * width, 6);
+        let table = rand(8 * heads, 7);
+        let buckets: Vec<u16> = (0..lq * lk).map(|i| ((i * 7) % 8) as u16).collect();
+        // valid prefixes of 600 (none masked), 17, a hole at 3..9 before 40 valid, none.
+        let mut mask = vec![0.0f32; batch * lk];
+        mask[lk + 17..2 * lk].fill(f32::MIN);
+        mask[2 * lk + 3..2 * lk + 9].fill(f32::MIN);
+        mask[2 * lk + 40..3 * lk].fill(f32::MIN);
+        mask[3 * lk..].fill(f32::MIN);
+        let bias = AttnBias {
+            buckets: &buckets,
+            table: &table,
+            key_mask: Some(&mask),
+        };
+        let mut out = vec![f32::NAN; batch * lq * width];
+        attention_biased(&q, &k, &v, &mut out, s, &bias);
+        let mut want = naive_biased(&q, &k, &v, s, &bias);
+        // Every key masked: PyTorch's float32 scores all round to f32::MIN, so the weights
+        // are uniform (the f64 reference would still rank the keys).
+        for i in 0..lq {
+            for c in 0..width {
+                let mean = (0..lk)
+                    .map(|j| v[(3 * lk + j) * width + c] as f64)
+                    .sum::<f64>();
+                want[(3 * lq + i) * width + c] = mean / lk as f64;
+            }
+        }
+        for b in 0..batch {
+            let n = lq * width;
+            let err = crate::tensor::rel_l2(&out[b * n..(b + 1) * n], &want[b * n..(b + 1) * n]);
+            assert!(err < 1e-5, "sample {b}: rel l2 {err}");
         }
     }
 }
