@@ -20,8 +20,8 @@ use crate::multiversion;
 const QB: usize = 128;
 const KB: usize = 512;
 
-/// A key-mask value at or below this is −∞ for the softmax: with any finite score the
-/// exponent underflows to exactly 0 (transformers' padding mask is f32::MIN).
+/// A key-mask value at or below this is −∞ for the softmax: with any finite score its
+/// weight underflows (transformers' padding mask is f32::MIN).
 const MASKED: f32 = -1e30;
 
 /// Shapes and strides of one attention call. Head h of a row occupies columns
@@ -237,9 +237,10 @@ fn attention_blocks(
                 }
             }
         });
-    // Keys at the end of a sample whose mask is (practically) −∞ get a softmax weight of
-    // exactly 0 whatever the query: T5's padding. They are left out of both products, which
-    // changes no sum (the terms left out are +0.0 at the end of every row). A sample whose
+    // Keys at the end of a sample whose mask is (practically) −∞ get a softmax weight of 0
+    // in PyTorch's float32 whatever the query: T5's padding. They are left out of both
+    // products (before, exp2's clamp gave each a weight of 2^-126 of the row's largest,
+    // absorbed by every sum it entered). A sample whose
     // keys are all masked attends uniformly to all of them, as in PyTorch's float32 (where
     // adding f32::MIN absorbs every score into one value).
     // (keys used, every key masked) per sample.
