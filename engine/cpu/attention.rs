@@ -121,7 +121,7 @@ fn attention_impl(
             if bias.is_some() { " bias" } else { "" }
         )
     });
-    attention_blocks(q, k, v, out, s, bias)
+    attention_blocks(q, k, v, out, s, bias, true)
 }
 
 /// [`attention`] with T5's additive relative-position bias and key mask:
@@ -177,7 +177,8 @@ fn add_bias_tile(
     }
 }
 
-/// The flash-style loop itself (see the module docs).
+/// The flash-style loop itself (see the module docs); `tiles` false keeps both products
+/// on the gemm crate even where the register tiles could run (tests compare the two).
 fn attention_blocks(
     q: &[f32],
     k: &[f32],
@@ -185,6 +186,7 @@ fn attention_blocks(
     out: &mut [f32],
     s: AttnShape,
     bias: Option<&AttnBias>,
+    tiles: bool,
 ) {
     let AttnShape {
         batch,
@@ -223,20 +225,48 @@ fn attention_blocks(
     );
     // With a bias the tile is scaled while the bias is added; the softmax then runs at 1.
     let softmax_scale = if bias.is_some() { 1.0 } else { scale };
-    // Kᵀ per (sample, head): [B, heads, hd, lk], so that Q·Kᵀ reads a row-major right-hand
-    // side (the gemm crate packs that faster than a strided transpose; costs lk·width once).
-    let mut kt = vec![0.0f32; batch * width * lk];
-    kt.par_chunks_mut(hd * lk)
-        .enumerate()
-        .for_each(|(bh, dst)| {
-            let (b, h) = (bh / heads, bh % heads);
-            for j in 0..lk {
-                let src = &k[(b * lk + j) * kv_stride + h * hd..][..hd];
-                for (i, &x) in src.iter().enumerate() {
-                    dst[i * lk + j] = x;
-                }
+    // On AVX2 + FMA both products run on register tiles over K and V packed once per
+    // (sample, head) (attention_tiles.rs); elsewhere (or when a test asks) on the gemm
+    // crate with Kᵀ per (sample, head): [B, heads, hd, lk], so that Q·Kᵀ reads a row-major
+    // right-hand side (costs lk·width once).
+    #[cfg(target_arch = "x86_64")]
+    let tiles = tiles && super::simd::avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = false;
+    #[cfg(target_arch = "x86_64")]
+    use super::attention_tiles::{self as t, PANEL};
+    #[cfg(not(target_arch = "x86_64"))]
+    const PANEL: usize = 16;
+    let (k_len, v_len) = if tiles {
+        (
+            lk.div_ceil(PANEL) * hd * PANEL,
+            hd.div_ceil(PANEL) * lk * PANEL,
+        )
+    } else {
+        (hd * lk, 0)
+    };
+    let mut kt = vec![0.0f32; batch * heads * k_len];
+    let mut vp = vec![0.0f32; batch * heads * v_len];
+    kt.par_chunks_mut(k_len).enumerate().for_each(|(bh, dst)| {
+        let (b, h) = (bh / heads, bh % heads);
+        let src = &k[b * lk * kv_stride + h * hd..];
+        #[cfg(target_arch = "x86_64")]
+        if tiles {
+            return t::pack_k(src, kv_stride, lk, hd, dst);
+        }
+        for j in 0..lk {
+            for (i, &x) in src[j * kv_stride..][..hd].iter().enumerate() {
+                dst[i * lk + j] = x;
             }
+        }
+    });
+    #[cfg(target_arch = "x86_64")]
+    if tiles {
+        vp.par_chunks_mut(v_len).enumerate().for_each(|(bh, dst)| {
+            let (b, h) = (bh / heads, bh % heads);
+            t::pack_v(&v[b * lk * kv_stride + h * hd..], kv_stride, lk, hd, dst);
         });
+    }
     // Keys at the end of a sample whose mask is (practically) −∞ get a softmax weight of 0
     // in PyTorch's float32 whatever the query: T5's padding. They are left out of both
     // products (before, exp2's clamp gave each a weight of 2^-126 of the row's largest,
@@ -262,7 +292,8 @@ fn attention_blocks(
         .enumerate()
         .for_each(|(b, out_b)| {
             let qb_all = &q[b * lq * q_stride..];
-            let kt_b = &kt[b * width * lk..(b + 1) * width * lk];
+            let kt_b = &kt[b * heads * k_len..(b + 1) * heads * k_len];
+            let vp_b = &vp[b * heads * v_len..(b + 1) * heads * v_len];
             let vb_all = &v[b * lk * kv_stride..];
             let (lk_used, all_masked) = keys_of(b);
             out_b
@@ -285,12 +316,29 @@ fn attention_blocks(
                         let qh = &qb_all[r0 * q_stride + h * hd..];
                         for k0 in (0..lk_used).step_by(KB) {
                             let kb = KB.min(lk_used - k0);
-                            let kh = &kt_b[h * hd * lk + k0..];
-                            let vh = &vb_all[k0 * kv_stride + h * hd..];
+                            let kh = &kt_b[h * k_len..(h + 1) * k_len];
                             // S[qb, kb] = Q[qb, hd] · K[kb, hd]ᵀ
-                            gemm_strided(
-                                qb, kb, hd, &mut sbuf, KB, false, qh, q_stride, 1, kh, lk, 1, false,
-                            );
+                            #[cfg(target_arch = "x86_64")]
+                            if tiles {
+                                t::qk(qh, q_stride, kh, k0, hd, &mut sbuf, KB, qb, kb);
+                            }
+                            if !tiles {
+                                gemm_strided(
+                                    qb,
+                                    kb,
+                                    hd,
+                                    &mut sbuf,
+                                    KB,
+                                    false,
+                                    qh,
+                                    q_stride,
+                                    1,
+                                    &kh[k0..],
+                                    lk,
+                                    1,
+                                    false,
+                                );
+                            }
                             if all_masked {
                                 for row in sbuf.chunks_exact_mut(KB).take(qb) {
                                     row[..kb].fill(0.0);
@@ -309,9 +357,18 @@ fn attention_blocks(
                                 hd,
                             );
                             // O[qb, hd] += P[qb, kb] · V[kb, hd]
-                            gemm_strided(
-                                qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1, false,
-                            );
+                            #[cfg(target_arch = "x86_64")]
+                            if tiles {
+                                let vh = &vp_b[h * v_len..(h + 1) * v_len];
+                                t::pv(&sbuf, KB, vh, lk, k0, kb, hd, &mut o, qb);
+                            }
+                            if !tiles {
+                                let vh = &vb_all[k0 * kv_stride + h * hd..];
+                                gemm_strided(
+                                    qb, hd, kb, &mut o, hd, true, &sbuf, KB, 1, vh, kv_stride, 1,
+                                    false,
+                                );
+                            }
                         }
                         for r in 0..qb {
                             let inv = 1.0 / l[r];
@@ -401,11 +458,17 @@ mod tests {
             let q = rand(batch * lq * s.q_stride, 1);
             let k = rand(batch * lk * s.kv_stride, 2);
             let v = rand(batch * lk * s.kv_stride, 3);
-            let mut out = vec![f32::NAN; batch * lq * width];
-            attention(&q, &k, &v, &mut out, s);
             let want = naive(&q, &k, &v, s);
-            let err = crate::tensor::rel_l2(&out, &want);
-            assert!(err < 1e-5, "{batch} {heads} {hd} {lq} {lk}: rel l2 {err}");
+            // The register tiles (where the CPU has AVX2 + FMA) and the gemm crate.
+            for tiles in [true, false] {
+                let mut out = vec![f32::NAN; batch * lq * width];
+                attention_blocks(&q, &k, &v, &mut out, s, None, tiles);
+                let err = crate::tensor::rel_l2(&out, &want);
+                assert!(
+                    err < 1e-5,
+                    "{batch} {heads} {hd} {lq} {lk} tiles {tiles}: rel l2 {err}"
+                );
+            }
         }
     }
 
@@ -476,8 +539,6 @@ mod tests {
             table: &table,
             key_mask: Some(&mask),
         };
-        let mut out = vec![f32::NAN; batch * lq * width];
-        attention_biased(&q, &k, &v, &mut out, s, &bias);
         let mut want = naive_biased(&q, &k, &v, s, &bias);
         // Every key masked: PyTorch's float32 scores all round to f32::MIN, so the weights
         // are uniform (the f64 reference would still rank the keys).
@@ -489,10 +550,15 @@ mod tests {
                 want[(3 * lq + i) * width + c] = mean / lk as f64;
             }
         }
-        for b in 0..batch {
-            let n = lq * width;
-            let err = crate::tensor::rel_l2(&out[b * n..(b + 1) * n], &want[b * n..(b + 1) * n]);
-            assert!(err < 1e-5, "sample {b}: rel l2 {err}");
+        for tiles in [true, false] {
+            let mut out = vec![f32::NAN; batch * lq * width];
+            attention_blocks(&q, &k, &v, &mut out, s, Some(&bias), tiles);
+            for b in 0..batch {
+                let n = lq * width;
+                let (got, want) = (&out[b * n..(b + 1) * n], &want[b * n..(b + 1) * n]);
+                let err = crate::tensor::rel_l2(got, want);
+                assert!(err < 1e-5, "sample {b} tiles {tiles}: rel l2 {err}");
+            }
         }
     }
 }

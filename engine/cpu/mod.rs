@@ -6,6 +6,8 @@
 //! Tensors are plain row-major slices; each function states its shapes.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_tiles;
 pub mod conv;
 pub mod embed;
 pub mod linear;
