@@ -112,7 +112,9 @@ pub type Pad2 = [usize; 4];
 
 /// Bytes of one task's im2col buffer (rows × k_t·k_h·k_w·C_in floats): a few MB, so the
 /// buffer and the GEMM's packing of it stay near the caches while each task still does
-/// enough work to amortise its call.
+/// enough work to amortise its call. Measured on Wan2.1's decoder (latents [1,16,3,12,16],
+/// 2 threads, Zen 3): 12.1 s with 1 MB, 7.6–8.0 s with 4 MB, 9.7 s with 8 MB, 9.6 s with
+/// 16 MB.
 const COL_BYTES: usize = 4 << 20;
 
 thread_local! {
