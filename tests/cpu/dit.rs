@@ -128,6 +128,85 @@ fn dit_cli_binary_runs_component() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent"));
 }
 
+/// `--text-once` (the text's K/V made before the timed runs) gives the forward's output bit
+/// for bit, and `--profile` reports the last run's ops: the GEMMs and attentions by shape.
+#[test]
+fn dit_cli_component_text_once_and_profile() {
+    let dir = data("dit_hd48");
+    let tmp = scratch("dit-cli-profile");
+    let run = |out: &std::path::Path, extra: &[&str]| -> serde_json::Value {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_reel"))
+            .args(["component", "dit", "--model"])
+            .arg(&dir)
+            .arg("--input")
+            .arg(dir.join("input.safetensors"))
+            .arg("--output")
+            .arg(out)
+            .args(["--repeat", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let plain = run(&tmp.join("plain.safetensors"), &[]);
+    assert!(plain.get("profile").is_none());
+    let line = run(&tmp.join("once.safetensors"), &["--text-once", "--profile"]);
+    assert_eq!(line["forward_seconds"].as_array().unwrap().len(), 2);
+    let sample = |f: &str| {
+        TensorFile::open(&tmp.join(f))
+            .unwrap()
+            .tensor("sample")
+            .unwrap()
+            .data()
+            .to_vec()
+    };
+    assert_eq!(sample("plain.safetensors"), sample("once.safetensors"));
+    let ops: Vec<&str> = line["profile"]["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op"].as_str().unwrap())
+        .collect();
+    assert!(
+        ops.contains(&"gemm") && ops.contains(&"attention"),
+        "{ops:?}"
+    );
+    let labels: Vec<&str> = line["profile"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["label"].as_str().unwrap())
+        .collect();
+    assert!(labels.iter().any(|l| l.starts_with("gemm m")), "{labels:?}");
+    assert!(
+        labels.iter().any(|l| l.starts_with("attention b")),
+        "{labels:?}"
+    );
+    // The text K/V were made before the profiled run: no GEMM of the text's rows in it.
+    let text = TensorFile::open(&dir.join("input.safetensors"))
+        .unwrap()
+        .tensor("encoder_hidden_states")
+        .unwrap();
+    let text_rows = text.shape()[0] * text.shape()[1];
+    let of_text = |l: &&str| l.starts_with(&format!("gemm m{text_rows} "));
+    assert!(
+        !labels.iter().any(of_text),
+        "text GEMMs in a --text-once run: {labels:?}"
+    );
+    // ... and without --text-once they are there (the check above can fail).
+    let each = run(&tmp.join("each.safetensors"), &["--profile"]);
+    assert!(
+        each["profile"]["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| of_text(&l["label"].as_str().unwrap())),
+        "{each}"
+    );
+}
+
 /// Every golden DiT case through the device forward on REEL_TEST_DEVICE (emu by default):
 /// bf16 storage, reel's GEMM and flash attention, within the kernel-device tolerance of
 /// diffusers' float64 output. The session allocates exactly what its plan says.
