@@ -113,8 +113,8 @@ def load(args, name):
 
 
 def row_setup(args, row, models, work):
-    """(torch forward, reel component kind, reel extra args, input file, PyTorch module,
-    counted GFLOP or None) of one row."""
+    """(PyTorch forward, reel component kind, reel's extra flags, input file, reel's model
+    folder, PyTorch module) of one row."""
     kind, _, n = row.partition(":")
     gen = torch.Generator().manual_seed(1)
     inp = os.path.join(work, row.replace(":", "_") + ".safetensors")

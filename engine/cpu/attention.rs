@@ -270,10 +270,9 @@ fn attention_blocks(
     // Keys at the end of a sample whose mask is (practically) −∞ get a softmax weight of 0
     // in PyTorch's float32 whatever the query: T5's padding. They are left out of both
     // products (before, exp2's clamp gave each a weight of 2^-126 of the row's largest,
-    // absorbed by every sum it entered). A sample whose
-    // keys are all masked attends uniformly to all of them, as in PyTorch's float32 (where
-    // adding f32::MIN absorbs every score into one value).
-    // (keys used, every key masked) per sample.
+    // absorbed by every sum it entered). A sample whose keys are all masked attends
+    // uniformly to all of them, as in PyTorch's float32 (where adding f32::MIN absorbs
+    // every score into one value). keys_of(b) = (keys used, every key masked).
     let keys_of = |b: usize| -> (usize, bool) {
         let Some(mask) = bias.and_then(|x| x.key_mask) else {
             return (lk, false);

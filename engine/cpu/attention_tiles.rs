@@ -21,6 +21,21 @@ pub const PANEL: usize = 16;
 /// Rows of one register tile.
 const MR: usize = 6;
 
+/// Calls `$f::<M>(args)` for the tile's row count `$m` in 1..=MR (the accumulators are an
+/// array of M rows, so each count is its own function).
+macro_rules! by_rows {
+    ($m:expr, $f:ident($($a:expr),* $(,)?)) => {
+        match $m {
+            6 => $f::<6>($($a),*),
+            5 => $f::<5>($($a),*),
+            4 => $f::<4>($($a),*),
+            3 => $f::<3>($($a),*),
+            2 => $f::<2>($($a),*),
+            _ => $f::<1>($($a),*),
+        }
+    };
+}
+
 /// Packs the keys of one (sample, head): k rows j at `j·stride` (hd values each) into
 /// `[panel][d][PANEL]`. `dst` holds `lk.div_ceil(PANEL)·hd·PANEL` values.
 pub fn pack_k(k: &[f32], stride: usize, lk: usize, hd: usize, dst: &mut [f32]) {
@@ -97,16 +112,7 @@ pub fn qk(
         // SAFETY: AVX2 and FMA are present (asserted); every index the kernels form is
         // inside the bounds asserted above (rows r0..r0+m < rows, columns < cols, panels
         // < (k0 + cols)/PANEL rounded up).
-        unsafe {
-            match m {
-                6 => qk_rows::<6>(q, qs, kp, hd, s, ss, cols),
-                5 => qk_rows::<5>(q, qs, kp, hd, s, ss, cols),
-                4 => qk_rows::<4>(q, qs, kp, hd, s, ss, cols),
-                3 => qk_rows::<3>(q, qs, kp, hd, s, ss, cols),
-                2 => qk_rows::<2>(q, qs, kp, hd, s, ss, cols),
-                _ => qk_rows::<1>(q, qs, kp, hd, s, ss, cols),
-            }
-        }
+        unsafe { by_rows!(m, qk_rows(q, qs, kp, hd, s, ss, cols)) }
         r0 += m;
     }
 }
@@ -182,16 +188,7 @@ pub fn pv(
         let (pr, or) = (&p[r0 * ps..], &mut o[r0 * hd..]);
         // SAFETY: AVX2 and FMA are present (asserted); rows r0..r0+m < rows, keys
         // k0..k0+kb < lk and dimensions < hd are inside the bounds asserted above.
-        unsafe {
-            match m {
-                6 => pv_rows::<6>(pr, ps, vp, lk, k0, kb, hd, or),
-                5 => pv_rows::<5>(pr, ps, vp, lk, k0, kb, hd, or),
-                4 => pv_rows::<4>(pr, ps, vp, lk, k0, kb, hd, or),
-                3 => pv_rows::<3>(pr, ps, vp, lk, k0, kb, hd, or),
-                2 => pv_rows::<2>(pr, ps, vp, lk, k0, kb, hd, or),
-                _ => pv_rows::<1>(pr, ps, vp, lk, k0, kb, hd, or),
-            }
-        }
+        unsafe { by_rows!(m, pv_rows(pr, ps, vp, lk, k0, kb, hd, or)) }
         r0 += m;
     }
 }
