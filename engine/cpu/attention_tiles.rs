@@ -21,6 +21,25 @@ pub const PANEL: usize = 16;
 /// Rows of one register tile.
 const MR: usize = 6;
 
+/// (first row, rows) of each register tile over `rows` rows: MR at a time, the rest last.
+fn row_tiles(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(MR).map(move |r0| (r0, MR.min(rows - r0)))
+}
+
+/// Stores the first `n` (≤ PANEL) lanes of a tile row's two vectors at `dst`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_row(dst: *mut f32, a: &[__m256; 2], n: usize) {
+    if n == PANEL {
+        _mm256_storeu_ps(dst, a[0]);
+        _mm256_storeu_ps(dst.add(8), a[1]);
+    } else {
+        let mut tmp = [0.0f32; PANEL];
+        _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
+        _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
+        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+    }
+}
+
 /// Calls `$f::<M>(args)` for the tile's row count `$m` in 1..=MR (the accumulators are an
 /// array of M rows, so each count is its own function).
 macro_rules! by_rows {
@@ -105,15 +124,12 @@ pub fn qk(
     assert!((rows - 1) * ss + cols <= s.len(), "qk: s too short");
     assert!(crate::cpu::simd::avx2_fma(), "qk: needs AVX2 and FMA");
     let kp = &kp[k0 / PANEL * hd * PANEL..];
-    let mut r0 = 0;
-    while r0 < rows {
-        let m = MR.min(rows - r0);
+    for (r0, m) in row_tiles(rows) {
         let (q, s) = (&q[r0 * qs..], &mut s[r0 * ss..]);
         // SAFETY: AVX2 and FMA are present (asserted); every index the kernels form is
         // inside the bounds asserted above (rows r0..r0+m < rows, columns < cols, panels
         // < (k0 + cols)/PANEL rounded up).
         unsafe { by_rows!(m, qk_rows(q, qs, kp, hd, s, ss, cols)) }
-        r0 += m;
     }
 }
 
@@ -143,16 +159,7 @@ unsafe fn qk_rows<const M: usize>(
         let c0 = p * PANEL;
         let n = PANEL.min(cols - c0);
         for (r, a) in acc.iter().enumerate() {
-            let dst = sp.add(r * ss + c0);
-            if n == PANEL {
-                _mm256_storeu_ps(dst, a[0]);
-                _mm256_storeu_ps(dst.add(8), a[1]);
-            } else {
-                let mut tmp = [0.0f32; PANEL];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
-            }
+            store_row(sp.add(r * ss + c0), a, n);
         }
     }
 }
@@ -182,14 +189,11 @@ pub fn pv(
     );
     assert!(rows * hd <= o.len(), "pv: o too short");
     assert!(crate::cpu::simd::avx2_fma(), "pv: needs AVX2 and FMA");
-    let mut r0 = 0;
-    while r0 < rows {
-        let m = MR.min(rows - r0);
+    for (r0, m) in row_tiles(rows) {
         let (pr, or) = (&p[r0 * ps..], &mut o[r0 * hd..]);
         // SAFETY: AVX2 and FMA are present (asserted); rows r0..r0+m < rows, keys
         // k0..k0+kb < lk and dimensions < hd are inside the bounds asserted above.
         unsafe { by_rows!(m, pv_rows(pr, ps, vp, lk, k0, kb, hd, or)) }
-        r0 += m;
     }
 }
 
@@ -234,15 +238,7 @@ unsafe fn pv_rows<const M: usize>(
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            let dst = op.add(r * hd + d0);
-            if n == PANEL {
-                _mm256_storeu_ps(dst, a[0]);
-                _mm256_storeu_ps(dst.add(8), a[1]);
-            } else {
-                _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
-            }
+            store_row(op.add(r * hd + d0), a, n);
         }
     }
 }
