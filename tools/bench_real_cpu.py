@@ -27,6 +27,8 @@ Both sides are timed the same way: an in-process forward, warmed up, wall clock 
 forward alone, --threads threads. PyTorch runs in this process; reel runs as
 `reel component KIND --repeat 2` (model loaded once, one warm-up forward, then the timed one).
 Rounds alternate the two; medians are reported, and a JSON line per row with --json FILE.
+Each row also reports how far reel's output is from PyTorch's (relative L2 and max |diff|),
+so a speed-up that costs accuracy shows.
 --breakdown adds where the time goes: reel's per-op timers of its last run (`--profile`: op
 classes, and every GEMM, attention and VAE convolution by shape) and PyTorch's time per
 leaf-module class (forward hooks) over one more forward.
@@ -43,7 +45,7 @@ import sys
 import time
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REEL = os.path.join(HERE, "..", "target", "release", "reel")
@@ -90,7 +92,6 @@ def cache_dir(args, name, cfg):
 
 def load(args, name):
     """(cache folder, component folder, PyTorch model in eval mode) of one cached model."""
-    from safetensors.torch import load_file
     if name in ("dit", "dit1"):
         from diffusers import WanTransformer3DModel as cls
         cfg, sub = dict(DIT_CFG, num_layers=1 if name == "dit1" else DIT_CFG["num_layers"]), "transformer"
@@ -113,8 +114,8 @@ def load(args, name):
 
 
 def row_setup(args, row, models, work):
-    """(PyTorch forward, reel component kind, reel's extra flags, input file, reel's model
-    folder, PyTorch module) of one row."""
+    """(PyTorch forward returning its output, reel component kind, reel's extra flags, input
+    file, reel's model folder, PyTorch module, the name of reel's output tensor) of one row."""
     kind, _, n = row.partition(":")
     gen = torch.Generator().manual_seed(1)
     inp = os.path.join(work, row.replace(":", "_") + ".safetensors")
@@ -133,12 +134,12 @@ def row_setup(args, row, models, work):
                    "timestep": t.expand(batch).contiguous(), "encoder_hidden_states": ctx}, inp)
 
         def fwd():
-            with torch.no_grad():
-                for b in range(batch):  # WanPipeline: one call per guidance pass
-                    model(hidden_states=x, timestep=t, encoder_hidden_states=ctx[b:b + 1],
-                          return_dict=False)
+            with torch.no_grad():  # WanPipeline: one call per guidance pass
+                return torch.cat([model(hidden_states=x, timestep=t,
+                                        encoder_hidden_states=ctx[b:b + 1], return_dict=False)[0]
+                                  for b in range(batch)])
         extra = ["--text-once"] if kind == "step" else []
-        return fwd, "dit", extra, inp, folder, model
+        return fwd, "dit", extra, inp, folder, model, "sample"
     if kind in ("vae-decode", "vae-encode"):
         root, folder, model = models("vae")
         if kind == "vae-decode":
@@ -147,15 +148,16 @@ def row_setup(args, row, models, work):
 
             def fwd():
                 with torch.no_grad():
-                    model.decode(z)
+                    return model.decode(z).sample
         else:
             s = torch.rand(1, 3, 9, 96, 128, generator=gen) * 2 - 1
             save_file({"sample": s}, inp)
 
             def fwd():
                 with torch.no_grad():
-                    model.encode(s)
-        return fwd, kind, [], inp, folder, model
+                    return model.encode(s).latent_dist.mean
+        key = "decoded" if kind == "vae-decode" else "latent_mean"
+        return fwd, kind, [], inp, folder, model, key
     if kind == "umt5":
         root, folder, model = models("umt5")
         ids = torch.randint(3, UMT5_CFG["vocab_size"], (2, TEXT_LEN), generator=gen)
@@ -168,8 +170,8 @@ def row_setup(args, row, models, work):
 
         def fwd():
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
-        return fwd, "text-encoder", [], inp, folder, model
+                return model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return fwd, "text-encoder", [], inp, folder, model, "last_hidden_state"
     raise SystemExit(f"unknown row {row!r}")
 
 
@@ -237,7 +239,7 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternating rounds, "
           f"medians", flush=True)
     for row in args.rows.split(","):
-        fwd, kind, extra, inp, folder, model = row_setup(args, row, models, work)
+        fwd, kind, extra, inp, folder, model, key = row_setup(args, row, models, work)
 
         def reel():
             cmd = [args.reel, "--threads", str(args.threads), "component", kind, "--model", folder,
@@ -250,7 +252,8 @@ def main():
             line = json.loads(lines[-1])
             return line["forward_seconds"][-1], line.get("profile")
 
-        for _ in range(args.warmup):
+        want = fwd()  # the first warm-up forward; reel's output is checked against it
+        for _ in range(args.warmup - 1):
             fwd()
         theirs, ours, prof = [], [], None
         for _ in range(args.rounds):
@@ -264,6 +267,11 @@ def main():
         rec = {"row": row, "torch_s": theirs, "reel_s": ours, "torch_median_s": mt,
                "reel_median_s": mr, "ratio": mt / mr, "threads": args.threads,
                "torch": torch.__version__}
+        # The same output from both: reel's last run against PyTorch's warm-up forward.
+        got = load_file(os.path.join(work, "out.safetensors"))[key].reshape(want.shape)
+        rec["rel_l2"] = float((got.double() - want.double()).norm() / want.double().norm())
+        rec["max_abs"] = float((got - want).abs().max())
+        print(f"  accuracy: rel L2 {rec['rel_l2']:.2e}, max |diff| {rec['max_abs']:.2e}", flush=True)
         if args.breakdown:
             rec["torch_modules_s"] = torch_breakdown(model, fwd)
             rec["reel_profile"] = prof

@@ -226,7 +226,7 @@ fn attention_blocks(
     // With a bias the tile is scaled while the bias is added; the softmax then runs at 1.
     let softmax_scale = if bias.is_some() { 1.0 } else { scale };
     // On AVX2 + FMA both products run on register tiles over K and V packed once per
-    // (sample, head) (attention_tiles.rs); elsewhere (or when a test asks) on the gemm
+    // (sample, head) (tiles.rs); elsewhere (or when a test asks) on the gemm
     // crate with Kᵀ per (sample, head): [B, heads, hd, lk], so that Q·Kᵀ reads a row-major
     // right-hand side (costs lk·width once).
     #[cfg(target_arch = "x86_64")]
@@ -234,7 +234,7 @@ fn attention_blocks(
     #[cfg(not(target_arch = "x86_64"))]
     let tiles = false;
     #[cfg(target_arch = "x86_64")]
-    use super::attention_tiles::{self as t, PANEL};
+    use super::tiles::{self as t, PANEL};
     #[cfg(not(target_arch = "x86_64"))]
     const PANEL: usize = 16;
     let (k_len, v_len) = if tiles {
@@ -359,7 +359,7 @@ fn attention_blocks(
                             #[cfg(target_arch = "x86_64")]
                             if tiles {
                                 let vh = &vp_b[h * v_len..(h + 1) * v_len];
-                                t::pv(&sbuf, KB, vh, lk, k0, kb, hd, &mut o, qb);
+                                t::pv(&sbuf, KB, vh, lk, k0, kb, hd, &mut o, hd, qb);
                             }
                             if !tiles {
                                 let vh = &vb_all[k0 * kv_stride + h * hd..];

@@ -1,12 +1,13 @@
 //! Convolutions of the causal video VAE on channel-last frames.
 //!
 //! Activations are [T, H, W, C] per sample (channels contiguous), so the channel RMS norm,
-//! SiLU and 1×1 convolutions read contiguous rows. A k_t×k_h×k_w convolution is a sum of
-//! k_t·k_h·k_w GEMMs, one per tap, over zero-padded input frames ("implicit GEMM"): with
-//! stride 1 each tap's input is one contiguous window of the padded frame, read as a
-//! [H_out·W_pad, C_in] matrix, so no im2col buffer exists; the W_pad − W_out columns of
-//! junk this computes per row are dropped when the output is written. Strided convolutions
-//! (the 2× downsampling) run one GEMM per output row and tap with a strided left-hand side.
+//! SiLU and 1×1 convolutions read contiguous rows. On AVX2 + FMA a k_t×k_h×k_w convolution
+//! runs as register tiles over the input in place ([`conv_tiles`]): per tap, each output
+//! row's run of pixels whose input pixel is inside the frame is a product of [pixels,
+//! C_in] (rows at stride s_w·C_in, read where they lie) by the tap's weights packed once
+//! into panels of 16 output channels, accumulated into the output. Nothing is gathered or
+//! packed per call. Other CPUs gather im2col blocks and call the gemm crate
+//! ([`conv_im2col`]).
 
 use rayon::prelude::*;
 
@@ -74,9 +75,14 @@ impl Frames {
     }
 }
 
-/// A convolution's weights rearranged for the tap GEMMs: [k_t·k_h·k_w, C_in, C_out].
+/// A convolution's weights, rearranged once for the CPU's products.
 pub struct ConvWeights {
-    pub taps: Vec<f32>,
+    /// Tap-major [k_t·k_h·k_w, C_in, C_out] for the im2col GEMM; with `tiles`, each tap's
+    /// C_out in panels of [`PANEL`](super::tiles::PANEL) (the last zero-padded):
+    /// [tap][C_out panel][C_in][PANEL], as `tiles::pv` reads them.
+    pub w: Vec<f32>,
+    /// Whether `w` is in panels for the register tiles (AVX2 + FMA) or tap-major.
+    pub tiles: bool,
     pub bias: Vec<f32>,
     pub ci: usize,
     pub co: usize,
@@ -84,21 +90,50 @@ pub struct ConvWeights {
 }
 
 impl ConvWeights {
-    /// From PyTorch's [C_out, C_in, k_t, k_h, k_w] layout (Conv2d weights: k_t = 1).
+    /// From PyTorch's [C_out, C_in, k_t, k_h, k_w] layout (Conv2d weights: k_t = 1), for
+    /// the register tiles where the CPU has AVX2 and FMA and the im2col GEMM elsewhere.
     pub fn new(weight: &[f32], bias: &[f32], co: usize, ci: usize, k: [usize; 3]) -> Self {
+        Self::with_layout(weight, bias, co, ci, k, super::simd::avx2_fma())
+    }
+
+    /// [`ConvWeights::new`] with the layout chosen (`tiles` needs AVX2 and FMA).
+    pub fn with_layout(
+        weight: &[f32],
+        bias: &[f32],
+        co: usize,
+        ci: usize,
+        k: [usize; 3],
+        tiles: bool,
+    ) -> Self {
         let kvol = k[0] * k[1] * k[2];
         assert_eq!(weight.len(), co * ci * kvol, "conv weight shape");
         assert_eq!(bias.len(), co, "conv bias shape");
-        let mut taps = vec![0.0f32; kvol * ci * co];
+        let tiles = tiles && cfg!(target_arch = "x86_64") && super::simd::avx2_fma();
+        // Where each (tap, C_in, C_out) weight goes.
+        let (len, at): (usize, Box<dyn Fn(usize, usize, usize) -> usize>) = if tiles {
+            const P: usize = TILE_PANEL;
+            let panels = co.div_ceil(P);
+            (
+                kvol * panels * ci * P,
+                Box::new(move |tap, i, o| ((tap * panels + o / P) * ci + i) * P + o % P),
+            )
+        } else {
+            (
+                kvol * ci * co,
+                Box::new(move |tap, i, o| (tap * ci + i) * co + o),
+            )
+        };
+        let mut w = vec![0.0f32; len];
         for o in 0..co {
             for i in 0..ci {
                 for tap in 0..kvol {
-                    taps[(tap * ci + i) * co + o] = weight[(o * ci + i) * kvol + tap];
+                    w[at(tap, i, o)] = weight[(o * ci + i) * kvol + tap];
                 }
             }
         }
         ConvWeights {
-            taps,
+            w,
+            tiles,
             bias: bias.to_vec(),
             ci,
             co,
@@ -106,6 +141,12 @@ impl ConvWeights {
         }
     }
 }
+
+/// C_out per weight panel of the register-tile layout.
+#[cfg(target_arch = "x86_64")]
+const TILE_PANEL: usize = super::tiles::PANEL;
+#[cfg(not(target_arch = "x86_64"))]
+const TILE_PANEL: usize = 16;
 
 /// Spatial zero padding: [top, bottom, left, right].
 pub type Pad2 = [usize; 4];
@@ -127,16 +168,10 @@ thread_local! {
 /// time: output frame j reads input frames j·s_t .. j·s_t + k_t. Spatial zero padding `pad`,
 /// strides `stride` = [s_t, s_h, s_w]. Returns [T_out, H_out, W_out, C_out].
 ///
-/// Each output frame is cut into blocks of output pixels, one rayon task each. A task
-/// gathers its pixels' receptive fields into an im2col buffer [pixels, k_t·k_h·k_w·C_in]
-/// (tap-major, channels contiguous: one copy of C_in floats per pixel and tap, zeros where
-/// the tap falls in the padding or on a `None` frame) and runs one GEMM with K = the whole
-/// receptive field against the tap-major weights [K, C_out]. A 1×1×1 convolution without
-/// stride or padding is one GEMM over the frame itself.
-///
-/// Measured before this layout (one GEMM per tap with K = C_in, accumulating into the
-/// output 27 times): 70–120 GFLOP/s on Wan2.1's decoder convolutions at 96–384 channels,
-/// 2 threads; see README's CPU table for what this one measures.
+/// Measured on Wan2.1's VAE convolutions at 96–384 channels (2 threads, Zen 3): one GEMM
+/// per tap with K = C_in, accumulating into the output 27 times, ran at 70–120 GFLOP/s;
+/// im2col blocks with one GEMM of K = the whole receptive field at 100–125; the register
+/// tiles at 135–150. README's CPU table has the whole VAE beside PyTorch.
 pub fn conv3d(
     frames: &[Option<&[f32]>],
     h: usize,
@@ -148,7 +183,8 @@ pub fn conv3d(
     conv3d_blocks(frames, h, w, cw, stride, pad, None)
 }
 
-/// [`conv3d`] with `block` output pixels per task (None: the im2col budget's choice).
+/// [`conv3d`] with `block` per task (im2col: output pixels; tiles: output rows; None: the
+/// budget's choice).
 fn conv3d_blocks(
     frames: &[Option<&[f32]>],
     h: usize,
@@ -175,9 +211,122 @@ fn conv3d_blocks(
     for f in frames.iter().flatten() {
         assert_eq!(f.len(), h * w * ci, "conv3d: frame size");
     }
+    let mut out = Frames::zeros(t_out, h_out, w_out, co)?;
+    if cw.tiles {
+        #[cfg(target_arch = "x86_64")]
+        conv_tiles(frames, h, w, cw, stride, pad, &mut out, block);
+    } else {
+        conv_im2col(frames, h, w, cw, stride, pad, &mut out, block);
+    }
+    Ok(out)
+}
+
+/// Input bytes one task of [`conv_tiles`] reads per tap and weight panel (rows of output ×
+/// their input pixels × C_in): kept in L2 while the task's weight panel, C_in·PANEL floats,
+/// stays in L1.
+const TASK_INPUT_BYTES: usize = 256 << 10;
+
+/// The convolution as register tiles over the input in place: for each tap and panel of 16
+/// output channels, each output row's pixels whose input pixel is inside the frame
+/// accumulate `tiles::pv` (6 pixels × 16 channels in registers, the K loop over C_in with
+/// the tap's packed weights) into the output, which starts as the bias. Padding and `None`
+/// frames are skipped, not gathered: nothing is copied. One rayon task per block of output
+/// rows of one frame (`block` rows, or the budget's choice).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn conv_tiles(
+    frames: &[Option<&[f32]>],
+    h: usize,
+    w: usize,
+    cw: &ConvWeights,
+    stride: [usize; 3],
+    pad: Pad2,
+    out: &mut Frames,
+    block: Option<usize>,
+) {
+    use super::tiles::{pv, PANEL};
+    let [kt, kh, kw] = cw.k;
+    let (ci, co) = (cw.ci, cw.co);
+    let [st, sh, sw] = stride;
+    let (t_out, h_out, w_out) = (out.t, out.h, out.w);
+    let panels = co.div_ceil(PANEL);
+    let tap_len = panels * ci * PANEL;
+    let threads = rayon::current_num_threads().max(1);
+    let mut chosen = (TASK_INPUT_BYTES / 4 / (w_out * sw * ci)).clamp(1, h_out);
+    if t_out * h_out.div_ceil(chosen) < 2 * threads {
+        chosen = h_out.div_ceil((2 * threads).div_ceil(t_out)).max(1);
+    }
+    let rows = block.unwrap_or(chosen).clamp(1, h_out);
+    out.data
+        .par_chunks_mut(h_out * w_out * co)
+        .enumerate()
+        .flat_map(|(j, frame)| {
+            frame
+                .par_chunks_mut(rows * w_out * co)
+                .enumerate()
+                .map(move |(b, dst)| (j, b * rows, dst))
+        })
+        .for_each(|(j, y0, dst)| {
+            for px in dst.chunks_exact_mut(co) {
+                px.copy_from_slice(&cw.bias);
+            }
+            let n_rows = dst.len() / (w_out * co);
+            for (dt, f) in frames[j * st..j * st + kt].iter().enumerate() {
+                let Some(f) = f else { continue };
+                for dy in 0..kh {
+                    for dx in 0..kw {
+                        let tap = (dt * kh + dy) * kw + dx;
+                        let wt = &cw.w[tap * tap_len..][..tap_len];
+                        // The output columns whose input column x·s_w + dx − pad_left is
+                        // inside the frame.
+                        let xa = pad[2].saturating_sub(dx).div_ceil(sw);
+                        let xb = (w + pad[2]).saturating_sub(dx).div_ceil(sw).min(w_out);
+                        if xa >= xb {
+                            continue;
+                        }
+                        for p in 0..panels {
+                            let vp = &wt[p * ci * PANEL..][..ci * PANEL];
+                            let n = PANEL.min(co - p * PANEL);
+                            for r in 0..n_rows {
+                                let yy = ((y0 + r) * sh + dy).wrapping_sub(pad[0]);
+                                if yy >= h {
+                                    continue;
+                                }
+                                let src = &f[(yy * w + xa * sw + dx - pad[2]) * ci..];
+                                let o = &mut dst[(r * w_out + xa) * co + p * PANEL..];
+                                pv(src, sw * ci, vp, ci, 0, ci, n, o, co, xb - xa);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The convolution as im2col + GEMM (CPUs without AVX2 and FMA): each output frame is cut
+/// into blocks of output pixels, one rayon task each. A task gathers its pixels' receptive
+/// fields into an im2col buffer [pixels, k_t·k_h·k_w·C_in] (tap-major, channels
+/// contiguous: one copy of C_in floats per pixel and tap, zeros where the tap falls in the
+/// padding or on a `None` frame) and runs one GEMM with K = the whole receptive field
+/// against the tap-major weights [K, C_out]. A 1×1×1 convolution without stride or padding
+/// is one GEMM over the frame itself. `block`: output pixels per task.
+#[allow(clippy::too_many_arguments)]
+fn conv_im2col(
+    frames: &[Option<&[f32]>],
+    h: usize,
+    w: usize,
+    cw: &ConvWeights,
+    stride: [usize; 3],
+    pad: Pad2,
+    out: &mut Frames,
+    block: Option<usize>,
+) {
+    let [kt, kh, kw] = cw.k;
+    let (ci, co) = (cw.ci, cw.co);
+    let [st, sh, sw] = stride;
+    let (t_out, h_out, w_out) = (out.t, out.h, out.w);
     let kdim = kt * kh * kw * ci;
     let px = h_out * w_out;
-    let mut out = Frames::zeros(t_out, h_out, w_out, co)?;
     let pointwise = kt == 1 && kh == 1 && kw == 1 && stride == [1, 1, 1] && pad == [0; 4];
     // Pixels per task: the im2col budget (at least 16), smaller when the tasks would not
     // keep every thread busy.
@@ -202,7 +351,7 @@ fn conv3d_blocks(
                 let src = frames[j].map(|f| &f[p0 * ci..(p0 + rows) * ci]);
                 match src {
                     Some(src) => gemm_strided(
-                        rows, co, ci, dst, co, false, src, ci, 1, &cw.taps, co, 1, false,
+                        rows, co, ci, dst, co, false, src, ci, 1, &cw.w, co, 1, false,
                     ),
                     None => dst.fill(0.0),
                 }
@@ -242,7 +391,7 @@ fn conv3d_blocks(
                                 }
                             }
                         }
-                        let rhs = &cw.taps[dt0 * plane * co..];
+                        let rhs = &cw.w[dt0 * plane * co..];
                         gemm_strided(
                             rows, co, k_used, dst, co, false, col, k_used, 1, rhs, co, 1, false,
                         );
@@ -255,7 +404,6 @@ fn conv3d_blocks(
                 }
             }
         });
-    Ok(out)
 }
 
 /// Nearest-neighbour 2× spatial upsampling of every frame (PyTorch's "nearest-exact" at an
@@ -349,6 +497,9 @@ mod tests {
             (4, 4, [1, 3, 3], [1, 2, 2], [0, 1, 0, 1], 2, 6, 8),
             (6, 3, [3, 1, 1], [2, 1, 1], [0, 0, 0, 0], 5, 3, 4),
             (2, 7, [1, 1, 1], [1, 1, 1], [0, 0, 0, 0], 2, 3, 3),
+            // Three weight panels, the last of 5 channels; rows of 6 + 3 pixels.
+            (5, 37, [3, 3, 3], [1, 1, 1], [1, 1, 1, 1], 3, 4, 9),
+            (3, 20, [1, 3, 3], [1, 2, 2], [0, 1, 0, 1], 1, 7, 13),
         ];
         for (ci, co, k, s, pad, t, h, w) in cases {
             let data = val(t * h * w * ci, 1);
@@ -362,11 +513,15 @@ mod tests {
                         (!zero.contains(&i)).then(|| &data[i * h * w * ci..(i + 1) * h * w * ci])
                     })
                     .collect();
-                let cw = ConvWeights::new(&wt, &b, co, ci, k);
                 let want = naive(&frames, h, w, &wt, &b, ci, co, k, s, pad);
-                // The budget's blocks, then blocks of 5 pixels (short last blocks, and
-                // several tasks per frame).
-                for block in [None, Some(5)] {
+                // Both layouts (the tiles where this CPU has AVX2 and FMA; CI's has); the
+                // budget's blocks, then blocks of 1 and 5 (im2col: pixels; tiles: rows), for
+                // short last blocks and several tasks per frame.
+                for (tiles, block) in [false, true]
+                    .into_iter()
+                    .flat_map(|t| [None, Some(1), Some(5)].map(|b| (t, b)))
+                {
+                    let cw = ConvWeights::with_layout(&wt, &b, co, ci, k, tiles);
                     let got = conv3d_blocks(&frames, h, w, &cw, s, pad, block).unwrap();
                     assert_eq!(
                         (got.t, got.h, got.w, got.c),
@@ -376,7 +531,8 @@ mod tests {
                         assert!(
                             (a - b).abs() < 1e-4,
                             "{a} vs {b} in case ci={ci} k={k:?} s={s:?} zero frames {zero:?} \
-                         block {block:?}"
+                         block {block:?} tiles {}",
+                            cw.tiles
                         );
                     }
                 }

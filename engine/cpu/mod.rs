@@ -6,13 +6,13 @@
 //! Tensors are plain row-major slices; each function states its shapes.
 
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-mod attention_tiles;
 pub mod conv;
 pub mod embed;
 pub mod linear;
 pub mod norm;
 pub mod simd;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 
 pub use attention::{attention, attention_biased, AttnBias, AttnShape};
 pub use embed::{

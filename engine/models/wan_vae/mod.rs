@@ -200,7 +200,8 @@ struct Conv {
     time_pad: usize,
     /// Index of this convolution's slot, for causal convolutions called with a cache.
     slot: Option<usize>,
-    /// The weights rearranged for the cpu's im2col GEMM, made at the first cpu call.
+    /// The weights rearranged for the cpu (register-tile panels or im2col GEMM), made at
+    /// the first cpu call.
     cpu: CpuWeights,
 }
 

@@ -1,5 +1,7 @@
-//! Register-tiled products of the CPU flash attention on AVX2 + FMA, with K and V packed
-//! once per (sample, head) so that neither product packs anything per tile.
+//! Register-tiled products on AVX2 + FMA over operands packed once, so that no product
+//! packs anything per tile: the CPU flash attention's two products (K and V packed once per
+//! (sample, head)) and the VAE's convolutions ([`pv`] over weights packed once per
+//! convolution, with input pixels read in place; see conv.rs).
 //!
 //! Measured with the gemm crate doing both products (`perf`, 12 heads of 128, 4,096
 //! tokens, 2 threads): 61% of the time in its micro-kernel and 25% packing operands, which
@@ -164,8 +166,8 @@ unsafe fn qk_rows<const M: usize>(
     }
 }
 
-/// o[r·hd + d] += Σ_j p[r·ps + j] · v[k0 + j, d] for r < rows, d < hd, j < kb, with `vp`
-/// the head's whole packed V over `lk` keys.
+/// o[r·os + d] += Σ_j p[r·ps + j] · v[k0 + j, d] for r < rows, d < hd, j < kb, with `vp`
+/// the head's whole packed V over `lk` keys (`[dpanel][key][PANEL]`, as [`pack_v`] makes).
 #[allow(clippy::too_many_arguments)]
 pub fn pv(
     p: &[f32],
@@ -176,6 +178,7 @@ pub fn pv(
     kb: usize,
     hd: usize,
     o: &mut [f32],
+    os: usize,
     rows: usize,
 ) {
     if rows == 0 || kb == 0 {
@@ -187,13 +190,16 @@ pub fn pv(
         hd.div_ceil(PANEL) * lk * PANEL <= vp.len(),
         "pv: packed v too short"
     );
-    assert!(rows * hd <= o.len(), "pv: o too short");
+    assert!(
+        os >= hd && (rows - 1) * os + hd <= o.len(),
+        "pv: o too short"
+    );
     assert!(crate::cpu::simd::avx2_fma(), "pv: needs AVX2 and FMA");
     for (r0, m) in row_tiles(rows) {
-        let (pr, or) = (&p[r0 * ps..], &mut o[r0 * hd..]);
+        let (pr, or) = (&p[r0 * ps..], &mut o[r0 * os..]);
         // SAFETY: AVX2 and FMA are present (asserted); rows r0..r0+m < rows, keys
         // k0..k0+kb < lk and dimensions < hd are inside the bounds asserted above.
-        unsafe { by_rows!(m, pv_rows(pr, ps, vp, lk, k0, kb, hd, or)) }
+        unsafe { by_rows!(m, pv_rows(pr, ps, vp, lk, k0, kb, hd, or, os)) }
     }
 }
 
@@ -208,25 +214,15 @@ unsafe fn pv_rows<const M: usize>(
     kb: usize,
     hd: usize,
     o: &mut [f32],
+    os: usize,
 ) {
     let (pp, vpp, op) = (p.as_ptr(), vp.as_ptr(), o.as_mut_ptr());
     for dp in 0..hd.div_ceil(PANEL) {
         let d0 = dp * PANEL;
         let n = PANEL.min(hd - d0);
+        // The sum starts from zero and is added to o at the end: o's running value (the
+        // bias and earlier taps, in a convolution) is not in the rounding of every term.
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        let mut tmp = [0.0f32; PANEL];
-        for (r, a) in acc.iter_mut().enumerate() {
-            let src = op.add(r * hd + d0);
-            if n == PANEL {
-                a[0] = _mm256_loadu_ps(src);
-                a[1] = _mm256_loadu_ps(src.add(8));
-            } else {
-                tmp.fill(0.0);
-                std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), n);
-                a[0] = _mm256_loadu_ps(tmp.as_ptr());
-                a[1] = _mm256_loadu_ps(tmp.as_ptr().add(8));
-            }
-        }
         let panel = vpp.add((dp * lk + k0) * PANEL);
         for j in 0..kb {
             let v0 = _mm256_loadu_ps(panel.add(j * PANEL));
@@ -237,8 +233,18 @@ unsafe fn pv_rows<const M: usize>(
                 a[1] = _mm256_fmadd_ps(pv, v1, a[1]);
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            store_row(op.add(r * hd + d0), a, n);
+        let mut tmp = [0.0f32; PANEL];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let at = op.add(r * os + d0);
+            let src = if n == PANEL {
+                at as *const f32
+            } else {
+                std::ptr::copy_nonoverlapping(at, tmp.as_mut_ptr(), n);
+                tmp.as_ptr()
+            };
+            a[0] = _mm256_add_ps(a[0], _mm256_loadu_ps(src));
+            a[1] = _mm256_add_ps(a[1], _mm256_loadu_ps(src.add(8)));
+            store_row(at, a, n);
         }
     }
 }
@@ -284,16 +290,22 @@ mod tests {
                     );
                 }
             }
-            let o0 = val(rows * hd, 4);
+            // Output rows wider than hd (as the convolutions' pixels are): the lanes past
+            // hd must come back untouched.
+            let os = hd + 5;
+            let o0 = val(rows * os, 4);
             let mut o = o0.clone();
-            pv(&s, ps, &vp, lk, k0, kb, hd, &mut o, rows);
+            pv(&s, ps, &vp, lk, k0, kb, hd, &mut o, os, rows);
             for r in 0..rows {
+                for d in hd..os {
+                    assert_eq!(o[r * os + d], o0[r * os + d], "pv wrote past hd");
+                }
                 for d in 0..hd {
-                    let want = o0[r * hd + d] as f64
+                    let want = o0[r * os + d] as f64
                         + (0..kb)
                             .map(|j| s[r * ps + j] as f64 * v[(k0 + j) * ks + d] as f64)
                             .sum::<f64>();
-                    let got = o[r * hd + d] as f64;
+                    let got = o[r * os + d] as f64;
                     assert!(
                         (got - want).abs() < 1e-3 * (1.0 + want.abs()),
                         "pv {rows}x{kb}x{hd}: {got} vs {want}"
