@@ -110,18 +110,19 @@ impl ConvWeights {
         assert_eq!(bias.len(), co, "conv bias shape");
         let tiles = tiles && cfg!(target_arch = "x86_64") && super::simd::avx2_fma();
         // Where each (tap, C_in, C_out) weight goes.
-        let (len, at): (usize, Box<dyn Fn(usize, usize, usize) -> usize>) = if tiles {
-            const P: usize = TILE_PANEL;
-            let panels = co.div_ceil(P);
-            (
-                kvol * panels * ci * P,
-                Box::new(move |tap, i, o| ((tap * panels + o / P) * ci + i) * P + o % P),
-            )
+        const P: usize = TILE_PANEL;
+        let panels = co.div_ceil(P);
+        let len = if tiles {
+            kvol * panels * ci * P
         } else {
-            (
-                kvol * ci * co,
-                Box::new(move |tap, i, o| (tap * ci + i) * co + o),
-            )
+            kvol * ci * co
+        };
+        let at = |tap: usize, i: usize, o: usize| {
+            if tiles {
+                ((tap * panels + o / P) * ci + i) * P + o % P
+            } else {
+                (tap * ci + i) * co + o
+            }
         };
         let mut w = vec![0.0f32; len];
         for o in 0..co {
