@@ -249,59 +249,45 @@ fn conv_tiles(
     let [kt, kh, kw] = cw.k;
     let (ci, co) = (cw.ci, cw.co);
     let [st, sh, sw] = stride;
-    let (t_out, h_out, w_out) = (out.t, out.h, out.w);
+    let w_out = out.w;
     let panels = co.div_ceil(PANEL);
     let tap_len = panels * ci * PANEL;
-    let threads = rayon::current_num_threads().max(1);
-    let mut chosen = (TASK_INPUT_BYTES / 4 / (w_out * sw * ci)).clamp(1, h_out);
-    if t_out * h_out.div_ceil(chosen) < 2 * threads {
-        chosen = h_out.div_ceil((2 * threads).div_ceil(t_out)).max(1);
-    }
-    let rows = block.unwrap_or(chosen).clamp(1, h_out);
-    out.data
-        .par_chunks_mut(h_out * w_out * co)
-        .enumerate()
-        .flat_map(|(j, frame)| {
-            frame
-                .par_chunks_mut(rows * w_out * co)
-                .enumerate()
-                .map(move |(b, dst)| (j, b * rows, dst))
-        })
-        .for_each(|(j, y0, dst)| {
-            for px in dst.chunks_exact_mut(co) {
-                px.copy_from_slice(&cw.bias);
-            }
-            let n_rows = dst.len() / (w_out * co);
-            for (dt, f) in frames[j * st..j * st + kt].iter().enumerate() {
-                let Some(f) = f else { continue };
-                for dy in 0..kh {
-                    for dx in 0..kw {
-                        let tap = (dt * kh + dy) * kw + dx;
-                        let wt = &cw.w[tap * tap_len..][..tap_len];
-                        // The output columns whose input column x·s_w + dx − pad_left is
-                        // inside the frame.
-                        let xa = pad[2].saturating_sub(dx).div_ceil(sw);
-                        let xb = (w + pad[2]).saturating_sub(dx).div_ceil(sw).min(w_out);
-                        if xa >= xb {
-                            continue;
-                        }
-                        for p in 0..panels {
-                            let vp = &wt[p * ci * PANEL..][..ci * PANEL];
-                            let n = PANEL.min(co - p * PANEL);
-                            for r in 0..n_rows {
-                                let yy = ((y0 + r) * sh + dy).wrapping_sub(pad[0]);
-                                if yy >= h {
-                                    continue;
-                                }
-                                let src = &f[(yy * w + xa * sw + dx - pad[2]) * ci..];
-                                let o = &mut dst[(r * w_out + xa) * co + p * PANEL..];
-                                pv(src, sw * ci, vp, ci, 0, ci, n, o, co, xb - xa);
+    let budget = TASK_INPUT_BYTES / 4 / (w_out * sw * ci);
+    par_blocks(out, w_out * co, block, budget, |j, y0, dst| {
+        for px in dst.chunks_exact_mut(co) {
+            px.copy_from_slice(&cw.bias);
+        }
+        let n_rows = dst.len() / (w_out * co);
+        for (dt, f) in frames[j * st..j * st + kt].iter().enumerate() {
+            let Some(f) = f else { continue };
+            for dy in 0..kh {
+                for dx in 0..kw {
+                    let tap = (dt * kh + dy) * kw + dx;
+                    let wt = &cw.w[tap * tap_len..][..tap_len];
+                    // The output columns whose input column x·s_w + dx − pad_left is
+                    // inside the frame.
+                    let xa = pad[2].saturating_sub(dx).div_ceil(sw);
+                    let xb = (w + pad[2]).saturating_sub(dx).div_ceil(sw).min(w_out);
+                    if xa >= xb {
+                        continue;
+                    }
+                    for p in 0..panels {
+                        let vp = &wt[p * ci * PANEL..][..ci * PANEL];
+                        let n = PANEL.min(co - p * PANEL);
+                        for r in 0..n_rows {
+                            let yy = ((y0 + r) * sh + dy).wrapping_sub(pad[0]);
+                            if yy >= h {
+                                continue;
                             }
+                            let src = &f[(yy * w + xa * sw + dx - pad[2]) * ci..];
+                            let o = &mut dst[(r * w_out + xa) * co + p * PANEL..];
+                            pv(src, sw * ci, vp, ci, 0, ci, n, o, co, xb - xa);
                         }
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 /// The convolution as im2col + GEMM (CPUs without AVX2 and FMA): each output frame is cut
@@ -325,86 +311,99 @@ fn conv_im2col(
     let [kt, kh, kw] = cw.k;
     let (ci, co) = (cw.ci, cw.co);
     let [st, sh, sw] = stride;
-    let (t_out, h_out, w_out) = (out.t, out.h, out.w);
+    let w_out = out.w;
     let kdim = kt * kh * kw * ci;
-    let px = h_out * w_out;
     let pointwise = kt == 1 && kh == 1 && kw == 1 && stride == [1, 1, 1] && pad == [0; 4];
-    // Pixels per task: the im2col budget (at least 16), smaller when the tasks would not
-    // keep every thread busy.
-    let threads = rayon::current_num_threads().max(1);
-    let mut chosen = (COL_BYTES / 4 / kdim).max(16).min(px);
-    if t_out * px.div_ceil(chosen) < threads {
-        chosen = px.div_ceil(threads.div_ceil(t_out)).max(1);
-    }
-    let block = block.unwrap_or(chosen).clamp(1, px);
-    out.data
-        .par_chunks_mut(px * co)
-        .enumerate()
-        .flat_map(|(j, frame)| {
-            frame
-                .par_chunks_mut(block * co)
-                .enumerate()
-                .map(move |(b, dst)| (j, b * block, dst))
-        })
-        .for_each(|(j, p0, dst)| {
-            let rows = dst.len() / co;
-            if pointwise {
-                let src = frames[j].map(|f| &f[p0 * ci..(p0 + rows) * ci]);
-                match src {
-                    Some(src) => gemm_strided(
-                        rows, co, ci, dst, co, false, src, ci, 1, &cw.w, co, 1, false,
-                    ),
-                    None => dst.fill(0.0),
-                }
+    let budget = (COL_BYTES / 4 / kdim).max(16);
+    par_blocks(out, co, block, budget, |j, p0, dst| {
+        let rows = dst.len() / co;
+        if pointwise {
+            let src = frames[j].map(|f| &f[p0 * ci..(p0 + rows) * ci]);
+            match src {
+                Some(src) => gemm_strided(
+                    rows, co, ci, dst, co, false, src, ci, 1, &cw.w, co, 1, false,
+                ),
+                None => dst.fill(0.0),
+            }
+        } else {
+            // Time taps on `None` frames (causal zero padding) in front of the real
+            // ones add nothing: leave them out of K (the first latent frame's
+            // convolutions read two zero frames of three).
+            let window = &frames[j * st..j * st + kt];
+            let dt0 = window.iter().take_while(|f| f.is_none()).count();
+            let plane = kh * kw * ci;
+            let k_used = (kt - dt0) * plane;
+            if k_used == 0 {
+                dst.fill(0.0);
             } else {
-                // Time taps on `None` frames (causal zero padding) in front of the real
-                // ones add nothing: leave them out of K (the first latent frame's
-                // convolutions read two zero frames of three).
-                let window = &frames[j * st..j * st + kt];
-                let dt0 = window.iter().take_while(|f| f.is_none()).count();
-                let plane = kh * kw * ci;
-                let k_used = (kt - dt0) * plane;
-                if k_used == 0 {
-                    dst.fill(0.0);
-                } else {
-                    COLS.with(|cols| {
-                        let mut cols = cols.borrow_mut();
-                        if cols.len() < rows * k_used {
-                            cols.resize(rows * k_used, 0.0);
-                        }
-                        let col = &mut cols[..rows * k_used];
-                        for (r, dst_row) in col.chunks_exact_mut(k_used).enumerate() {
-                            let (y, x) = ((p0 + r) / w_out, (p0 + r) % w_out);
-                            let mut taps = dst_row.chunks_exact_mut(ci);
-                            for src in &window[dt0..] {
-                                for dy in 0..kh {
-                                    let yy = (y * sh + dy).wrapping_sub(pad[0]);
-                                    for dx in 0..kw {
-                                        let xx = (x * sw + dx).wrapping_sub(pad[2]);
-                                        let d = taps.next().expect("k_used taps");
-                                        match src {
-                                            Some(f) if yy < h && xx < w => d.copy_from_slice(
-                                                &f[(yy * w + xx) * ci..(yy * w + xx + 1) * ci],
-                                            ),
-                                            _ => d.fill(0.0),
-                                        }
+                COLS.with(|cols| {
+                    let mut cols = cols.borrow_mut();
+                    if cols.len() < rows * k_used {
+                        cols.resize(rows * k_used, 0.0);
+                    }
+                    let col = &mut cols[..rows * k_used];
+                    for (r, dst_row) in col.chunks_exact_mut(k_used).enumerate() {
+                        let (y, x) = ((p0 + r) / w_out, (p0 + r) % w_out);
+                        let mut taps = dst_row.chunks_exact_mut(ci);
+                        for src in &window[dt0..] {
+                            for dy in 0..kh {
+                                let yy = (y * sh + dy).wrapping_sub(pad[0]);
+                                for dx in 0..kw {
+                                    let xx = (x * sw + dx).wrapping_sub(pad[2]);
+                                    let d = taps.next().expect("k_used taps");
+                                    match src {
+                                        Some(f) if yy < h && xx < w => d.copy_from_slice(
+                                            &f[(yy * w + xx) * ci..(yy * w + xx + 1) * ci],
+                                        ),
+                                        _ => d.fill(0.0),
                                     }
                                 }
                             }
                         }
-                        let rhs = &cw.w[dt0 * plane * co..];
-                        gemm_strided(
-                            rows, co, k_used, dst, co, false, col, k_used, 1, rhs, co, 1, false,
-                        );
-                    });
-                }
+                    }
+                    let rhs = &cw.w[dt0 * plane * co..];
+                    gemm_strided(
+                        rows, co, k_used, dst, co, false, col, k_used, 1, rhs, co, 1, false,
+                    );
+                });
             }
-            for px in dst.chunks_exact_mut(co) {
-                for (d, &b) in px.iter_mut().zip(&cw.bias) {
-                    *d += b;
-                }
+        }
+        for px in dst.chunks_exact_mut(co) {
+            for (d, &b) in px.iter_mut().zip(&cw.bias) {
+                *d += b;
             }
-        });
+        }
+    });
+}
+
+/// Cuts every frame of `out` into blocks of `block` units (`unit` floats each: an output row
+/// or pixel) and runs `f(frame, first unit, block's floats)` on each, one rayon task per
+/// block. `block` None: `budget` units, fewer when there would not be two tasks per thread.
+fn par_blocks(
+    out: &mut Frames,
+    unit: usize,
+    block: Option<usize>,
+    budget: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
+) {
+    let units = out.frame_len() / unit;
+    let tasks = 2 * rayon::current_num_threads().max(1);
+    let mut chosen = budget.clamp(1, units);
+    if out.t * units.div_ceil(chosen) < tasks {
+        chosen = units.div_ceil(tasks.div_ceil(out.t)).max(1);
+    }
+    let block = block.unwrap_or(chosen).clamp(1, units);
+    let frame_len = out.frame_len();
+    out.data
+        .par_chunks_mut(frame_len)
+        .enumerate()
+        .flat_map(|(j, frame)| {
+            frame
+                .par_chunks_mut(block * unit)
+                .enumerate()
+                .map(move |(b, dst)| (j, b * block, dst))
+        })
+        .for_each(|(j, u0, dst)| f(j, u0, dst));
 }
 
 /// Nearest-neighbour 2× spatial upsampling of every frame (PyTorch's "nearest-exact" at an
