@@ -171,8 +171,8 @@ thread_local! {
 ///
 /// Measured on Wan2.1's VAE convolutions at 96–384 channels (2 threads, Zen 3): one GEMM
 /// per tap with K = C_in, accumulating into the output 27 times, ran at 70–120 GFLOP/s;
-/// im2col blocks with one GEMM of K = the whole receptive field at 100–125; the register
-/// tiles at 135–150. README's CPU table has the whole VAE beside PyTorch.
+/// im2col blocks with one GEMM of K = the whole receptive field at 101–126; the register
+/// tiles at 134–149. README's CPU table has the whole VAE beside PyTorch.
 pub fn conv3d(
     frames: &[Option<&[f32]>],
     h: usize,
