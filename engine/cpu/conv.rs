@@ -93,10 +93,11 @@ impl ConvWeights {
     /// From PyTorch's [C_out, C_in, k_t, k_h, k_w] layout (Conv2d weights: k_t = 1), for
     /// the register tiles where the CPU has AVX2 and FMA and the im2col GEMM elsewhere.
     pub fn new(weight: &[f32], bias: &[f32], co: usize, ci: usize, k: [usize; 3]) -> Self {
-        Self::with_layout(weight, bias, co, ci, k, super::simd::avx2_fma())
+        Self::with_layout(weight, bias, co, ci, k, true)
     }
 
-    /// [`ConvWeights::new`] with the layout chosen (`tiles` needs AVX2 and FMA).
+    /// [`ConvWeights::new`] with the layout chosen: `tiles` asks for the register tiles,
+    /// which are given only where the CPU has AVX2 and FMA.
     pub fn with_layout(
         weight: &[f32],
         bias: &[f32],
