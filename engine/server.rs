@@ -507,16 +507,17 @@ impl Shared {
 
     /// Marks a job failed with `code` (kept in memory even if its record cannot be written)
     /// and removes every file it made, so nothing partial is ever served.
+    /// The files go first: a client that sees `failed` finds none of them left.
     fn fail(&self, id: &str, code: &str, message: String) {
         tracing::warn!("job {id} failed ({code}): {message}");
+        for p in [self.video_path(id), self.thumb_path(id), self.sidecar(id)] {
+            let _ = std::fs::remove_file(p);
+        }
         self.update(id, |j| {
             j.status = Status::Failed;
             j.completed_at = Some(now());
             j.error = Some(json!({"code": code, "message": message}));
         });
-        for p in [self.video_path(id), self.thumb_path(id), self.sidecar(id)] {
-            let _ = std::fs::remove_file(p);
-        }
     }
 
     fn remove_files(&self, id: &str) {
