@@ -34,6 +34,12 @@ learns to read them. Freezing it lets stage 4 compute each caption's embedding o
 is what keeps the DiT's steps cheap enough for 2 cores, and leaves nothing in the encoder
 to overfit the held-out combination's absence.
 
+--causal-only trains the block-causal variant that `reel generate --stream` uses, from the
+demo already in --out: its own VAE (z_dim 16, four phases, so that every latent frame
+carries the shape's colour: a streamed minute is decoded far past the first frame), the
+latents of 600 ten-second bouncing clips under it, then the DiT in three phases of
+teacher forcing (see causal_only).
+
 Seeded: a rerun on the same library versions and thread count gives the same model.
 """
 import argparse
@@ -491,8 +497,144 @@ CAUSAL_CLIP_FRAMES = 161  # 10 s at 16 fps: 41 latent frames
 CAUSAL_MAX_FRAME = 243    # latent frames of a minute (241), in whole chunks: RoPE positions seen
 
 
-def stage_causal_latents(work, vae, mean, std, count):
-    """Normalised posterior means of `count` bouncing clips of 161 frames: [N, z, 41, 8, 8]."""
+CAUSAL_VAE_CONFIG = dict(VAE_CONFIG, z_dim=16)
+
+
+def switching_clip(rng, frames, p=0.3, focus=None):
+    """A bouncing clip whose shape changes colour (between two of the four) at random chunk
+    boundaries (frames 1 + 4k; each boundary switches with probability p): a VAE trained on
+    it cannot take a chunk's colour from an earlier latent frame. With `focus` (two colours),
+    half the clips switch between those two."""
+    import copy
+    cols = list(dd.COLOURS)
+    shape = dd.SHAPES[rng.integers(len(dd.SHAPES))]
+    if focus is not None and rng.random() < 0.5:
+        a, b = rng.permutation([cols.index(c) for c in focus])
+    else:
+        a, b = rng.choice(len(cols), 2, replace=False)
+    twin = copy.deepcopy(rng)  # the same trajectory, drawn again in the second colour
+    ca = dd.render_bouncing(cols[a], shape, frames, rng)
+    cb = dd.render_bouncing(cols[b], shape, frames, twin)
+    use_b = np.zeros(frames, bool)
+    cur = bool(rng.integers(2))
+    use_b[0] = cur
+    for k in range((frames - 1) // 4):
+        if rng.random() < p:
+            cur = not cur
+        use_b[1 + 4 * k:5 + 4 * k] = cur
+    return np.where(use_b[:, None, None, None], cb, ca)
+
+
+def late_window(vae, x, prefix):
+    """Encodes and decodes x [B, 3, 1 + 4 (prefix + w), H, W] as diffusers' AutoencoderKLWan
+    does (the first frame alone, then chunks of 4 through the causal caches), with gradients
+    only for the last w chunks. Returns those chunks' frames, their posterior and their
+    reconstruction. These are the places a streamed minute decodes (no first frame within
+    the caches' reach), which clips of 17 frames never show a VAE."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i:5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
+    vae.clear_cache()
+    lat = []
+    for i, c in enumerate(chunks):
+        vae._enc_conv_idx = [0]
+        with torch.set_grad_enabled(i > prefix):
+            lat.append(vae.quant_conv(vae.encoder(c, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx)))
+    post = DiagonalGaussianDistribution(torch.cat(lat[prefix + 1:], 2))
+    z_late = post.sample()
+    vae.clear_cache()
+    out = []
+    for i in range(len(chunks)):
+        vae._conv_idx = [0]
+        late = i > prefix
+        z = z_late[:, :, i - prefix - 1:i - prefix] if late else DiagonalGaussianDistribution(lat[i]).mode()
+        with torch.set_grad_enabled(late):
+            y = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                            first_chunk=(i == 0))
+            if late:
+                out.append(y.clamp(-1, 1))
+    vae.clear_cache()
+    return torch.cat(chunks[prefix + 1:], 2), post, torch.cat(out, 2)
+
+
+def stage_vae_causal(work, steps, shape_weight=4.0, name="vae_causal", init=None, lr_max=1e-3, seed=1,
+                     focus=None, decoder_only=False):
+    """The block-causal variant's own VAE (z_dim 16), trained from scratch so that every
+    latent frame carries the shape's colour. Measured on the demo's VAE: trained on clips of
+    at most 17 frames, it keeps the colour mostly in the first frame's latent, and a
+    streamed minute, decoded past the causal caches' reach of that frame, turns green and
+    blue shapes yellow (long_eval: red 56%, green 49%, blue 15%, yellow 100%). Three kinds of
+    step, in turn: the demo's 5- and 9-frame windows; whole clips of 9-17 frames whose
+    colour switches at chunk boundaries (switching_clip); and late windows of such clips
+    (late_window: 2-8 chunks run without gradients, then 2 trained). The shape's pixels
+    weigh `shape_weight` times the background's in the MSE. With `init`, a further phase
+    from that VAE; `focus`: two colours half the switching clips switch between;
+    `decoder_only`: the encoder frozen, so that its latents (and a DiT trained on them) stay
+    valid."""
+    from diffusers import AutoencoderKLWan
+    path = os.path.join(work, name)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_f32(AutoencoderKLWan, path)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**CAUSAL_VAE_CONFIG)
+    if init is not None:
+        vae.load_state_dict(init.state_dict())
+    vae.train()
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in vae.parameters())
+    opt = torch.optim.AdamW(params, lr=lr_max, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    avg = None
+    for step in range(steps):
+        lr = cosine_lr(lr_max, step, steps, warmup=50)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        kind = step % 3
+        if kind == 0:
+            frames, batch = (5, 4) if step % 2 == 0 else (9, 2)
+            clips = []
+            for _ in range(batch):
+                clip = dd.sample(rng)[0]
+                s = rng.integers(0, dd.FRAMES - frames + 1)
+                clips.append(clip[s:s + frames])
+            x = to_tensor(np.stack(clips))
+            post = vae.encode(x).latent_dist
+            y = vae.decode(post.sample()).sample
+        elif kind == 1:
+            frames = int(rng.choice([9, 13, 17]))
+            x = to_tensor(np.stack([switching_clip(rng, frames, focus=focus) for _ in range(2)]))
+            post = vae.encode(x).latent_dist
+            y = vae.decode(post.sample()).sample
+        else:
+            prefix = int(rng.integers(2, 9))
+            x, post, y = late_window(vae, to_tensor(np.stack([switching_clip(rng, 1 + 4 * (prefix + 2), focus=focus)
+                                                              for _ in range(2)])), prefix)
+        shape = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > 0.6
+        w = 1 + (shape_weight - 1) * shape.float()
+        mse = ((y - x).pow(2) * w).sum() / (w.sum() * 3)
+        loss = mse + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        avg = mse.item() if avg is None else 0.98 * avg + 0.02 * mse.item()
+        if step % 25 == 0 or step == steps - 1:
+            log(work, name, step=step, mse=mse.item(), mse_avg=avg, lr=lr, seconds=time.time() - t0, params=n)
+    vae.requires_grad_(False)
+    vae.eval()
+    vae.save_pretrained(path, safe_serialization=True)
+    log(work, name + "_done", seconds=time.time() - t0, params=n, mse_avg=avg,
+        long_clip_colour_right=long_eval(vae))
+    return vae
+
+
+def stage_causal_latents(work, vae, count):
+    """Normalised posterior means of `count` bouncing clips of 161 frames: [N, z, 41, 8, 8],
+    with the per-channel mean and std they were normalised by (the VAE's latents_mean and
+    latents_std, as Wan's config holds them)."""
     path = os.path.join(work, "causal_latents.pt")
     if os.path.isfile(path):
         return torch.load(path)
@@ -502,13 +644,16 @@ def stage_causal_latents(work, vae, mean, std, count):
     for i in range(count):
         clip, cap, _ = dd.sample_bouncing(rng, CAUSAL_CLIP_FRAMES)
         with torch.no_grad():
-            z = vae.encode(to_tensor(clip[None])).latent_dist.mean[0]
-        lat.append((z - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1))
+            lat.append(vae.encode(to_tensor(clip[None])).latent_dist.mean[0])
         caps.append(cap)
         if i % 100 == 0:
             log(work, "causal_latents", clip=i, seconds=time.time() - t0)
-    data = {"latents": torch.stack(lat), "captions": caps}
+    z = torch.stack(lat)
+    mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+    z = (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    data = {"latents": z, "captions": caps, "mean": mean, "std": std}
     torch.save(data, path)
+    log(work, "causal_latents_done", count=count, mean=mean.tolist(), std=std.tolist(), seconds=time.time() - t0)
     return data
 
 
@@ -626,8 +771,15 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
     cap_idx = torch.tensor([caps.index(c) for c in data["captions"]])
     lat = data["latents"]
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**DIT_CONFIG)
-    model.load_state_dict(init.state_dict())
+    config = dict(DIT_CONFIG, in_channels=lat.shape[1], out_channels=lat.shape[1])
+    model = WanTransformer3DModel(**config)
+    # From `init`, every tensor whose shape fits: the demo DiT's (z_dim 8) patch embedding and
+    # output projection do not fit the causal VAE's 16 channels and start fresh.
+    own = model.state_dict()
+    fits = {k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fits, strict=False)
+    if len(fits) < len(own):
+        log(work, name, fresh=sorted(set(own) - set(fits)))
     rope = _SlotRope(model.rope, model.config.patch_size)
     model.rope = rope
     procs = [_MaskedSelfAttention() for _ in model.blocks]
@@ -680,7 +832,7 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             log(work, "causal", step=step, loss=loss.item(), loss_avg=avg, lr=lr, seconds=time.time() - t0)
-    out = WanTransformer3DModel(**DIT_CONFIG)
+    out = WanTransformer3DModel(**config)
     out.load_state_dict(ema)
     out.eval().save_pretrained(path, safe_serialization=True)
     log(work, "causal_done", seconds=time.time() - t0, loss_avg=avg)
@@ -688,19 +840,36 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
 
 
 def causal_only(a):
-    """Trains the block-causal variant from the exported demo in --out (its VAE, tokenizer,
-    text encoder and DiT) and writes it to --out/transformer_causal."""
+    """Trains the block-causal variant from the exported demo in --out (its tokenizer, text
+    encoder and DiT): its own VAE (stage_vae_causal, four phases), the latents of bouncing
+    clips under it, the DiT in three phases; writes --out/vae_causal and
+    --out/transformer_causal."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import T5TokenizerFast, UMT5EncoderModel
     out = a.out
-    vae = load_f32(AutoencoderKLWan, os.path.join(out, "vae"))
-    cfg = vae.config
-    mean, std = torch.tensor(cfg.latents_mean), torch.tensor(cfg.latents_std)
     tok = T5TokenizerFast(tokenizer_file=os.path.join(out, "tokenizer", "tokenizer.json"))
     te = UMT5EncoderModel.from_pretrained(os.path.join(out, "text_encoder"), torch_dtype=torch.float32).eval()
     init = load_f32(WanTransformer3DModel, os.path.join(out, "transformer"))
-    log(a.work, "vae_long_clips", long_clip_colour_right=long_eval(vae))
-    data = stage_causal_latents(a.work, vae, mean, std, a.causal_clips)
+    log(a.work, "demo_vae_long_clips",
+        long_clip_colour_right=long_eval(load_f32(AutoencoderKLWan, os.path.join(out, "vae"))))
+    vae = stage_vae_causal(a.work, a.causal_vae_steps)
+    if a.causal_vae_more > 0:
+        # A second phase at a lower rate: the first ends with green and blue held through a
+        # 10-second clip, red and yellow not yet told apart.
+        vae = stage_vae_causal(a.work, a.causal_vae_more, name="vae_causal_more", init=vae, lr_max=4e-4, seed=2)
+    if a.causal_vae_colour > 0:
+        # A third: the second still draws red shapes orange, as it draws yellow ones (their
+        # latents differ by about 0.25 std, as green's and blue's do, which it tells apart).
+        # Half the switching clips switch between red and yellow; the shape weighs 10x.
+        vae = stage_vae_causal(a.work, a.causal_vae_colour, shape_weight=10.0, name="vae_causal_colour",
+                               init=vae, lr_max=4e-4, seed=3, focus=("red", "yellow"))
+    if a.causal_vae_decoder > 0:
+        # A fourth, the decoder alone (the latents stay as they are): after the third, red
+        # holds through 10-second clips but yellow comes out orange (green channel 0.5-0.65
+        # of 0.85), which the colour check reads as red in some clips.
+        vae = stage_vae_causal(a.work, a.causal_vae_decoder, shape_weight=10.0, name="vae_causal_decoder",
+                               init=vae, lr_max=3e-4, seed=4, focus=("red", "yellow"), decoder_only=True)
+    data = stage_causal_latents(a.work, vae, a.causal_clips)
     dit = stage_causal(a.work, data, tok, te, init, a.causal_steps, a.batch)
     if a.causal_more > 0:
         # A second phase: context mixed with noise (robust to its own imperfect frames), 10%
@@ -714,6 +883,10 @@ def causal_only(a):
         dit = stage_causal(a.work, data, tok, te, dit, a.causal_first, a.batch, lr_max=1e-4, seed=41,
                            name="transformer_causal_first", context_noise=0.3, drop=0.1, first=1.0,
                            warp=True, early=1)
+    vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
+    vdest = os.path.join(out, "vae_causal")
+    shutil.rmtree(vdest, ignore_errors=True)
+    vae.to(getattr(torch, a.dtype)).save_pretrained(vdest, safe_serialization=True)
     dest = os.path.join(out, "transformer_causal")
     shutil.rmtree(dest, ignore_errors=True)
     dit.to(getattr(torch, a.dtype)).save_pretrained(dest, safe_serialization=True)
@@ -754,6 +927,10 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--causal-only", action="store_true",
                     help="train only the block-causal variant, from the demo already in --out")
+    ap.add_argument("--causal-vae-steps", type=int, default=1200, help="the block-causal variant's VAE")
+    ap.add_argument("--causal-vae-more", type=int, default=600, help="a second phase of that VAE")
+    ap.add_argument("--causal-vae-colour", type=int, default=450, help="a third phase, red against yellow")
+    ap.add_argument("--causal-vae-decoder", type=int, default=450, help="a fourth, its decoder alone")
     ap.add_argument("--causal-clips", type=int, default=600)
     ap.add_argument("--causal-steps", type=int, default=3000)
     ap.add_argument("--causal-more", type=int, default=2500, help="a second block-causal phase")
