@@ -120,6 +120,18 @@ def to_tensor(clips):
     return torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 4, 1, 2, 3) * 2 - 1
 
 
+def demo_windows(rng, step):
+    """Random windows of demo clips: 4 x 5 frames on even steps, 2 x 9 on odd ones (the
+    causal first frame, then 1 or 2 chunks)."""
+    frames, batch = (5, 4) if step % 2 == 0 else (9, 2)
+    clips = []
+    for _ in range(batch):
+        clip = dd.sample(rng)[0]
+        s = rng.integers(0, dd.FRAMES - frames + 1)
+        clips.append(clip[s:s + frames])
+    return to_tensor(np.stack(clips))
+
+
 def stage_vae(work, steps):
     from diffusers import AutoencoderKLWan
     path = os.path.join(work, "vae")
@@ -136,14 +148,7 @@ def stage_vae(work, steps):
         lr = cosine_lr(1e-3, step, steps, warmup=50)
         for g in opt.param_groups:
             g["lr"] = lr
-        # Random windows: 4 x 5 frames or 2 x 9 frames (the causal first frame, then 1 or 2 chunks).
-        frames, batch = (5, 4) if step % 2 == 0 else (9, 2)
-        clips = []
-        for _ in range(batch):
-            clip = dd.sample(rng)[0]
-            s = rng.integers(0, dd.FRAMES - frames + 1)
-            clips.append(clip[s:s + frames])
-        x = to_tensor(np.stack(clips))
+        x = demo_windows(rng, step)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
         mse = (y - x).pow(2).mean()
@@ -594,13 +599,7 @@ def stage_vae_causal(work, steps, shape_weight=4.0, name="vae_causal", init=None
             g["lr"] = lr
         kind = step % 3
         if kind == 0:
-            frames, batch = (5, 4) if step % 2 == 0 else (9, 2)
-            clips = []
-            for _ in range(batch):
-                clip = dd.sample(rng)[0]
-                s = rng.integers(0, dd.FRAMES - frames + 1)
-                clips.append(clip[s:s + frames])
-            x = to_tensor(np.stack(clips))
+            x = demo_windows(rng, step)
             post = vae.encode(x).latent_dist
             y = vae.decode(post.sample()).sample
         elif kind == 1:
