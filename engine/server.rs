@@ -510,9 +510,7 @@ impl Shared {
     /// The files go first: a client that sees `failed` finds none of them left.
     fn fail(&self, id: &str, code: &str, message: String) {
         tracing::warn!("job {id} failed ({code}): {message}");
-        for p in [self.video_path(id), self.thumb_path(id), self.sidecar(id)] {
-            let _ = std::fs::remove_file(p);
-        }
+        self.remove_outputs(id);
         self.update(id, |j| {
             j.status = Status::Failed;
             j.completed_at = Some(now());
@@ -520,15 +518,16 @@ impl Shared {
         });
     }
 
-    fn remove_files(&self, id: &str) {
-        for p in [
-            self.job_path(id),
-            self.video_path(id),
-            self.thumb_path(id),
-            self.sidecar(id),
-        ] {
+    /// Removes the job's video, thumbnail and sidecar (not its record).
+    fn remove_outputs(&self, id: &str) {
+        for p in [self.video_path(id), self.thumb_path(id), self.sidecar(id)] {
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    fn remove_files(&self, id: &str) {
+        let _ = std::fs::remove_file(self.job_path(id));
+        self.remove_outputs(id);
     }
 
     /// Removes what no job owns under videos/: files of jobs without a record (a record
@@ -1619,13 +1618,7 @@ impl Server {
                         .ok()
                         .and_then(|m| m.modified().ok())
                         .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-                    for p in [
-                        shared.video_path(stem),
-                        shared.thumb_path(stem),
-                        shared.sidecar(stem),
-                    ] {
-                        let _ = std::fs::remove_file(p);
-                    }
+                    shared.remove_outputs(stem);
                     Job::unreadable(
                         stem,
                         &shared.model_name,

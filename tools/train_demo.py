@@ -598,19 +598,18 @@ def stage_vae_causal(work, steps, shape_weight=4.0, name="vae_causal", init=None
         for g in opt.param_groups:
             g["lr"] = lr
         kind = step % 3
-        if kind == 0:
-            x = demo_windows(rng, step)
-            post = vae.encode(x).latent_dist
-            y = vae.decode(post.sample()).sample
-        elif kind == 1:
-            frames = int(rng.choice([9, 13, 17]))
-            x = to_tensor(np.stack([switching_clip(rng, frames, focus=focus) for _ in range(2)]))
-            post = vae.encode(x).latent_dist
-            y = vae.decode(post.sample()).sample
-        else:
+        if kind == 2:
             prefix = int(rng.integers(2, 9))
-            x, post, y = late_window(vae, to_tensor(np.stack([switching_clip(rng, 1 + 4 * (prefix + 2), focus=focus)
-                                                              for _ in range(2)])), prefix)
+            clips = [switching_clip(rng, 1 + 4 * (prefix + 2), focus=focus) for _ in range(2)]
+            x, post, y = late_window(vae, to_tensor(np.stack(clips)), prefix)
+        else:
+            if kind == 0:
+                x = demo_windows(rng, step)
+            else:
+                frames = int(rng.choice([9, 13, 17]))
+                x = to_tensor(np.stack([switching_clip(rng, frames, focus=focus) for _ in range(2)]))
+            post = vae.encode(x).latent_dist
+            y = vae.decode(post.sample()).sample
         shape = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) > 0.6
         w = 1 + (shape_weight - 1) * shape.float()
         mse = ((y - x).pow(2) * w).sum() / (w.sum() * 3)
