@@ -5,7 +5,8 @@ the diffusers layout, on the procedural clips of tools/demo_data.py.
     /tmp/reel-golden/bin/pip install -r tools/requirements-golden.txt
     /tmp/reel-golden/bin/python tools/train_demo.py            # ~80 min on 2 cores (measured)
 
-Stages (each cached under --work, so an interrupted run resumes at the stage it was in):
+Stages (each cached under --work, so an interrupted run resumes at the stage it was in;
+the block-causal DiT phases also every 250 steps within one):
  1. tokenizer  a sentencepiece unigram model trained on every caption wording, converted
                to tokenizer.json by transformers' T5Tokenizer (as tools/golden.py does).
  2. vae        AutoencoderKLWan (base_dim 12, z_dim 8, 8x spatial and 4x temporal
@@ -751,7 +752,7 @@ def causal_mask(valid, group, hw):
 
 
 def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, name="transformer_causal",
-                 context_noise=0.0, drop=0.0, first=0.25, warp=False, early=4):
+                 context_noise=0.0, drop=0.0, first=0.25, warp=False, early=4, every=250):
     """Teacher-forced block-causal fine-tuning. `context_noise`: the context frames are mixed
     with noise up to this much (labelled clean, t = 0), so that the model learns to take
     imperfect context (its own output at run time); `drop`: the share of empty captions (for
@@ -789,7 +790,23 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
     hw = (lat.shape[3] // 2) * (lat.shape[4] // 2)
     t0 = time.time()
     avg = None
-    for step in range(steps):
+    # A phase is 20-45 minutes on 2 cores: every `every` steps the whole state (model, EMA,
+    # optimizer, the draws' generator) goes to <name>.partial.pt, and a rerun goes on from
+    # there with the same draws, as if it had not stopped.
+    partial, start = path + ".partial.pt", 0
+    if os.path.isfile(partial):
+        st = torch.load(partial, weights_only=False)
+        model.load_state_dict(st["model"])
+        ema = st["ema"]
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        start, avg = st["step"], st["avg"]
+        log(work, name, resumed_at=start)
+    for step in range(start, steps):
+        if step > start and step % every == 0:
+            torch.save(dict(model=model.state_dict(), ema=ema, opt=opt.state_dict(), gen=gen.get_state(),
+                            step=step, avg=avg), partial + ".tmp")
+            os.replace(partial + ".tmp", partial)
         lr = cosine_lr(lr_max, step, steps, warmup=100)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -833,6 +850,8 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
     out = WanTransformer3DModel(**config)
     out.load_state_dict(ema)
     out.eval().save_pretrained(path, safe_serialization=True)
+    if os.path.isfile(partial):
+        os.remove(partial)
     log(work, "causal_done", seconds=time.time() - t0, loss_avg=avg)
     return out
 
