@@ -856,6 +856,71 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
     return out
 
 
+def causal_eval(dit, vae, data, tok, te, frames=161, teacher=False, seed=0):
+    """The block-causal DiT as reel generate --stream runs it (CAUSAL's Euler steps and
+    guidance; each chunk's context the sink and the 6 latest frames, recomputed jointly under
+    causal_mask rather than cached), one 10-second clip per colour, decoded in one stream:
+    the share of every 4th frame from the 4th whose dominant colour is the caption's.
+    `teacher`: the context is a real clip's latents instead of the DiT's own frames, which
+    tells a DiT that cannot read the context from one that drifts on its own output."""
+    import copy
+    dit = copy.deepcopy(dit).eval()
+    rope = _SlotRope(dit.rope, dit.config.patch_size)
+    dit.rope = rope
+    procs = [_MaskedSelfAttention() for _ in dit.blocks]
+    for blk, p in zip(dit.blocks, procs):
+        blk.attn1.set_processor(p)
+    k, g, c = CAUSAL["timestep_shift"], CAUSAL["guidance"], CAUSAL["chunk_frames"]
+    sig = [k * t / 1000 / (1 + (k - 1) * t / 1000) for t in CAUSAL["denoising_steps"]] + [0.0]
+    mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
+    z, lat_frames = data["latents"].shape[1], (frames - 1) // 4 + 1
+    h = w = dd.SIZE // 8
+    hw = (h // 2) * (w // 2)
+    group = torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [3] * 3)
+    rng = np.random.default_rng(98)
+    out = {}
+    for i, colour in enumerate(dd.COLOURS):
+        shape = dd.SHAPES[i % len(dd.SHAPES)]
+        table = embed(tok, te, [dd.bounce_captions(colour, shape)[0], ""])
+        gen = torch.Generator().manual_seed(seed + i)
+        clip = dd.render_bouncing(colour, shape, frames, rng)
+        with torch.no_grad():
+            real = ((vae.encode(to_tensor(clip[None])).latent_dist.mean - mean) / std)[0]
+        made = torch.zeros(z, 0, h, w)
+        for J in range(0, lat_frames, c):
+            ctx = real if teacher else made
+            x0 = torch.zeros(1, z, 12, h, w)
+            valid = torch.zeros(1, 12, dtype=torch.bool)
+            pos = torch.zeros(1, 12, dtype=torch.long)
+            slots = [(s, s) for s in range(3)] if J > 0 else []
+            slots += [(3 + m, J - 6 + m) for m in range(6) if J - 6 + m >= 3]
+            for s, f in slots:
+                x0[0, :, s], valid[0, s], pos[0, s] = ctx[:, f], True, f
+            valid[0, 9:] = True
+            pos[0, 9:] = torch.arange(J, J + c)
+            rope.positions = pos.repeat(2, 1)
+            mask = causal_mask(valid, group, hw).repeat(2, 1, 1, 1)
+            for p in procs:
+                p.mask = mask
+            x = torch.randn(1, z, c, h, w, generator=gen)
+            for a, b in zip(sig, sig[1:]):
+                inp = x0.clone()
+                inp[:, :, 9:] = x
+                t = torch.zeros(1, 12, hw)
+                t[:, 9:] = a * 1000
+                with torch.no_grad():
+                    v = dit(inp.repeat(2, 1, 1, 1, 1), t.view(1, -1).repeat(2, 1), table, return_dict=False)[0]
+                v = v[1:, :, 9:] + g * (v[:1, :, 9:] - v[1:, :, 9:])
+                x = x + (b - a) * v
+            made = torch.cat([made, x[0]], 1)
+        with torch.no_grad():
+            y = vae.decode(made[:, :lat_frames].unsqueeze(0) * std + mean).sample[0].permute(1, 2, 3, 0).numpy()
+        y = (y * 0.5 + 0.5).clip(0, 1)
+        right = [analyse(y[f:f + 1])[0] == colour for f in range(4, frames, 4)]
+        out[colour] = round(sum(right) / len(right), 3)
+    return out
+
+
 def causal_only(a):
     """Trains the block-causal variant from the exported demo in --out (its tokenizer, text
     encoder and DiT): its own VAE (stage_vae_causal, four phases), the latents of bouncing
@@ -900,6 +965,8 @@ def causal_only(a):
         dit = stage_causal(a.work, data, tok, te, dit, a.causal_first, a.batch, lr_max=1e-4, seed=41,
                            name="transformer_causal_first", context_noise=0.3, drop=0.1, first=1.0,
                            warp=True, early=1)
+    log(a.work, "causal_eval", rollout=causal_eval(dit, vae, data, tok, te),
+        teacher_forced=causal_eval(dit, vae, data, tok, te, teacher=True))
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
     vdest = os.path.join(out, "vae_causal")
     shutil.rmtree(vdest, ignore_errors=True)
