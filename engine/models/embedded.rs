@@ -47,10 +47,15 @@ demo_files!(
     "transformer_causal/config.json",
     "transformer_causal/diffusion_pytorch_model.safetensors",
     "transformer_causal/causal_config.json",
+    "vae_causal/config.json",
+    "vae_causal/diffusion_pytorch_model.safetensors",
 );
 
 /// The block-causal variant of the demo (`reel generate --stream` without --model): the same
-/// VAE, text encoder and tokenizer, the DiT fine-tuned block-causally on bouncing shapes.
+/// text encoder and tokenizer; the DiT fine-tuned block-causally on bouncing shapes; a VAE
+/// of its own (vae_causal/), trained so that every latent frame carries the shape's colour,
+/// which a minute decoded in one stream needs (the demo's VAE keeps it in the first
+/// frame's latent, which the causal caches reach for only about ten latent frames).
 pub const CAUSAL_NAME: &str = "reel-demo-causal";
 
 /// What the demo model was trained on (reel_demo.json).
@@ -201,21 +206,25 @@ fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
 pub fn ensure() -> Result<PathBuf> {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     write_variant(NAME, &HASH, &|path| {
-        (!path.starts_with("transformer_causal/") && path != "reel_demo_causal.json")
+        (!path.starts_with("transformer_causal/")
+            && !path.starts_with("vae_causal/")
+            && path != "reel_demo_causal.json")
             .then(|| path.to_string())
     })
 }
 
 /// The folder of the embedded model's block-causal variant (see [`CAUSAL_NAME`]), written
-/// on first use: its transformer/ is transformer_causal/, its reel_demo.json
-/// reel_demo_causal.json.
+/// on first use: its transformer/ is transformer_causal/, its vae/ vae_causal/, its
+/// reel_demo.json reel_demo_causal.json.
 pub fn ensure_causal() -> Result<PathBuf> {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     write_variant(CAUSAL_NAME, &HASH, &|path| {
-        if path.starts_with("transformer/") || path == DEMO_JSON {
+        if path.starts_with("transformer/") || path.starts_with("vae/") || path == DEMO_JSON {
             None
         } else if let Some(rest) = path.strip_prefix("transformer_causal/") {
             Some(format!("transformer/{rest}"))
+        } else if let Some(rest) = path.strip_prefix("vae_causal/") {
+            Some(format!("vae/{rest}"))
         } else if path == "reel_demo_causal.json" {
             Some(DEMO_JSON.to_string())
         } else {

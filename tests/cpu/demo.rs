@@ -183,8 +183,7 @@ fn demo_model_says_when_a_size_is_not_one_it_was_trained_at() {
 }
 
 /// `reel generate --stream` without --model takes the demo's block-causal variant and
-/// streams it on the cpu. (Whether the variant holds a prompt's colour for a minute is
-/// measured in the README, not tested: it does not yet for most prompts; issue 19.)
+/// streams it on the cpu, with its own VAE (z_dim 16) and causal_config.json.
 #[test]
 fn demo_stream_without_a_model_uses_the_block_causal_variant() {
     let dir = scratch("demo-stream");
@@ -216,8 +215,152 @@ fn demo_stream_without_a_model_uses_the_block_causal_variant() {
         (cfg.chunk_frames, cfg.sink_frames, cfg.local_attn_frames),
         (3, 3, 12)
     );
+    assert_eq!(
+        pipe.vae.config.z_dim, 16,
+        "the variant's own VAE (vae_causal/)"
+    );
+    let demo = reel::pipeline::Pipeline::load(&reel::models::embedded::ensure().unwrap()).unwrap();
+    assert_eq!(demo.vae.config.z_dim, 8, "the demo keeps its VAE");
     // Its prompt notes know "bouncing".
     assert!(reel::models::embedded::vocabulary_note(&root, "a red circle bouncing").is_none());
     let note = reel::models::embedded::vocabulary_note(&root, "a red circle moving right").unwrap();
     assert!(note.contains("bouncing"), "{note}");
+}
+
+/// Issue 19's demo, as far as it goes: `reel generate --stream --seconds 60` on the
+/// embedded block-causal variant, one prompt per colour, every 4th frame checked. A frame is
+/// right when the prompt's colour has at least 40 pixels and no other demo colour more. The
+/// goal (every frame right, the shape in frame and moving all minute) is met for red and
+/// yellow only: the variant draws the green square blue, and the blue triangle faint or not
+/// at all, on about half of the frames (README). So this test holds it to what it does: red
+/// and yellow right on at least 85% of the frames, their shapes' pixels above 40% of the
+/// median on every right frame (neither leaving the frame nor fading) and their centroids
+/// travelling at least 8 pixels in every second whose five checked frames are right (the
+/// training clips move 24-40 pixels a second); green and blue right on at least 40% of the
+/// frames. How well the shapes are drawn is not checked: they are blobs, the yellow ones too
+/// large and often split (README). The variant it replaced fails it (red right on 29% of
+/// the frames, blue on 5%).
+#[test]
+fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_part_of_it() {
+    use reel::cpu::conv::Frames;
+    use reel::models::wan_vae::FrameSink;
+
+    /// (pixels of each demo colour, centroid of the prompt's colour) of every 4th frame.
+    struct Watch {
+        colour: &'static str,
+        seen: usize,
+        samples: Vec<([usize; 4], (f32, f32))>,
+    }
+    impl FrameSink for Watch {
+        fn push(&mut self, _b: usize, f: &Frames) -> reel::Result<()> {
+            assert_eq!(f.c, 3);
+            for t in 0..f.t {
+                let i = self.seen;
+                self.seen += 1;
+                // Frame 0 is the causal VAE's lone first frame, often drawn faint or empty
+                // by the demo; every 4th frame from the 4th on.
+                if i % 4 != 0 || i == 0 {
+                    continue;
+                }
+                let (mut counts, mut sx, mut sy) = ([0usize; 4], 0.0f32, 0.0f32);
+                for (p, px) in f.frame(t).chunks_exact(3).enumerate() {
+                    let v = |c: usize| (px[c] * 0.5 + 0.5).clamp(0.0, 1.0);
+                    if let Some(c) = colour_of(v(0), v(1), v(2)) {
+                        let k = HUES.iter().position(|h| h.0 == c).unwrap();
+                        counts[k] += 1;
+                        if c == self.colour {
+                            sx += (p % f.w) as f32;
+                            sy += (p / f.w) as f32;
+                        }
+                    }
+                }
+                let k = HUES.iter().position(|h| h.0 == self.colour).unwrap();
+                let n = counts[k].max(1) as f32;
+                self.samples.push((counts, (sx / n, sy / n)));
+            }
+            Ok(())
+        }
+    }
+
+    let root = reel::models::embedded::ensure_causal().unwrap();
+    let pipe = reel::pipeline::Pipeline::load(&root).unwrap();
+    let guidance = pipe.causal.as_ref().expect("causal_config.json").guidance;
+    let frames = 961; // 60 s at 16 fps
+    let mut failures = Vec::new();
+    // (prompt, colour, least share of right frames, whether the shape must also hold)
+    for (prompt, colour, floor, holds) in [
+        ("a red circle bouncing", "red", 0.85, true),
+        ("a green square bouncing", "green", 0.4, false),
+        ("a blue triangle bouncing", "blue", 0.4, false),
+        ("a yellow circle bouncing", "yellow", 0.85, true),
+    ] {
+        let cond = pipe
+            .encode_prompts(&[prompt], &[""], guidance, 512)
+            .unwrap();
+        let mut watch = Watch {
+            colour,
+            seen: 0,
+            samples: Vec::new(),
+        };
+        pipe.stream_to(&cond, frames, 64, 64, 0, &mut watch, &mut |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(watch.seen, frames);
+        let k = HUES.iter().position(|h| h.0 == colour).unwrap();
+        let right: Vec<bool> = watch
+            .samples
+            .iter()
+            .map(|(c, _)| c[k] >= 40 && c.iter().all(|&o| o <= c[k]))
+            .collect();
+        let share = right.iter().filter(|&&r| r).count() as f32 / right.len() as f32;
+        let mut counts: Vec<usize> = (watch.samples.iter().zip(&right))
+            .filter(|(_, &r)| r)
+            .map(|(s, _)| s.0[k])
+            .collect();
+        counts.sort_unstable();
+        let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
+        let mut bad = Vec::new();
+        if share < floor {
+            bad.push(format!("right on {:.0}% of the frames", share * 100.0));
+        }
+        for (i, ((c, _), _)) in watch
+            .samples
+            .iter()
+            .zip(&right)
+            .enumerate()
+            .filter(|(_, (_, &r))| r)
+        {
+            if holds && (c[k] as f32) < 0.4 * median as f32 {
+                let at = ((i + 1) * 4) as f32 / 16.0;
+                bad.push(format!("{at:.2} s: {} pixels, median {median}", c[k]));
+            }
+        }
+        let mut seconds = 0;
+        for (s, w) in watch.samples.windows(5).enumerate().step_by(4) {
+            if !right[s..s + 5].iter().all(|&r| r) {
+                continue;
+            }
+            seconds += 1;
+            if !holds {
+                continue;
+            }
+            let path: f32 = w
+                .windows(2)
+                .map(|p| ((p[1].1 .0 - p[0].1 .0).powi(2) + (p[1].1 .1 - p[0].1 .1).powi(2)).sqrt())
+                .sum();
+            if path.is_nan() || path < 8.0 {
+                bad.push(format!("second {}: moved {path:.1} px", s / 4));
+            }
+        }
+        eprintln!(
+            "{prompt:?}: right on {:.1}% of {} frames, median {median} pixels, {seconds} seconds \
+             all right; {} problems",
+            share * 100.0,
+            right.len(),
+            bad.len()
+        );
+        if !bad.is_empty() {
+            failures.push(format!("{prompt:?}: {:?}", &bad[..bad.len().min(6)]));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
 }
