@@ -997,10 +997,10 @@ def causal_only(a):
         dit = stage_causal(a.work, data, tok, te, dit, a.causal_shape, a.batch, lr_max=1e-4, seed=51,
                            name="transformer_causal_shape", context_noise=0.3, drop=0.1, first=0.35,
                            warp=True, shape_weight=10.0)
-    if a.causal_shape_more > 0:
+    if a.causal_shape_sym > 0:
         # A fourth, the positions where its own estimate has a shape weighing 10x as well:
         # after the third, its shapes grow over a streamed minute.
-        dit = stage_causal(a.work, data, tok, te, dit, a.causal_shape_more, a.batch, lr_max=1e-4, seed=61,
+        dit = stage_causal(a.work, data, tok, te, dit, a.causal_shape_sym, a.batch, lr_max=1e-4, seed=61,
                            name="transformer_causal_shape_sym", context_noise=0.3, drop=0.1, first=0.35,
                            warp=True, shape_weight=10.0, weigh_predicted=True)
     log(a.work, "causal_eval", rollout=causal_eval(dit, vae, data, tok, te),
@@ -1014,7 +1014,7 @@ def causal_only(a):
     dit.to(getattr(torch, a.dtype)).save_pretrained(dest, safe_serialization=True)
     with open(os.path.join(dest, "causal_config.json"), "w") as f:
         json.dump(CAUSAL, f, indent=2)
-    write_causal_meta(out, [a.causal_steps, a.causal_more, a.causal_shape, a.causal_shape_more], a.causal_clips)
+    write_causal_meta(out, [a.causal_steps, a.causal_more, a.causal_shape, a.causal_shape_sym], a.causal_clips)
     log(a.work, "causal_export", out=dest)
 
 
@@ -1059,7 +1059,7 @@ def main():
     ap.add_argument("--causal-more", type=int, default=2500, help="a second block-causal phase")
     ap.add_argument("--causal-shape", type=int, default=1500,
                     help="a third block-causal phase, the shape's latent positions weighing 10x")
-    ap.add_argument("--causal-shape-more", type=int, default=1500, help="a fourth, also where it draws a shape")
+    ap.add_argument("--causal-shape-sym", type=int, default=1500, help="a fourth, also where it draws a shape")
     a = ap.parse_args()
     torch.set_num_threads(2)
     os.makedirs(a.work, exist_ok=True)

@@ -238,8 +238,9 @@ fn demo_stream_without_a_model_uses_the_block_causal_variant() {
 /// travelling at least 8 pixels in every second whose five checked frames are right (the
 /// training clips move 24-40 pixels a second); green and blue right on at least 40% of the
 /// frames. How well the shapes are drawn is not checked: they are blobs, the yellow ones too
-/// large and often split (README). The variant it replaced fails it (red right on 29% of
-/// the frames, blue on 5%).
+/// large and often split (README). The variant it replaced would fail it: by the README's
+/// sweep (the same check, 20 pixels at least), its red circle was right on 29% of the
+/// frames, its blue triangle on 5%.
 #[test]
 fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_part_of_it() {
     use reel::cpu::conv::Frames;
