@@ -709,6 +709,13 @@ def context_slots(J, j):
     return slots + [(9 + k, j + k, J + k) for k in range(c)]
 
 
+def slot_groups():
+    """[12]: the group of each of context_slots' slots (0 sink, 1-2 window, 3 chunk), by
+    which causal_mask lets a context slot attend only what was there when its K/V were
+    made."""
+    return torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [3] * 3)
+
+
 def causal_batch(lat, batch, gen, first=0.25, early=4):
     """Teacher forcing at the place of a random chunk of a minute-long video. Every sample
     is 12 frame slots: the sink (the clip's first 3 latent frames, at positions 0-2), the
@@ -737,7 +744,7 @@ def causal_batch(lat, batch, gen, first=0.25, early=4):
             x0[b, :, s] = clip[:, f]
             valid[b, s] = True
             pos[b, s] = p
-    group = torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [3] * 3)
+    group = slot_groups()
     return x0, valid, pos, group, which
 
 
@@ -906,7 +913,7 @@ def causal_eval(dit, vae, data, tok, te, frames=161, teacher=False, seed=0):
     z, lat_frames = data["latents"].shape[1], (frames - 1) // 4 + 1
     h = w = dd.SIZE // 8
     hw = (h // 2) * (w // 2)
-    group = torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [3] * 3)
+    group = slot_groups()
     rng = np.random.default_rng(98)
     out = {}
     for i, colour in enumerate(dd.COLOURS):
