@@ -57,6 +57,7 @@ impl CausalPreset {
             context_timestep: 0.0,
             sampler: Default::default(),
             guidance: 1.0,
+            guidance_steps: Vec::new(),
         }
     }
 }

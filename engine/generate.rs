@@ -307,6 +307,10 @@ pub struct Sidecar {
     pub sampler: String,
     pub steps: usize,
     pub guidance: f32,
+    /// A block-causal model's scale for each step (causal_config.json's `guidance_steps`),
+    /// when it lists them; `guidance` is then the largest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance_steps: Option<Vec<f32>>,
     pub shift: f64,
     pub size: String,
     pub generated_size: String,
@@ -590,7 +594,7 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
             tracing::warn!(
                 "a block-causal model makes each chunk in its own {} steps at guidance {} (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
                 c.denoising_steps.len(),
-                c.guidance
+                c.guidance_label()
             );
         }
         _ => {}
@@ -779,7 +783,7 @@ pub fn render(
     // A block-causal model makes its video chunk by chunk with its own steps and guidance
     // (causal_config.json); the request's steps, guidance and sampler do not apply.
     let (frames, steps, guidance) = match causal {
-        Some(c) => (job.frames, c.denoising_steps.len(), c.guidance),
+        Some(c) => (job.frames, c.denoising_steps.len(), c.peak_guidance()),
         None => (job.frames, job.steps, job.guidance),
     };
     if causal.is_some() && job.output.ends_with(".safetensors") {
@@ -997,6 +1001,11 @@ fn finish_sidecar(
         sampler: how.sampler,
         steps: how.steps,
         guidance: how.guidance,
+        guidance_steps: pipe
+            .causal
+            .as_ref()
+            .filter(|c| !c.guidance_steps.is_empty())
+            .map(|c| c.guidance_steps.clone()),
         shift: how.shift,
         size: format!("{w}x{h}"),
         generated_size: format!("{gw}x{gh}"),

@@ -455,12 +455,12 @@ impl Pipeline {
         let _track = self.track();
         let [_, z, t, h, w] = self.latent_shape(1, frames, height, width);
         let chunks = t.div_ceil(cfg.chunk_frames);
-        let negative = match (cfg.guidance > 1.0, &cond.negative_prompt_embeds) {
+        let negative = match (cfg.guided(), &cond.negative_prompt_embeds) {
             (true, Some(n)) => Some(n),
             (true, None) => {
                 return Err(Error::invalid(format!(
                     "the model's causal_config.json asks for guidance {}: give the negative prompt's embeddings",
-                    cfg.guidance
+                    cfg.guidance_label()
                 )))
             }
             (false, _) => None,

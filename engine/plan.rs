@@ -199,7 +199,7 @@ pub fn plan(a: &PlanArgs) -> Result<PlanReport> {
         None => (dit_plan(&c, shape, arch)?, None),
         Some(cc) => {
             // One sample of one chunk; the prompt and, with guidance, the negative prompt.
-            let prompts = 1 + (cc.guidance > 1.0) as usize;
+            let prompts = 1 + cc.guided() as usize;
             let chunk = DitShape {
                 batch: 1,
                 frames: cc.chunk_frames,

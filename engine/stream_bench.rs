@@ -199,7 +199,7 @@ pub fn bench_stream(a: &StreamBenchArgs) -> Result<StreamBenchReport> {
     let (s, tf) = (vc.spatial_factor(), vc.temporal_factor());
     let m = s * c.patch_size[1].max(c.patch_size[2]);
     let (gw, gh) = (w.div_ceil(m) * m, h.div_ceil(m) * m);
-    let prompts = 1 + (cfg.guidance > 1.0) as usize;
+    let prompts = 1 + cfg.guided() as usize;
     let shape = DitShape {
         batch: 1,
         frames: cfg.chunk_frames,
@@ -331,7 +331,7 @@ pub fn render(r: &StreamBenchReport) -> String {
         c.sink_frames,
         c.local_attn_frames,
         c.denoising_steps.len(),
-        c.guidance,
+        c.guidance_label(),
         mib(r.dit_plan_bytes),
         mib(r.vae_plan_bytes),
         mib(r.weights_bytes),

@@ -402,6 +402,14 @@ CAUSAL_CASES = [
      dict(chunk_frames=3, sink_frames=0, local_attn_frames=6, denoising_steps=[1000.0, 600.0, 200.0],
           timestep_shift=2.0, context_timestep=0.0, sampler="euler", guidance=3.0),
      [4, 12, 2, 4], 5),
+    # A guidance scale per step (guidance_steps): the first step unguided (no negative pass),
+    # the others at two scales; Euler steps, a sink of 1 and 5 frames attended, 4 chunks.
+    ("causal_guided_steps", dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                                 text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2),
+     dict(chunk_frames=2, sink_frames=1, local_attn_frames=5, denoising_steps=[1000.0, 750.0, 500.0, 250.0],
+          timestep_shift=3.0, context_timestep=0.0, sampler="euler", guidance=1.0,
+          guidance_steps=[1.0, 4.0, 4.0, 2.0]),
+     [4, 8, 2, 4], 5),
 ]
 
 
@@ -484,7 +492,8 @@ def causal_cases(only):
         steps = len(sig)
         text = torch.randn([1, lt, cfg["text_dim"]], generator=gen, dtype=torch.float32)
         noise = torch.randn([chunks, steps, 1, ch, c, h, w], generator=gen, dtype=torch.float32)
-        guidance = causal.get("guidance", 1.0)
+        # The scale of each step: guidance_steps, or guidance at every step.
+        scales = causal.get("guidance_steps") or [causal.get("guidance", 1.0)] * steps
         negative = torch.randn([1, lt, cfg["text_dim"]], generator=gen, dtype=torch.float32)
         kv = {}  # frame -> per block (k, v) of that frame's tokens [1, tokens, heads, hd]
         tpf = (h // model.config.patch_size[1]) * (w // model.config.patch_size[2])
@@ -504,20 +513,20 @@ def causal_cases(only):
                              encoder_hidden_states=(text if ctx is None else ctx).double(),
                              return_dict=False)[0]
 
-        def flow_at(x, t, f0):
+        def flow_at(x, t, f0, g):
             # Guidance: u + g (c - u), the negative prompt over the same cache (the cache
             # itself is filled with the prompt only).
             cond = run(x, t, f0)
-            if guidance <= 1.0:
+            if g <= 1.0:
                 return cond
             u = run(x, t, f0, negative)
-            return u + guidance * (cond - u)
+            return u + g * (cond - u)
 
         for k in range(chunks):
             f0 = k * c
             x = noise[k, 0].double()
             for j, sg in enumerate(sig):
-                flow = flow_at(x, sg * 1000, f0)
+                flow = flow_at(x, sg * 1000, f0, scales[j])
                 if causal.get("sampler") == "euler":
                     x = x + ((sig[j + 1] if j + 1 < steps else 0.0) - sg) * flow
                     x0 = x
@@ -533,7 +542,7 @@ def causal_cases(only):
                                     p.collected[1][:, fi * tpf:(fi + 1) * tpf]) for p in procs]
         latents = torch.cat(out, dim=2)
         inputs = {"encoder_hidden_states": text.contiguous(), "noise": noise.contiguous()}
-        if guidance > 1.0:
+        if max(scales) > 1.0:
             inputs["negative_encoder_hidden_states"] = negative.contiguous()
         save_file(inputs, os.path.join(case, "input.safetensors"))
         save_file({"latents": latents.contiguous()}, os.path.join(case, "output.safetensors"))

@@ -285,7 +285,11 @@ fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_part_of_
 
     let root = reel::models::embedded::ensure_causal().unwrap();
     let pipe = reel::pipeline::Pipeline::load(&root).unwrap();
-    let guidance = pipe.causal.as_ref().expect("causal_config.json").guidance;
+    let guidance = pipe
+        .causal
+        .as_ref()
+        .expect("causal_config.json")
+        .peak_guidance();
     let frames = 961; // 60 s at 16 fps
     let mut failures = Vec::new();
     // (prompt, colour, least share of right frames, whether the shape must also hold)

@@ -322,7 +322,7 @@ fn check_stream(case: &str, device: Option<&reel::kernels::KernelDevice>) {
         dit.text_kv(&input.tensor("negative_encoder_hidden_states").unwrap())
             .unwrap()
     });
-    assert_eq!(uncond.is_some(), cfg.guidance > 1.0);
+    assert_eq!(uncond.is_some(), cfg.guided());
     let mut got = vec![0.0f32; ch * frames * h * w];
     let mut chunks = 0;
     let [_, ph, pw] = dit.config.patch_size;
@@ -436,7 +436,15 @@ fn causal_euler_stream_matches_the_pytorch_reference() {
     check_stream("causal_euler", None);
 }
 
-/// Both block-causal golden cases through the device session (REEL_TEST_DEVICE: emu by
+/// A guidance scale per step (`guidance_steps`: 1, 4, 4, 2): the first step without the
+/// negative prompt's pass, the others each at its own scale; Euler steps, a sink of one
+/// frame, four chunks of two frames with five attended.
+#[test]
+fn causal_guided_steps_stream_matches_the_pytorch_reference() {
+    check_stream("causal_guided_steps", None);
+}
+
+/// The block-causal golden cases through the device session (REEL_TEST_DEVICE: emu by
 /// default): bf16 K/V cache in frame slots, the chunk's K/V projected into it, eviction by
 /// device copies; within the kernel-device tolerance of the PyTorch reference, chunk by
 /// chunk.
@@ -445,4 +453,5 @@ fn dit_device_causal_stream_matches_the_pytorch_reference() {
     let dev = reel::kernels::KernelDevice::from_test_env().unwrap();
     check_stream("causal_stream", Some(&dev));
     check_stream("causal_euler", Some(&dev));
+    check_stream("causal_guided_steps", Some(&dev));
 }

@@ -305,6 +305,10 @@ pub struct CausalConfig {
     /// flow is u + g·(c − u), u from the negative prompt over the same cache.
     #[serde(default = "one")]
     pub guidance: f32,
+    /// A guidance scale for each of `denoising_steps`, in place of `guidance` (empty: `guidance`
+    /// at every step). A step at ≤ 1 skips the negative prompt's pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guidance_steps: Vec<f32>,
 }
 
 fn one() -> f32 {
@@ -384,6 +388,23 @@ impl CausalConfig {
                 self.guidance
             )));
         }
+        if !self.guidance_steps.is_empty() {
+            if self.guidance_steps.len() != self.denoising_steps.len() {
+                return Err(bad(format!(
+                    "guidance_steps lists {} scales for {} denoising_steps (one per step, or none)",
+                    self.guidance_steps.len(),
+                    self.denoising_steps.len()
+                )));
+            }
+            if let Some((i, g)) = self
+                .guidance_steps
+                .iter()
+                .enumerate()
+                .find(|(_, g)| !(g.is_finite() && (0.0..=100.0).contains(*g)))
+            {
+                return Err(bad(format!("guidance_steps[{i}] = {g} is not in [0, 100]")));
+            }
+        }
         if !(self.context_timestep.is_finite() && (0.0..=1000.0).contains(&self.context_timestep)) {
             return Err(bad(format!(
                 "context_timestep = {} is not in [0, 1000]",
@@ -391,6 +412,35 @@ impl CausalConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The guidance scale of denoising step `step`.
+    pub fn guidance_at(&self, step: usize) -> f32 {
+        self.guidance_steps
+            .get(step)
+            .copied()
+            .unwrap_or(self.guidance)
+    }
+
+    /// The largest step's guidance scale.
+    pub fn peak_guidance(&self) -> f32 {
+        (0..self.denoising_steps.len())
+            .map(|i| self.guidance_at(i))
+            .fold(self.guidance_at(0), f32::max)
+    }
+
+    /// Whether any step is guided (> 1), so that the negative prompt is needed.
+    pub fn guided(&self) -> bool {
+        self.peak_guidance() > 1.0
+    }
+
+    /// The guidance as written for people: "3", or the per-step scales "3, 3, 7, 7".
+    pub fn guidance_label(&self) -> String {
+        if self.guidance_steps.is_empty() {
+            return self.guidance.to_string();
+        }
+        let each: Vec<String> = self.guidance_steps.iter().map(f32::to_string).collect();
+        each.join(", ")
     }
 
     pub fn window(&self) -> CausalWindow {
@@ -498,10 +548,10 @@ impl<'a> CpuChunks<'a> {
                 shape.height, shape.width
             )));
         }
-        if cfg.guidance > 1.0 && uncond.is_none() {
+        if cfg.guided() && uncond.is_none() {
             return Err(Error::invalid(format!(
                 "guidance {} needs the negative prompt's embeddings",
-                cfg.guidance
+                cfg.guidance_label()
             )));
         }
         Ok(CpuChunks {
@@ -519,7 +569,8 @@ impl<'a> CpuChunks<'a> {
 /// afresh to the next step's σ; or Euler steps); the result is handed to
 /// `on_chunk(first_frame, x0)` as [1, C, c, H, W], then run at the context timestep to fill
 /// the cache (skipped after the last chunk; with the prompt's text only). With guidance the
-/// flow at each step is u + g·(c − u), u from the negative prompt over the same cache.
+/// flow at a step is u + g·(c − u), u from the negative prompt over the same cache, g the
+/// step's scale ([`CausalConfig::guidance_at`]; a step at g ≤ 1 has no negative pass).
 /// `noise(chunk, step, n)` draws the noise of a chunk's step. The latent frames are
 /// rounded up to whole chunks.
 pub fn stream_with(
@@ -529,7 +580,6 @@ pub fn stream_with(
     noise: &mut dyn FnMut(usize, usize, usize) -> Vec<f32>,
     on_chunk: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<()> {
-    let guided = cfg.guidance > 1.0;
     let chunks = shape.frames.div_ceil(cfg.chunk_frames);
     let sigmas = cfg.sigmas();
     let dims = vec![
@@ -547,9 +597,9 @@ pub fn stream_with(
         for (i, &sigma) in sigmas.iter().enumerate() {
             let t = sigma * 1000.0;
             let mut flow = model.flow(&x, t, f0, false)?;
-            if guided {
+            let g = cfg.guidance_at(i);
+            if g > 1.0 {
                 let un = model.flow(&x, t, f0, true)?;
-                let g = cfg.guidance;
                 for (c, &u) in flow.data_mut().iter_mut().zip(un.data()) {
                     *c = u + g * (*c - u);
                 }
