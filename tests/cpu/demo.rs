@@ -230,19 +230,21 @@ fn demo_stream_without_a_model_uses_the_block_causal_variant() {
 /// Issue 19's demo, as far as it goes: `reel generate --stream --seconds 60` on the
 /// embedded block-causal variant, one prompt per colour, every 4th frame checked. A frame is
 /// right when the prompt's colour has at least 40 pixels and no other demo colour more. The
-/// goal (every frame right, the shape in frame and moving all minute) is met for red and
-/// yellow only: the variant draws the green square blue, and the blue triangle faint or not
-/// at all, on about half of the frames (README). So this test holds it to what it does: red
-/// and yellow right on at least 85% of the frames, their shapes' pixels above 40% of the
-/// median on every right frame (neither leaving the frame nor fading) and their centroids
-/// travelling at least 8 pixels in every second whose five checked frames are right (the
-/// training clips move 24-40 pixels a second); green and blue right on at least 40% of the
-/// frames. How well the shapes are drawn is not checked: they are blobs, the yellow ones too
-/// large and often split (README). The variant it replaced would fail it: by the README's
-/// sweep (the same check, 20 pixels at least), its red circle was right on 29% of the
-/// frames, its blue triangle on 5%.
+/// goal (every frame right, the shape in frame and moving all minute) is not met: with its
+/// guidance schedule (3, then 10 in the last two steps) the variant keeps red and yellow on
+/// 89% and 100% of the frames here, green and blue on 87% and 88%, and the green and blue
+/// shapes shrink to a third of their median size on some right frames (README). So this
+/// test holds it to what it does: red and yellow right on at least 80% of the frames, their
+/// shapes' pixels above 40% of the median on every right frame (neither leaving the frame
+/// nor fading) and their centroids travelling at least 8 pixels in every second whose five
+/// checked frames are right (the training clips move 24-40 pixels a second); green and blue
+/// right on at least 70% of the frames. How well the shapes are drawn is not checked: they
+/// are blobs, the yellow ones too large (README). Guidance 3 at every step, the schedule
+/// before, fails it (green and blue right on 53% and 50% of the frames here), as does the
+/// variant before that (by the README's sweep, the same check at 20 pixels, its red circle
+/// was right on 29% of the frames, its blue triangle on 5%).
 #[test]
-fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_part_of_it() {
+fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_most_of_it() {
     use reel::cpu::conv::Frames;
     use reel::models::wan_vae::FrameSink;
 
@@ -294,10 +296,10 @@ fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_part_of_
     let mut failures = Vec::new();
     // (prompt, colour, least share of right frames, whether the shape must also hold)
     for (prompt, colour, floor, holds) in [
-        ("a red circle bouncing", "red", 0.85, true),
-        ("a green square bouncing", "green", 0.4, false),
-        ("a blue triangle bouncing", "blue", 0.4, false),
-        ("a yellow circle bouncing", "yellow", 0.85, true),
+        ("a red circle bouncing", "red", 0.8, true),
+        ("a green square bouncing", "green", 0.7, false),
+        ("a blue triangle bouncing", "blue", 0.7, false),
+        ("a yellow circle bouncing", "yellow", 0.8, true),
     ] {
         let cond = pipe
             .encode_prompts(&[prompt], &[""], guidance, 512)

@@ -741,7 +741,7 @@ fn generate_stream_needs_a_block_causal_model() {
 }
 
 /// `reel generate --stream --device` (REEL_TEST_DEVICE: emu by default) on the embedded
-/// block-causal demo (chunks of 3, a sink of 3, 12 frames attended, guidance 3: both
+/// block-causal demo (chunks of 3, a sink of 3, 12 frames attended, guidance 3 then 10: both
 /// prompts' K/V on the device): the video matches the cpu's; the device memory reel held
 /// (the allocation counters) is within the plan and the same for 17 and 49 frames (13 latent frames: the window of 12 full and evicting; 16x16
 /// for the emulator's time), as is

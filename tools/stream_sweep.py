@@ -1,0 +1,88 @@
+"""The README's streaming sweep: `reel generate --stream` for each colour-shape prompt of the
+demo, every 4th frame checked for a shape of the prompt's colour.
+
+    python tools/stream_sweep.py target/release/reel [--seconds 60] [--seed 0]
+        [--model DIR --size 64x64] [PROMPT ...]
+
+A frame is right when at least 20 of its pixels have the prompt's colour and no other demo
+colour has more. A pixel's colour is the demo hue nearest its own, for pixels whose
+channels spread more than 0.3 (tests/cpu/demo.rs's colour_of). Prints, per prompt, the
+share of right frames and how the others go wrong (another colour, or faint: fewer than
+20 pixels of any). Needs numpy only; writes the videos (y4m) to a temporary folder.
+"""
+import argparse
+import os
+import subprocess
+import tempfile
+from collections import Counter
+
+import numpy as np
+
+HUES = {"red": 0.0, "yellow": 52.0, "green": 128.0, "blue": 225.0}
+SHAPES = ["circle", "square", "triangle"]
+
+
+def y4m_frames(path):
+    """A 4:4:4 y4m as reel writes it -> [F, H, W, 3] RGB in [0, 1] (BT.601, full range)."""
+    data = open(path, "rb").read()
+    end = data.index(b"\n")
+    head = data[:end].decode().split()
+    w = int(next(p for p in head if p[0] == "W")[1:])
+    h = int(next(p for p in head if p[0] == "H")[1:])
+    i, out, n = end + 1, [], w * h
+    while i < len(data):
+        i = data.index(b"\n", i) + 1  # FRAME
+        y, u, v = (np.frombuffer(data[i + k * n:i + (k + 1) * n], np.uint8).reshape(h, w).astype(float)
+                   for k in range(3))
+        i += 3 * n
+        rgb = np.stack([y + 1.402 * (v - 128), y - 0.344 * (u - 128) - 0.714 * (v - 128), y + 1.772 * (u - 128)], -1)
+        out.append(rgb.clip(0, 255) / 255)
+    return out
+
+
+def pixel_counts(frame):
+    """Pixels of each demo colour (HUES' order) in an [H, W, 3] frame."""
+    r, g, b = frame[..., 0], frame[..., 1], frame[..., 2]
+    saturated = frame.max(-1) - frame.min(-1) > 0.3
+    hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+    dist = np.stack([np.minimum(abs(hue - c), 360 - abs(hue - c)) for c in HUES.values()], -1)
+    nearest = np.where(saturated, dist.argmin(-1), -1)
+    return [int((nearest == k).sum()) for k in range(len(HUES))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reel")
+    ap.add_argument("prompts", nargs="*")
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", help="a block-causal model folder (default: the embedded variant)")
+    ap.add_argument("--size", default="64x64")
+    a = ap.parse_intermixed_args()
+    prompts = a.prompts or [f"a {c} {s} bouncing" for c in HUES for s in SHAPES]
+    names = list(HUES)
+    with tempfile.TemporaryDirectory() as tmp:
+        for prompt in prompts:
+            colour = next(c for c in HUES if c in prompt.split())
+            out = os.path.join(tmp, "v.y4m")
+            model = ["--model", a.model, "--size", a.size] if a.model else []
+            subprocess.run([a.reel, "generate", *model, "--stream", "--seconds", str(a.seconds), "--seed",
+                            str(a.seed), "--prompt", prompt, "-o", out, "--quiet"], check=True,
+                           stdout=subprocess.DEVNULL)
+            kinds = Counter()
+            for frame in y4m_frames(out)[::4]:
+                counts = pixel_counts(frame)
+                k = names.index(colour)
+                if counts[k] >= 20 and counts[k] == max(counts):
+                    kinds["right"] += 1
+                elif max(counts) < 20:
+                    kinds["faint"] += 1
+                else:
+                    kinds[names[int(np.argmax(counts))]] += 1
+            total = sum(kinds.values())
+            wrong = ", ".join(f"{k} {v}" for k, v in kinds.items() if k != "right")
+            print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}  ({wrong or 'none wrong'})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
