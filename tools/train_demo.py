@@ -702,6 +702,29 @@ class _MaskedSelfAttention:
         return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
 
 
+class _PaddedTextAttention:
+    """WanAttnProcessor's cross-attention for text given as its first rows and one zero row
+    that stands for all `pad` zero rows WanPipeline pads the text with (to MAX_LEN). Those
+    rows' keys and values are all alike (the text embedding and norm_k act row by row), so
+    attending to one of them with log(pad) added to its logit is the same softmax, exact up
+    to rounding, with about 10 keys where there were 512: the DiT's cross-attention took
+    more time than the rest of a training step."""
+
+    def __init__(self, pad):
+        self.log_pad = math.log(pad) if pad > 0 else -math.inf
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        bias = torch.zeros(k.shape[1], dtype=q.dtype)
+        bias[-1] = self.log_pad
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.view(1, -1))
+        return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
+
+
 def context_slots(J, j):
     """The 12 frame slots of the chunk at latent frame J, as (slot, clip frame, position),
     its frames taken from a clip at frame j: the sink (slots 0-2: the clip's frames 0-2 at
@@ -821,6 +844,9 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
     if len(fits) < len(own):
         log(work, name, fresh=sorted(set(own) - set(fits)))
     rope, procs = install_causal_attention(model)
+    # The text as its `rows` rows and one zero row for the MAX_LEN - rows zero rows after them.
+    for blk in model.blocks:
+        blk.attn2.set_processor(_PaddedTextAttention(MAX_LEN - rows))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr_max, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -850,7 +876,7 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
         x0, valid, pos, group, which = causal_batch(lat, batch, gen, first, early)
         rows_idx = cap_idx[which].clone()
         rows_idx[torch.rand(batch, generator=gen) < drop] = table.shape[0] - 1  # ""
-        text = torch.zeros(batch, MAX_LEN, table.shape[-1])
+        text = torch.zeros(batch, rows + 1, table.shape[-1])
         text[:, :rows] = table[rows_idx]
         sigma = torch.rand(batch, generator=gen)
         if warp:
