@@ -208,6 +208,10 @@ fn demo_stream_without_a_model_uses_the_block_causal_variant() {
         ),
         ("reel-demo-causal", "block-causal", 33, "64x64")
     );
+    // Its guidance schedule is in the sidecar, `guidance` the largest scale.
+    let schedule = [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 10.0, 10.0];
+    assert_eq!(side.guidance_steps.as_deref(), Some(&schedule[..]));
+    assert_eq!(side.guidance, 10.0);
     let root = reel::models::embedded::ensure_causal().unwrap();
     let pipe = reel::pipeline::Pipeline::load(&root).unwrap();
     let cfg = pipe.causal.as_ref().expect("causal_config.json");

@@ -718,26 +718,21 @@ fn generate_stream_needs_a_block_causal_model() {
     .unwrap();
     let e = generate(&a).unwrap_err().to_string();
     assert!(e.contains("denoising_steps must decrease"), "{e}");
-    std::fs::write(
-        root.join("transformer/causal_config.json"),
-        r#"{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], "guidance_steps": [3]}"#,
-    )
-    .unwrap();
-    let e = generate(&a).unwrap_err().to_string();
-    assert!(
-        e.contains("guidance_steps lists 1 scales for 2 denoising_steps"),
-        "{e}"
-    );
-    std::fs::write(
-        root.join("transformer/causal_config.json"),
-        r#"{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], "guidance_steps": [3, -1]}"#,
-    )
-    .unwrap();
-    let e = generate(&a).unwrap_err().to_string();
-    assert!(
-        e.contains("guidance_steps[1] = -1 is not in [0, 100]"),
-        "{e}"
-    );
+    // guidance_steps: one scale per step, each in range.
+    for (scales, want) in [
+        ("[3]", "guidance_steps lists 1 scales for 2 denoising_steps"),
+        ("[3, -1]", "guidance_steps[1] = -1 is not in [0, 100]"),
+    ] {
+        std::fs::write(
+            root.join("transformer/causal_config.json"),
+            format!(
+                r#"{{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], "guidance_steps": {scales}}}"#
+            ),
+        )
+        .unwrap();
+        let e = generate(&a).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
 }
 
 /// `reel generate --stream --device` (REEL_TEST_DEVICE: emu by default) on the embedded

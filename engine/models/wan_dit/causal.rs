@@ -301,8 +301,9 @@ pub struct CausalConfig {
     /// models) or `euler` (the flow ODE, for models trained by plain flow matching).
     #[serde(default)]
     pub sampler: ChunkSampler,
-    /// Classifier-free guidance at every step (1 = none, as the distilled models run): the
-    /// flow is u + g·(c − u), u from the negative prompt over the same cache.
+    /// Classifier-free guidance at every step (1 = none, as the distilled models run) unless
+    /// `guidance_steps` gives each step its own: the flow is u + g·(c − u), u from the
+    /// negative prompt over the same cache.
     #[serde(default = "one")]
     pub guidance: f32,
     /// A guidance scale for each of `denoising_steps`, in place of `guidance` (empty: `guidance`
