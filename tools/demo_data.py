@@ -31,6 +31,9 @@ COLOURS = {
     "yellow": (0.95, 0.85, 0.12),
 }
 SHAPES = ["circle", "square", "triangle"]
+# The hue of each colour, by which the checks name a pixel's colour (as tests/cpu/demo.rs's
+# colour_of does).
+HUES = {"red": 0.0, "yellow": 52.0, "green": 128.0, "blue": 225.0}
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 HELD_OUT = ("blue", "triangle", "up")
 
@@ -44,6 +47,17 @@ TEMPLATES = [
     "a {c} {s} sliding {to}",
 ]
 
+
+
+def pixel_colours(px):
+    """[..., 3] RGB in [0, 1] -> [...] index into HUES of each pixel's nearest hue, or -1 for
+    pixels whose channels spread 0.3 or less (not saturated)."""
+    px = np.asarray(px, dtype=float)
+    r, g, b = px[..., 0], px[..., 1], px[..., 2]
+    saturated = px.max(-1) - px.min(-1) > 0.3
+    hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+    dist = np.stack([np.minimum(abs(hue - c), 360 - abs(hue - c)) for c in HUES.values()], -1)
+    return np.where(saturated, dist.argmin(-1), -1)
 
 def combos(include_held_out=False):
     out = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS]

@@ -6,20 +6,21 @@ demo, every 4th frame checked for a shape of the prompt's colour.
 
 A frame is right when at least 20 of its pixels have the prompt's colour and no other demo
 colour has more. A pixel's colour is the demo hue nearest its own, for pixels whose
-channels spread more than 0.3 (tests/cpu/demo.rs's colour_of). Prints, per prompt, the
+channels spread more than 0.3 (demo_data.pixel_colours, as tests/cpu/demo.rs's colour_of). Prints, per prompt, the
 share of right frames and how the others go wrong (another colour, or faint: fewer than
 20 pixels of any). Needs numpy only; writes the videos (y4m) to a temporary folder.
 """
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 
 import numpy as np
 
-HUES = {"red": 0.0, "yellow": 52.0, "green": 128.0, "blue": 225.0}
-SHAPES = ["circle", "square", "triangle"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_data import HUES, SHAPES, pixel_colours  # noqa: E402
 
 
 def y4m_frames(path):
@@ -42,11 +43,7 @@ def y4m_frames(path):
 
 def pixel_counts(frame):
     """Pixels of each demo colour (HUES' order) in an [H, W, 3] frame."""
-    r, g, b = frame[..., 0], frame[..., 1], frame[..., 2]
-    saturated = frame.max(-1) - frame.min(-1) > 0.3
-    hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
-    dist = np.stack([np.minimum(abs(hue - c), 360 - abs(hue - c)) for c in HUES.values()], -1)
-    nearest = np.where(saturated, dist.argmin(-1), -1)
+    nearest = pixel_colours(frame)
     return [int((nearest == k).sum()) for k in range(len(HUES))]
 
 

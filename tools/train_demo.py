@@ -356,21 +356,17 @@ def stage_dit(work, data, tok, te, steps, batch, name="transformer", init=None, 
 
 def analyse(video):
     """video [F, H, W, 3] in [0, 1] -> (dominant colour name or None, centroid of first and last
-    frame). The same measure as the Rust tests: saturated pixels, classified by nearest hue."""
-    hues = {"red": 0.0, "yellow": 52.0, "green": 128.0, "blue": 225.0}
-    counts = {k: 0 for k in hues}
+    frame). The same measure as the Rust tests: saturated pixels, classified by nearest hue
+    (demo_data.pixel_colours)."""
+    counts = {k: 0 for k in dd.HUES}
     cents = []
     for f in [0, video.shape[0] - 1]:
-        px = video[f].reshape(-1, 3)
-        mx, mn = px.max(1), px.min(1)
-        sat = (mx - mn) > 0.3
-        ys, xs = np.divmod(np.arange(px.shape[0]), video.shape[2])
+        lab = dd.pixel_colours(video[f].reshape(-1, 3))
+        sat = lab >= 0
+        ys, xs = np.divmod(np.arange(lab.shape[0]), video.shape[2])
         cents.append((xs[sat].mean(), ys[sat].mean()) if sat.any() else (float("nan"),) * 2)
-        for p in px[sat]:
-            r, g, b = p
-            h = math.degrees(math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360
-            name = min(hues, key=lambda k: min(abs(h - hues[k]), 360 - abs(h - hues[k])))
-            counts[name] += 1
+        for k, name in enumerate(dd.HUES):
+            counts[name] += int((lab == k).sum())
     top = max(counts, key=counts.get)
     return (top if counts[top] > 0 else None), cents
 

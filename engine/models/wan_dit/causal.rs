@@ -427,7 +427,7 @@ impl CausalConfig {
     pub fn peak_guidance(&self) -> f32 {
         (0..self.denoising_steps.len())
             .map(|i| self.guidance_at(i))
-            .fold(self.guidance_at(0), f32::max)
+            .fold(f32::MIN, f32::max)
     }
 
     /// Whether any step is guided (> 1), so that the negative prompt is needed.
