@@ -48,7 +48,6 @@ TEMPLATES = [
 ]
 
 
-
 def pixel_colours(px):
     """[..., 3] RGB in [0, 1] -> [...] index into HUES of each pixel's nearest hue, or -1 for
     pixels whose channels spread 0.3 or less (not saturated)."""
@@ -58,6 +57,7 @@ def pixel_colours(px):
     hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
     dist = np.stack([np.minimum(abs(hue - c), 360 - abs(hue - c)) for c in HUES.values()], -1)
     return np.where(saturated, dist.argmin(-1), -1)
+
 
 def combos(include_held_out=False):
     out = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS]

@@ -1072,35 +1072,31 @@ def causal_only(a):
         vae = stage_vae_causal(a.work, a.causal_vae_decoder, shape_weight=10.0, name="vae_causal_decoder",
                                init=vae, lr_max=3e-4, seed=4, focus=("red", "yellow"), decoder_only=True)
     data = stage_causal_latents(a.work, vae, a.causal_clips)
-    # The DiT's phases, from the demo DiT; the first phase run starts at the higher rate.
-    # (The last two alone, 2250 + 1500 steps on the latents of the VAE from the demo's, drew
-    # red shapes green and yellow ones red in reel: see the README.)
-    dit, fresh = init, True
-    if a.causal_steps > 0:
-        dit, fresh = stage_causal(a.work, data, tok, te, dit, a.causal_steps, a.batch), False
-    if a.causal_more > 0:
+    # The DiT's phases, from the demo DiT; the first phase run starts at 2e-4, the others at
+    # 1e-4. (The last two alone, 2250 + 1500 steps on the latents of the VAE from the demo's,
+    # drew red shapes green and yellow ones red in reel: see the README.)
+    noisy = dict(context_noise=0.3, drop=0.1, first=0.35, warp=True)
+    phases = [
+        # Plain teacher forcing.
+        (a.causal_steps, "transformer_causal", 21, {}),
         # Context mixed with noise (robust to its own imperfect frames), 10% empty captions
-        # (guidance), more first chunks, at a lower rate.
-        dit = stage_causal(a.work, data, tok, te, dit, a.causal_more, a.batch, lr_max=2e-4 if fresh else 1e-4,
-                           seed=31, name="transformer_causal_more", context_noise=0.3, drop=0.1, first=0.35,
-                           warp=True)
-        fresh = False
-    if a.causal_shape > 0:
+        # (guidance), more first chunks, noise levels as the run-time steps spread them.
+        (a.causal_more, "transformer_causal_more", 31, noisy),
         # As that, with the shape's latent positions weighing 10x in the loss: after the two
         # phases above the DiT gets the colour wrong even from a real clip's latents as
         # context (causal_eval, teacher-forced, red / green / blue / yellow: 78 / 8 / 53 /
         # 90%); it learns the background, which is most of the loss, and little of the shape.
-        dit = stage_causal(a.work, data, tok, te, dit, a.causal_shape, a.batch, lr_max=2e-4 if fresh else 1e-4,
-                           seed=51, name="transformer_causal_shape", context_noise=0.3, drop=0.1, first=0.35,
-                           warp=True, shape_weight=10.0)
-        fresh = False
-    if a.causal_shape_sym > 0:
+        (a.causal_shape, "transformer_causal_shape", 51, dict(noisy, shape_weight=10.0)),
         # The positions where its own estimate has a shape weighing 10x as well: weighed by the
         # clean chunk's shape alone, its shapes grow over a streamed minute.
-        dit = stage_causal(a.work, data, tok, te, dit, a.causal_shape_sym, a.batch,
-                           lr_max=2e-4 if fresh else 1e-4, seed=61, name="transformer_causal_shape_sym",
-                           context_noise=0.3, drop=0.1, first=0.35, warp=True, shape_weight=10.0,
-                           weigh_predicted=True)
+        (a.causal_shape_sym, "transformer_causal_shape_sym", 61,
+         dict(noisy, shape_weight=10.0, weigh_predicted=True)),
+    ]
+    dit = init
+    for steps, name, seed, options in phases:
+        if steps > 0:
+            dit = stage_causal(a.work, data, tok, te, dit, steps, a.batch, lr_max=2e-4 if dit is init else 1e-4,
+                               seed=seed, name=name, **options)
     log(a.work, "causal_eval", rollout=causal_eval(dit, vae, data, tok, te),
         teacher_forced=causal_eval(dit, vae, data, tok, te, teacher=True))
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
