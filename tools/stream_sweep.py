@@ -8,7 +8,8 @@ A frame is right when at least 20 of its pixels have the prompt's colour and no 
 colour has more. A pixel's colour is the demo hue nearest its own, for pixels whose
 channels spread more than 0.3 (demo_data.pixel_colours, as tests/cpu/demo.rs's
 colour_of). Prints, per prompt, the share of right frames and how the others go wrong
-(another colour, or faint: fewer than 20 pixels of any). Needs numpy only; writes the videos (y4m) to a temporary folder.
+(another colour, or faint: fewer than 20 pixels of any). Needs numpy only; writes the
+videos (y4m) to a temporary folder.
 """
 import argparse
 import os
