@@ -1096,7 +1096,8 @@ def causal_only(a):
         # of the frames unguided; 1600 steps more (13 minutes on an AVX2 EPYC's 2 cores) took
         # the minute test's red circle, green square, blue triangle and yellow circle, unguided,
         # from 74, 90, 90, 80% of the frames right (seed 1: 53, 82, 89, 60%) to 80, 92, 94, 91%
-        # (seed 1: 68, 85, 93, 78%). Red still falls short of the test's 85%.
+        # (seed 1: 68, 85, 93, 78%). Red still falls short of the test's 85%, and 1600 steps
+        # more again left it there (78%; seed 1: 68%). See the README.
         (a.causal_polish, "transformer_causal_polish", 81, dict(noisy, shape_weight=10.0, weigh_predicted=True)),
     ]
     dit = init
