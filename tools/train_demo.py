@@ -1076,6 +1076,7 @@ def causal_only(a):
     # 1e-4. (The last two alone, 2250 + 1500 steps on the latents of the VAE from the demo's,
     # drew red shapes green and yellow ones red in reel: see the README.)
     noisy = dict(context_noise=0.3, drop=0.1, first=0.35, warp=True)
+    sym = dict(noisy, shape_weight=10.0, weigh_predicted=True)
     phases = [
         # Plain teacher forcing.
         (a.causal_steps, "transformer_causal", 21, {}),
@@ -1089,8 +1090,7 @@ def causal_only(a):
         (a.causal_shape, "transformer_causal_shape", 51, dict(noisy, shape_weight=10.0)),
         # The positions where its own estimate has a shape weighing 10x as well: weighed by the
         # clean chunk's shape alone, its shapes grow over a streamed minute.
-        (a.causal_shape_sym, "transformer_causal_shape_sym", 61,
-         dict(noisy, shape_weight=10.0, weigh_predicted=True)),
+        (a.causal_shape_sym, "transformer_causal_shape_sym", 61, sym),
         # As that again, from its end (its rate from 1e-4 again). After the four phases above,
         # from the demo's VAE, the DiT draws red shapes green and yellow ones red on a third
         # of the frames unguided; 1600 steps more (13 minutes on an AVX2 EPYC's 2 cores) took
@@ -1098,7 +1098,7 @@ def causal_only(a):
         # from 74, 90, 90, 80% of the frames right (seed 1: 53, 82, 89, 60%) to 80, 92, 94, 91%
         # (seed 1: 68, 85, 93, 78%). Red still falls short of the test's 85%, and 1600 steps
         # more again left it there (78%; seed 1: 68%). See the README.
-        (a.causal_polish, "transformer_causal_polish", 81, dict(noisy, shape_weight=10.0, weigh_predicted=True)),
+        (a.causal_polish, "transformer_causal_polish", 81, sym),
     ]
     dit = init
     for steps, name, seed, options in phases:
