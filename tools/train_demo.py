@@ -1053,7 +1053,8 @@ def causal_only(a):
         # A phase at a lower rate: after 1200 steps from scratch it took red from 0% to 12% of
         # long_eval's frames (the red/yellow phase below took it to 100%). Without it the
         # colours hold as well (long_eval 98-100%), but red lies half as far from yellow in the
-        # latents, and the DiT drew red shapes yellow (README: the 94.6-minute run).
+        # latents, and the DiT (at batch 8 in that run) drew red shapes yellow (README: the
+        # 94.6-minute run).
         vae = stage_vae_causal(a.work, a.causal_vae_more, name="vae_causal_more", init=vae, lr_max=4e-4, seed=2)
     if a.causal_vae_colour > 0:
         # The first phase draws red shapes orange, as it draws yellow ones (their latents
