@@ -83,7 +83,7 @@ def fast_wan_vae():
     from diffusers.models.autoencoders import autoencoder_kl_wan as wan
 
     def rms_norm(self, x):
-        xf = x.float()  # as diffusers: the norm in f32 (a no-op for f32, trained here)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # as diffusers
         n = xf.pow(2).sum(1 if self.channel_first else -1, keepdim=True).sqrt()
         return (xf / n.clamp_min(1e-12)).to(x.dtype) * self.scale * self.gamma + self.bias  # eps: F.normalize's
 
