@@ -746,10 +746,16 @@ class _SlotRope(torch.nn.Module):
 
 
 class _MaskedSelfAttention:
-    """WanAttnProcessor's self-attention under a boolean mask [B, 1, L, L] (True: attend)."""
+    """WanAttnProcessor's self-attention under a boolean mask [B, 1, L', L] (True: attend).
+    `keep`: the keys (after norm and RoPE) and values are kept in .kv; `past`: keys and
+    values (B, tokens, heads, head_dim) taken before the tokens' own, as a K/V cache (then
+    the mask's L = past tokens + L')."""
 
     def __init__(self):
         self.mask = None
+        self.keep = False
+        self.kv = None
+        self.past = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):
@@ -763,6 +769,10 @@ class _MaskedSelfAttention:
             return torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2)
 
         q, k = rope(q, *rotary_emb), rope(k, *rotary_emb)
+        if self.keep:
+            self.kv = (k, v)
+        if self.past is not None:
+            k, v = torch.cat([self.past[0], k], 1), torch.cat([self.past[1], v], 1)
         o = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask)
         return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).flatten(2)))
@@ -875,9 +885,38 @@ def install_causal_attention(model):
     return rope, procs
 
 
+def chunk_prediction(model, rope, procs, xt, tok_t, text, pos, mask, detach_context=False):
+    """The DiT's prediction for the chunk (slots 9-11) of a causal_batch: [B, z, 3, h, w].
+    Jointly, all 12 slots in one pass under the mask; with `detach_context`, as reel runs it:
+    the context slots (0-8) first, without gradients, their keys and values kept, then the
+    chunk alone attending to them and to itself. A context token attends no chunk token, so
+    the prediction is the same (up to rounding); what differs is that no gradient flows
+    through the context's keys and values, and the backward pass covers 3 slots of 12."""
+    b, f = tok_t.shape[:2]
+    if not detach_context:
+        rope.positions = pos
+        for p in procs:
+            p.mask = mask
+        return model(xt, tok_t.view(b, -1), text, return_dict=False)[0][:, :, 9:]
+    n = mask.shape[-1] * 9 // f  # the context's tokens
+    with torch.no_grad():
+        rope.positions = pos[:, :9]
+        for p in procs:
+            p.mask, p.keep, p.past = mask[..., :n, :n], True, None
+        model(xt[:, :, :9], tok_t[:, :9].reshape(b, -1), text, return_dict=False)
+    rope.positions = pos[:, 9:]
+    for p in procs:
+        p.mask, p.keep, p.past, p.kv = mask[..., n:, :], False, p.kv, None
+    try:
+        return model(xt[:, :, 9:], tok_t[:, 9:].reshape(b, -1), text, return_dict=False)[0]
+    finally:
+        for p in procs:
+            p.past = None
+
+
 def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, name="transformer_causal",
                  context_noise=0.0, drop=0.0, first=0.25, warp=False, early=4, every=250, shape_weight=1.0,
-                 weigh_predicted=False):
+                 weigh_predicted=False, detach_context=False):
     """Teacher-forced block-causal fine-tuning. `context_noise`: the context frames are mixed
     with noise up to this much (labelled clean, t = 0), so that the model learns to take
     imperfect context (its own output at run time); `drop`: the share of empty captions (for
@@ -958,17 +997,14 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
         xt[:, :, 9:] = (1 - s.unsqueeze(-1)) * x0[:, :, 9:] + s.unsqueeze(-1) * noise[:, :, 9:]
         tok_t = torch.zeros(batch, 12, hw)
         tok_t[:, 9:] = (sigma * 1000).view(-1, 1, 1)
-        rope.positions = pos
-        mask = causal_mask(valid, group, hw)
-        for p in procs:
-            p.mask = mask
-        pred = model(xt, tok_t.view(batch, -1), text, return_dict=False)[0]
+        pred = chunk_prediction(model, rope, procs, xt, tok_t, text, pos, causal_mask(valid, group, hw),
+                                detach_context)
         target = noise[:, :, 9:] - x0[:, :, 9:]
-        err = (pred[:, :, 9:] - target).pow(2)
+        err = (pred - target).pow(2)
         if shape_weight != 1.0:
             w = shape_positions(x0[:, :, 9:], shape_weight)
             if weigh_predicted:
-                x0_hat = (xt[:, :, 9:] - s.unsqueeze(-1) * pred[:, :, 9:]).detach()
+                x0_hat = (xt[:, :, 9:] - s.unsqueeze(-1) * pred).detach()
                 w = torch.maximum(w, shape_positions(x0_hat, shape_weight))
             loss = (err * w).mean()
         else:
@@ -1137,7 +1173,7 @@ def causal_only(a):
     for steps, name, seed, options in phases:
         if steps > 0:
             dit = stage_causal(a.work, data, tok, te, dit, steps, a.batch, lr_max=2e-4 if dit is init else 1e-4,
-                               seed=seed, name=name, **options)
+                               seed=seed, name=name, detach_context=a.causal_detach_context, **options)
     log(a.work, "causal_eval", rollout=causal_eval(dit, vae, data, tok, te),
         teacher_forced=causal_eval(dit, vae, data, tok, te, teacher=True))
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
@@ -1200,6 +1236,9 @@ def main():
                     help="a block-causal phase, the shape's latent positions weighing 10x")
     ap.add_argument("--causal-shape-sym", type=int, default=1500, help="a fourth, also where it draws a shape")
     ap.add_argument("--causal-polish", type=int, default=0, help="a fifth, as the fourth (from 1e-4 again)")
+    ap.add_argument("--causal-detach-context", action="store_true",
+                    help="the DiT's context slots run first without gradients, as a K/V cache "
+                         "(chunk_prediction): the same forward, a backward pass over the chunk alone")
     ap.add_argument("--causal-guidance", default=",".join(str(g) for g in CAUSAL["guidance_steps"]),
                     help="the variant's guidance scale at each denoising step (causal_config.json; causal_eval)")
     a = ap.parse_args()
