@@ -39,11 +39,14 @@ to overfit the held-out combination's absence.
 demo already in --out: its own VAE (z_dim 16, four phases, so that every latent frame
 carries the shape's colour: a streamed minute is decoded far past the first frame; with
 --causal-vae-from-demo it starts from the demo's VAE), the latents of 600 ten-second
-bouncing clips under it, then the DiT in four phases of teacher forcing (see causal_only).
+bouncing clips under it, then the DiT in four phases of teacher forcing (see causal_only),
+each sample's context run first without gradients (chunk_prediction). 84 minutes on two
+cores, summed over the stages of two runs (README).
 
 Seeded: a rerun on the same library versions and thread count gives the same model. (The
-embedded models were trained before fast_wan_vae, whose VAE rounds differently: a rerun now
-trains a model of its own, as a rerun on other library versions would.)
+embedded demo was trained before fast_wan_vae, whose VAE rounds differently: a rerun of
+the demo now trains a model of its own, as a rerun on other library versions would. Its
+block-causal variant was trained with it.)
 """
 import argparse
 import json
@@ -1173,7 +1176,7 @@ def causal_only(a):
     for steps, name, seed, options in phases:
         if steps > 0:
             dit = stage_causal(a.work, data, tok, te, dit, steps, a.batch, lr_max=2e-4 if dit is init else 1e-4,
-                               seed=seed, name=name, detach_context=a.causal_detach_context, **options)
+                               seed=seed, name=name, detach_context=not a.causal_joint_context, **options)
     log(a.work, "causal_eval", rollout=causal_eval(dit, vae, data, tok, te),
         teacher_forced=causal_eval(dit, vae, data, tok, te, teacher=True))
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
@@ -1236,9 +1239,11 @@ def main():
                     help="a block-causal phase, the shape's latent positions weighing 10x")
     ap.add_argument("--causal-shape-sym", type=int, default=1500, help="a fourth, also where it draws a shape")
     ap.add_argument("--causal-polish", type=int, default=0, help="a fifth, as the fourth (from 1e-4 again)")
-    ap.add_argument("--causal-detach-context", action="store_true",
-                    help="the DiT's context slots run first without gradients, as a K/V cache "
-                         "(chunk_prediction): the same forward, a backward pass over the chunk alone")
+    ap.add_argument("--causal-joint-context", action="store_true",
+                    help="the DiT's context slots and chunk in one pass with gradients through both, as the "
+                         "variant embedded before 2026-12-03 was trained; by default the context runs first "
+                         "without gradients, as a K/V cache (chunk_prediction), and the backward pass covers "
+                         "the chunk alone: the same forward, a step about 1.7x faster")
     ap.add_argument("--causal-guidance", default=",".join(str(g) for g in CAUSAL["guidance_steps"]),
                     help="the variant's guidance scale at each denoising step (causal_config.json; causal_eval)")
     a = ap.parse_args()
