@@ -930,7 +930,8 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
     loss, the background 1; `weigh_predicted`: so do the positions where the model's own
     estimate of the clean chunk has a shape. Weights from the clean chunk alone are a bias:
     the loss is then least where the model draws a shape the clip does not have, and a DiT
-    trained so grows its shapes over a streamed minute."""
+    trained so grows its shapes over a streamed minute. `detach_context`: the context slots
+    run first without gradients (chunk_prediction)."""
     from diffusers import WanTransformer3DModel
     path = os.path.join(work, name)
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -1243,7 +1244,7 @@ def main():
                     help="the DiT's context slots and chunk in one pass with gradients through both, as the "
                          "variant embedded before 2026-12-03 was trained; by default the context runs first "
                          "without gradients, as a K/V cache (chunk_prediction), and the backward pass covers "
-                         "the chunk alone: the same forward, a step about 1.7x faster")
+                         "the chunk alone: the same forward, a step 1.5-1.7x faster (README)")
     ap.add_argument("--causal-guidance", default=",".join(str(g) for g in CAUSAL["guidance_steps"]),
                     help="the variant's guidance scale at each denoising step (causal_config.json; causal_eval)")
     a = ap.parse_args()
