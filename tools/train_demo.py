@@ -902,11 +902,7 @@ def chunk_prediction(model, rope, procs, xt, tok_t, text, pos, mask, detach_cont
             p.mask = mask
         return model(xt, tok_t.view(b, -1), text, return_dict=False)[0][:, :, 9:]
     n = mask.shape[-1] * 9 // f  # the context's tokens
-    with torch.no_grad():
-        rope.positions = pos[:, :9]
-        for p in procs:
-            p.mask, p.keep, p.past = mask[..., :n, :n], True, None
-        model(xt[:, :, :9], tok_t[:, :9].reshape(b, -1), text, return_dict=False)
+    context_forward(model, rope, procs, xt[:, :, :9], tok_t[:, :9], text, pos[:, :9], mask[..., :n, :n], keep=True)
     rope.positions = pos[:, 9:]
     for p in procs:
         p.mask, p.keep, p.past, p.kv = mask[..., n:, :], False, p.kv, None
@@ -917,23 +913,30 @@ def chunk_prediction(model, rope, procs, xt, tok_t, text, pos, mask, detach_cont
             p.past = None
 
 
-def own_context_estimate(model, rope, procs, x0, valid, pos, group, hw, text, sigma_max, gen):
+def context_forward(model, rope, procs, x, tok_t, text, pos, mask, keep):
+    """The DiT on a causal_batch's context slots alone (x [B, z, 9, h, w], tok_t [B, 9, hw],
+    pos [B, 9], mask [B, 1, L, L] over their tokens), without gradients: its output; with
+    `keep`, each block's keys and values stay in its processor's .kv."""
+    with torch.no_grad():
+        rope.positions = pos
+        for p in procs:
+            p.mask, p.keep, p.past = mask, keep, None
+        return model(x, tok_t.reshape(x.shape[0], -1), text, return_dict=False)[0]
+
+
+def own_context_estimate(model, rope, procs, x0, pos, mask, hw, text, sigma_max, gen):
     """The DiT's own one-step estimate of a causal_batch's clean context (slots 0-8), without
     gradients: the context mixed with noise at a level drawn per sample up to `sigma_max`,
-    the DiT's velocity under the context's causal mask, x0 = x_t - sigma v. At run time the
-    context is the DiT's own output, not a clip's; this is an image of the DiT's errors (a
-    shape blurred, its colour pulled towards others) whose true continuation is known."""
+    the DiT's velocity under `mask` (the context's tokens' part of causal_mask), x0 = x_t -
+    sigma v. At run time the context is the DiT's own output, not a clip's; this is an image
+    of the DiT's errors (a shape blurred, its colour pulled towards others) whose true
+    continuation is known."""
     b = x0.shape[0]
     sigma = (torch.rand(b, generator=gen) * sigma_max).view(-1, 1, 1, 1, 1)
     ctx = x0[:, :, :9]
     xc = (1 - sigma) * ctx + sigma * torch.randn(ctx.shape, generator=gen)
     tok_t = (sigma.view(-1, 1, 1) * 1000).expand(b, 9, hw)
-    mask = causal_mask(valid[:, :9], group[:9], hw)
-    with torch.no_grad():
-        rope.positions = pos[:, :9]
-        for p in procs:
-            p.mask, p.keep, p.past = mask, False, None
-        v = model(xc, tok_t.reshape(b, -1), text, return_dict=False)[0]
+    v = context_forward(model, rope, procs, xc, tok_t, text, pos[:, :9], mask, keep=False)
     return xc - sigma * v
 
 
@@ -1020,15 +1023,16 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
             a = (torch.rand(batch, generator=gen) * context_noise).view(-1, 1, 1, 1, 1)
             ctx_noise = torch.randn(x0.shape, generator=gen)
             xt[:, :, :9] = (1 - a) * x0[:, :, :9] + a * ctx_noise[:, :, :9]
+        mask = causal_mask(valid, group, hw)
         if own_context > 0:
             own = (torch.rand(batch, generator=gen) < own_context).view(-1, 1, 1, 1, 1)
-            est = own_context_estimate(model, rope, procs, x0, valid, pos, group, hw, text, own_sigma, gen)
+            n = 9 * hw  # the context's tokens
+            est = own_context_estimate(model, rope, procs, x0, pos, mask[..., :n, :n], hw, text, own_sigma, gen)
             xt[:, :, :9] = torch.where(own, est, xt[:, :, :9])
         xt[:, :, 9:] = (1 - s.unsqueeze(-1)) * x0[:, :, 9:] + s.unsqueeze(-1) * noise[:, :, 9:]
         tok_t = torch.zeros(batch, 12, hw)
         tok_t[:, 9:] = (sigma * 1000).view(-1, 1, 1)
-        pred = chunk_prediction(model, rope, procs, xt, tok_t, text, pos, causal_mask(valid, group, hw),
-                                detach_context)
+        pred = chunk_prediction(model, rope, procs, xt, tok_t, text, pos, mask, detach_context)
         target = noise[:, :, 9:] - x0[:, :, 9:]
         err = (pred - target).pow(2)
         if shape_weight != 1.0:
