@@ -8,9 +8,9 @@ A frame is right when at least 20 of its pixels have the prompt's colour and no 
 colour has more. A pixel's colour is the demo hue nearest its own, for pixels whose
 channels spread more than 0.3 (demo_data.pixel_colours, as tests/cpu/demo.rs's
 colour_of). Prints, per prompt, the share of right frames, the median of the prompt
-colour's pixels on them (the training clips' shapes have 140-270 of a 64x64 frame's) and
-how the others go wrong (another colour, or faint: fewer than 20 pixels of any). Needs numpy only; writes the
-videos (y4m) to a temporary folder.
+colour's pixels on them (the training clips' shapes have 140-270 of a 64x64 frame's 4096)
+and how the others go wrong (another colour, or faint: fewer than 20 pixels of any). Needs
+numpy only; writes the videos (y4m) to a temporary folder.
 """
 import argparse
 import os
@@ -69,9 +69,9 @@ def main():
                             str(a.seed), "--prompt", prompt, "-o", out, "--quiet"], check=True,
                            stdout=subprocess.DEVNULL)
             kinds, sizes = Counter(), []
+            k = names.index(colour)
             for frame in y4m_frames(out)[::4]:
                 counts = pixel_counts(frame)
-                k = names.index(colour)
                 if counts[k] >= 20 and counts[k] == max(counts):
                     kinds["right"] += 1
                     sizes.append(counts[k])
