@@ -523,16 +523,16 @@ def plot(work, path):
 # How reel runs it (transformer_causal/causal_config.json). Chunks of 3 latent frames (12
 # video frames), the first chunk kept as the sink, 12 frames attended in all (the sink, the
 # 6 latest earlier frames, the chunk). The model is not distilled to a few steps: each chunk
-# takes 8 Euler steps of the flow ODE, guided at 7 and at 14 in the last two (σ 0.5 and
+# takes 8 Euler steps of the flow ODE, guided at 7 and at 10 in the last two (σ 0.5 and
 # 0.3). Chosen by reel's 60-second sweep of the twelve prompts (README) on this recipe's
 # variant: 3 then 10 in the last two gives a mean of 89-91% of frames right (seeds 0 and 1),
-# 7 then 14 91-92%, its worst prompt 74% against 65%. On the variant embedded before, guidance
+# 7 then 10 93-94%, its worst prompt 80% against 65%; 7 then 14 turns blue shapes green. On the variant embedded before, guidance
 # 3 at every step held green and blue shapes on 34-56% of the frames; 10 from the start
 # turned green shapes red.
 CAUSAL = dict(chunk_frames=3, sink_frames=3, local_attn_frames=12,
               denoising_steps=[1000.0, 875.0, 750.0, 625.0, 500.0, 375.0, 250.0, 125.0],
               timestep_shift=3.0, context_timestep=0.0, sampler="euler",
-              guidance_steps=[7.0] * 6 + [14.0] * 2)
+              guidance_steps=[7.0] * 6 + [10.0] * 2)
 CAUSAL_CLIP_FRAMES = 161  # 10 s at 16 fps: 41 latent frames
 CAUSAL_MAX_FRAME = 243    # latent frames of a minute (241), in whole chunks: RoPE positions seen
 
