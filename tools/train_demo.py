@@ -525,8 +525,9 @@ def plot(work, path):
 # 6 latest earlier frames, the chunk). The model is not distilled to a few steps: each chunk
 # takes 8 Euler steps of the flow ODE, guided at 7 and at 10 in the last two (σ 0.5 and
 # 0.3). Chosen by reel's 60-second sweep of the twelve prompts (README) on this recipe's
-# variant: 3 then 10 in the last two gives a mean of 89-91% of frames right (seeds 0 and 1),
-# 7 then 10 93-94%, its worst prompt 80% against 65%; 7 then 14 turns blue shapes green. On the variant embedded before, guidance
+# variant: 3 then 10 in the last two gives a mean of 89% and 91% of frames right (seeds 0
+# and 1; worst prompt 65% and 72%), 7 then 10 93% and 94% (82% and 80%); 7 then 14 draws
+# the blue square green on up to 26% of the frames. On the variant embedded before, guidance
 # 3 at every step held green and blue shapes on 34-56% of the frames; 10 from the start
 # turned green shapes red.
 CAUSAL = dict(chunk_frames=3, sink_frames=3, local_attn_frames=12,

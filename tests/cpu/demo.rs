@@ -244,12 +244,12 @@ fn demo_stream_without_a_model_uses_the_block_causal_variant() {
 /// median on every right frame (neither leaving the frame nor fading) and their centroids
 /// travelling at least 8 pixels in every second whose five checked frames are right (the
 /// training clips move 24-40 pixels a second); green and blue right on at least 70% of the
-/// frames. How well the shapes are drawn is not checked: they
-/// are blobs, the yellow ones too large (README). The variant embedded before this one
-/// (trained in 3.7 hours) passed it too (89%, 87%, 88%, 100%); at guidance 3 at every step
-/// it failed (green and blue right on 53% and 50% of the frames here), as did the variant
-/// before that (by the README's sweep, the same check at 20 pixels, its red circle was right
-/// on 29% of the frames, its blue triangle on 5%).
+/// frames. How well the shapes are drawn is not checked: they are blobs, the yellow ones too
+/// large (README). The variant embedded before this one (trained in 3.7 hours) passed it
+/// too (89%, 87%, 88%, 100%); at guidance 3 at every step it failed (green and blue right on
+/// 53% and 50% of the frames here), as did the variant before that (by the README's sweep,
+/// the same check at 20 pixels, its red circle was right on 29% of the frames, its blue
+/// triangle on 5%).
 #[test]
 fn demo_stream_holds_red_and_yellow_for_a_minute_and_green_and_blue_for_most_of_it() {
     use reel::cpu::conv::Frames;
