@@ -58,6 +58,7 @@ impl CausalPreset {
             sampler: Default::default(),
             guidance: 1.0,
             guidance_steps: Vec::new(),
+            previous_frame_sigma: None,
         }
     }
 }

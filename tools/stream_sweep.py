@@ -9,8 +9,13 @@ colour has more. A pixel's colour is the demo hue nearest its own, for pixels wh
 channels spread more than 0.3 (demo_data.pixel_colours, as tests/cpu/demo.rs's
 colour_of). Prints, per prompt, the share of right frames, the median of the prompt
 colour's pixels on them (the training clips' shapes have 140-270 of a 64x64 frame's 4096)
-and how the others go wrong (another colour, or faint: fewer than 20 pixels of any). Needs
-numpy only; writes the videos (y4m) to a temporary folder.
+and how the others go wrong (another colour, or faint: fewer than 20 pixels of any). Then two
+checks of the drawing over time, which the colour does not see: "one shape", the share of
+the checked frames whose coloured pixels (any demo colour) form exactly one patch of at least
+15 pixels (4-connected; the training clips: every frame), and "step p95", the 95th
+percentile of how far the coloured pixels' centroid moves from one frame to the next (the
+clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large).
+Needs numpy only; writes the videos (y4m) to a temporary folder.
 """
 import argparse
 import os
@@ -49,6 +54,28 @@ def pixel_counts(frame):
     return [int((nearest == k).sum()) for k in range(len(HUES))]
 
 
+def patch_sizes(mask):
+    """Pixels of each 4-connected patch of a boolean [H, W] mask: every pixel takes the
+    largest label among itself and its neighbours until nothing changes."""
+    lab = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        p = np.pad(lab, 1)
+        new = np.where(mask, np.maximum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), 0)
+        if (new == lab).all():
+            return np.unique(lab[mask], return_counts=True)[1]
+        lab = new
+
+
+def centroid_steps(frames):
+    """How far the centroid of the coloured pixels moves between consecutive frames that both
+    have some."""
+    points = []
+    for frame in frames:
+        ys, xs = np.nonzero(pixel_colours(frame) >= 0)
+        points.append((ys.mean(), xs.mean()) if len(ys) else None)
+    return [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if a and b]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reel")
@@ -68,9 +95,11 @@ def main():
             subprocess.run([a.reel, "generate", *model, "--stream", "--seconds", str(a.seconds), "--seed",
                             str(a.seed), "--prompt", prompt, "-o", out, "--quiet"], check=True,
                            stdout=subprocess.DEVNULL)
-            kinds, sizes = Counter(), []
+            kinds, sizes, single = Counter(), [], 0
             k = names.index(colour)
-            for frame in y4m_frames(out)[::4]:
+            frames = y4m_frames(out)
+            for frame in frames[::4]:
+                single += int((patch_sizes(pixel_colours(frame) >= 0) >= 15).sum() == 1)
                 counts = pixel_counts(frame)
                 if counts[k] >= 20 and counts[k] == max(counts):
                     kinds["right"] += 1
@@ -82,8 +111,10 @@ def main():
             total = sum(kinds.values())
             wrong = ", ".join(f"{k} {v}" for k, v in kinds.items() if k != "right")
             size = f"  median {int(np.median(sizes))} px" if sizes else ""
-            print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}{size}  ({wrong or 'none wrong'})",
-                  flush=True)
+            steps = centroid_steps(frames)
+            step = f"{np.percentile(steps, 95):5.1f} px" if steps else "    -"
+            print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}{size}  one shape {single / total:6.1%}"
+                  f"  step p95 {step}  ({wrong or 'none wrong'})", flush=True)
 
 
 if __name__ == "__main__":

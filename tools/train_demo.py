@@ -1067,8 +1067,8 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
 
 
 def causal_eval(dit, vae, data, tok, te, frames=161, teacher=False, seed=0):
-    """The block-causal DiT as reel generate --stream runs it (CAUSAL's Euler steps and
-    guidance; each chunk's context the sink and the 6 latest frames, recomputed jointly under
+    """The block-causal DiT as reel generate --stream runs it (CAUSAL's Euler steps, guidance
+    and previous_frame_sigma; each chunk's context the sink and the 6 latest frames, recomputed jointly under
     causal_mask rather than cached), one 10-second clip per colour, decoded in one stream:
     the share of every 4th frame from the 4th whose dominant colour is the caption's.
     `teacher`: the context is a real clip's latents instead of the DiT's own frames, which
@@ -1108,7 +1108,13 @@ def causal_eval(dit, vae, data, tok, te, frames=161, teacher=False, seed=0):
             for p in procs:
                 p.mask = mask
             x = torch.randn(1, z, c, h, w, generator=gen)
-            for a, b, g in zip(sig, sig[1:], scales):
+            first, start = 0, CAUSAL.get("previous_frame_sigma")
+            if J > 0 and start is not None:
+                # As reel: from the frame before the chunk, mixed with the noise at the first
+                # step at or below previous_frame_sigma; the steps before it skipped.
+                first = next(i for i, s_ in enumerate(sig[:-1]) if s_ <= start)
+                x = (1 - sig[first]) * ctx[:, J - 1].view(1, z, 1, h, w) + sig[first] * x
+            for a, b, g in list(zip(sig, sig[1:], scales))[first:]:
                 inp = x0.clone()
                 inp[:, :, 9:] = x
                 t = torch.zeros(1, 12, hw)

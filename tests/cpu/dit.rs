@@ -444,6 +444,85 @@ fn causal_guided_steps_stream_matches_the_pytorch_reference() {
     check_stream("causal_guided_steps", None);
 }
 
+/// `previous_frame_sigma`: a chunk after the first starts from the last latent frame of the
+/// chunk before, mixed with its start noise at the σ of the first step at or below the value,
+/// and runs only the steps from there. A model whose flow is zero leaves each chunk where it
+/// starts, so every chunk after the first must be (1 − σ)·(the last frame before) + σ·noise,
+/// with its DiT called at that step's timestep and the ones after only.
+#[test]
+fn causal_stream_starts_a_chunk_from_the_frame_before_it() {
+    use reel::models::wan_dit::{stream_with, CausalConfig, ChunkModel, StreamShape};
+    use reel::tensor::Tensor;
+    struct Still {
+        calls: Vec<(usize, f32)>,
+    }
+    impl ChunkModel for Still {
+        fn flow(&mut self, x: &Tensor, t: f32, f0: usize, _neg: bool) -> reel::Result<Tensor> {
+            self.calls.push((f0, t));
+            Tensor::new(x.shape().to_vec(), vec![0.0; x.data().len()])
+        }
+        fn cache(&mut self, _x: &Tensor, _t: f32, _f0: usize) -> reel::Result<()> {
+            Ok(())
+        }
+    }
+    let cfg: CausalConfig = serde_json::from_str(
+        r#"{"chunk_frames": 2, "local_attn_frames": 4, "denoising_steps": [1000, 750, 500, 250],
+            "timestep_shift": 1.0, "sampler": "euler", "previous_frame_sigma": 0.6}"#,
+    )
+    .unwrap();
+    cfg.validate(std::path::Path::new("causal_config.json"))
+        .unwrap();
+    assert_eq!((cfg.first_step(0), cfg.first_step(2)), (0, 2));
+    let (ch, c, h, w) = (2, 2, 3, 4);
+    let shape = StreamShape {
+        channels: ch,
+        frames: 6,
+        height: h,
+        width: w,
+    };
+    let n = ch * c * h * w;
+    // Each chunk's start noise: distinct values per chunk and position.
+    let start = |k: usize, i: usize| ((k * 31 + i * 7) % 17) as f32 / 8.0 - 1.0;
+    let mut model = Still { calls: Vec::new() };
+    let mut chunks: Vec<Vec<f32>> = Vec::new();
+    stream_with(
+        &mut model,
+        &cfg,
+        shape,
+        &mut |k, step, len| {
+            assert_eq!((step, len), (0, n), "Euler steps draw only the start");
+            (0..len).map(|i| start(k, i)).collect()
+        },
+        &mut |f0, x0| {
+            assert_eq!(f0, chunks.len() * c);
+            chunks.push(x0.data().to_vec());
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(chunks.len(), 3);
+    let plane = h * w;
+    assert_eq!(chunks[0], (0..n).map(|i| start(0, i)).collect::<Vec<_>>());
+    for k in 1..3 {
+        for i in 0..n {
+            let (cc, p) = (i / (c * plane), i % plane);
+            let before = chunks[k - 1][(cc * c + c - 1) * plane + p];
+            let want = 0.5 * before + 0.5 * start(k, i);
+            assert!(
+                (chunks[k][i] - want).abs() < 1e-6,
+                "chunk {k}, element {i}: {} against {want}",
+                chunks[k][i]
+            );
+        }
+    }
+    // The first chunk at all four steps; the others at σ 0.5 and 0.25 only.
+    let want: Vec<(usize, f32)> = [(0, 1000.0), (0, 750.0), (0, 500.0), (0, 250.0)]
+        .into_iter()
+        .chain([2, 4].into_iter().flat_map(|f| [(f, 500.0), (f, 250.0)]))
+        .collect();
+    assert_eq!(model.calls, want);
+}
+
 /// The block-causal golden cases through the device session (REEL_TEST_DEVICE: emu by
 /// default): bf16 K/V cache in frame slots, the chunk's K/V projected into it, eviction by
 /// device copies; within the kernel-device tolerance of the PyTorch reference, chunk by

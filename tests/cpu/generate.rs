@@ -733,6 +733,20 @@ fn generate_stream_needs_a_block_causal_model() {
         let e = generate(&a).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
     }
+    // previous_frame_sigma: at most 1, and at least the last step's σ (0.8333 here: t = 500
+    // at the default shift of 5), so that a step is left.
+    for sigma in ["1.5", "0.5", "-1"] {
+        std::fs::write(
+            root.join("transformer/causal_config.json"),
+            format!(
+                r#"{{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], "previous_frame_sigma": {sigma}}}"#
+            ),
+        )
+        .unwrap();
+        let e = generate(&a).unwrap_err().to_string();
+        let want = format!("previous_frame_sigma = {sigma} is not in [0.8333, 1]");
+        assert!(e.contains(&want), "{e}");
+    }
 }
 
 /// `reel generate --stream --device` (REEL_TEST_DEVICE: emu by default) on the embedded

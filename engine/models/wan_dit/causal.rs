@@ -310,6 +310,14 @@ pub struct CausalConfig {
     /// at every step). A step at ≤ 1 skips the negative prompt's pass.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guidance_steps: Vec<f32>,
+    /// Each chunk after the first starts from the last latent frame of the chunk before
+    /// (repeated over the chunk's frames) as (1 − σ)·frame + σ·noise, σ that of the first step
+    /// at or below this value, and runs from that step (the ones before it are skipped): its
+    /// denoising starts where the video is, which otherwise it only attends to. Absent: every
+    /// chunk starts from pure noise, as Self-Forcing and LongLive do. On the demo (README):
+    /// fewer shapes drawn at once and no jumps between chunks, but shapes that slow down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_frame_sigma: Option<f64>,
 }
 
 fn one() -> f32 {
@@ -406,6 +414,14 @@ impl CausalConfig {
                 return Err(bad(format!("guidance_steps[{i}] = {g} is not in [0, 100]")));
             }
         }
+        if let Some(s) = self.previous_frame_sigma {
+            let last = self.sigmas().last().copied().unwrap_or(1.0) as f64;
+            if !(s.is_finite() && s <= 1.0 && s >= last) {
+                return Err(bad(format!(
+                    "previous_frame_sigma = {s} is not in [{last:.4}, 1] (the last step's σ, so that a step is left)"
+                )));
+            }
+        }
         if !(self.context_timestep.is_finite() && (0.0..=1000.0).contains(&self.context_timestep)) {
             return Err(bad(format!(
                 "context_timestep = {} is not in [0, 1000]",
@@ -421,6 +437,19 @@ impl CausalConfig {
             .get(step)
             .copied()
             .unwrap_or(self.guidance)
+    }
+
+    /// The step a chunk starting at `first_frame` begins at: 0, or for a chunk after the
+    /// first with `previous_frame_sigma`, the first step whose σ is at or below it.
+    pub fn first_step(&self, first_frame: usize) -> usize {
+        match self.previous_frame_sigma {
+            Some(s) if first_frame > 0 => {
+                let sigmas = self.sigmas();
+                let i = sigmas.iter().position(|&v| v as f64 <= s);
+                i.unwrap_or(sigmas.len() - 1)
+            }
+            _ => 0,
+        }
     }
 
     /// The largest step's guidance scale.
@@ -572,8 +601,10 @@ impl<'a> CpuChunks<'a> {
 /// the cache (skipped after the last chunk; with the prompt's text only). With guidance the
 /// flow at a step is u + g·(c − u), u from the negative prompt over the same cache, g the
 /// step's scale ([`CausalConfig::guidance_at`]; a step at g ≤ 1 has no negative pass).
-/// `noise(chunk, step, n)` draws the noise of a chunk's step. The latent frames are
-/// rounded up to whole chunks.
+/// With `previous_frame_sigma`, a chunk after the first starts at [`CausalConfig::first_step`]
+/// from the last latent frame of the chunk before, mixed with its noise at that step's σ.
+/// `noise(chunk, step, n)` draws the noise of a chunk's step (step 0: its start). The latent
+/// frames are rounded up to whole chunks.
 pub fn stream_with(
     model: &mut dyn ChunkModel,
     cfg: &CausalConfig,
@@ -591,11 +622,22 @@ pub fn stream_with(
         shape.width,
     ];
     let n: usize = dims.iter().product();
+    let (c, plane) = (cfg.chunk_frames, shape.height * shape.width);
+    // The last latent frame of the chunk before, [C, H, W], for `previous_frame_sigma`.
+    let mut last: Vec<f32> = Vec::new();
     for k in 0..chunks {
-        let f0 = k * cfg.chunk_frames;
+        let f0 = k * c;
+        let first = cfg.first_step(f0);
         let mut x = Tensor::new(dims.clone(), noise(k, 0, n))?;
+        if f0 > 0 && cfg.previous_frame_sigma.is_some() {
+            let s = sigmas[first];
+            for (i, v) in x.data_mut().iter_mut().enumerate() {
+                let (ch, p) = (i / (c * plane), i % plane);
+                *v = (1.0 - s) * last[ch * plane + p] + s * *v;
+            }
+        }
         let mut x0 = vec![0.0f32; n];
-        for (i, &sigma) in sigmas.iter().enumerate() {
+        for (i, &sigma) in sigmas.iter().enumerate().skip(first) {
             let t = sigma * 1000.0;
             let mut flow = model.flow(&x, t, f0, false)?;
             let g = cfg.guidance_at(i);
@@ -627,6 +669,11 @@ pub fn stream_with(
                     .collect();
                 x = Tensor::new(dims.clone(), data)?;
             }
+        }
+        if cfg.previous_frame_sigma.is_some() {
+            last = (0..shape.channels)
+                .flat_map(|ch| x0[(ch * c + c - 1) * plane..][..plane].to_vec())
+                .collect();
         }
         let clean = Tensor::new(dims.clone(), x0)?;
         on_chunk(f0, &clean)?;
