@@ -593,7 +593,7 @@ pub fn generate(args: &GenerateArgs) -> Result<Vec<Sidecar>> {
         {
             tracing::warn!(
                 "a block-causal model makes each chunk in its own {} steps at guidance {} (causal_config.json): --steps, --guidance, --sampler and --shift do not apply",
-                c.denoising_steps.len(),
+                c.steps_label(),
                 c.guidance_label()
             );
         }

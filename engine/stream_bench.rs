@@ -330,7 +330,7 @@ pub fn render(r: &StreamBenchReport) -> String {
         r.tokens_per_chunk,
         c.sink_frames,
         c.local_attn_frames,
-        c.denoising_steps.len(),
+        c.steps_label(),
         c.guidance_label(),
         mib(r.dit_plan_bytes),
         mib(r.vae_plan_bytes),

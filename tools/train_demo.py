@@ -1068,8 +1068,9 @@ def stage_causal(work, data, tok, te, init, steps, batch, lr_max=2e-4, seed=21, 
 
 def causal_eval(dit, vae, data, tok, te, frames=161, teacher=False, seed=0):
     """The block-causal DiT as reel generate --stream runs it (CAUSAL's Euler steps, guidance
-    and previous_frame_sigma; each chunk's context the sink and the 6 latest frames, recomputed jointly under
-    causal_mask rather than cached), one 10-second clip per colour, decoded in one stream:
+    and previous_frame_sigma; each chunk's context the sink and the 6 latest frames,
+    recomputed jointly under causal_mask rather than cached), one 10-second clip per colour,
+    decoded in one stream:
     the share of every 4th frame from the 4th whose dominant colour is the caption's.
     `teacher`: the context is a real clip's latents instead of the DiT's own frames, which
     tells a DiT that cannot read the context from one that drifts on its own output."""

@@ -473,6 +473,7 @@ fn causal_stream_starts_a_chunk_from_the_frame_before_it() {
     cfg.validate(std::path::Path::new("causal_config.json"))
         .unwrap();
     assert_eq!((cfg.first_step(0), cfg.first_step(2)), (0, 2));
+    assert_eq!(cfg.steps_label(), "4 (2 after the first chunk)");
     let (ch, c, h, w) = (2, 2, 3, 4);
     let shape = StreamShape {
         channels: ch,

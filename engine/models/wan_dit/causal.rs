@@ -452,6 +452,16 @@ impl CausalConfig {
         }
     }
 
+    /// The steps of a chunk, for logs and reports: "8", or with `previous_frame_sigma`,
+    /// "8 (5 after the first chunk)".
+    pub fn steps_label(&self) -> String {
+        let n = self.denoising_steps.len();
+        match self.first_step(self.chunk_frames) {
+            0 => n.to_string(),
+            first => format!("{n} ({} after the first chunk)", n - first),
+        }
+    }
+
     /// The largest step's guidance scale.
     pub fn peak_guidance(&self) -> f32 {
         (0..self.denoising_steps.len())
