@@ -718,34 +718,40 @@ fn generate_stream_needs_a_block_causal_model() {
     .unwrap();
     let e = generate(&a).unwrap_err().to_string();
     assert!(e.contains("denoising_steps must decrease"), "{e}");
-    // guidance_steps: one scale per step, each in range.
-    for (scales, want) in [
-        ("[3]", "guidance_steps lists 1 scales for 2 denoising_steps"),
-        ("[3, -1]", "guidance_steps[1] = -1 is not in [0, 100]"),
+    // guidance_steps: one scale per step, each in range; previous_frame_sigma: at most 1 and
+    // at least the last step's σ (0.8333 here: t = 500 at the default shift of 5), so that a
+    // step is left.
+    for (field, want) in [
+        (
+            r#""guidance_steps": [3]"#,
+            "guidance_steps lists 1 scales for 2 denoising_steps",
+        ),
+        (
+            r#""guidance_steps": [3, -1]"#,
+            "guidance_steps[1] = -1 is not in [0, 100]",
+        ),
+        (
+            r#""previous_frame_sigma": 1.5"#,
+            "previous_frame_sigma = 1.5 is not in [0.8333, 1]",
+        ),
+        (
+            r#""previous_frame_sigma": 0.5"#,
+            "previous_frame_sigma = 0.5 is not in [0.8333, 1]",
+        ),
+        (
+            r#""previous_frame_sigma": -1"#,
+            "previous_frame_sigma = -1 is not in [0.8333, 1]",
+        ),
     ] {
         std::fs::write(
             root.join("transformer/causal_config.json"),
             format!(
-                r#"{{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], "guidance_steps": {scales}}}"#
+                r#"{{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], {field}}}"#
             ),
         )
         .unwrap();
         let e = generate(&a).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
-    }
-    // previous_frame_sigma: at most 1, and at least the last step's σ (0.8333 here: t = 500
-    // at the default shift of 5), so that a step is left.
-    for sigma in ["1.5", "0.5", "-1"] {
-        std::fs::write(
-            root.join("transformer/causal_config.json"),
-            format!(
-                r#"{{"chunk_frames": 2, "local_attn_frames": 5, "denoising_steps": [750, 500], "previous_frame_sigma": {sigma}}}"#
-            ),
-        )
-        .unwrap();
-        let e = generate(&a).unwrap_err().to_string();
-        let want = format!("previous_frame_sigma = {sigma} is not in [0.8333, 1]");
-        assert!(e.contains(&want), "{e}");
     }
 }
 
