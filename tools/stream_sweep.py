@@ -48,9 +48,8 @@ def y4m_frames(path):
     return out
 
 
-def pixel_counts(frame):
-    """Pixels of each demo colour (HUES' order) in an [H, W, 3] frame."""
-    nearest = pixel_colours(frame)
+def pixel_counts(nearest):
+    """Pixels of each demo colour (HUES' order) in a frame's pixel_colours."""
     return [int((nearest == k).sum()) for k in range(len(HUES))]
 
 
@@ -66,12 +65,12 @@ def patch_sizes(mask):
         lab = new
 
 
-def centroid_steps(frames):
+def centroid_steps(colours):
     """How far the centroid of the coloured pixels moves between consecutive frames that both
-    have some."""
+    have some (each frame given as its pixel_colours)."""
     points = []
-    for frame in frames:
-        ys, xs = np.nonzero(pixel_colours(frame) >= 0)
+    for nearest in colours:
+        ys, xs = np.nonzero(nearest >= 0)
         points.append((ys.mean(), xs.mean()) if len(ys) else None)
     return [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if a and b]
 
@@ -97,10 +96,10 @@ def main():
                            stdout=subprocess.DEVNULL)
             kinds, sizes, single = Counter(), [], 0
             k = names.index(colour)
-            frames = y4m_frames(out)
-            for frame in frames[::4]:
-                single += int((patch_sizes(pixel_colours(frame) >= 0) >= 15).sum() == 1)
-                counts = pixel_counts(frame)
+            colours = [pixel_colours(frame) for frame in y4m_frames(out)]
+            for nearest in colours[::4]:
+                single += int((patch_sizes(nearest >= 0) >= 15).sum() == 1)
+                counts = pixel_counts(nearest)
                 if counts[k] >= 20 and counts[k] == max(counts):
                     kinds["right"] += 1
                     sizes.append(counts[k])
@@ -111,7 +110,7 @@ def main():
             total = sum(kinds.values())
             wrong = ", ".join(f"{k} {v}" for k, v in kinds.items() if k != "right")
             size = f"  median {int(np.median(sizes))} px" if sizes else ""
-            steps = centroid_steps(frames)
+            steps = centroid_steps(colours)
             step = f"{np.percentile(steps, 95):5.1f} px" if steps else "    -"
             print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}{size}  one shape {single / total:6.1%}"
                   f"  step p95 {step}  ({wrong or 'none wrong'})", flush=True)

@@ -633,17 +633,19 @@ pub fn stream_with(
     ];
     let n: usize = dims.iter().product();
     let (c, plane) = (cfg.chunk_frames, shape.height * shape.width);
-    // The last latent frame of the chunk before, [C, H, W], for `previous_frame_sigma`.
-    let mut last: Vec<f32> = Vec::new();
+    // The step every chunk after the first begins at, and (with `previous_frame_sigma`) the
+    // last latent frame of the chunk before, [C, H, W].
+    let restart = cfg.first_step(c);
+    let mut last: Option<Vec<f32>> = None;
     for k in 0..chunks {
         let f0 = k * c;
-        let first = cfg.first_step(f0);
+        let first = if k == 0 { 0 } else { restart };
         let mut x = Tensor::new(dims.clone(), noise(k, 0, n))?;
-        if f0 > 0 && cfg.previous_frame_sigma.is_some() {
+        if let Some(prev) = &last {
             let s = sigmas[first];
             for (i, v) in x.data_mut().iter_mut().enumerate() {
                 let (ch, p) = (i / (c * plane), i % plane);
-                *v = (1.0 - s) * last[ch * plane + p] + s * *v;
+                *v = (1.0 - s) * prev[ch * plane + p] + s * *v;
             }
         }
         let mut x0 = vec![0.0f32; n];
@@ -681,9 +683,11 @@ pub fn stream_with(
             }
         }
         if cfg.previous_frame_sigma.is_some() {
-            last = (0..shape.channels)
-                .flat_map(|ch| x0[(ch * c + c - 1) * plane..][..plane].to_vec())
-                .collect();
+            let frame = last.get_or_insert_with(|| Vec::with_capacity(shape.channels * plane));
+            frame.clear();
+            for ch in 0..shape.channels {
+                frame.extend_from_slice(&x0[(ch * c + c - 1) * plane..][..plane]);
+            }
         }
         let clean = Tensor::new(dims.clone(), x0)?;
         on_chunk(f0, &clean)?;
