@@ -14,7 +14,9 @@ checks of the drawing over time, which the colour does not see: "one shape", the
 the checked frames whose coloured pixels (any demo colour) form exactly one patch of at least
 15 pixels (4-connected; the training clips: every frame), and "step p95", the 95th
 percentile of how far the coloured pixels' centroid moves from one frame to the next (the
-clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large).
+clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large); and
+"slow", of the seconds whose five checked frames are all right, those in which the prompt
+colour's centroid travels less than 8 pixels (the minute test's motion rule).
 Needs numpy only; writes the videos (y4m) to a temporary folder.
 """
 import argparse
@@ -75,6 +77,23 @@ def centroid_steps(colours):
     return [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if a and b]
 
 
+def slow_seconds(colours, right, k):
+    """Seconds (five checked frames, all right, from the 4th frame on) in which the centroid of
+    colour k's pixels travels less than 8 pixels along the checked frames: tests/cpu/demo.rs's
+    motion rule for the minute test (the clips move 24-40 pixels a second). -> (slow, all)."""
+    points = []
+    for nearest in colours:
+        ys, xs = np.nonzero(nearest == k)
+        points.append((xs.mean(), ys.mean()) if len(ys) else (np.nan, np.nan))
+    slow = seconds = 0
+    for s in range(0, len(colours) - 4, 4):
+        if all(right[s:s + 5]):
+            seconds += 1
+            path = sum(np.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(points[s:s + 4], points[s + 1:s + 5]))
+            slow += int(not path >= 8)
+    return slow, seconds
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reel")
@@ -94,13 +113,14 @@ def main():
             subprocess.run([a.reel, "generate", *model, "--stream", "--seconds", str(a.seconds), "--seed",
                             str(a.seed), "--prompt", prompt, "-o", out, "--quiet"], check=True,
                            stdout=subprocess.DEVNULL)
-            kinds, sizes, single = Counter(), [], 0
+            kinds, sizes, single, right = Counter(), [], 0, []
             k = names.index(colour)
             colours = [pixel_colours(frame) for frame in y4m_frames(out)]
             for nearest in colours[::4]:
                 single += int((patch_sizes(nearest >= 0) >= 15).sum() == 1)
                 counts = pixel_counts(nearest)
-                if counts[k] >= 20 and counts[k] == max(counts):
+                right.append(counts[k] >= 20 and counts[k] == max(counts))
+                if right[-1]:
                     kinds["right"] += 1
                     sizes.append(counts[k])
                 elif max(counts) < 20:
@@ -112,8 +132,9 @@ def main():
             size = f"  median {int(np.median(sizes))} px" if sizes else ""
             steps = centroid_steps(colours)
             step = f"{np.percentile(steps, 95):5.1f} px" if steps else "    -"
+            slow, seconds = slow_seconds(colours[4::4], right[1:], k)
             print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}{size}  one shape {single / total:6.1%}"
-                  f"  step p95 {step}  ({wrong or 'none wrong'})", flush=True)
+                  f"  step p95 {step}  slow {slow:2}/{seconds} s  ({wrong or 'none wrong'})", flush=True)
 
 
 if __name__ == "__main__":
