@@ -9,13 +9,13 @@ colour has more. A pixel's colour is the demo hue nearest its own, for pixels wh
 channels spread more than 0.3 (demo_data.pixel_colours, as tests/cpu/demo.rs's
 colour_of). Prints, per prompt, the share of right frames, the median of the prompt
 colour's pixels on them (the training clips' shapes have 140-270 of a 64x64 frame's 4096)
-and how the others go wrong (another colour, or faint: fewer than 20 pixels of any). Then two
+and how the others go wrong (another colour, or faint: fewer than 20 pixels of any). Then three
 checks of the drawing over time, which the colour does not see: "one shape", the share of
 the checked frames whose coloured pixels (any demo colour) form exactly one patch of at least
 15 pixels (4-connected; the training clips: every frame), and "step p95", the 95th
 percentile of how far the coloured pixels' centroid moves from one frame to the next (the
-clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large); and
-"slow", of the seconds whose five checked frames are all right, those in which the prompt
+clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large), and
+"slow": of the seconds whose five checked frames are all right, those in which the prompt
 colour's centroid travels less than 8 pixels (the minute test's motion rule).
 Needs numpy only; writes the videos (y4m) to a temporary folder.
 """
