@@ -16,7 +16,9 @@ the checked frames whose coloured pixels (any demo colour) form exactly one patc
 percentile of how far the coloured pixels' centroid moves from one frame to the next (the
 clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large), and
 "slow": of the seconds whose five checked frames are all right, those in which the prompt
-colour's centroid travels less than 8 pixels (the minute test's motion rule).
+colour's centroid travels less than 8 pixels (the minute test's motion rule). With more
+than one prompt, a last line: the means of the shares, the worst prompt's colour, the range
+of step p95 and the slow seconds of all.
 Needs numpy only; writes the videos (y4m) to a temporary folder.
 """
 import argparse
@@ -105,6 +107,7 @@ def main():
     a = ap.parse_intermixed_args()
     prompts = a.prompts or [f"a {c} {s} bouncing" for c in HUES for s in SHAPES]
     names = list(HUES)
+    shares, singles, p95s, slows = [], [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for prompt in prompts:
             colour = next(c for c in HUES if c in prompt.split())
@@ -135,6 +138,14 @@ def main():
             slow, seconds = slow_seconds(colours[4::4], right[1:], k)
             print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}{size}  one shape {single / total:6.1%}"
                   f"  step p95 {step}  slow {slow:2}/{seconds} s  ({wrong or 'none wrong'})", flush=True)
+            shares.append(kinds["right"] / total)
+            singles.append(single / total)
+            p95s += [np.percentile(steps, 95)] if steps else []
+            slows += slow
+    if len(prompts) > 1:
+        span = f"{min(p95s):.1f}-{max(p95s):.1f} px" if p95s else "-"
+        print(f"{'all ' + str(len(prompts)) + ' prompts':32} right {np.mean(shares):6.1%} (worst {min(shares):.1%})"
+              f"  one shape {np.mean(singles):6.1%}  step p95 {span}  slow {slows} s")
 
 
 if __name__ == "__main__":
