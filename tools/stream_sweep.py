@@ -82,7 +82,8 @@ def centroid_steps(colours):
 def slow_seconds(colours, right, k):
     """Seconds (five checked frames, all right, from the 4th frame on) in which the centroid of
     colour k's pixels travels less than 8 pixels along the checked frames: tests/cpu/demo.rs's
-    motion rule for the minute test (the clips move 24-40 pixels a second). -> (slow, all)."""
+    motion rule for the minute test (the clips move 24-40 pixels a second), on this sweep's
+    right frames (the test's need 40 pixels of the colour, not 20). -> (slow, all)."""
     points = []
     for nearest in colours:
         ys, xs = np.nonzero(nearest == k)
