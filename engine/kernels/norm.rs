@@ -3,7 +3,7 @@
 
 use super::{
     addr_or_null, grid_for, kernels, len_i32, row_block, rows_of, same_len, DevPtr, DevSlice,
-    KernelDevice, Launch,
+    Kernel, KernelDevice, Launch,
 };
 use crate::error::{Error, Result};
 
@@ -12,12 +12,13 @@ type Bf = half::bf16;
 kernels! {
     module "norm";
     @args ChannelRmsArgs { x: DevPtr, y: DevPtr, gamma: DevPtr, rows: i32, c: i32, silu: i32 }
+    @args UnaryArgs { x: DevPtr, y: DevPtr, n: i32 }
     /// LayerNorm + adaLN modulation, one block per row.
     LAYERNORM = layernorm_modulate_bf16(LayerNormArgs {
         x: DevPtr, y: DevPtr, mul: DevPtr, add: DevPtr, rows: i32, d: i32, rows_per_group: i32, eps: f32,
     });
-    TO_F32 = bf16_to_f32(ToF32Args { x: DevPtr, y: DevPtr, n: i32 });
-    TO_BF16 = f32_to_bf16(ToBf16Args { x: DevPtr, y: DevPtr, n: i32 });
+    TO_F32 = bf16_to_f32(UnaryArgs);
+    TO_BF16 = f32_to_bf16(UnaryArgs);
     /// QK RMSNorm across heads + bias + 3D RoPE, in place, one block per row.
     RMS_ROPE = rms_norm_rope_bf16(RmsRopeArgs {
         x: DevPtr, bias: DevPtr, weight: DevPtr, cos_t: DevPtr, sin_t: DevPtr,
@@ -29,7 +30,7 @@ kernels! {
     RESIDUAL = residual_gate_bf16(ResidualArgs {
         x: DevPtr, y: DevPtr, bias: DevPtr, gate: DevPtr, rows: i32, d: i32, rows_per_group: i32,
     });
-    GELU_BF16 = gelu_tanh_bf16(GeluBf16Args { x: DevPtr, y: DevPtr, n: i32 });
+    GELU_BF16 = gelu_tanh_bf16(UnaryArgs);
 }
 
 /// LayerNorm of each row of x: [rows, d] (bf16) with the adaLN modulation
@@ -85,17 +86,7 @@ pub fn bf16_to_f32<'a>(
     x: impl Into<DevSlice<'a, Bf>>,
     y: impl Into<DevSlice<'a, f32>>,
 ) -> Result<()> {
-    let x = x.into();
-    let y = y.into();
-    const K: &str = "bf16_to_f32";
-    same_len(K, x.len(), y.len())?;
-    let mut a = ToF32Args {
-        x: x.addr(dev, K)?,
-        y: y.addr(dev, K)?,
-        n: len_i32(x.len(), K)?,
-    };
-    // SAFETY: both hold n elements; the kernel touches indices < n.
-    unsafe { dev.launch(&TO_F32, grid_for(x.len()), &mut a) }
+    elementwise(dev, &TO_F32, x.into(), y.into())
 }
 
 /// y = x rounded to bf16 (nearest even).
@@ -104,17 +95,26 @@ pub fn f32_to_bf16<'a>(
     x: impl Into<DevSlice<'a, f32>>,
     y: impl Into<DevSlice<'a, Bf>>,
 ) -> Result<()> {
-    let x = x.into();
-    let y = y.into();
-    const K: &str = "f32_to_bf16";
-    same_len(K, x.len(), y.len())?;
-    let mut a = ToBf16Args {
-        x: x.addr(dev, K)?,
-        y: y.addr(dev, K)?,
-        n: len_i32(x.len(), K)?,
+    elementwise(dev, &TO_BF16, x.into(), y.into())
+}
+
+/// Launches a kernel of one thread an element that reads x[i] and writes y[i], i < n: the
+/// lengths checked equal and the addresses on `dev` (errors name the kernel).
+fn elementwise<X, Y>(
+    dev: &KernelDevice,
+    kernel: &Kernel<UnaryArgs>,
+    x: DevSlice<'_, X>,
+    y: DevSlice<'_, Y>,
+) -> Result<()> {
+    let k = kernel.name;
+    same_len(k, x.len(), y.len())?;
+    let mut a = UnaryArgs {
+        x: x.addr(dev, k)?,
+        y: y.addr(dev, k)?,
+        n: len_i32(x.len(), k)?,
     };
     // SAFETY: both hold n elements; the kernel touches indices < n.
-    unsafe { dev.launch(&TO_BF16, grid_for(x.len()), &mut a) }
+    unsafe { dev.launch(kernel, grid_for(x.len()), &mut a) }
 }
 
 /// 3D-RoPE tables on a kernel device: cos/sin [tokens, head_dim / 2].
@@ -295,15 +295,5 @@ pub fn gelu_tanh_bf16<'a>(
     x: impl Into<DevSlice<'a, Bf>>,
     y: impl Into<DevSlice<'a, Bf>>,
 ) -> Result<()> {
-    let x = x.into();
-    let y = y.into();
-    const K: &str = "gelu_tanh_bf16";
-    same_len(K, x.len(), y.len())?;
-    let mut a = GeluBf16Args {
-        x: x.addr(dev, K)?,
-        y: y.addr(dev, K)?,
-        n: len_i32(x.len(), K)?,
-    };
-    // SAFETY: both hold n elements.
-    unsafe { dev.launch(&GELU_BF16, grid_for(x.len()), &mut a) }
+    elementwise(dev, &GELU_BF16, x.into(), y.into())
 }
