@@ -86,7 +86,8 @@ pub fn bf16_to_f32<'a>(
     x: impl Into<DevSlice<'a, Bf>>,
     y: impl Into<DevSlice<'a, f32>>,
 ) -> Result<()> {
-    elementwise(dev, &TO_F32, x.into(), y.into())
+    // SAFETY: bf16_to_f32 reads bf16 and writes f32, the slices' element types.
+    unsafe { elementwise(dev, &TO_F32, x.into(), y.into()) }
 }
 
 /// y = x rounded to bf16 (nearest even).
@@ -95,12 +96,17 @@ pub fn f32_to_bf16<'a>(
     x: impl Into<DevSlice<'a, f32>>,
     y: impl Into<DevSlice<'a, Bf>>,
 ) -> Result<()> {
-    elementwise(dev, &TO_BF16, x.into(), y.into())
+    // SAFETY: f32_to_bf16 reads f32 and writes bf16, the slices' element types.
+    unsafe { elementwise(dev, &TO_BF16, x.into(), y.into()) }
 }
 
 /// Launches a kernel of one thread an element that reads x[i] and writes y[i], i < n: the
 /// lengths checked equal and the addresses on `dev` (errors name the kernel).
-fn elementwise<X, Y>(
+///
+/// # Safety
+/// X and Y are the element types the kernel reads and writes (a kernel that reads f32 from
+/// a bf16 slice of n elements reads past its end).
+unsafe fn elementwise<X, Y>(
     dev: &KernelDevice,
     kernel: &Kernel<UnaryArgs>,
     x: DevSlice<'_, X>,
@@ -113,7 +119,8 @@ fn elementwise<X, Y>(
         y: y.addr(dev, k)?,
         n: len_i32(x.len(), k)?,
     };
-    // SAFETY: both hold n elements; the kernel touches indices < n.
+    // SAFETY: both hold n elements of the kernel's types (the caller's promise); the kernel
+    // touches indices < n.
     unsafe { dev.launch(kernel, grid_for(x.len()), &mut a) }
 }
 
@@ -295,5 +302,6 @@ pub fn gelu_tanh_bf16<'a>(
     x: impl Into<DevSlice<'a, Bf>>,
     y: impl Into<DevSlice<'a, Bf>>,
 ) -> Result<()> {
-    elementwise(dev, &GELU_BF16, x.into(), y.into())
+    // SAFETY: gelu_tanh_bf16 reads and writes bf16, the slices' element types.
+    unsafe { elementwise(dev, &GELU_BF16, x.into(), y.into()) }
 }
