@@ -16,9 +16,9 @@ the checked frames whose coloured pixels (any demo colour) form exactly one patc
 percentile of how far the coloured pixels' centroid moves from one frame to the next (the
 clips: 1.8-2.8 pixels; a shape that vanishes and reappears elsewhere makes it large), and
 "slow": of the seconds whose five checked frames are all right, those in which the prompt
-colour's centroid travels less than 8 pixels (the minute test's motion rule). With more
-than one prompt, a last line: the means of the shares, the worst prompt's colour, the range
-of step p95 and the slow seconds of all.
+colour's centroid travels less than 8 pixels (the minute test's motion rule, on the sweep's
+right frames). With more than one prompt, a last line: the means of the shares, the worst
+prompt's colour, the range of step p95 and the slow seconds of all.
 Needs numpy only; writes the videos (y4m) to a temporary folder.
 """
 import argparse
@@ -69,13 +69,16 @@ def patch_sizes(mask):
         lab = new
 
 
+def centroid(mask):
+    """(y, x) of a boolean [H, W] mask's pixels, or None when it has none."""
+    ys, xs = np.nonzero(mask)
+    return (ys.mean(), xs.mean()) if len(ys) else None
+
+
 def centroid_steps(colours):
     """How far the centroid of the coloured pixels moves between consecutive frames that both
     have some (each frame given as its pixel_colours)."""
-    points = []
-    for nearest in colours:
-        ys, xs = np.nonzero(nearest >= 0)
-        points.append((ys.mean(), xs.mean()) if len(ys) else None)
+    points = [centroid(nearest >= 0) for nearest in colours]
     return [np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(points, points[1:]) if a and b]
 
 
@@ -83,17 +86,15 @@ def slow_seconds(colours, right, k):
     """Seconds (five checked frames, all right, from the 4th frame on) in which the centroid of
     colour k's pixels travels less than 8 pixels along the checked frames: tests/cpu/demo.rs's
     motion rule for the minute test (the clips move 24-40 pixels a second), on this sweep's
-    right frames (the test's need 40 pixels of the colour, not 20). -> (slow, all)."""
-    points = []
-    for nearest in colours:
-        ys, xs = np.nonzero(nearest == k)
-        points.append((xs.mean(), ys.mean()) if len(ys) else (np.nan, np.nan))
+    right frames (the test's need 40 pixels of the colour, not 20), which all have a centroid.
+    -> (slow, all)."""
+    points = [centroid(nearest == k) for nearest in colours]
     slow = seconds = 0
     for s in range(0, len(colours) - 4, 4):
         if all(right[s:s + 5]):
             seconds += 1
             path = sum(np.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(points[s:s + 4], points[s + 1:s + 5]))
-            slow += int(not path >= 8)
+            slow += int(path < 8)
     return slow, seconds
 
 
@@ -135,13 +136,14 @@ def main():
             wrong = ", ".join(f"{k} {v}" for k, v in kinds.items() if k != "right")
             size = f"  median {int(np.median(sizes))} px" if sizes else ""
             steps = centroid_steps(colours)
-            step = f"{np.percentile(steps, 95):5.1f} px" if steps else "    -"
+            p95 = np.percentile(steps, 95) if steps else None
+            step = f"{p95:5.1f} px" if steps else "    -"
             slow, seconds = slow_seconds(colours[4::4], right[1:], k)
             print(f"{prompt:32} right {kinds['right'] / total:6.1%} of {total}{size}  one shape {single / total:6.1%}"
                   f"  step p95 {step}  slow {slow:2}/{seconds} s  ({wrong or 'none wrong'})", flush=True)
             shares.append(kinds["right"] / total)
             singles.append(single / total)
-            p95s += [np.percentile(steps, 95)] if steps else []
+            p95s += [p95] if steps else []
             slows += slow
     if len(prompts) > 1:
         span = f"{min(p95s):.1f}-{max(p95s):.1f} px" if p95s else "-"
