@@ -140,7 +140,8 @@ pub enum Command {
         fps: u32,
         /// Make the video chunk by chunk with a block-causal model (causal_config.json
         /// beside its transformer), each chunk's frames written while the next is denoised;
-        /// memory stays flat however long the video (--seconds up to 60).
+        /// memory stays flat however long the video (the demo's variant was trained on the
+        /// frame positions of a minute).
         #[arg(long)]
         stream: bool,
         /// Output: .mp4, .gif, .y4m, .safetensors, or a folder ending in / for PNG frames.

@@ -372,6 +372,18 @@ pub fn convert(args: &ConvertArgs) -> Result<Converted> {
             e.name
         )));
     }
+    // LongLive 2.0 exports a materialized NVFP4 generator (FourOverSix's packed 4-bit
+    // weights and their scales in place of each linear's weight): not weights reel can read.
+    if let Some(e) = store
+        .entries()
+        .find(|e| e.name.contains(".quantized_weight"))
+    {
+        return Err(bad(format!(
+            "`{}`: a materialized NVFP4 checkpoint (LongLive 2.0's FourOverSix export); \
+             reel converts f32, bf16 or f16 weights: give the unquantized generator checkpoint",
+            e.name
+        )));
+    }
     // Wan name → (entry, diffusers name).
     let mut prefix: Option<String> = None;
     let mut by_wan: BTreeMap<String, (TensorEntry, String)> = BTreeMap::new();
@@ -407,6 +419,20 @@ pub fn convert(args: &ConvertArgs) -> Result<Converted> {
         .collect();
     let config = infer_config(&shapes, args.heads, &args.input)?;
     config.validate(&args.input)?;
+    if let Some(preset) = args.causal {
+        let inner = config.num_attention_heads * config.attention_head_dim;
+        if (config.in_channels, inner, config.num_layers) != (16, 1536, 30) {
+            tracing::warn!(
+                "--causal {}: the preset holds the values of the published fine-tunes of Wan2.1-T2V-1.3B (16 latent \
+                 channels, width 1536, 30 blocks); this checkpoint has {} latent channels, width {inner} \
+                 and {} blocks. LongLive 2.0 is Wan2.2-TI2V-5B (48 channels; chunks of 8, a sink of 8, \
+                 32 frames), whose VAE reel does not serve. Check causal_config.json.",
+                clap::ValueEnum::to_possible_value(&preset).map_or_else(String::new, |v| v.get_name().to_string()),
+                config.in_channels,
+                config.num_layers
+            );
+        }
+    }
 
     let (lora_store, pairs) = match &args.lora {
         Some(p) => {

@@ -50,6 +50,14 @@ fn convert_merges_a_lora_and_matches_diffusers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(said.contains("20 merged with the LoRA"), "{said}");
+    // The tiny model is not the 1.3B the preset describes: the preset's values are written,
+    // with a warning that says so.
+    let warned = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        warned.contains("--causal longlive: the preset holds the values of the published fine-tunes of Wan2.1-T2V-1.3B")
+            && warned.contains("4 latent channels, width 32 and 2 blocks"),
+        "{warned}"
+    );
     // The converted model's forward against diffusers' on the merged weights.
     let got_path = work.join("out.safetensors");
     reel::cli::component_dit(&out, &dir.join("input.safetensors"), &got_path).unwrap();
@@ -152,6 +160,19 @@ fn convert_names_what_it_cannot_take() {
         "f8",
     ]));
     assert!(e.contains("--dtype f8"), "{e}");
+    // LongLive 2.0's NVFP4 export: packed 4-bit weights, named as such.
+    let nvfp4 = scratch("convert-nvfp4").join("nvfp4.safetensors");
+    let packed = [0u8; 8];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![2, 4], &packed).unwrap();
+    safetensors::serialize_to_file(
+        [("model.blocks.0.self_attn.q.quantized_weight_values", view)],
+        None,
+        &nvfp4,
+    )
+    .unwrap();
+    let e = err(convert(&[arg(&nvfp4), "-o", arg(&out)]));
+    assert!(e.contains("a materialized NVFP4 checkpoint"), "{e}");
     let e = err(convert(&[
         arg(&dir.join("missing.safetensors")),
         "-o",
