@@ -178,6 +178,9 @@ fn load(
     }
 }
 
+/// A progress line every this many chunks (a minute of a 3-frame-chunk model is 81).
+const PROGRESS_CHUNKS: usize = 20;
+
 /// Runs the benchmark (see the module docs).
 pub fn bench_stream(a: &StreamBenchArgs) -> Result<StreamBenchReport> {
     let dev = &a.device;
@@ -215,6 +218,7 @@ pub fn bench_stream(a: &StreamBenchArgs) -> Result<StreamBenchReport> {
     for &seconds in &a.seconds {
         let frames = 16 * seconds + 1;
         let latent_frames = (frames - 1) / tf + 1;
+        let chunks = latent_frames.div_ceil(cfg.chunk_frames);
         let start = Instant::now();
         let mut session = CausalSession::new(dev, &c, cfg.window(), shape, prompts)?;
         session.set_text(&dit_w, &text)?;
@@ -257,6 +261,16 @@ pub fn bench_stream(a: &StreamBenchArgs) -> Result<StreamBenchReport> {
                 // the previous chunk's context pass and its own decode.
                 chunk_secs.push(last.elapsed().as_secs_f64());
                 last = Instant::now();
+                // Progress, so that a run cut short (a time limit) still says how fast it was.
+                let done = chunk_secs.len();
+                if done % PROGRESS_CHUNKS == 0 && done < chunks {
+                    let t = start.elapsed().as_secs_f64();
+                    tracing::info!(
+                        "{seconds} s of video: chunk {done} of {chunks}, {} frames in {t:.2} s ({:.1} FPS so far)",
+                        clock.frames,
+                        clock.frames as f64 / t
+                    );
+                }
                 Ok(())
             },
         )?;
@@ -291,10 +305,14 @@ pub fn bench_stream(a: &StreamBenchArgs) -> Result<StreamBenchReport> {
             driver_used_bytes,
         };
         tracing::info!(
-            "{seconds} s of video: {} frames in {wall:.2} s ({:.1} FPS), first frames after {:.2} s",
+            "{seconds} s of video: {} frames in {wall:.2} s ({:.1} FPS), first frames after {:.2} s, \
+             reel's device peak {}, driver used {}",
             run.frames,
             run.fps,
-            run.first_frame_seconds
+            run.first_frame_seconds,
+            mib(run.device_peak_bytes),
+            run.driver_used_bytes
+                .map_or_else(|| "-".into(), |b| mib(b as usize))
         );
         runs.push(run);
     }

@@ -159,6 +159,8 @@ else
   # publishes 20.7 FPS on one H100; not measured here). Random weights, LongLive's config
   # (chunks of 3, sink 3, 12 frames attended, 4 steps), each chunk decoded as it is made;
   # FPS, seconds to the first frames, device memory after 10 s and after 60 s of video.
+  # With -v each length logs its figures when it ends and its FPS so far every 20 chunks,
+  # so a 60 s run cut by the time limit still leaves the 10 s figures and a partial FPS.
   run "reel bench --device cuda --stream: Wan2.1 1.3B block-causal (LongLive config), 832x480, 10 s and 60 s" 150 "$CARRY/reel" -v bench --device cuda \
     --model wan2.1-t2v-1.3b --random-weights --stream --causal longlive --size 832x480 --seconds 10 --seconds 60
   run "reel bench --device cuda --profile: 1.3B per-op times" 90 "$CARRY/reel" bench --device cuda \
