@@ -17,6 +17,12 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal (and not under NO_COLOR): a log piped to a file, a
+        // journal or a report keeps no escape codes.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         // A log line that cannot be written (stderr on a full disk, a closed pipe) is lost,
         // not reported with eprintln!, which panics on that same stderr and would end a
         // server that is otherwise working.

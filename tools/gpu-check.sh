@@ -26,8 +26,11 @@
 # stops starting sections after 7.5 minutes, so it fits a call of 8 minutes with room to
 # rerun. Exit status: non-zero if a section failed.
 #
-#   tools/gpu-check.sh [--out DIR] [--carry DIR] [--dry-run]
+#   tools/gpu-check.sh [--out DIR] [--carry DIR] [--dry-run] [--only REGEX]
 #
+# --only runs just the sections whose titles match REGEX (grep -E, case-insensitive), the
+# others said skipped: for a second call in the same lease when the budget left sections out,
+# e.g. --only 'bench|baselines' (its report, <date>-<gpu>-only.md, sits beside the first).
 # --dry-run runs the same sections on the emulator (no GPU, driver or torch needed) and
 # writes the report under target/gpu-check/: CI runs it so that this script cannot rot.
 set -uo pipefail
@@ -35,12 +38,14 @@ cd "$(dirname "$0")/.."
 CARRY=${CARRY:-carry}
 OUT_DIR=""
 DRY=0
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR=${2:?--out needs a folder}; shift 2 ;;
     --carry) CARRY=${2:?--carry needs a folder}; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n 2,24p "$0"; exit 0 ;;
+    --only) ONLY=${2:?--only needs a pattern}; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -88,6 +93,8 @@ else
   mkdir -p bench/results
   report=bench/results/$date_-$slug.md
 fi
+# A run of --only sections is a report of its own, beside the whole check's.
+[ -z "$ONLY" ] || report=${report%.md}-only.md
 copy_out() {
   if [ -n "$OUT_DIR" ]; then
     mkdir -p "$OUT_DIR" && cp "$report" "$OUT_DIR/" && echo "copied $report to $OUT_DIR/"
@@ -102,6 +109,11 @@ run() {
   local title=$1 limit=$2; shift 2
   local left=$((BUDGET - ($(date +%s) - START)))
   section "$title"
+  if [ -n "$ONLY" ] && ! printf '%s' "$title" | grep -qiE -- "$ONLY"; then
+    echo "skipped: not in --only $ONLY" >>"$report"
+    echo "== $title: skipped (--only)"
+    return
+  fi
   if [ $left -le 5 ]; then
     # Not a failure: the sections are ordered by what matters most.
     echo "skipped: the check's time budget is spent" >>"$report"
@@ -128,6 +140,7 @@ run() {
     echo "- driver: $driver; $(nvidia-smi --query-gpu=memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)"
   fi
   echo "- host: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
+  [ -z "$ONLY" ] || echo "- only the sections matching \`$ONLY\`"
 } >"$report"
 T="$CARRY/cpu-tests"
 run "Hardware self-test (GPU vs emulator)" 60 env REEL_TEST_DEVICE=$DEVICE "$T" hw_selftest --nocapture --test-threads=1
