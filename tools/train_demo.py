@@ -874,12 +874,18 @@ def causal_mask(valid, group, hw):
     return m.unsqueeze(1)
 
 
+def median_distance(x0):
+    """[B, z, f, h, w] latents -> [B, 1, f, h, w]: each position's distance from its frame's
+    median latent (the background's), which the shape's positions stand out in."""
+    med = x0.flatten(3).median(-1).values[..., None, None]
+    return (x0 - med).pow(2).sum(1, keepdim=True).sqrt()
+
+
 def shape_positions(x0, weight):
     """[B, z, f, h, w] latents -> [B, 1, f, h, w] loss weights: `weight` at the positions
     whose latent lies more than twice its frame's mean distance from the frame's median
-    latent (the shape: about 7 of a frame's 64 positions), 1 elsewhere."""
-    med = x0.flatten(3).median(-1).values[..., None, None]
-    d = (x0 - med).pow(2).sum(1, keepdim=True).sqrt()
+    latent (median_distance; the shape: about 7 of a frame's 64 positions), 1 elsewhere."""
+    d = median_distance(x0)
     return 1 + (weight - 1) * (d > 2 * d.mean(dim=(3, 4), keepdim=True)).float()
 
 
@@ -1149,21 +1155,21 @@ def _centroid(frame, sharp):
     weighted by their distance from the frame's median latent; `sharp`, only those past twice
     the mean distance (a clean frame's shape, as shape_positions), else by how far they pass
     the mean (a blurred estimate's blob)."""
-    med = frame.flatten(1).median(-1).values.view(-1, 1, 1)
-    d = (frame - med).pow(2).sum(0).sqrt()
+    d = median_distance(frame[None, :, None])[0, 0, 0]
     w = (d > 2 * d.mean()).float() * d if sharp else torch.relu(d - d.mean()) ** 2
     ys, xs = torch.meshgrid(torch.arange(frame.shape[1]).float(), torch.arange(frame.shape[2]).float(),
                             indexing="ij")
     return torch.stack([(w * ys).sum(), (w * xs).sum()]) / (w.sum() + 1e-9)
 
 
-def placement_error(dit, data, tok, te, n=96, sigma=1.0, seed=5):
+def placement_error(dit, data, tok, te, sigmas=(1.0,), n=96, seed=5):
     """Where the DiT puts a chunk's shape from its context alone: n teacher-forced chunks past
-    the first four (causal_batch, a clip's latents as context), the chunk at noise level
-    `sigma` (1: pure noise, each chunk's first step), the DiT's estimate of the clean chunk
-    x_t - sigma v; returns the mean distance in latent pixels between its shape's centroid and
-    the clip's, over the chunk's frames, and the same for the context's last frame copied
-    (what a DiT that does not follow the motion would score)."""
+    the first four (causal_batch, a clip's latents as context), the chunk at each noise level
+    of `sigmas` (1: pure noise, each chunk's first step; one noise draw for all), the DiT's
+    estimate of the clean chunk x_t - sigma v. Returns the mean distance in latent pixels
+    between its shape's centroid and the clip's over the chunk's frames, for each sigma, and
+    the same for the context's last frame copied (what a DiT that does not follow the motion
+    would score): ({sigma: error}, copied)."""
     import copy
     dit = copy.deepcopy(dit).eval()
     rope, procs = install_causal_attention(dit)
@@ -1174,23 +1180,25 @@ def placement_error(dit, data, tok, te, n=96, sigma=1.0, seed=5):
     x0, valid, pos, group, which = causal_batch(data["latents"], n, gen, first=0.0)
     hw = (x0.shape[3] // 2) * (x0.shape[4] // 2)
     mask = causal_mask(valid, group, hw)
-    xt = x0.clone()
-    xt[:, :, 9:] = (1 - sigma) * x0[:, :, 9:] + sigma * torch.randn(x0[:, :, 9:].shape, generator=gen)
-    tok_t = torch.zeros(n, 12, hw)
-    tok_t[:, 9:] = sigma * 1000
-    err, copied = [], []
-    with torch.no_grad():
-        for b0 in range(0, n, 16):
-            sl = slice(b0, b0 + 16)
-            v = chunk_prediction(dit, rope, procs, xt[sl], tok_t[sl], table[cap_idx[which[sl]]], pos[sl], mask[sl])
-            est = xt[sl, :, 9:] - sigma * v
-            for i in range(est.shape[0]):
-                last = _centroid(x0[b0 + i, :, 8], True)
-                for f in range(est.shape[2]):
-                    truth = _centroid(x0[b0 + i, :, 9 + f], True)
-                    err.append((_centroid(est[i, :, f], False) - truth).norm().item())
-                    copied.append((last - truth).norm().item())
-    return round(float(np.mean(err)), 3), round(float(np.mean(copied)), 3)
+    noise = torch.randn(x0[:, :, 9:].shape, generator=gen)
+    truth = [[_centroid(x0[b, :, 9 + f], True) for f in range(x0.shape[2] - 9)] for b in range(n)]
+    copied = [(_centroid(x0[b, :, 8], True) - t).norm().item() for b in range(n) for t in truth[b]]
+    errors = {}
+    for sigma in sigmas:
+        xt = x0.clone()
+        xt[:, :, 9:] = (1 - sigma) * x0[:, :, 9:] + sigma * noise
+        tok_t = torch.zeros(n, 12, hw)
+        tok_t[:, 9:] = sigma * 1000
+        err = []
+        with torch.no_grad():
+            for b0 in range(0, n, 16):
+                sl = slice(b0, b0 + 16)
+                v = chunk_prediction(dit, rope, procs, xt[sl], tok_t[sl], table[cap_idx[which[sl]]], pos[sl], mask[sl])
+                est = xt[sl, :, 9:] - sigma * v
+                err += [(_centroid(est[i, :, f], False) - t).norm().item()
+                        for i in range(est.shape[0]) for f, t in enumerate(truth[b0 + i])]
+        errors[sigma] = round(float(np.mean(err)), 3)
+    return errors, round(float(np.mean(copied)), 3)
 
 
 def causal_only(a):
@@ -1297,8 +1305,8 @@ def causal_only(a):
         if steps > 0:
             dit = stage_causal(a.work, data, tok, te, dit, steps, a.batch, lr_max=2e-4 if dit is init else 1e-4,
                                seed=seed, name=name, detach_context=not a.causal_joint_context, **options)
-    log(a.work, "causal_placement", sigma_1=placement_error(dit, data, tok, te),
-        sigma_09=placement_error(dit, data, tok, te, sigma=0.9))
+    errors, copied = placement_error(dit, data, tok, te, sigmas=(1.0, 0.9))
+    log(a.work, "causal_placement", error_by_sigma=errors, last_frame_copied=copied)
     log(a.work, "causal_eval", rollout=causal_eval(dit, vae, data, tok, te),
         teacher_forced=causal_eval(dit, vae, data, tok, te, teacher=True))
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
